@@ -1,0 +1,77 @@
+"""`peftkit` command line. Subcommands live beside their code and are imported only when run, so
+`peftkit --help` stays instant. Each entry names a module and a function taking argv."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("peftkit.apps.cli", "info", "list adapter methods and library versions"),
+    "vit-train": ("peftkit.vision.cli", "vit_train", "fine-tune a ViT with an adapter (VTAB-1k, ImageFolder, built-in tasks)"),
+    "vit-eval": ("peftkit.vision.cli", "vit_eval", "evaluate a ViT adapter on a dataset split"),
+    "train-concept": ("peftkit.diffusion.cli", "train_concept", "DreamBooth: train a concept adapter from a few images"),
+    "train-ti": ("peftkit.diffusion.cli", "train_ti", "Textual Inversion: learn new token embeddings"),
+    "generate": ("peftkit.diffusion.cli", "generate", "generate images with one or several adapters"),
+    "evaluate-concept": ("peftkit.diffusion.cli", "evaluate_concept", "CLIP-I / CLIP-T / DINO metrics for a concept"),
+    "convert": ("peftkit.diffusion.cli", "convert", "convert LoRA files between peftkit, diffusers and kohya formats"),
+}
+
+
+def info(argv: list[str]) -> int:
+    import argparse
+    from importlib import metadata
+
+    argparse.ArgumentParser(prog="peftkit info", description=COMMANDS["info"][2]).parse_args(argv)
+    from peftkit import __version__
+    from peftkit.common_kernels import method_names
+
+    print(f"peftkit {__version__}")
+    print("adapter cores: " + ", ".join(method_names()))
+    print("vision methods: vpt, adaptformer, ssf, lora, oft, kron, bitfit, linear, full")
+    print("diffusion: dreambooth (lora/kron/oft), textual inversion")
+    for pkg in ("torch", "diffusers", "transformers", "timm", "open_clip_torch", "accelerate", "gradio",
+                "safetensors", "xformers"):
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"  {pkg:16s} {version}")
+    import torch
+
+    print(f"  device           {'cuda: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    return 0
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: peftkit <command> [options]", "", "commands:"]
+    lines += [f"  {n:{width}s}  {h}" for n, (_, _, h) in COMMANDS.items()]
+    lines += ["", "run 'peftkit <command> --help' for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"peftkit: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
+    from peftkit.common_kernels.errors import PeftkitError
+
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    except PeftkitError as err:
+        print(f"peftkit {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"peftkit {argv[0]}: interrupted; checkpoints written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What every adapter core provides to `AdaptedLayer`, and the base-layer geometry it is built for.
+
+A core acts on one side of the base layer, named by its `side`:
+"output" (LoRA, Kronecker: y = base(x) + delta(x)), "input" (OFT on Linear: y = base(R x)) or
+"weight" (OFT on Conv2d: y = conv(x, W R)). Every core can merge into the base weight and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PeftkitError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape facts of a base `nn.Linear` or `nn.Conv2d`, enough to build and apply a delta."""
+
+    kind: str  # "linear" or "conv2d"
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.out_features, self.in_features)
+        return (self.out_features, self.in_features, *self.kernel_size)
+
+    @property
+    def fan_in(self) -> int:
+        """Columns of the weight viewed as a matrix: d_in (Linear) or d_in * kh * kw (Conv2d)."""
+        return self.in_features * self.kernel_size[0] * self.kernel_size[1]
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Apply `weight` with the base layer's stride, padding and dilation."""
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+
+
+def geometry_of(module: nn.Module, name: str = "") -> Geometry:
+    if isinstance(module, nn.Linear):
+        return Geometry("linear", module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise PeftkitError(
+                f"module {name!r} is a grouped Conv2d (groups={module.groups}); adapters support groups=1 only: "
+                "exclude it from the targets"
+            )
+        if module.padding_mode != "zeros":
+            raise PeftkitError(f"module {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+        return Geometry(
+            "conv2d",
+            module.in_channels,
+            module.out_channels,
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            tuple(module.dilation),
+        )
+    raise PeftkitError(f"module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and nn.Conv2d only")
+
+
+class Delta(nn.Module):
+    """Base class of a core's trainable part for one layer.
+
+    `scale` arrives as a 0-dim tensor so that changing it never recompiles a compiled model.
+    Subclasses override the hook of their `side` (`delta`, `transform_input` or
+    `transform_weight`) plus `merge_weight`/`unmerge_weight`.
+    """
+
+    side: str = "output"
+
+    def __init__(self, geometry: Geometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+
+    def transform_input(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,369 @@
+"""The one training loop every peftkit trainer runs (vision, concepts, control, IP-Adapter).
+
+A task plugs in what differs: the model, its trainable parameters, `loss(model, batch)`, and
+optionally `evaluate(model)`, `prepare(accelerator)` and `state_dict`/`load_state_dict` for what
+checkpoints hold. The loop owns the rest: accelerate (devices, mixed precision, DDP), AdamW and a
+warmup + cosine schedule, gradient accumulation and clipping, a NaN guard, progress events,
+periodic atomic checkpoints and exact resume (data order, RNG and optimizer state included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter_file import read_tensors, save_tensors
+from .errors import PeftkitError
+
+Event = dict[str, Any]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    output_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    optimizer: str = "adamw"
+    max_bad_steps: int = 3
+    progress: bool = True
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise PeftkitError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise PeftkitError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "constant", "linear"):
+            raise PeftkitError(f"TrainConfig.schedule must be 'cosine', 'constant' or 'linear', got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise PeftkitError(f"TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise PeftkitError(f"TrainConfig.optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+    peak_memory_gib: float = 0.0
+    resumed_from: int | None = None
+    skipped_steps: int = 0
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable | None) -> Iterator[Any]:
+    """Endless batches in a seeded order; batch `start` is the first yielded, so a resumed run sees
+    exactly the batches the uninterrupted one would have. A short final batch is dropped unless the
+    dataset is smaller than one batch."""
+    from torch.utils.data import default_collate
+
+    n = len(dataset)
+    if n == 0:
+        raise PeftkitError("the training set is empty: add examples or check the data path")
+    per_epoch = max(1, n // batch_size)
+    collate = collate or default_collate
+    index = start
+    while True:
+        epoch, pos = divmod(index, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        rows = order[pos * batch_size:(pos + 1) * batch_size]
+        yield collate([dataset[i] for i in rows])
+        index += 1
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise PeftkitError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
+                               "or use optimizer='adamw'") from None
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# ---- checkpoints: safetensors for tensors, JSON for the rest; never pickle ----
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, slot = key.split(".", 2)
+            state.setdefault(int(idx), {})[slot] = value
+    for key, value in meta["scalars"].items():
+        idx, slot = key.split(".", 1)
+        state.setdefault(int(idx), {})[slot] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = meta["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+
+
+def _task_state(task: Task) -> dict[str, torch.Tensor]:
+    if hasattr(task, "state_dict"):
+        return task.state_dict()
+    return {f"param.{i}": p.detach() for i, p in enumerate(task.trainable_parameters())}
+
+
+def _load_task_state(task: Task, tensors: dict[str, torch.Tensor]) -> None:
+    if hasattr(task, "load_state_dict"):
+        task.load_state_dict(tensors)
+        return
+    with torch.no_grad():
+        for i, p in enumerate(task.trainable_parameters()):
+            p.copy_(tensors[f"param.{i}"])
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler, config: TrainConfig) -> Path:
+    """Write checkpoint `step-N/` atomically: into a temporary folder, then one rename."""
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    task_state = {f"task.{k}": v for k, v in _task_state(task).items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_state()
+    save_tensors(tmp / "state.safetensors", {**task_state, **opt_tensors, **rng_tensors}, {"step": str(step)})
+    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
+            "config": asdict(config)}
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    old = sorted(ckpt_dir.glob("step-*"))[:-config.keep_checkpoints] if config.keep_checkpoints > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: str | os.PathLike | None) -> Path | None:
+    if not output_dir:
+        return None
+    done = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, task: Task, optimizer, scheduler) -> int:
+    tensors, _ = read_tensors(path / "state.safetensors")
+    meta = json.loads((path / "trainer.json").read_text())
+    _load_task_state(task, {k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    _set_rng_state(tensors, meta["rng"])
+    return int(meta["step"])
+
+
+def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], None] | None = None,
+          collate: Callable | None = None, resume: bool = True,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Run `config.steps` optimizer steps of `task` on `dataset`; resume from the newest
+    checkpoint in `config.output_dir` when there is one.
+
+    Example:
+        >>> import torch
+        >>> from peftkit.common_kernels.engine import TrainConfig, train
+        >>> class Fit:
+        ...     def __init__(self):
+        ...         self.model = torch.nn.Linear(2, 1)
+        ...     def trainable_parameters(self):
+        ...         return list(self.model.parameters())
+        ...     def loss(self, model, batch):
+        ...         x, y = batch
+        ...         return ((model(x).squeeze(-1) - y) ** 2).mean()
+        >>> data = [(torch.tensor([float(i), 1.0]), torch.tensor(2.0 * i)) for i in range(8)]
+        >>> result = train(Fit(), data, TrainConfig(steps=200, batch_size=4, lr=0.05, progress=False))
+        >>> result.losses[-1] < result.losses[0]
+        True
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    emit = on_event or (lambda event: None)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    if hasattr(task, "prepare"):
+        task.prepare(accelerator)
+    params = [p for p in task.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise PeftkitError("the task has no trainable parameters: check the adapter targets")
+    optimizer = _optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    model = accelerator.prepare(task.model)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+
+    result = TrainResult(step=0)
+    ckpt_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
+    found = latest_checkpoint(config.output_dir) if resume else None
+    if found is not None:
+        result.step = result.resumed_from = load_checkpoint(found, task, optimizer, scheduler)
+        emit({"kind": "resume", "step": result.step, "path": str(found)})
+
+    data = batches(dataset, config.batch_size, config.seed, result.step * config.grad_accum, collate)
+    bar = tqdm(total=config.steps, initial=result.step, desc="train", unit="step",
+               disable=not (config.progress and accelerator.is_main_process))
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, samples, bad = time.perf_counter(), 0, 0
+    model.train()
+    while result.step < config.steps:
+        if should_stop is not None and should_stop():
+            emit({"kind": "stopped", "step": result.step})
+            break
+        total = 0.0
+        finite = True
+        for micro in range(config.grad_accum):
+            batch = _to_device(next(data), device)
+            sync = micro == config.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync else _null()
+            with ctx, accelerator.autocast():
+                loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            accelerator.backward(loss / config.grad_accum)
+            total += float(loss.detach()) / config.grad_accum
+            samples += config.batch_size
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            bad += 1
+            result.skipped_steps += 1
+            emit({"kind": "bad_step", "step": result.step, "consecutive": bad})
+            if bad >= config.max_bad_steps:
+                where = ""
+                if ckpt_dir is not None and accelerator.is_main_process:
+                    where = f"; the last good state is saved in {save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config)}"
+                raise PeftkitError(
+                    f"the loss was NaN/inf for {bad} steps in a row at step {result.step}{where}: lower the "
+                    "learning rate, use bf16 instead of fp16, or check the data for broken examples"
+                )
+            continue
+        bad = 0
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.step += 1
+        result.losses.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        emit({"kind": "step", "step": result.step, "total": config.steps, "loss": total,
+              "lr": scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - t0})
+        if config.eval_every and result.step % config.eval_every == 0 and hasattr(task, "evaluate"):
+            result.metrics = _evaluate(task, model, accelerator, result.step, emit)
+        if (ckpt_dir is not None and config.checkpoint_every and result.step % config.checkpoint_every == 0
+                and accelerator.is_main_process):
+            path = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config)
+            emit({"kind": "checkpoint", "step": result.step, "path": str(path)})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    result.samples_per_s = samples / elapsed if elapsed > 0 else 0.0
+    if device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if hasattr(task, "evaluate") and not (config.eval_every and result.step % config.eval_every == 0):
+        result.metrics = _evaluate(task, model, accelerator, result.step, emit)
+    emit({"kind": "done", "step": result.step, "metrics": result.metrics})
+    return result
+
+
+def _evaluate(task, model, accelerator, step: int, emit) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        metrics = task.evaluate(accelerator.unwrap_model(model))
+    model.train()
+    emit({"kind": "eval", "step": step, "metrics": metrics})
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch

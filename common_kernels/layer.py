@@ -1,0 +1,130 @@
+"""`AdaptedLayer`: one base nn.Linear / nn.Conv2d plus any number of named deltas of any core.
+
+Forward, for the live (active, unmerged) deltas:
+
+    y = base_op(R_k..R_1 x; W R'_1..R'_m) + sum_j s_j * delta_j(x)
+
+input-side cores (OFT on Linear) rotate x, weight-side cores (OFT on Conv2d) rotate the kernel,
+output-side cores (LoRA, Kronecker) add to the result; additive deltas see the original x. Merging
+folds the same expression into the weight in that order, so merged and unmerged outputs agree.
+
+Per-sample routing: with `adapter_ids` set (one index per batch row into `route_names`, -1 for
+none), row i sees only adapter route_names[ids[i]], all rows in one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .delta import Delta, geometry_of
+from .errors import PeftkitError
+
+_SIDE_ORDER = {"input": 0, "weight": 0, "output": 1}
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base: nn.Module, name: str = "") -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.geometry = geometry_of(base, name)
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict[str, float] = {}
+        self.adapter_ids: torch.Tensor | None = None
+        self.route_names: list[str] = []
+
+    # ---- adapters ----
+    def add(self, adapter: str, delta: Delta, scale: float = 1.0) -> None:
+        if adapter in self.deltas:
+            raise PeftkitError(f"module {self.name!r} already has an adapter named {adapter!r}: pick another name")
+        delta.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
+        ref = self.base.weight
+        delta.to(device=ref.device)
+        self.deltas[adapter] = delta
+        self.active.append(adapter)
+
+    def remove(self, adapter: str) -> None:
+        if adapter in self.merged:
+            self.set_merged([n for n in self.merged if n != adapter])
+        del self.deltas[adapter]
+        if adapter in self.active:
+            self.active.remove(adapter)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        merged = adapter in self.merged
+        if merged:
+            self.set_merged([n for n in self.merged if n != adapter])
+        self.deltas[adapter].scale.fill_(float(scale))
+        if merged:
+            self.set_merged([*self.merged, adapter])
+
+    @torch.no_grad()
+    def set_merged(self, adapters: list[str]) -> None:
+        """Make exactly `adapters` merged into the base weight (rotations first, then additive)."""
+        weight = self.base.weight
+        work = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        for adapter, scale in reversed(list(self.merged.items())):
+            work = self.deltas[adapter].unmerge_weight(work, scale)
+        order = sorted(adapters, key=lambda n: _SIDE_ORDER[self.deltas[n].side])
+        merged = {}
+        for adapter in order:
+            scale = float(self.deltas[adapter].scale)
+            work = self.deltas[adapter].merge_weight(work, scale)
+            merged[adapter] = scale
+        weight.copy_(work.to(weight.dtype))
+        self.merged = merged
+
+    # ---- forward ----
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None:
+            return self.base(x)
+        if self.geometry.kind == "linear":
+            return F.linear(x, weight, self.base.bias)
+        g = self.geometry
+        return F.conv2d(x, weight, self.base.bias, g.stride, g.padding, g.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapter_ids is not None:
+            return self._routed_forward(x)
+        live = [self.deltas[n] for n in self.active if n not in self.merged]
+        if not live:
+            return self.base(x)
+        h, weight = x, None
+        for d in live:
+            if d.side == "input":
+                h = d.transform_input(h, d.scale)
+            elif d.side == "weight":
+                weight = d.transform_weight(self.base.weight if weight is None else weight, d.scale)
+        y = self._base_op(h, weight)
+        for d in live:
+            if d.side == "output":
+                y = y + d.delta(x, d.scale)
+        return y
+
+    def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.adapter_ids
+        if ids.shape[0] != x.shape[0]:
+            raise PeftkitError(
+                f"adapter_ids has {ids.shape[0]} entries but module {self.name!r} got a batch of {x.shape[0]} rows: "
+                "give one adapter index per batch row"
+            )
+        view = (-1,) + (1,) * (x.dim() - 1)
+        routed = [(k, self.deltas[n]) for k, n in enumerate(self.route_names) if n in self.deltas]
+        masks = {k: (ids == k).view(view) for k, _ in routed}
+        h = x
+        for k, d in routed:
+            if d.side == "input":
+                h = torch.where(masks[k], d.transform_input(x, d.scale), h)
+        y = self._base_op(h, None)
+        for k, d in routed:
+            if d.side == "weight":
+                y = torch.where(masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
+            elif d.side == "output":
+                y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.deltas)}, active={self.active}, merged={list(self.merged)}"

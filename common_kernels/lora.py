@@ -1,0 +1,105 @@
+"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685), eq. (3):
+
+    h = W0 x + (alpha / r) * B A x,   A: r x d_in,  B: d_out x r,  B = 0 at init.
+
+rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead, which keeps the
+update's magnitude stable as r grows. On Conv2d, A is a conv with the base kernel, stride and
+padding and B a 1x1 conv, so B A reshaped is a kernel of the base shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig, check_positive, check_probability, register_config
+from .delta import Delta, Geometry
+from .errors import PeftkitError
+
+
+@register_config
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA settings. `alpha=None` means alpha = r (scaling 1, or sqrt(r) with rsLoRA)."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r < 1:
+            raise PeftkitError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
+        if self.alpha is not None:
+            check_positive("LoRAConfig", "alpha", self.alpha)
+        check_probability("LoRAConfig", "dropout", self.dropout)
+        if self.init not in ("kaiming", "gaussian"):
+            raise PeftkitError(f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        alpha = float(self.r) if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+
+
+def lora_linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """scale * B A x for x of shape (..., d_in). The scale multiplies the r-wide intermediate,
+    the cheapest place to apply it."""
+    return F.linear(F.linear(x, A) * scale, B)
+
+
+def lora_conv_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float, geometry: Geometry
+) -> torch.Tensor:
+    """scale * conv1x1(B, conv(A, x)) with A: (r, d_in, kh, kw) on the base geometry, B: (d_out, r, 1, 1)."""
+    return F.conv2d(geometry.conv(x, A) * scale, B)
+
+
+def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """scale * B A reshaped to the base weight's shape (the merge delta)."""
+    return (scale * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1))).reshape(weight_shape)
+
+
+class LoRADelta(Delta):
+    def __init__(self, geometry: Geometry, config: LoRAConfig, name: str = "") -> None:
+        super().__init__(geometry)
+        r = config.r
+        if r > min(geometry.fan_in, geometry.out_features):
+            raise PeftkitError(
+                f"LoRA rank r={r} is larger than module {name!r} allows "
+                f"(min(fan_in={geometry.fan_in}, d_out={geometry.out_features})): lower r or exclude the module"
+            )
+        self.scaling = config.scaling
+        kh, kw = geometry.kernel_size
+        if geometry.kind == "linear":
+            self.A = nn.Parameter(torch.empty(r, geometry.in_features))
+            self.B = nn.Parameter(torch.zeros(geometry.out_features, r))
+        else:
+            self.A = nn.Parameter(torch.empty(r, geometry.in_features, kh, kw))
+            self.B = nn.Parameter(torch.zeros(geometry.out_features, r, 1, 1))
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.A, std=1.0 / r)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        x = self.dropout(x)
+        s = scale * self.scaling
+        if self.geometry.kind == "linear":
+            return lora_linear_delta(x, A, B, s.to(x.dtype))
+        return lora_conv_delta(x, A, B, s.to(x.dtype), self.geometry)
+
+    def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return weight + lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
+
+    def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return weight - lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)

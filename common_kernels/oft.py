@@ -1,0 +1,135 @@
+"""OFT: Orthogonal Finetuning (Qiu et al., 2023, arXiv:2306.07280), eq. (2) and sec. 3.3:
+
+    W' = W R,   R = blockdiag(R_1 .. R_n),   R_i = (I + Q_i)(I - Q_i)^-1,   Q_i = -Q_i^T (Cayley).
+
+Q = 0 gives R = I, so training starts at the base model. COFT (sec. 3.2) keeps each Q_i within a
+Frobenius ball of radius eps / sqrt(n); we impose it by rescaling Q in the forward pass, which is
+differentiable and needs no projection step in the optimizer. Block sharing uses one R_i for all
+blocks. Parameters are the strict upper triangles of the Q_i, as in HF peft, so weights map 1:1.
+
+On nn.Linear the rotation is applied to the input (y = W (R x)): it costs tokens x d_in x b
+instead of a weight-sized product, and its backward never forms a weight gradient. On nn.Conv2d
+R mixes input channels and kernel taps, so it rotates the kernel (W R) instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, check_positive, register_config
+from .delta import Delta, Geometry
+from .errors import PeftkitError
+
+
+@register_config
+@dataclass
+class OFTConfig(AdapterConfig):
+    """OFT settings: give `block_size` (default 32) or `n_blocks`, not both."""
+
+    method = "oft"
+    block_size: int = 32
+    n_blocks: int = 0
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.block_size > 0) == (self.n_blocks > 0):
+            raise PeftkitError(
+                f"OFTConfig needs exactly one of block_size and n_blocks > 0, got block_size={self.block_size}, "
+                f"n_blocks={self.n_blocks}: set the other to 0"
+            )
+        if self.block_size < 0 or self.n_blocks < 0:
+            raise PeftkitError("OFTConfig.block_size and n_blocks must be >= 0")
+        check_positive("OFTConfig", "eps", self.eps)
+
+    def blocks_for(self, fan_in: int, name: str = "") -> tuple[int, int]:
+        """(n_blocks, block_size) for a layer with `fan_in` input columns."""
+        if self.block_size:
+            b, n = self.block_size, fan_in // self.block_size
+        else:
+            n, b = self.n_blocks, fan_in // self.n_blocks
+        if n * b != fan_in or b < 2:
+            raise PeftkitError(
+                f"OFT cannot split module {name!r} (fan_in={fan_in}) into blocks "
+                f"(block_size={self.block_size}, n_blocks={self.n_blocks}): choose a divisor of {fan_in} "
+                "of at least 2, or exclude the module"
+            )
+        return n, b
+
+
+def skew(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(n, b(b-1)/2) strict-upper-triangle entries -> (n, b, b) skew-symmetric matrices."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
+    upper = vec.new_zeros(vec.shape[0], block_size, block_size)
+    upper = upper.index_put((torch.arange(vec.shape[0], device=vec.device)[:, None], rows, cols), vec)
+    return upper - upper.transpose(1, 2)
+
+
+def cayley(Q: torch.Tensor) -> torch.Tensor:
+    """(I + Q)(I - Q)^-1 for a batch of skew matrices; exact (a linear solve, no series)."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
+    return torch.linalg.solve(eye - Q, eye + Q, left=False)
+
+
+def coft_limit(Q: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rescale each Q_i into the Frobenius ball of radius eps / sqrt(n) (COFT)."""
+    radius = eps / math.sqrt(Q.shape[0])
+    norm = torch.linalg.matrix_norm(Q).clamp_min(1e-30)[:, None, None]
+    return Q * (radius / norm).clamp(max=1.0)
+
+
+def oft_rotation(
+    vec: torch.Tensor, block_size: int, n_blocks: int, scale: torch.Tensor | float = 1.0, coft_eps: float | None = None
+) -> torch.Tensor:
+    """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated."""
+    Q = skew(vec, block_size) * scale
+    if coft_eps is not None:
+        Q = coft_limit(Q, coft_eps)
+    R = cayley(Q)
+    return R.expand(n_blocks, block_size, block_size) if R.shape[0] == 1 else R
+
+
+def rotate_input(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """R x for x of shape (..., n*b): blockwise, without forming the full matrix."""
+    n, b, _ = R.shape
+    xb = x.reshape(*x.shape[:-1], n, b)
+    return torch.einsum("...nj,nij->...ni", xb, R).reshape(x.shape)
+
+
+def rotate_weight(weight: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """W R for a weight of shape (d_out, ...) whose trailing dims flatten to n*b."""
+    n, b, _ = R.shape
+    wb = weight.reshape(weight.shape[0], n, b)
+    return torch.einsum("onj,nji->oni", wb, R).reshape(weight.shape)
+
+
+class OFTDelta(Delta):
+    def __init__(self, geometry: Geometry, config: OFTConfig, name: str = "") -> None:
+        super().__init__(geometry)
+        self.n_blocks, self.block_size = config.blocks_for(geometry.fan_in, name)
+        rows = 1 if config.block_share else self.n_blocks
+        self.Q = nn.Parameter(torch.zeros(rows, self.block_size * (self.block_size - 1) // 2))
+        self.coft_eps = config.eps if config.coft else None
+        self.side = "input" if geometry.kind == "linear" else "weight"
+
+    def rotation(self, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        return oft_rotation(self.Q, self.block_size, self.n_blocks, scale, self.coft_eps)
+
+    def transform_input(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return rotate_input(x, self.rotation(scale).to(x.dtype))
+
+    def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return rotate_weight(weight, self.rotation(scale).to(weight.dtype))
+
+    def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return rotate_weight(weight, self.rotation(scale).to(weight.dtype))
+
+    def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        # R is orthogonal, so W R R^T = W up to rounding.
+        return rotate_weight(weight, self.rotation(scale).transpose(1, 2).to(weight.dtype))
