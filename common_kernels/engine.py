@@ -283,7 +283,10 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     model.train()
     while result.step < config.steps:
         if should_stop is not None and should_stop():
-            emit({"kind": "stopped", "step": result.step})
+            path = None
+            if ckpt_dir is not None and accelerator.is_main_process and result.step > (result.resumed_from or 0):
+                path = str(save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config))
+            emit({"kind": "stopped", "step": result.step, "path": path})
             break
         total = 0.0
         finite = True

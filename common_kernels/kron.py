@@ -57,11 +57,11 @@ class KronConfig(AdapterConfig):
 
 
 def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split `dimension` into m * n with m <= n: (factor, dimension / factor) when factor divides
-    it, else the pair with the smallest m + n whose m does not exceed `factor`."""
+    """Split `dimension` into m * n: (factor, dimension / factor) when factor divides it (kept in
+    that order even when factor is the larger one, as LyCORIS and peft do, so files stay
+    compatible), else the pair m <= n with the smallest m + n whose m does not exceed `factor`."""
     if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
+        return factor, dimension // factor
     limit = dimension if factor == -1 else factor
     m, n = 1, dimension
     while m < n:

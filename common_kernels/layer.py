@@ -42,7 +42,8 @@ class AdaptedLayer(nn.Module):
             raise PeftkitError(f"module {self.name!r} already has an adapter named {adapter!r}: pick another name")
         delta.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
         ref = self.base.weight
-        delta.to(device=ref.device)
+        # Adapter params stay at least fp32 even on a bf16/fp16 base: tiny updates vanish in half precision.
+        delta.to(device=ref.device, dtype=torch.promote_types(ref.dtype, torch.float32))
         self.deltas[adapter] = delta
         self.active.append(adapter)
 

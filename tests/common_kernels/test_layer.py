@@ -1,0 +1,156 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from peftkit.common_kernels import (AdaptedLayer, KronConfig, LoRAConfig, OFTConfig, PeftkitError, inject, routing)
+
+from .conftest import TwoLayer, rel
+
+CONFIGS = {
+    "lora": lambda: LoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
+    "oft": lambda: OFTConfig(targets=["lin", "conv"], block_size=4),
+    "kron": lambda: KronConfig(targets=["lin", "conv"], r=2, alpha=4),
+}
+
+
+def randomize(handle, std=0.3):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@pytest.fixture
+def model32():
+    torch.manual_seed(0)
+    return TwoLayer()
+
+
+@pytest.fixture
+def inputs32():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 16, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_merge_equals_unmerged_and_unmerge_restores_weights(model32, inputs32, method):
+    original = copy.deepcopy(model32.state_dict())
+    handle = inject(model32, CONFIGS[method]())
+    randomize(handle)
+    unmerged = model32(*inputs32)
+    handle.merge()
+    merged = model32(*inputs32)
+    for a, b in zip(merged, unmerged):
+        assert rel(a, b) < 1e-5
+    handle.unmerge()
+    for name in ("lin", "conv"):
+        w = handle.layers[name].base.weight
+        assert torch.allclose(w, original[f"{name}.weight"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_unload_restores_the_original_modules_bit_for_bit(model32, method):
+    original = copy.deepcopy(model32.state_dict())
+    flags = {n: p.requires_grad for n, p in model32.named_parameters()}
+    handle = inject(model32, CONFIGS[method]())
+    randomize(handle)
+    handle.unload()
+    assert not any(isinstance(m, AdaptedLayer) for m in model32.modules())
+    state = model32.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in state)
+    assert flags == {n: p.requires_grad for n, p in model32.named_parameters()}
+
+
+def test_inject_freezes_the_base_and_only_adapter_params_train(model32):
+    handle = inject(model32, LoRAConfig(targets=["lin"], r=2))
+    trainable = {id(p) for p in model32.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in handle.trainable_parameters()}
+    assert handle.num_parameters() == 2 * 16 + 24 * 2
+
+
+def test_mixed_batch_equals_each_row_alone(model32, inputs32):
+    handles = [inject(model32, CONFIGS[m](), name=m) for m in CONFIGS]
+    for h in handles:
+        randomize(h)
+    names = list(CONFIGS)
+    ids = [0, 1, 2, -1, 1]
+    with routing(model32, ids, names):
+        mixed = model32(*inputs32)
+    for row, k in enumerate(ids):
+        for h in handles:
+            h.disable()
+        if k >= 0:
+            handles[k].enable()
+        alone = model32(inputs32[0][row:row + 1], inputs32[1][row:row + 1])
+        for a, b in zip(mixed, alone):
+            assert rel(a[row:row + 1], b) < 1e-6
+
+
+def test_routing_rejects_unknown_names_and_bad_ids(model32, inputs32):
+    inject(model32, LoRAConfig(targets=["lin"], r=2), name="dog")
+    with pytest.raises(PeftkitError, match="unknown adapters"):
+        with routing(model32, [0], ["cat"]):
+            pass
+    with pytest.raises(PeftkitError, match="adapter_ids"):
+        with routing(model32, [3], ["dog"]):
+            pass
+
+
+def test_two_adapters_compose_and_scale_and_disable(model32, inputs32):
+    base_out = model32(*inputs32)
+    lora = inject(model32, LoRAConfig(targets=["lin"], r=2), name="a")
+    oft = inject(model32, OFTConfig(targets=["lin"], block_size=4), name="b")
+    randomize(lora)
+    randomize(oft)
+    x = inputs32[0]
+    layer = lora.layers["lin"]
+    R = torch.block_diag(*oft.layers["lin"].deltas["b"].rotation())
+    A, B = layer.deltas["a"].A, layer.deltas["a"].B
+    W, b = layer.base.weight, layer.base.bias
+    expected = x @ (W @ R).T + b + 0.5 * x @ (B @ A).T
+    lora.set_scale(0.5)
+    assert rel(model32(*inputs32)[0], expected) < 1e-5
+    lora.merge()
+    oft.merge()
+    assert rel(model32(*inputs32)[0], expected) < 1e-5
+    lora.unmerge()
+    oft.unmerge()
+    lora.set_scale(0.0)
+    oft.disable()
+    assert rel(model32(*inputs32)[0], base_out[0]) < 1e-6
+
+
+def test_no_match_error_lists_module_names(model32):
+    with pytest.raises(PeftkitError, match=r"no module matches targets=\['to_q'\].*'lin'"):
+        inject(model32, LoRAConfig(targets=["to_q"]))
+
+
+def test_regex_and_type_targets():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1), nn.Linear(4, 4))
+    assert set(inject(copy.deepcopy(model), LoRAConfig(targets=["re:[02]"], r=1)).layers) == {"0", "2"}
+    assert set(inject(copy.deepcopy(model), LoRAConfig(target_types=["Conv2d"], r=1)).layers) == {"1"}
+    assert set(inject(copy.deepcopy(model), LoRAConfig(target_types=["Linear"], exclude=["2"], r=1)).layers) == {"0"}
+
+
+def test_bf16_base_keeps_fp32_adapter_params():
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    handle = inject(model, LoRAConfig(targets=["0"], r=2))
+    randomize(handle)
+    assert all(p.dtype == torch.float32 for p in handle.trainable_parameters())
+    y = model(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in handle.trainable_parameters())
+
+
+def test_config_round_trips_through_json():
+    from peftkit.common_kernels import AdapterConfig
+
+    for make in CONFIGS.values():
+        config = make()
+        assert AdapterConfig.from_json(config.to_json()) == config
+    with pytest.raises(PeftkitError, match="unknown adapter method"):
+        AdapterConfig.from_dict({"method": "nope"})
