@@ -63,18 +63,39 @@ class OFTConfig(AdapterConfig):
         return n, b
 
 
+_SKEW_BASES: dict[tuple, torch.Tensor] = {}
+
+
+def skew_basis(block_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(b(b-1)/2, b*b) matrix of +1/-1 entries mapping upper-triangle entries to a skew matrix.
+
+    One small matmul builds all blocks' Q at once: no scatter, nothing data-dependent for a
+    compiler, and exact, since every output entry is a single input times +-1."""
+    key = (block_size, str(device), dtype)
+    if key not in _SKEW_BASES:
+        rows, cols = torch.triu_indices(block_size, block_size, 1)
+        basis = torch.zeros(len(rows), block_size, block_size, dtype=dtype)
+        k = torch.arange(len(rows))
+        basis[k, rows, cols] = 1.0
+        basis[k, cols, rows] = -1.0
+        _SKEW_BASES[key] = basis.reshape(len(rows), -1).to(device)
+    return _SKEW_BASES[key]
+
+
 def skew(vec: torch.Tensor, block_size: int) -> torch.Tensor:
     """(n, b(b-1)/2) strict-upper-triangle entries -> (n, b, b) skew-symmetric matrices."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=vec.device)
-    upper = vec.new_zeros(vec.shape[0], block_size, block_size)
-    upper = upper.index_put((torch.arange(vec.shape[0], device=vec.device)[:, None], rows, cols), vec)
-    return upper - upper.transpose(1, 2)
+    basis = skew_basis(block_size, vec.device, vec.dtype)
+    return (vec @ basis).reshape(vec.shape[0], block_size, block_size)
 
 
 def cayley(Q: torch.Tensor) -> torch.Tensor:
-    """(I + Q)(I - Q)^-1 for a batch of skew matrices; exact (a linear solve, no series)."""
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
-    return torch.linalg.solve(eye - Q, eye + Q, left=False)
+    """(I + Q)(I - Q)^-1 = 2 (I - Q)^-1 - I for a batch of skew matrices; exact, no series.
+
+    I - Q is always invertible for skew Q (its eigenvalues are 1 - i*lambda), so the unchecked
+    inverse is safe, and skipping the check avoids a device-to-host sync on every call."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    inv, _ = torch.linalg.inv_ex(eye - Q)
+    return 2.0 * inv - eye
 
 
 def coft_limit(Q: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,11 +108,15 @@ def coft_limit(Q: torch.Tensor, eps: float) -> torch.Tensor:
 def oft_rotation(
     vec: torch.Tensor, block_size: int, n_blocks: int, scale: torch.Tensor | float = 1.0, coft_eps: float | None = None
 ) -> torch.Tensor:
-    """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated."""
-    Q = skew(vec, block_size) * scale
-    if coft_eps is not None:
-        Q = coft_limit(Q, coft_eps)
-    R = cayley(Q)
+    """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated.
+
+    Computed in the parameters' precision even under autocast: R must stay orthogonal, and a bf16
+    Q would round away small updates."""
+    with torch.autocast(vec.device.type, enabled=False):
+        Q = skew(vec, block_size) * scale
+        if coft_eps is not None:
+            Q = coft_limit(Q, coft_eps)
+        R = cayley(Q)
     return R.expand(n_blocks, block_size, block_size) if R.shape[0] == 1 else R
 
 

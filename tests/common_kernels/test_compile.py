@@ -11,6 +11,7 @@ CONFIGS = {
     "lora": LoRAConfig(targets=["0", "2"], r=4),
     "oft": OFTConfig(targets=["0", "2"], block_size=8),
     "kron": KronConfig(targets=["0", "2"], r=2),
+    "lora-weight": LoRAConfig(targets=["0", "2"], r=4, apply="weight"),
 }
 
 

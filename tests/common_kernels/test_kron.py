@@ -9,15 +9,16 @@ from peftkit.common_kernels import KronConfig, PeftkitError, factorize, inject, 
 from .conftest import peft_model, peft_params, rel
 
 
+@pytest.mark.parametrize("apply", ["factored", "weight"])
 @pytest.mark.parametrize("r", [1, 8])
-def test_lokr_matches_peft_on_linear_and_conv_in_float64(base64, inputs64, r):
+def test_lokr_matches_peft_on_linear_and_conv_in_float64(base64, inputs64, r, apply):
     from peft import LoKrConfig
 
     theirs = peft_model(base64, LoKrConfig(r=r, alpha=3, target_modules=["lin", "conv"]))
     mapping = {f"lokr_{k}.default": v for k, v in {"w1": "W1", "w2": "W2", "w2_a": "W2a", "w2_b": "W2b"}.items()}
     state = peft_params(theirs, mapping, nn.init.normal_)
     ours = copy.deepcopy(base64)
-    handle = inject(ours, KronConfig(targets=["lin", "conv"], r=r, alpha=3))
+    handle = inject(ours, KronConfig(targets=["lin", "conv"], r=r, alpha=3, apply=apply))
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in handle.state_dict().items()}
     handle.load_state_dict(state)
     for a, b in zip(ours(*inputs64), theirs(*inputs64)):

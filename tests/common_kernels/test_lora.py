@@ -23,9 +23,10 @@ def test_lora_matches_peft_on_linear_and_conv_in_float64(base64, inputs64):
             assert rel(a, b) < 1e-6
 
 
-def test_lora_matches_explicit_formula(base64, inputs64):
+@pytest.mark.parametrize("apply", ["factored", "weight"])
+def test_lora_matches_explicit_formula(base64, inputs64, apply):
     ours = copy.deepcopy(base64)
-    handle = inject(ours, LoRAConfig(targets=["lin", "conv"], r=3, alpha=6))
+    handle = inject(ours, LoRAConfig(targets=["lin", "conv"], r=3, alpha=6, apply=apply))
     for p in handle.trainable_parameters():
         nn.init.normal_(p)
     x, img = inputs64
@@ -40,9 +41,10 @@ def test_lora_matches_explicit_formula(base64, inputs64):
     assert rel(yc, expected_conv) < 1e-12
 
 
-def test_lora_starts_at_the_base_output(base64, inputs64):
+@pytest.mark.parametrize("apply", ["factored", "weight"])
+def test_lora_starts_at_the_base_output(base64, inputs64, apply):
     ours = copy.deepcopy(base64)
-    inject(ours, LoRAConfig(targets=["lin", "conv"], r=4))
+    inject(ours, LoRAConfig(targets=["lin", "conv"], r=4, apply=apply))
     for a, b in zip(ours(*inputs64), base64(*inputs64)):
         assert torch.equal(a, b)
 
@@ -79,6 +81,23 @@ def test_lora_config_validation_names_field():
         LoRAConfig(r=0)
     with pytest.raises(PeftkitError, match="LoRAConfig.dropout"):
         LoRAConfig(dropout=1.5)
+    with pytest.raises(PeftkitError, match="apply='weight' cannot apply input dropout"):
+        LoRAConfig(dropout=0.1, apply="weight")
+
+
+def test_weight_mode_gradients_equal_factored_mode(base64, inputs64):
+    grads = {}
+    for apply in ("factored", "weight"):
+        model = copy.deepcopy(base64)
+        handle = inject(model, LoRAConfig(targets=["lin", "conv"], r=3, apply=apply))
+        torch.manual_seed(5)
+        for p in handle.trainable_parameters():
+            nn.init.normal_(p)
+        y, yc = model(*inputs64)
+        (y.square().sum() + yc.square().sum()).backward()
+        grads[apply] = [p.grad for p in handle.trainable_parameters()]
+    for a, b in zip(grads["factored"], grads["weight"]):
+        assert rel(a, b) < 1e-12
 
 
 def test_lora_dropout_only_in_training():
