@@ -1,8 +1,10 @@
 """What every adapter core provides to `AdaptedLayer`, and the base-layer geometry it is built for.
 
-A core acts on one side of the base layer, named by its `side`:
-"output" (LoRA, Kronecker: y = base(x) + delta(x)), "input" (OFT on Linear: y = base(R x)) or
-"weight" (OFT on Conv2d: y = conv(x, W R)). Every core can merge into the base weight and back.
+Two kinds of core. Additive cores (LoRA, Kronecker) contribute s * Delta x; the layer applies them
+either factored (y = base(x) + s Delta x, fewest FLOPs) or in weight space (y = base_op(x, W + s Delta),
+fewest kernels), by the core's `apply` setting. Rotation cores (OFT) act on the input
+(side "input": y = base(R x), for Linear) or on the kernel (side "weight": y = conv(x, W R), for
+Conv2d). Every core can merge into the base weight and back.
 """
 
 from __future__ import annotations
@@ -71,11 +73,18 @@ class Delta(nn.Module):
     """Base class of a core's trainable part for one layer.
 
     `scale` arrives as a 0-dim tensor so that changing it never recompiles a compiled model.
-    Subclasses override the hook of their `side` (`delta`, `transform_input` or
-    `transform_weight`) plus `merge_weight`/`unmerge_weight`.
+    Additive cores override `delta` and `add_to_weight`; rotation cores override the hook of their
+    `side` (`transform_input` or `transform_weight`). All override `merge_weight`/`unmerge_weight`.
     """
 
+    additive: bool = True
     side: str = "output"
+    apply: str = "factored"
+
+    def uses_weight_space(self, x: torch.Tensor) -> bool:
+        """Weight space on CUDA under "auto": there kernel launches, not FLOPs, bound adapter cost
+        (bench/NOTES.md); on CPUs arithmetic does, so factored wins."""
+        return self.apply == "weight" or (self.apply == "auto" and x.is_cuda)
 
     def __init__(self, geometry: Geometry) -> None:
         super().__init__()
@@ -88,6 +97,9 @@ class Delta(nn.Module):
         return weight
 
     def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:

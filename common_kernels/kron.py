@@ -6,8 +6,9 @@
 Applied without forming the d_out x d_in product (KronA eq. 4): with X = x reshaped to c x d,
 (W1 ⊗ W2) vec(X) = vec(W1 X W2^T), which costs tokens x (c d b + a c b) instead of
 tokens x d_out x d_in. Conv2d kernels make W2 a (b, d, kh, kw) kernel; there the delta kernel is
-formed (it is small next to the activations) and applied as one conv. `apply="weight"` forms it
-for Linear too and runs the base op once with W + s W1 ⊗ W2 (fewer kernels; see lora.py).
+formed (it is small next to the activations) and applied as one conv. In weight space
+(`apply="weight"`, or "auto" on CUDA) it is formed for Linear too and the base op runs once with
+W + s W1 ⊗ W2 (fewer kernels; see lora.py).
 
 Factor sizes follow the LyCORIS/peft rule: each dimension splits into the most nearly square pair
 m <= n, or (factor, dim / factor) when `factor` divides it. W2 becomes low rank when
@@ -40,7 +41,7 @@ class KronConfig(AdapterConfig):
     factor: int = -1
     decompose_both: bool = False
     init: str = "w1_zero"
-    apply: str = "factored"
+    apply: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,8 +53,8 @@ class KronConfig(AdapterConfig):
             raise PeftkitError(f"KronConfig.factor must be -1 (most square) or a positive integer, got {self.factor}")
         if self.init not in ("w1_zero", "w2_zero"):
             raise PeftkitError(f"KronConfig.init must be 'w1_zero' or 'w2_zero', got {self.init!r}")
-        if self.apply not in ("factored", "weight"):
-            raise PeftkitError(f"KronConfig.apply must be 'factored' or 'weight', got {self.apply!r}")
+        if self.apply not in ("auto", "factored", "weight"):
+            raise PeftkitError(f"KronConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}")
 
     @property
     def scaling(self) -> float:
@@ -128,10 +129,9 @@ class KronDelta(Delta):
         # Zero the first factor of the chosen side: the product, and so the delta, starts at 0.
         zero = w1_parts[0] if config.init == "w1_zero" else w2_parts[-1]
         nn.init.zeros_(zero)
-        if config.apply == "weight":
-            self.side = "weight"
+        self.apply = config.apply
 
-    def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         s = (scale * self.scaling).to(weight.dtype)
         return weight + kron_delta_weight(self.w1(weight.dtype), self.w2(weight.dtype), s).reshape(weight.shape)
 

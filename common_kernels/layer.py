@@ -2,11 +2,13 @@
 
 Forward, for the live (active, unmerged) deltas:
 
-    y = base_op(R_k..R_1 x; W R'_1..R'_m) + sum_j s_j * delta_j(x)
+    y = base_op(R_k..R_1 x; W R'_1..R'_m) + sum_j s_j * Delta_j x
 
-input-side cores (OFT on Linear) rotate x, weight-side cores (OFT on Conv2d) rotate the kernel,
-output-side cores (LoRA, Kronecker) add to the result; additive deltas see the original x. Merging
-folds the same expression into the weight in that order, so merged and unmerged outputs agree.
+Input-side rotations (OFT on Linear) rotate x, weight-side rotations (OFT on Conv2d) rotate the
+kernel, additive cores (LoRA, Kronecker) see the original x. An additive core in weight space is
+folded into the kernel instead (same value), except after an input rotation, where folding would
+make it see R x. Merging folds the same expression into the weight in the same order, so merged and
+unmerged outputs agree.
 
 Per-sample routing: with `adapter_ids` set (one index per batch row into `route_names`, -1 for
 none), row i sees only adapter route_names[ids[i]], all rows in one forward.
@@ -21,7 +23,6 @@ from torch import nn
 from .delta import Delta, geometry_of
 from .errors import PeftkitError
 
-_SIDE_ORDER = {"input": 0, "weight": 0, "output": 1}
 
 
 class AdaptedLayer(nn.Module):
@@ -69,7 +70,7 @@ class AdaptedLayer(nn.Module):
         work = weight.to(torch.promote_types(weight.dtype, torch.float32))
         for adapter, scale in reversed(list(self.merged.items())):
             work = self.deltas[adapter].unmerge_weight(work, scale)
-        order = sorted(adapters, key=lambda n: _SIDE_ORDER[self.deltas[n].side])
+        order = sorted(adapters, key=lambda n: self.deltas[n].additive)
         merged = {}
         for adapter in order:
             scale = float(self.deltas[adapter].scale)
@@ -95,14 +96,23 @@ class AdaptedLayer(nn.Module):
             return self.base(x)
         h, weight = x, None
         for d in live:
+            if d.additive:
+                continue
             if d.side == "input":
                 h = d.transform_input(h, d.scale)
-            elif d.side == "weight":
+            else:
                 weight = d.transform_weight(self.base.weight if weight is None else weight, d.scale)
-        y = self._base_op(h, weight)
+        factored = []
         for d in live:
-            if d.side == "output":
-                y = y + d.delta(x, d.scale)
+            if not d.additive:
+                continue
+            if h is x and d.uses_weight_space(x):
+                weight = d.add_to_weight(self.base.weight if weight is None else weight, d.scale)
+            else:
+                factored.append(d)
+        y = self._base_op(h, weight)
+        for d in factored:
+            y = y + d.delta(x, d.scale)
         return y
 
     def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,14 +127,14 @@ class AdaptedLayer(nn.Module):
         masks = {k: (ids == k).view(view) for k, _ in routed}
         h = x
         for k, d in routed:
-            if d.side == "input":
+            if not d.additive and d.side == "input":
                 h = torch.where(masks[k], d.transform_input(x, d.scale), h)
         y = self._base_op(h, None)
         for k, d in routed:
-            if d.side == "weight":
-                y = torch.where(masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
-            elif d.side == "output":
+            if d.additive:
                 y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
+            elif d.side == "weight":
+                y = torch.where(masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
         return y
 
     def extra_repr(self) -> str:

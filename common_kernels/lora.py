@@ -6,10 +6,11 @@ rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead
 update's magnitude stable as r grows. On Conv2d, A is a conv with the base kernel, stride and
 padding and B a 1x1 conv, so B A reshaped is a kernel of the base shape.
 
-`apply="factored"` (default) adds s B (A x) to the base output: the fewest FLOPs. `apply="weight"`
-runs the base op once with W + s B A: one kernel per pass instead of five or six, at the price of
-a weight-gradient GEMM in backward; it wins where kernel launches, not arithmetic, bound the step
-(eager mode on GPUs, small layers with many tokens). See bench/NOTES.md.
+`apply="factored"` adds s B (A x) to the base output: the fewest FLOPs. `apply="weight"` runs the
+base op once with W + s B A: one kernel per pass instead of five or six, at the price of a
+weight-gradient GEMM in backward; it wins where kernel launches, not arithmetic, bound the step,
+which on GPUs is nearly always (bench/NOTES.md). `apply="auto"` (default) picks weight space on
+CUDA and factored on CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class LoRAConfig(AdapterConfig):
     rslora: bool = False
     dropout: float = 0.0
     init: str = "kaiming"
-    apply: str = "factored"
+    apply: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,8 +49,8 @@ class LoRAConfig(AdapterConfig):
         check_probability("LoRAConfig", "dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise PeftkitError(f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if self.apply not in ("factored", "weight"):
-            raise PeftkitError(f"LoRAConfig.apply must be 'factored' or 'weight', got {self.apply!r}")
+        if self.apply not in ("auto", "factored", "weight"):
+            raise PeftkitError(f"LoRAConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}")
         if self.apply == "weight" and self.dropout > 0:
             raise PeftkitError("LoRAConfig.apply='weight' cannot apply input dropout: set dropout=0 or apply='factored'")
 
@@ -99,10 +100,10 @@ class LoRADelta(Delta):
         else:
             nn.init.normal_(self.A, std=1.0 / r)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.apply == "weight":
-            self.side = "weight"
+        # Input dropout only exists in the factored form.
+        self.apply = "factored" if config.dropout > 0 else config.apply
 
-    def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         dtype = weight.dtype
         B = self.B.to(dtype).reshape(self.B.shape[0], -1) * (scale * self.scaling).to(dtype)
         A = self.A.to(dtype).reshape(self.A.shape[0], -1)

@@ -141,6 +141,7 @@ class OFTDelta(Delta):
         rows = 1 if config.block_share else self.n_blocks
         self.Q = nn.Parameter(torch.zeros(rows, self.block_size * (self.block_size - 1) // 2))
         self.coft_eps = config.eps if config.coft else None
+        self.additive = False
         self.side = "input" if geometry.kind == "linear" else "weight"
 
     def rotation(self, scale: torch.Tensor | float = 1.0) -> torch.Tensor:

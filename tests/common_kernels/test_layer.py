@@ -99,9 +99,10 @@ def test_routing_rejects_unknown_names_and_bad_ids(model32, inputs32):
             pass
 
 
-def test_two_adapters_compose_and_scale_and_disable(model32, inputs32):
+@pytest.mark.parametrize("apply", ["factored", "weight"])
+def test_two_adapters_compose_and_scale_and_disable(model32, inputs32, apply):
     base_out = model32(*inputs32)
-    lora = inject(model32, LoRAConfig(targets=["lin"], r=2), name="a")
+    lora = inject(model32, LoRAConfig(targets=["lin"], r=2, apply=apply), name="a")
     oft = inject(model32, OFTConfig(targets=["lin"], block_size=4), name="b")
     randomize(lora)
     randomize(oft)
@@ -154,3 +155,18 @@ def test_config_round_trips_through_json():
         assert AdapterConfig.from_json(config.to_json()) == config
     with pytest.raises(PeftkitError, match="unknown adapter method"):
         AdapterConfig.from_dict({"method": "nope"})
+
+
+def test_weight_space_lora_folds_into_a_rotated_conv_kernel(model32, inputs32):
+    """Conv OFT rotates the kernel, so a weight-space LoRA on the same conv may fold in too."""
+    oft = inject(model32, OFTConfig(targets=["conv"], block_size=4), name="r")
+    lora = inject(model32, LoRAConfig(targets=["conv"], r=2, apply="weight"), name="l")
+    randomize(oft)
+    randomize(lora)
+    layer = lora.layers["conv"]
+    W = layer.base.weight
+    R = torch.block_diag(*oft.layers["conv"].deltas["r"].rotation())
+    d = layer.deltas["l"]
+    kernel = (W.flatten(1) @ R + d.B.flatten(1) @ d.A.flatten(1)).reshape(W.shape)
+    expected = torch.nn.functional.conv2d(inputs32[1], kernel, layer.base.bias, padding=1)
+    assert rel(model32(*inputs32)[1], expected) < 1e-5
