@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapter_file import read_tensors, save_tensors
 from .errors import PeftkitError
+from .graphed_step import GraphedStep, check_graphable, graph_optimizer
 
 Event = dict[str, Any]
 
@@ -50,6 +51,7 @@ class TrainConfig:
     max_bad_steps: int = 3
     progress: bool = True
     cpu: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -136,7 +138,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": _json_groups(state["param_groups"]), "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -149,6 +151,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx, slot = key.split(".", 1)
         state.setdefault(int(idx), {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _json_groups(groups: list[dict]) -> list[dict]:
+    """Param groups with tensor hyper-parameters (a graphed step's lr) as plain numbers."""
+    return [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in groups]
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -220,7 +227,12 @@ def load_checkpoint(path: Path, task: Task, optimizer, scheduler) -> int:
     tensors, _ = read_tensors(path / "state.safetensors")
     meta = json.loads((path / "trainer.json").read_text())
     _load_task_state(task, {k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
+    lr_tensors = [g["lr"] if torch.is_tensor(g["lr"]) else None for g in optimizer.param_groups]
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    # A captured step reads lr from its tensor: refill that tensor instead of replacing it.
+    for group, lr in zip(optimizer.param_groups, lr_tensors):
+        if lr is not None:
+            group["lr"] = lr.fill_(float(group["lr"]))
     scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(tensors, meta["rng"])
     return int(meta["step"])
@@ -261,10 +273,17 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     params = [p for p in task.trainable_parameters() if p.requires_grad]
     if not params:
         raise PeftkitError("the task has no trainable parameters: check the adapter targets")
-    optimizer = _optimizer(params, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     model = accelerator.prepare(task.model)
-    optimizer = accelerator.prepare_optimizer(optimizer)
+    graphed = None
+    if config.cuda_graph:
+        check_graphable(accelerator.device, accelerator.num_processes, config.grad_accum, config.mixed_precision,
+                        config.optimizer)
+        optimizer = graph_optimizer(params, config.lr, config.weight_decay, accelerator.device)
+        graphed = GraphedStep(lambda batch: task.loss(model, batch), params, optimizer, config.max_grad_norm,
+                              accelerator.autocast)
+    else:
+        optimizer = accelerator.prepare_optimizer(_optimizer(params, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     result = TrainResult(step=0)
     ckpt_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
@@ -290,7 +309,11 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             break
         total = 0.0
         finite = True
-        for micro in range(config.grad_accum):
+        if graphed is not None:
+            total = float(graphed(_to_device(next(data), device)))
+            samples += config.batch_size
+            finite = math.isfinite(total)
+        for micro in range(config.grad_accum if graphed is None else 0):
             batch = _to_device(next(data), device)
             sync = micro == config.grad_accum - 1
             ctx = accelerator.no_sync(model) if not sync else _null()
@@ -303,7 +326,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             total += float(loss.detach()) / config.grad_accum
             samples += config.batch_size
         if not finite:
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is None:
+                optimizer.zero_grad(set_to_none=True)
             bad += 1
             result.skipped_steps += 1
             emit({"kind": "bad_step", "step": result.step, "consecutive": bad})
@@ -317,11 +341,12 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
                 )
             continue
         bad = 0
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        if graphed is None:
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         result.step += 1
         result.losses.append(total)
         bar.update(1)

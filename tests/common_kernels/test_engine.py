@@ -103,3 +103,20 @@ def test_a_stop_request_saves_a_checkpoint(tmp_path):
                    should_stop=lambda: len(steps) >= 7)
     assert result.step == 7
     assert latest_checkpoint(tmp_path).name == "step-0000007"
+
+
+def test_cuda_graph_mode_explains_what_it_needs():
+    with pytest.raises(PeftkitError, match="cuda_graph=True needs a CUDA device, grad_accum=1"):
+        train(Regression(), dataset(), cfg(cuda_graph=True, grad_accum=2))
+
+
+def test_graphed_step_rejects_changing_batch_shapes():
+    from peftkit.common_kernels.graphed_step import _copy_into
+
+    static = {"x": torch.zeros(2, 3), "tag": "a"}
+    _copy_into(static, {"x": torch.ones(2, 3), "tag": "a"})
+    assert torch.equal(static["x"], torch.ones(2, 3))
+    with pytest.raises(PeftkitError, match=r"fixed batch shapes.*batch\['x'\] changed from \(2, 3\) to \(1, 3\)"):
+        _copy_into(static, {"x": torch.ones(1, 3), "tag": "a"})
+    with pytest.raises(PeftkitError, match="batch of tensors only"):
+        _copy_into(static, {"x": torch.ones(2, 3), "tag": "b"})
