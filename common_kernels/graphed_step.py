@@ -80,7 +80,8 @@ class GraphedStep:
                  optimizer: torch.optim.Optimizer, max_grad_norm: float | None, autocast) -> None:
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.max_grad_norm, self.autocast = max_grad_norm, autocast
-        self.found_inf = torch.zeros(1, device=params[0].device)
+        # 0-dim, like the capturable optimizer's step counters it is subtracted from.
+        self.found_inf = torch.zeros((), device=params[0].device)
         optimizer.found_inf = self.found_inf
         self.static = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -91,7 +92,7 @@ class GraphedStep:
         with self.autocast():
             loss = self.loss_fn(self.static)
         loss.backward()
-        self.found_inf.copy_((~torch.isfinite(loss.detach().float())).float().reshape(1))
+        self.found_inf.copy_((~torch.isfinite(loss.detach().float())).float().reshape(()))
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()

@@ -14,6 +14,7 @@ R mixes input channels and kernel taps, so it rotates the kernel (W R) instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -94,8 +95,26 @@ def cayley(Q: torch.Tensor) -> torch.Tensor:
     I - Q is always invertible for skew Q (its eigenvalues are 1 - i*lambda), so the unchecked
     inverse is safe, and skipping the check avoids a device-to-host sync on every call."""
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    inv, _ = torch.linalg.inv_ex(eye - Q)
+    with _cusolver(Q):
+        inv, _ = torch.linalg.inv_ex(eye - Q)
     return 2.0 * inv - eye
+
+
+@contextlib.contextmanager
+def _cusolver(Q: torch.Tensor):
+    """Prefer cuSOLVER for the batched inverse on CUDA: for large batches PyTorch's default
+    heuristic picks MAGMA, which syncs with the host and cannot be captured in a CUDA graph;
+    cuSOLVER is also faster here (bench/results/*oft-inverse*). Left alone under torch.compile,
+    which cannot trace the switch."""
+    if not Q.is_cuda or torch.compiler.is_compiling():
+        yield
+        return
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def coft_limit(Q: torch.Tensor, eps: float) -> torch.Tensor:
