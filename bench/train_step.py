@@ -35,11 +35,11 @@ def adapt(net, variant: str, targets: list[str]):
         return net, []
     lib, method = variant.split("-", 1)
     if lib == "peftkit":
-        # "-w" variants apply LoRA/LoKr in weight space (one base op per pass; see lora.py).
+        # Default "auto" applies LoRA/LoKr in weight space on CUDA; "-f" forces the factored form.
         config = {"lora": LoRAConfig(targets=targets, r=16, alpha=16),
-                  "lora-w": LoRAConfig(targets=targets, r=16, alpha=16, apply="weight"),
+                  "lora-f": LoRAConfig(targets=targets, r=16, alpha=16, apply="factored"),
                   "lokr": KronConfig(targets=targets, r=16, alpha=16),
-                  "lokr-w": KronConfig(targets=targets, r=16, alpha=16, apply="weight"),
+                  "lokr-f": KronConfig(targets=targets, r=16, alpha=16, apply="factored"),
                   "oft": OFTConfig(targets=targets, block_size=32)}[method]
         handle = inject(net, config)
         return net, handle.trainable_parameters()
