@@ -87,6 +87,7 @@ class AdapterHandle:
     def __init__(self, model: nn.Module, name: str, config: AdapterConfig, layers: dict[str, AdaptedLayer],
                  base_model: str | None) -> None:
         self.model, self.name, self.config, self.layers, self.base_model = model, name, config, layers, base_model
+        self._hooks = _batch_hooks(self)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for lname, layer in self.layers.items():
@@ -153,6 +154,9 @@ class AdapterHandle:
 
     def unload(self) -> None:
         """Remove this adapter; modules left with no adapter become the original modules again."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for lname, layer in self.layers.items():
             layer.remove(self.name)
             if not layer.deltas:
@@ -171,6 +175,29 @@ class AdapterHandle:
         n = self.num_parameters()
         return (f"adapter {self.name!r} ({self.config.method}): {len(self.layers)} modules, "
                 f"{n:,} trainable parameters = {100.0 * n / max(total, 1):.3f}% of {total:,} base parameters")
+
+
+def _batch_hooks(handle: AdapterHandle) -> list:
+    """Cores whose per-layer state depends on parameters alone (OFT's rotations) may build it for
+    all layers at once, before the model's forward, through a `prepare_all` hook."""
+    delta_cls = _DELTAS[type(handle.config)]
+    if not hasattr(delta_cls, "prepare_all"):
+        return []
+
+    def deltas(live_only: bool) -> list[Delta]:
+        return [layer.deltas[handle.name] for layer in handle.layers.values()
+                if not live_only or (handle.name in layer.active and handle.name not in layer.merged)]
+
+    def before(module, args):
+        # Under torch.compile the compiler fuses per-layer work itself; module state stays untouched.
+        if not torch.compiler.is_compiling():
+            delta_cls.prepare_all(deltas(live_only=True))
+
+    def after(module, args, output):
+        if not torch.compiler.is_compiling():
+            delta_cls.release_all(deltas(live_only=False))
+
+    return [handle.model.register_forward_pre_hook(before), handle.model.register_forward_hook(after)]
 
 
 def inject(model: nn.Module, config: AdapterConfig, name: str = "default", base_model: str | None = None,

@@ -117,25 +117,28 @@ def _cusolver(Q: torch.Tensor):
         torch.backends.cuda.preferred_linalg_library(previous)
 
 
-def coft_limit(Q: torch.Tensor, eps: float) -> torch.Tensor:
-    """Rescale each Q_i into the Frobenius ball of radius eps / sqrt(n) (COFT)."""
-    radius = eps / math.sqrt(Q.shape[0])
-    norm = torch.linalg.matrix_norm(Q).clamp_min(1e-30)[:, None, None]
-    return Q * (radius / norm).clamp(max=1.0)
+def coft_limit(Q: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:
+    """Rescale each Q_i into the Frobenius ball of its radius (COFT); radius may vary per block."""
+    norm = torch.linalg.matrix_norm(Q).clamp_min(1e-30)
+    return Q * (radius / norm).clamp(max=1.0)[:, None, None]
+
+
+def _blocks(vec: torch.Tensor, block_size: int, scale, radius) -> torch.Tensor:
+    # Parameters' precision even under autocast: R must stay orthogonal, and a bf16 Q would
+    # round away small updates.
+    with torch.autocast(vec.device.type, enabled=False):
+        Q = skew(vec, block_size) * scale
+        if radius is not None:
+            Q = coft_limit(Q, radius)
+        return cayley(Q)
 
 
 def oft_rotation(
     vec: torch.Tensor, block_size: int, n_blocks: int, scale: torch.Tensor | float = 1.0, coft_eps: float | None = None
 ) -> torch.Tensor:
-    """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated.
-
-    Computed in the parameters' precision even under autocast: R must stay orthogonal, and a bf16
-    Q would round away small updates."""
-    with torch.autocast(vec.device.type, enabled=False):
-        Q = skew(vec, block_size) * scale
-        if coft_eps is not None:
-            Q = coft_limit(Q, coft_eps)
-        R = cayley(Q)
+    """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated."""
+    radius = None if coft_eps is None else coft_eps / math.sqrt(vec.shape[0])
+    R = _blocks(vec, block_size, scale, radius)
     return R.expand(n_blocks, block_size, block_size) if R.shape[0] == 1 else R
 
 
@@ -162,9 +165,38 @@ class OFTDelta(Delta):
         self.coft_eps = config.eps if config.coft else None
         self.additive = False
         self.side = "input" if geometry.kind == "linear" else "weight"
+        self._batched: torch.Tensor | None = None
 
     def rotation(self, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        if self._batched is not None:
+            return self._batched
         return oft_rotation(self.Q, self.block_size, self.n_blocks, scale, self.coft_eps)
+
+    @staticmethod
+    def prepare_all(deltas: list["OFTDelta"]) -> None:
+        """Build every layer's R in one batched solve before a model's forward.
+
+        A rotation depends on parameters only, so all layers' blocks of one size go through one
+        skew matmul and one batched inverse: about ten launches per forward instead of ten per
+        layer (bench/NOTES.md). Layers read their slice; gradients flow back through it."""
+        groups: dict[tuple, list[OFTDelta]] = {}
+        for d in deltas:
+            groups.setdefault((d.block_size, d.Q.dtype, d.Q.device), []).append(d)
+        for (b, dtype, device), group in groups.items():
+            rows = [d.Q.shape[0] for d in group]
+            vec = torch.cat([d.Q for d in group])
+            scale = torch.cat([d.scale.to(dtype).expand(n) for d, n in zip(group, rows)])[:, None, None]
+            radius = None
+            if any(d.coft_eps is not None for d in group):
+                radius = torch.cat([torch.full((n,), math.inf if d.coft_eps is None else d.coft_eps / math.sqrt(n),
+                                               dtype=dtype, device=device) for d, n in zip(group, rows)])
+            for d, R in zip(group, _blocks(vec, b, scale, radius).split(rows)):
+                d._batched = R.expand(d.n_blocks, b, b) if R.shape[0] == 1 else R
+
+    @staticmethod
+    def release_all(deltas: list["OFTDelta"]) -> None:
+        for d in deltas:
+            d._batched = None
 
     def transform_input(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return rotate_input(x, self.rotation(scale).to(x.dtype))

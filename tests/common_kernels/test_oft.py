@@ -96,3 +96,27 @@ def test_oft_bad_block_size_is_explained():
         inject(nn.Sequential(nn.Linear(10, 4)), OFTConfig(targets=["0"], block_size=4))
     with pytest.raises(PeftkitError, match="exactly one of block_size and n_blocks"):
         OFTConfig(block_size=4, n_blocks=2)
+
+
+def test_batched_rotations_equal_per_layer_rotations_with_gradients():
+    """The model-level hook builds all layers' R at once; outputs and gradients must not change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    handle = inject(model, OFTConfig(targets=["0", "2", "4"], block_size=4, coft=True, eps=0.5))
+    for p in handle.trainable_parameters():
+        nn.init.normal_(p, std=0.4)
+    handle.set_scale(0.8)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    batched = model(x)
+    batched.square().sum().backward()
+    grads = [p.grad.clone() for p in handle.trainable_parameters()]
+    for p in handle.trainable_parameters():
+        p.grad = None
+    assert all(handle.layers[n].deltas["default"]._batched is None for n in handle.layers), "cache not released"
+    y = x
+    for module in model:   # calling layers one by one bypasses the model-level hook
+        y = module(y)
+    y.square().sum().backward()
+    assert rel(batched, y) < 1e-12
+    for g, p in zip(grads, handle.trainable_parameters()):
+        assert rel(g, p.grad) < 1e-10
