@@ -102,6 +102,11 @@ class Delta(nn.Module):
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def group_key(self) -> tuple | None:
+        """Deltas with equal keys can run as one gathered batch under per-sample routing
+        (`routed_delta`); None: this delta runs alone."""
+        return None
+
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
 

@@ -217,8 +217,11 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", base_
     targets = find_targets(model, config)
     if not hasattr(model, "_peftkit_requires_grad"):
         model._peftkit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    # Freeze the base, but not the adapters injected before this one.
+    earlier = {id(p) for layer in adapted_layers(model) for p in layer.deltas.parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in earlier:
+            p.requires_grad_(False)
     layers: dict[str, AdaptedLayer] = {}
     for tname in targets:
         parent, child = _parent(model, tname)

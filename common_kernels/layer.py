@@ -130,11 +130,22 @@ class AdaptedLayer(nn.Module):
             if not d.additive and d.side == "input":
                 h = torch.where(masks[k], d.transform_input(x, d.scale), h)
         y = self._base_op(h, None)
+        groups: dict[tuple, list[tuple[int, Delta]]] = {}
         for k, d in routed:
             if d.additive:
-                y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
+                groups.setdefault(d.group_key(), []).append((k, d))
             elif d.side == "weight":
                 y = torch.where(masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
+        for key, members in groups.items():
+            if key is not None and len(members) > 1:
+                # One gathered pass for all adapters of the group: K adapters cost about one.
+                lut = torch.full((len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device)
+                for j, (k, _) in enumerate(members):
+                    lut[k + 1] = j
+                y = y + type(members[0][1]).routed_delta([d for _, d in members], x, lut[ids + 1])
+            else:
+                for k, d in members:
+                    y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

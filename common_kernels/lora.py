@@ -117,6 +117,27 @@ class LoRADelta(Delta):
             return lora_linear_delta(x, A, B, s.to(x.dtype))
         return lora_conv_delta(x, A, B, s.to(x.dtype), self.geometry)
 
+    def group_key(self) -> tuple | None:
+        if self.geometry.kind != "linear" or not isinstance(self.dropout, nn.Identity):
+            return None
+        return ("lora", tuple(self.A.shape), tuple(self.B.shape), self.A.dtype)
+
+    @staticmethod
+    def routed_delta(deltas: list["LoRADelta"], x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Row i gets deltas[slot[i]]'s output (nothing where slot is -1), for all rows in two
+        batched matmuls over gathered factors: the segmented-GEMM idea of Punica/S-LoRA, here with
+        one (r x d) factor pair per row."""
+        A = torch.stack([d.A for d in deltas])
+        B = torch.stack([d.B for d in deltas])
+        scales = torch.stack([d.scale * d.scaling for d in deltas])
+        rows = slot.clamp(min=0)
+        keep = (slot >= 0).to(A.dtype) * scales[rows]
+        A_rows = A[rows].to(x.dtype)
+        B_rows = (B[rows] * keep[:, None, None]).to(x.dtype)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.bmm(torch.bmm(flat, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], B.shape[1])
+
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight + lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
 
