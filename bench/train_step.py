@@ -76,11 +76,11 @@ def measure(model_kind: str, bs: int, variant: str, compile_mode: str, base: str
     # Trainable adapter params in fp32 whatever the base dtype (peft does the same by default).
     for p in params:
         p.data = p.data.float()
-    graph = compile_mode == "graph"
+    graph = compile_mode.endswith("graph")
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=graph) if params else None
-    if compile_mode == "regional":
+    if compile_mode.startswith("regional"):
         compile_regions(net, model_kind)
-    elif compile_mode == "full":
+    elif compile_mode.startswith("full"):
         model = torch.compile(model)
 
     def step():
@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=["unet", "vit"], required=True)
     parser.add_argument("--bs", type=int, required=True)
-    parser.add_argument("--compile", default="none", help="comma list of none,graph,regional,full")
+    parser.add_argument("--compile", default="none", help="comma list of none,graph,regional,full,full+graph (compile, then capture the step)")
     parser.add_argument("--base", default="bf16", help="comma list of bf16,fp32")
     parser.add_argument("--variants", default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft")
     parser.add_argument("--out", type=Path, required=True)
