@@ -27,6 +27,7 @@ from common import environment, time_step  # noqa: E402
 from models import UNET_TARGETS, VIT_TARGETS, build, compile_regions  # noqa: E402
 
 from peftkit.common_kernels import KronConfig, LoRAConfig, OFTConfig, inject  # noqa: E402
+from peftkit.common_kernels.oft import cusolver_linalg  # noqa: E402
 
 
 def adapt(net, variant: str, targets: list[str]):
@@ -57,12 +58,12 @@ def capture(step):
     optimizer state), capture once, then each call is a single replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), cusolver_linalg():
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), cusolver_linalg():
         step()
     return graph.replay
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PeftkitError
+from .oft import cusolver_linalg
 
 WARMUP_STEPS = 3
 
@@ -108,13 +109,14 @@ class GraphedStep:
             # Eager warm-up on a side stream allocates grads and optimizer state before capture.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), cusolver_linalg():
                 loss = self._body()
             torch.cuda.current_stream().wait_stream(side)
             return loss
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # Compiled code resolves its linalg library when it runs: keep it capturable.
+            with torch.cuda.graph(self.graph), cusolver_linalg():
                 self.loss = self._body()
         self.graph.replay()
         return self.loss

@@ -102,13 +102,20 @@ def cayley(Q: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _cusolver(Q: torch.Tensor):
-    """Prefer cuSOLVER for the batched inverse on CUDA: for large batches PyTorch's default
-    heuristic picks MAGMA, which syncs with the host and cannot be captured in a CUDA graph;
-    cuSOLVER is also faster here (bench/results/*oft-inverse*). Left alone under torch.compile,
-    which cannot trace the switch."""
+    """Run the batched inverse through cuSOLVER on CUDA (see `cusolver_linalg`). Left alone under
+    torch.compile, which cannot trace the switch: there the caller sets it (GraphedStep does)."""
     if not Q.is_cuda or torch.compiler.is_compiling():
         yield
         return
+    with cusolver_linalg():
+        yield
+
+
+@contextlib.contextmanager
+def cusolver_linalg():
+    """Prefer cuSOLVER for CUDA linear algebra within the block. For large batches PyTorch's
+    default picks MAGMA, which syncs with the host and cannot be captured in a CUDA graph;
+    cuSOLVER is also faster at OFT's block sizes (bench/results/*oft-inverse*)."""
     previous = torch.backends.cuda.preferred_linalg_library()
     torch.backends.cuda.preferred_linalg_library("cusolver")
     try:
