@@ -63,3 +63,45 @@ def test_kron_starts_at_the_base_output(base64, inputs64, init):
 def test_kron_config_validation():
     with pytest.raises(PeftkitError, match="KronConfig.factor"):
         KronConfig(factor=0)
+
+
+@pytest.mark.parametrize("decompose_both", [False, True])
+def test_batched_weight_space_deltas_equal_per_layer_ones_with_gradients(decompose_both):
+    """The model-level hook forms all equal-shaped Kronecker deltas at once; nothing may change."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))[:, :, None, None])
+
+    model = Net().double()
+
+    def forward(x, whole):
+        if whole:
+            return model(x)
+        return Net.forward(model, x)   # calls the layers without the model-level hook
+
+    handle = inject(model, KronConfig(targets=["a", "b", "c"], r=1, apply="weight", decompose_both=decompose_both))
+    for p in handle.trainable_parameters():
+        nn.init.normal_(p)
+    handle.set_scale(0.7)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    seen = []
+    model.a.register_forward_hook(lambda m, i, o: seen.append(m.deltas["default"]._batched is not None))
+    outs, grads = [], []
+    for whole in (True, False):
+        out = forward(x, whole)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in handle.trainable_parameters()])
+        for p in handle.trainable_parameters():
+            p.grad = None
+    assert seen == [True, False], "the whole-model call must use the batched deltas, the layer calls not"
+    assert rel(outs[0], outs[1]) < 1e-12
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-10
+    assert all(layer.deltas["default"]._batched is None for layer in handle.layers.values())

@@ -107,6 +107,8 @@ def test_batched_rotations_equal_per_layer_rotations_with_gradients():
         nn.init.normal_(p, std=0.4)
     handle.set_scale(0.8)
     x = torch.randn(6, 16, dtype=torch.float64)
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(m.deltas["default"]._batched is not None))
     batched = model(x)
     batched.square().sum().backward()
     grads = [p.grad.clone() for p in handle.trainable_parameters()]
@@ -117,6 +119,7 @@ def test_batched_rotations_equal_per_layer_rotations_with_gradients():
     for module in model:   # calling layers one by one bypasses the model-level hook
         y = module(y)
     y.square().sum().backward()
+    assert seen == [True, False], "the whole-model call must use the batched rotations, the layer calls not"
     assert rel(batched, y) < 1e-12
     for g, p in zip(grads, handle.trainable_parameters()):
         assert rel(g, p.grad) < 1e-10
