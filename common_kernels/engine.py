@@ -33,6 +33,8 @@ Event = dict[str, Any]
 
 @dataclass
 class TrainConfig:
+    """`batch_size` is per process: the global batch is batch_size x processes x grad_accum."""
+
     steps: int = 500
     batch_size: int = 8
     lr: float = 1e-4
@@ -97,23 +99,27 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable | None) -> Iterator[Any]:
+def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable | None,
+            rank: int = 0, world: int = 1) -> Iterator[Any]:
     """Endless batches in a seeded order; batch `start` is the first yielded, so a resumed run sees
-    exactly the batches the uninterrupted one would have. A short final batch is dropped unless the
-    dataset is smaller than one batch."""
+    exactly the batches the uninterrupted one would have. With `world` processes each global batch
+    of batch_size * world rows is split by rank, so N processes see what one process with the
+    global batch would. A short final batch of an epoch is dropped; a dataset smaller than one
+    global batch is repeated to fill it."""
     from torch.utils.data import default_collate
 
     n = len(dataset)
     if n == 0:
         raise PeftkitError("the training set is empty: add examples or check the data path")
-    per_epoch = max(1, n // batch_size)
+    total = batch_size * world
+    per_epoch = max(1, n // total)
     collate = collate or default_collate
     index = start
     while True:
         epoch, pos = divmod(index, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        rows = order[pos * batch_size:(pos + 1) * batch_size]
-        yield collate([dataset[i] for i in rows])
+        rows = [order[i % n] for i in range(pos * total, (pos + 1) * total)]
+        yield collate([dataset[i] for i in rows[rank * batch_size:(rank + 1) * batch_size]])
         index += 1
 
 
@@ -292,7 +298,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         result.step = result.resumed_from = load_checkpoint(found, task, optimizer, scheduler)
         emit({"kind": "resume", "step": result.step, "path": str(found)})
 
-    data = batches(dataset, config.batch_size, config.seed, result.step * config.grad_accum, collate)
+    data = batches(dataset, config.batch_size, config.seed, result.step * config.grad_accum, collate,
+                   rank=accelerator.process_index, world=accelerator.num_processes)
     bar = tqdm(total=config.steps, initial=result.step, desc="train", unit="step",
                disable=not (config.progress and accelerator.is_main_process))
     device = accelerator.device
@@ -319,7 +326,11 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             ctx = accelerator.no_sync(model) if not sync else _null()
             with ctx, accelerator.autocast():
                 loss = task.loss(model, batch)
-            if not torch.isfinite(loss):
+            ok = torch.isfinite(loss.detach()).float()
+            if accelerator.num_processes > 1:
+                # Every rank must agree to skip, or the others would wait in backward's all-reduce.
+                ok = accelerator.reduce(ok, reduction="min")
+            if not ok:
                 finite = False
                 break
             accelerator.backward(loss / config.grad_accum)
@@ -340,6 +351,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
                     "learning rate, use bf16 instead of fp16, or check the data for broken examples"
                 )
             continue
+        if accelerator.num_processes > 1:
+            total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
         bad = 0
         if graphed is None:
             if config.max_grad_norm:

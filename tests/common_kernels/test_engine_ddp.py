@@ -1,0 +1,25 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path):
+    """Two CPU processes (gloo, launched by torchrun as `accelerate launch` does on GPUs) with
+    batch 4 each against one process with batch 8."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.json"), "8"], check=True, env=env,
+                   capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+              str(SCRIPT), str(tmp_path / "two.json"), "4"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    for key in one:
+        assert torch.allclose(torch.tensor(one[key]), torch.tensor(two[key]), atol=1e-5), key
