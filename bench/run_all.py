@@ -26,6 +26,7 @@ JOBS = {
     "train_step_vit": (["train_step.py", "--model", "vit", "--bs", "64", "--compile", "graph", "--base", "bf16",
                         "--variants", "floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft"], 80),
     "engine_graph": (["engine_graph.py"], 90),
+    "inference": (["inference.py"], 90),
     "cores": (["cores.py", "--modes", "bf16-base"], 90),
     "vit": (["vit.py"], 240),
     "dreambooth": (["dreambooth.py"], 240),
