@@ -15,7 +15,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-ti": ("peftkit.diffusion.cli", "train_ti", "Textual Inversion: learn new token embeddings"),
     "generate": ("peftkit.diffusion.cli", "generate", "generate images with one or several adapters"),
     "evaluate-concept": ("peftkit.diffusion.cli", "evaluate_concept", "CLIP-I / CLIP-T / DINO metrics for a concept"),
-    "convert": ("peftkit.diffusion.cli", "convert", "convert LoRA files between peftkit, diffusers and kohya formats"),
+    "convert": ("peftkit.diffusion.convert_cli", "convert", "convert LoRA files between peftkit, diffusers and kohya formats"),
+    "train-control": ("peftkit.diffusion.control_cli", "train_control", "train a zero-conv control branch (ControlNet-style)"),
+    "train-ip-adapter": ("peftkit.diffusion.control_cli", "train_ip_adapter", "train an IP-Adapter image prompt"),
+    "serve": ("peftkit.apps.serve", "serve", "HTTP API: many adapters over one base, batched into one forward"),
 }
 
 
