@@ -11,8 +11,8 @@ evicted least-recently-used beyond a memory budget. Binds 127.0.0.1 unless told 
          -H 'content-type: application/json'
 """
 
-from __future__ import annotations
 
+# No "from __future__ import annotations": FastAPI reads the endpoint annotations at runtime.
 import base64
 import io
 import queue

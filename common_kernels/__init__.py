@@ -5,7 +5,7 @@ from .adapter_file import load_adapter, read_adapter_config, save_adapter
 from .config import AdapterConfig, method_names
 from .engine import TrainConfig, TrainResult, train
 from .errors import PeftkitError
-from .inject import AdapterHandle, adapted_layers, find_targets, inject, routing
+from .inject import AdapterHandle, adapted_layers, find_targets, inject, remove_adapters, routing
 from .kron import KronConfig, factorize, kron_delta_weight, kron_linear_delta
 from .layer import AdaptedLayer
 from .lora import LoRAConfig, lora_conv_delta, lora_delta_weight, lora_linear_delta
@@ -15,6 +15,6 @@ __all__ = [
     "AdaptedLayer", "AdapterConfig", "AdapterHandle", "KronConfig", "LoRAConfig", "OFTConfig", "PeftkitError",
     "TrainConfig", "TrainResult", "adapted_layers", "cayley", "factorize", "find_targets", "inject",
     "kron_delta_weight", "kron_linear_delta", "load_adapter", "lora_conv_delta", "lora_delta_weight",
-    "lora_linear_delta", "method_names", "oft_rotation", "read_adapter_config", "rotate_input", "rotate_weight",
+    "lora_linear_delta", "method_names", "oft_rotation", "read_adapter_config", "remove_adapters", "rotate_input", "rotate_weight",
     "routing", "save_adapter", "skew", "train",
 ]

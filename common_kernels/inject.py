@@ -197,6 +197,7 @@ def _batch_hooks(handle: AdapterHandle) -> list:
         if not torch.compiler.is_compiling():
             delta_cls.release_all(deltas(live_only=False))
 
+    before.peftkit_hook = after.peftkit_hook = True
     return [handle.model.register_forward_pre_hook(before), handle.model.register_forward_hook(after)]
 
 
@@ -237,6 +238,25 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default", base_
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     return [m for m in model.modules() if isinstance(m, AdaptedLayer)]
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Remove every adapter from `model` (unmerging merged ones) and give it back its original
+    modules and requires_grad flags, whether or not the handles are still at hand."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLayer):
+            if module.merged:
+                module.set_merged([])
+            parent, child = _parent(model, name)
+            setattr(parent, child, module.base)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "peftkit_hook", False)]:
+            del hooks[key]
+    saved = getattr(model, "_peftkit_requires_grad", None)
+    if saved is not None:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(saved.get(pname, p.requires_grad))
+        del model._peftkit_requires_grad
 
 
 @contextlib.contextmanager

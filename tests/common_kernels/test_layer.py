@@ -209,3 +209,19 @@ def test_a_second_adapter_leaves_the_first_trainable(model32):
     first = inject(model32, LoRAConfig(targets=["lin"], r=2), name="first")
     inject(model32, KronConfig(targets=["lin", "conv"], r=2), name="second")
     assert all(p.requires_grad for p in first.trainable_parameters())
+
+
+def test_remove_adapters_restores_everything_without_the_handles(model32):
+    from peftkit.common_kernels import remove_adapters
+
+    original = copy.deepcopy(model32.state_dict())
+    lora = inject(model32, LoRAConfig(targets=["lin", "conv"], r=2), name="a")
+    inject(model32, OFTConfig(targets=["lin"], block_size=4), name="b")
+    randomize(lora)
+    lora.merge()
+    remove_adapters(model32)
+    assert not any(isinstance(m, AdaptedLayer) for m in model32.modules())
+    assert not model32._forward_pre_hooks and not model32._forward_hooks
+    for k, v in model32.state_dict().items():
+        assert torch.allclose(v, original[k], atol=1e-6)
+    assert all(p.requires_grad for p in model32.parameters())
