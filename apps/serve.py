@@ -223,11 +223,12 @@ def serve(argv: list[str]) -> int:
     if not Path(args.adapters).is_dir():
         raise PeftkitError(f"adapter folder {args.adapters!r} does not exist: create it and put "
                            "<name>.safetensors adapter files in it")
-    from peftkit.diffusion.base import load_pipeline
     import uvicorn
 
-    pipe = load_pipeline(args.base, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    from peftkit.diffusion.base import load_base
+
+    pipe = load_base(args.base, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32).pipe
+    pipe.to(args.device)
     cache = AdapterCache(pipe.unet, args.adapters, int(args.cache_mb * 2**20))
     app = create_app(Batcher(pipe, cache, args.max_batch, args.window_ms / 1000))
     print(f"peftkit serve: http://{args.host}:{args.port}  adapters: {cache.available()}")

@@ -1,0 +1,203 @@
+"""`peftkit train-concept`, `train-ti`, `generate` and `evaluate-concept`: thin commands over
+dreambooth.py, textual_inversion.py, generate.py and metrics.py.
+
+    peftkit train-concept --model ./sd15 --images photos/ --prompt "a photo of sks dog" --output out/dog \\
+        --class-prompt "a photo of a dog" --steps 800
+    peftkit train-ti --model ./sd15 --images photos/ --token "<dog>" --init-word dog --output out/dog-ti
+    peftkit generate --model ./sd15 --adapter out/dog:0.8 --prompt "sks dog on the moon" --seeds 0,1,2 --output samples
+    peftkit evaluate-concept --generated samples --references photos/ --clip-model ./clip-b32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..common_kernels.errors import PeftkitError
+
+
+def _training_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'")
+    parser.add_argument("--images", required=True, help="folder of instance images (x.txt next to x.png = caption)")
+    parser.add_argument("--output", required=True, help="output folder (adapter, checkpoints, train.json)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], default="auto",
+                        help="auto: 8-bit AdamW when bitsandbytes is installed and a GPU is used")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(args: argparse.Namespace):
+    import importlib.util
+
+    import torch
+
+    from ..common_kernels.engine import TrainConfig
+
+    optimizer = args.optimizer
+    if optimizer == "auto":
+        usable = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available() and not args.cpu
+        optimizer = "adamw8bit" if usable else "adamw"
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
+                       warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.seed,
+                       output_dir=args.output, checkpoint_every=args.checkpoint_every, optimizer=optimizer,
+                       progress=not args.no_progress, cpu=args.cpu, schedule="constant")
+
+
+def _summary(output: str, result) -> None:
+    summary = {"steps": result.step, "final_loss": result.losses[-1] if result.losses else None,
+               "resumed_from": result.resumed_from, "skipped_steps": result.skipped_steps,
+               "samples_per_s": result.samples_per_s, "peak_memory_gib": result.peak_memory_gib,
+               "metrics": result.metrics}
+    Path(output).mkdir(parents=True, exist_ok=True)
+    (Path(output) / "train.json").write_text(json.dumps(summary, indent=2))
+    print(f"trained {result.step} steps; final loss {summary['final_loss']}; outputs in {output}")
+
+
+def train_concept(argv: list[str]) -> int:
+    """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    from .base import load_base
+    from .dreambooth import ConceptConfig, train_concept as run
+
+    parser = argparse.ArgumentParser(prog="peftkit train-concept", description=train_concept.__doc__)
+    _training_args(parser)
+    parser.add_argument("--prompt", required=True, help="instance prompt with a rare identifier: 'a photo of sks dog'")
+    parser.add_argument("--method", choices=["lora", "kron", "oft"], default="lora")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA/LoKr rank")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
+    parser.add_argument("--block-size", type=int, default=32, help="OFT block size")
+    parser.add_argument("--targets", default="attn",
+                        help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)")
+    parser.add_argument("--text-encoder-rank", type=int, default=0, help="LoRA rank on the text encoder(s); 0: off")
+    parser.add_argument("--class-prompt", help="turns prior preservation on, e.g. 'a photo of a dog'")
+    parser.add_argument("--class-dir", help="class images (default <output>/class_images; missing ones are generated)")
+    parser.add_argument("--num-class-images", type=int, default=100)
+    parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting, e.g. 5; 0: off")
+    parser.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength, e.g. 0.05")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--validation-prompt", action="append", default=[], help="repeatable")
+    parser.add_argument("--validation-every", type=int, default=0, help="save validation images every N steps")
+    args = parser.parse_args(argv)
+    config = ConceptConfig(
+        instance_prompt=args.prompt, method=args.method, rank=args.rank, alpha=args.alpha, block_size=args.block_size,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()], text_encoder_rank=args.text_encoder_rank,
+        class_prompt=args.class_prompt, num_class_images=args.num_class_images, prior_weight=args.prior_weight,
+        min_snr_gamma=args.min_snr_gamma, offset_noise=args.offset_noise,
+        gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution,
+        validation_prompts=args.validation_prompt, validation_every=args.validation_every)
+    train_config = _train_config(args)
+    base = load_base(args.model, attention=args.attention)
+    task, result = run(base, args.images, config, train_config, class_dir=args.class_dir)
+    print(task.unet_handle.report())
+    _summary(args.output, result)
+    return 0
+
+
+def train_ti(argv: list[str]) -> int:
+    """Textual Inversion: learn embeddings for new tokens from a few images."""
+    from ..common_kernels.engine import train
+    from .base import load_base
+    from .data import ConceptDataset
+    from .textual_inversion import TIConfig, TITask, save_embeddings
+
+    parser = argparse.ArgumentParser(prog="peftkit train-ti", description=train_ti.__doc__)
+    _training_args(parser)
+    parser.set_defaults(lr=5e-3, steps=2000)
+    parser.add_argument("--token", action="append", required=True, help="new token, e.g. '<my-dog>' (repeatable)")
+    parser.add_argument("--init-word", required=True, help="a word close to the concept, e.g. 'dog'")
+    parser.add_argument("--num-vectors", type=int, default=1)
+    parser.add_argument("--templates", choices=["object", "style"], default="object")
+    args = parser.parse_args(argv)
+    config = TIConfig(tokens=args.token, init_word=args.init_word, num_vectors=args.num_vectors,
+                      templates=args.templates, resolution=args.resolution)
+    train_config = _train_config(args)
+    base = load_base(args.model, attention=args.attention)
+    task = TITask(base, ConceptDataset(args.images, "", args.resolution), config)
+    result = train(task, task.dataset(), train_config)
+    files = save_embeddings(task, args.output)
+    print("embeddings: " + ", ".join(str(f) for f in files))
+    _summary(args.output, result)
+    return 0
+
+
+def generate(argv: list[str]) -> int:
+    """Generate a prompts x seeds grid (or a mixed-adapter batch) with one or several adapters."""
+    from .base import load_base
+    from .generate import ConceptRef, generate_grid, generate_mixed, load_concepts
+
+    parser = argparse.ArgumentParser(prog="peftkit generate", description=generate.__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompt", action="append", required=True, help="repeatable")
+    parser.add_argument("--adapter", action="append", default=[],
+                        help="path[:scale[:name]]: train-concept folder, LoRA or TI file (repeatable)")
+    parser.add_argument("--seeds", default="0", help="comma list, e.g. 0,1,2")
+    parser.add_argument("--mixed", help="comma list naming one adapter per prompt ('base' for none): one batch, "
+                                        "each row with its own adapter")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise PeftkitError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    base = load_base(args.model, attention=args.attention)
+    import torch
+
+    base.pipe.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    load_concepts(base, [ConceptRef.parse(a) for a in args.adapter])
+    kwargs = {"steps": args.steps, "guidance": args.guidance, "resolution": args.resolution}
+    if args.mixed:
+        choice = [None if c.strip() == "base" else c.strip() for c in args.mixed.split(",")]
+        generate_mixed(base, args.prompt, choice, seed=seeds[0], out_dir=args.output, **kwargs)
+    else:
+        generate_grid(base, args.prompt, seeds, out_dir=args.output, **kwargs)
+    print(f"images and grid.png written to {args.output}")
+    return 0
+
+
+def evaluate_concept(argv: list[str]) -> int:
+    """CLIP-I, CLIP-T (open_clip) and DINO similarity of generated images to the instance images."""
+    from .data import ConceptDataset, open_image
+    from .generate import PROMPTS_FILE
+    from .metrics import ClipEmbedder, DinoEmbedder, concept_scores
+
+    parser = argparse.ArgumentParser(prog="peftkit evaluate-concept", description=evaluate_concept.__doc__)
+    parser.add_argument("--generated", required=True, help="folder written by peftkit generate")
+    parser.add_argument("--references", required=True, help="the instance images")
+    parser.add_argument("--prompt", help="prompt of every generated image (default: the folder's prompts.json)")
+    parser.add_argument("--clip-model", required=True,
+                        help="open_clip name (ViT-B-32) or a folder with open_clip_config.json")
+    parser.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint file")
+    parser.add_argument("--dino-model", help="transformers folder or hub id of a DINO ViT (adds the 'dino' score)")
+    parser.add_argument("--output", help="write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    folder = Path(args.generated)
+    record = json.loads((folder / PROMPTS_FILE).read_text()) if (folder / PROMPTS_FILE).is_file() else {}
+    if not record and not args.prompt:
+        raise PeftkitError(f"{folder} has no {PROMPTS_FILE}: pass --prompt with the prompt the images were made with")
+    names = sorted(record) if record else sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+    generated = [open_image(folder / n) for n in names]
+    prompts = [args.prompt or record[n] for n in names]
+    references = ConceptDataset(args.references, "", 8).images
+    clip = ClipEmbedder(args.clip_model, args.clip_pretrained)
+    dino = DinoEmbedder(args.dino_model) if args.dino_model else None
+    scores = concept_scores(generated, prompts, references, clip, dino)
+    print(json.dumps(scores, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(scores, indent=2))
+    return 0

@@ -1,0 +1,64 @@
+"""`peftkit convert IN OUT --to {peftkit,diffusers,kohya}`: LoRA files between the three formats.
+
+The input format is detected from the keys. Conversion needs only the file: module names travel in
+the keys and peftkit metadata (fingerprint, base shapes) follows from the factor shapes. `--base`
+(a diffusers pipeline folder) resolves kohya names exactly and checks that the file fits that base.
+
+    peftkit convert lora_kohya.safetensors out/pytorch_lora_weights.safetensors --to diffusers
+    peftkit convert out/unet_lora.safetensors lora_kohya.safetensors --to kohya
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..common_kernels.adapter_file import save_tensors
+from ..common_kernels.errors import PeftkitError
+from . import formats
+
+
+def _components(base: str | None) -> dict | None:
+    if base is None:
+        return None
+    from .base import load_base
+
+    loaded = load_base(base)
+    components = {"unet": loaded.unet}
+    components.update({("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): e
+                       for i, e in enumerate(loaded.text_encoders)})
+    return components
+
+
+def convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="peftkit convert", description="convert LoRA files between peftkit, "
+                                     "diffusers (load_lora_weights) and kohya/A1111 formats")
+    parser.add_argument("input", help="LoRA .safetensors file (format detected from its keys)")
+    parser.add_argument("output", help="output file; for --to peftkit with several components, a folder")
+    parser.add_argument("--to", required=True, choices=["peftkit", "diffusers", "kohya"])
+    parser.add_argument("--component", choices=list(formats.COMPONENTS),
+                        help="component of inputs that do not name one (peft state dicts, peftkit files)")
+    parser.add_argument("--base", help="diffusers pipeline folder or hub id: resolve kohya names exactly and check fit")
+    args = parser.parse_args(argv)
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise PeftkitError("input and output are the same file: choose another output path")
+    components = _components(args.base)
+    lora = formats.read_lora(args.input, components, args.component)
+    if components:
+        for component, entries in formats.localize(lora, components).items():
+            if component in components:
+                formats.check_fits(component, components[component], entries, args.input)
+    written = []
+    if args.to == "diffusers":
+        written.append(save_tensors(args.output, formats.diffusers_tensors(lora), {"format": "pt"}))
+    elif args.to == "kohya":
+        written.append(save_tensors(args.output, formats.kohya_tensors(lora), {"ss_network_module": "networks.lora"}))
+    else:
+        for component, entries in lora.items():
+            target = Path(args.output) if len(lora) == 1 else Path(args.output) / f"{component}.safetensors"
+            written.append(save_tensors(target, *formats.peftkit_tensors(entries, component)))
+    modules = sum(len(e) for e in lora.values())
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{modules} LoRA modules ({', '.join(f'{c}: {len(e)}' for c, e in lora.items())}) -> {args.to}")
+    return 0

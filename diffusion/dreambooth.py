@@ -1,0 +1,311 @@
+"""DreamBooth with an adapter (Ruiz et al. 2023, "DreamBooth", eq. 2):
+
+    L = E || eps - eps_theta(x_t, t, c_instance) ||^2  +  lambda * E || eps' - eps_theta(x'_t, t', c_class) ||^2
+
+The first term fits the few instance images captioned with a rare identifier ("a photo of sks dog");
+the second, prior preservation, keeps the class ("a photo of a dog") as the base model draws it.
+Only an adapter trains: any peftkit core (LoRA, LoKr, OFT) on the UNet's attention projections by
+default, optionally its feed-forward layers and ResNet convs, plus optionally a LoRA on the text
+encoder(s). The frozen VAE latents and text embeddings are computed once before training.
+
+    task = ConceptTask(load_base("./sd15"), ConceptDataset("photos/", "a photo of sks dog"), ConceptConfig(...))
+    train(task, task.dataset(), TrainConfig(steps=800, batch_size=1, lr=1e-4, output_dir="out"))
+    save_concept(task, "out")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..common_kernels.adapter_file import atomic_write, save_adapter
+from ..common_kernels.config import AdapterConfig
+from ..common_kernels.errors import PeftkitError
+from ..common_kernels.inject import AdapterHandle, inject
+from ..common_kernels.kron import KronConfig
+from ..common_kernels.lora import LoRAConfig
+from ..common_kernels.oft import OFTConfig
+from .base import DiffusionBase
+from .data import ConceptDataset
+from .objective import denoising_loss, sample_latents
+
+# Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
+UNET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "ff": ["ff.net.0.proj", "ff.net.2"],
+    "conv": [r"re:.*resnets\.\d+\.conv[12]"],
+}
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
+    "unet_adapter.safetensors", "text_encoder_adapter.safetensors", "pytorch_lora_weights.safetensors", "concept.json")
+
+
+@dataclass
+class ConceptConfig:
+    """What a DreamBooth run trains. `targets` mixes preset names (attn, ff, conv) and module patterns;
+    `rank` is LoRA/LoKr rank, `block_size` OFT's block size; `text_encoder_rank` 0 leaves the text
+    encoder frozen. `class_prompt` turns prior preservation on."""
+
+    instance_prompt: str
+    method: str = "lora"
+    rank: int = 4
+    alpha: float | None = None
+    block_size: int = 32
+    targets: list[str] = field(default_factory=lambda: ["attn"])
+    text_encoder_rank: int = 0
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_weight: float = 1.0
+    min_snr_gamma: float = 0.0
+    offset_noise: float = 0.0
+    gradient_checkpointing: bool = False
+    resolution: int = 512
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0
+    validation_steps: int = 25
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "kron", "oft"):
+            raise PeftkitError(f"ConceptConfig.method must be 'lora', 'kron' or 'oft', got {self.method!r}")
+        if not self.instance_prompt.strip():
+            raise PeftkitError("ConceptConfig.instance_prompt is empty: give a prompt with a rare identifier, "
+                               "e.g. 'a photo of sks dog'")
+        for name in ("rank", "block_size", "resolution", "validation_steps"):
+            if getattr(self, name) < 1:
+                raise PeftkitError(f"ConceptConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("text_encoder_rank", "num_class_images", "prior_weight", "min_snr_gamma", "offset_noise",
+                     "validation_every"):
+            if getattr(self, name) < 0:
+                raise PeftkitError(f"ConceptConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise PeftkitError(f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}")
+        if not self.targets:
+            raise PeftkitError(f"ConceptConfig.targets is empty: use presets {sorted(UNET_PRESETS)} or module patterns")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "ConceptConfig":
+        return ConceptConfig(**json.loads(text))
+
+    def unet_adapter(self) -> AdapterConfig:
+        patterns = [p for t in self.targets for p in UNET_PRESETS.get(t, [t])]
+        return self._core(patterns, self.rank)
+
+    def text_adapter(self) -> AdapterConfig:
+        return LoRAConfig(targets=TEXT_TARGETS, target_types=["Linear"], r=self.text_encoder_rank)
+
+    def _core(self, patterns: list[str], rank: int) -> AdapterConfig:
+        if self.method == "lora":
+            return LoRAConfig(targets=patterns, r=rank, alpha=self.alpha)
+        if self.method == "kron":
+            return KronConfig(targets=patterns, r=rank, alpha=self.alpha)
+        return OFTConfig(targets=patterns, block_size=self.block_size)
+
+
+class ConceptModel(nn.Module):
+    """What trains and runs each step: the UNet, and the text encoders when they carry a LoRA
+    (otherwise their outputs are cached and they stay out of the step)."""
+
+    def __init__(self, base: DiffusionBase, text_encoders: list[nn.Module], resolution: int) -> None:
+        super().__init__()
+        self.unet, self.resolution = base.unet, resolution
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self._base = [base]  # a list keeps the pipeline out of this module's parameters
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
+                extra: dict[str, torch.Tensor], ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+        base = self._base[0]
+        if ids is not None:
+            hidden, extra = base.encode_ids(ids, list(self.text_encoders), resolution=self.resolution)
+        return base.predict(self.unet, noisy, t, hidden.to(noisy.dtype), extra)
+
+
+class ConceptTask:
+    """The engine task for DreamBooth: batches are {"instance": i, "class": j} row indices into the
+    cached latents and text conditions."""
+
+    def __init__(self, base: DiffusionBase, instances: ConceptDataset, config: ConceptConfig,
+                 classes: ConceptDataset | None = None, seed: int = 0) -> None:
+        if config.class_prompt and classes is None:
+            raise PeftkitError("prior preservation needs class images: pass classes= (see data.class_images)")
+        self.base, self.instances, self.config, self.classes = base, instances, config, classes
+        self.scheduler = base.noise_scheduler()
+        # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                self.unet_handle = inject(base.unet, config.unet_adapter(), name="concept", base_model=base.source)
+            except PeftkitError as err:
+                raise PeftkitError(f"{err} (presets: {sorted(UNET_PRESETS)})") from None
+            self.text_handles: list[AdapterHandle] = []
+            if config.text_encoder_rank:
+                self.text_handles = [inject(e, config.text_adapter(), name="concept", base_model=base.source)
+                                     for e in base.text_encoders]
+        if not self.text_handles:
+            for encoder in base.text_encoders:
+                encoder.requires_grad_(False)
+        base.vae.requires_grad_(False)
+        if config.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        self.model = ConceptModel(base, base.text_encoders if self.text_handles else [], config.resolution)
+
+    def dataset(self) -> list[dict[str, int]]:
+        n_inst = len(self.instances)
+        n_class = len(self.classes) if self.classes is not None else 0
+        return [{"instance": i % n_inst, "class": i % n_class if n_class else 0} for i in range(max(n_inst, n_class))]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        text = [p for h in self.text_handles for p in h.trainable_parameters()]
+        return self.unet_handle.trainable_parameters() + text
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"unet.{k}": v for k, v in self.unet_handle.state_dict().items()}
+        for i, h in enumerate(self.text_handles):
+            state.update({f"text{i}.{k}": v for k, v in h.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for prefix, h in [("unet.", self.unet_handle)] + [(f"text{i}.", h) for i, h in enumerate(self.text_handles)]:
+            h.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    @torch.no_grad()
+    def prepare(self, accelerator) -> None:
+        from .pairs import encode_latents
+
+        device = accelerator.device
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
+            module.to(device)
+            for p in module.parameters():
+                if not p.requires_grad:  # adapters stay fp32; the frozen base may run in half precision
+                    p.data = p.data.to(frozen_dtype)
+        sets = [self.instances] + ([self.classes] if self.classes is not None else [])
+        self.latents = [encode_latents(self.base.vae, s.pixels()) for s in sets]
+        self.captions = [s.captions for s in sets]
+        if self.text_handles:
+            self.ids = [self.base.tokenize(c) for c in self.captions]
+        else:
+            self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
+
+    def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        mean, std = self.latents[which]
+        index = index.to(mean.device)
+        latents = sample_latents(mean[index], std[index])
+        if self.text_handles:
+            return latents, {"ids": [i[index.cpu()] for i in self.ids[which]]}
+        hidden, extra = self.conds[which]
+        return latents, {"hidden": hidden[index], "extra": {k: v[index] for k, v in extra.items()}}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self._rows(0, batch["instance"])]
+        if self.classes is not None:
+            parts.append(self._rows(1, batch["class"]))
+        latents = torch.cat([p[0] for p in parts])
+        if self.text_handles:
+            cond = {"hidden": None, "extra": {}, "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])]}
+        else:
+            cond = {"hidden": torch.cat([p[1]["hidden"] for p in parts]),
+                    "extra": {k: torch.cat([p[1]["extra"][k] for p in parts]) for k in parts[0][1]["extra"]}}
+        per_sample = denoising_loss(lambda x, t: model(x, t, **cond), self.scheduler, latents,
+                                    self.config.offset_noise, self.config.min_snr_gamma)
+        b = batch["instance"].shape[0]
+        loss = per_sample[:b].mean()
+        if self.classes is not None:
+            loss = loss + self.config.prior_weight * per_sample[b:].mean()
+        return loss
+
+    def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:
+        """Instance loss under fixed noise and timesteps (each image `repeats` times, since one
+        timestep per image is a noisy estimate): comparable across steps and runs."""
+        device = self.latents[0][0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            rows = torch.arange(len(self.instances)).repeat(repeats)
+            batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
+            classes, self.classes = self.classes, None
+            try:
+                return float(self.loss(self.model, batch))
+            finally:
+                self.classes = classes
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"instance_loss": self.fixed_loss()}
+
+
+def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
+    """An engine `on_event` callback saving images of the validation prompts every
+    `validation_every` steps to <output_dir>/validation/step-N/. The training RNG is left untouched,
+    so runs with and without validation images train identically."""
+    config = task.config
+    folder = Path(output_dir) / "validation"
+
+    def on_event(event: dict) -> None:
+        if event["kind"] != "step" or not config.validation_every or event["step"] % config.validation_every:
+            return
+        out = folder / f"step-{event['step']:07d}"
+        out.mkdir(parents=True, exist_ok=True)
+        was_training = task.model.training
+        task.model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for i, prompt in enumerate(config.validation_prompts):
+                generator = torch.Generator("cpu").manual_seed(seed + i)
+                image = task.base.pipe(prompt, num_inference_steps=config.validation_steps, generator=generator,
+                                       height=config.resolution, width=config.resolution).images[0]
+                image.save(out / f"{i:02d}.png")
+        task.model.train(was_training)
+
+    return on_event
+
+
+def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
+    """Write the trained adapter(s): peftkit files (any core), plus for LoRA a diffusers file that
+    `pipe.load_lora_weights(output_dir)` loads."""
+    output_dir = Path(output_dir)
+    extra = {"instance_prompt": task.config.instance_prompt, "component": "unet"}
+    written = [save_adapter(task.unet_handle, output_dir / UNET_FILE, extra)]
+    # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
+    components = {"text_encoder" if i == 0 else f"text_encoder_{i + 1}": h for i, h in enumerate(task.text_handles)}
+    for component, handle in components.items():
+        name = TEXT_FILE.replace("text_encoder", component)
+        written.append(save_adapter(handle, output_dir / name, {**extra, "component": component}))
+    if task.config.method == "lora":
+        from .formats import save_diffusers_lora
+
+        written.append(save_diffusers_lora({"unet": task.unet_handle, **components}, output_dir / DIFFUSERS_FILE))
+    atomic_write(output_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
+    return written
+
+
+def _device(train_config) -> str:
+    return "cuda" if torch.cuda.is_available() and not train_config.cpu else "cpu"
+
+
+def train_concept(base: DiffusionBase, instance_dir: str | Path, config: ConceptConfig, train_config,
+                  class_dir: str | Path | None = None, on_event=None):
+    """The whole DreamBooth run: read the images, make or reuse class images, train (resuming from
+    the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult)."""
+    from ..common_kernels.engine import train
+    from .data import class_images
+
+    instances = ConceptDataset(instance_dir, config.instance_prompt, config.resolution)
+    classes = None
+    if config.class_prompt:
+        if class_dir is None:
+            if not train_config.output_dir:
+                raise PeftkitError("prior preservation needs a class image folder: pass class_dir or an output_dir")
+            class_dir = Path(train_config.output_dir) / "class_images"
+        classes = class_images(base, class_dir, config.class_prompt, config.num_class_images, config.resolution,
+                               seed=train_config.seed, device=_device(train_config))
+    task = ConceptTask(base, instances, config, classes, seed=train_config.seed)
+    callbacks = [c for c in (on_event, validation_images(task, train_config.output_dir or ".", train_config.seed)
+                             if config.validation_every and config.validation_prompts else None) if c]
+    result = train(task, task.dataset(), train_config, on_event=lambda e: [c(e) for c in callbacks])
+    if train_config.output_dir:
+        save_concept(task, train_config.output_dir)
+    return task, result
