@@ -29,11 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, rel_error, time_step, write_results  # noqa: E402
+from models import SD15_UNET  # noqa: E402
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8, layers_per_block=2)
 IMAGE_EMBED = 1024  # OpenCLIP ViT-H/14 pooled embedding, the SD1.5 IP-Adapter's encoder
 PLUS_TOKENS = (257, 1280)  # its penultimate-layer tokens
 VARIANTS = ["floor", "peftkit-control-full", "peftkit-control-lora", "diffusers-controlnet",
@@ -45,7 +42,7 @@ def make_unet(dtype: torch.dtype):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        unet = UNet2DConditionModel(**SD15)
+        unet = UNet2DConditionModel(**SD15_UNET)
     return unet.to(dtype).requires_grad_(False)
 
 

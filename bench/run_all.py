@@ -28,9 +28,9 @@ JOBS = {
     "engine_graph": (["engine_graph.py"], 90),
     "inference": (["inference.py"], 90),
     "cores": (["cores.py", "--modes", "bf16-base"], 90),
-    "vit": (["vit.py"], 240),
-    "dreambooth": (["dreambooth.py"], 240),
-    "control": (["control.py"], 240),
+    "vit": (["vit.py", "--deadline", "130"], 180),
+    "dreambooth": (["dreambooth.py", "--deadline", "130"], 180),
+    "control": (["control.py"], 170),
 }
 
 
