@@ -15,6 +15,7 @@ the same weights must give the same UNet output (bf16 tolerance).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import sys
@@ -43,14 +44,20 @@ def ddpm():
                          prediction_type="epsilon", clip_sample=False)
 
 
+_TEMPLATE: list = []
+
+
 def build_unet():
+    """A fresh copy of one randomly initialized bf16 UNet (initializing SD1.5's 860M parameters
+    costs seconds per variant; copying the template costs milliseconds)."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-    unet.requires_grad_(False)
-    return unet.to(torch.bfloat16)
+    if not _TEMPLATE:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            unet = UNet2DConditionModel(**SD15_UNET)
+        _TEMPLATE.append(unet.requires_grad_(False).to(torch.bfloat16))
+    return copy.deepcopy(_TEMPLATE[0])
 
 
 def adapt(unet, variant: str) -> list[torch.nn.Parameter]:
