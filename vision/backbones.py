@@ -11,10 +11,12 @@ hooked there, so on open_clip towers the sites are fc1 (mlp.c_fc), fc2 (mlp.c_pr
 norm2 (ln_2) and mlp; asking for qkv/proj raises a PeftkitError.
 
     >>> model = create_backbone("vit_tiny_patch16_224", num_classes=10, pretrained=False)  # doctest: +SKIP
+    >>> model = create_backbone("starter", num_classes=4)   # the small ViT shipped in assets/  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from torch import nn
 
 from peftkit.common_kernels.errors import PeftkitError
 
+# The starter ViT pretrained by assets/recipes/train_starter_vit.py: config.json + model.safetensors.
+STARTER_VIT = Path(__file__).resolve().parent.parent / "assets" / "starter-vit"
 BLOCK_SITES = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2", "mlp")
 _TIMM_SITES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
                "norm1": "norm1", "norm2": "norm2", "mlp": "mlp"}
@@ -123,6 +127,8 @@ def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained
 
     timm: `name` with `pretrained=True` (downloads from the hub), `checkpoint=<file.safetensors>`
     (local weights; a head of another size is dropped), or neither (random init).
+    `name="starter"`: the ViT in assets/starter-vit (its weights with `pretrained=True`, else the
+    same architecture with random weights); `"starter:<folder>"`: a copy of it elsewhere.
     open_clip: `open_clip=<model name>` (with `pretrained=True`: its default tag; `checkpoint`: a
     local file), or `open_clip_config={...}` (VisionTransformer arguments, random init, no download).
 
@@ -132,6 +138,9 @@ def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained
         return _open_clip(open_clip, open_clip_config, num_classes, pretrained, checkpoint)
     if not name:
         raise PeftkitError("no backbone given: pass a timm model name (e.g. vit_base_patch16_224) or open_clip=...")
+    if name == "starter" or name.startswith("starter:"):
+        folder = Path(name.partition(":")[2]) if ":" in name else STARTER_VIT
+        return _starter(folder, num_classes, pretrained, checkpoint, timm_kwargs)
     import timm
 
     if not timm.is_model(name.split(".")[0]):
@@ -152,6 +161,28 @@ def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained
             "model.safetensors`, copy the file here and pass it with --checkpoint path/to/model.safetensors "
             "(Python: checkpoint=...), or train from scratch with --random-init"
         ) from None
+
+
+def _starter(folder: Path, num_classes: int, pretrained: bool, checkpoint: str | None, overrides: dict) -> nn.Module:
+    import timm
+
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (folder / "model.safetensors").is_file():
+        raise PeftkitError(f"no starter ViT in {folder} (it needs config.json and model.safetensors): "
+                           "recreate it on a GPU with `python -m peftkit.assets.recipes.train_starter_vit`, or pass a "
+                           "timm model name such as vit_tiny_patch16_224")
+    config = json.loads(config_file.read_text())
+    changed = sorted(k for k, v in overrides.items() if k in config["model_kwargs"] and config["model_kwargs"][k] != v)
+    if changed:
+        raise PeftkitError(f"the starter ViT's {changed} are fixed by its weights ({config['model_kwargs']}): drop "
+                           "them from the model kwargs")
+    model = timm.create_model(config["architecture"], pretrained=False, num_classes=num_classes,
+                              **{**config["model_kwargs"], **overrides})
+    # normalization() reads the mean/std the weights were trained with from here
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+    if checkpoint or pretrained:
+        _load_local(model, checkpoint or str(folder / "model.safetensors"), head="head")
+    return model
 
 
 def _open_clip(name, config, num_classes, pretrained, checkpoint) -> nn.Module:
