@@ -134,7 +134,7 @@ def train_ti(argv: list[str]) -> int:
 def generate(argv: list[str]) -> int:
     """Generate a prompts x seeds grid (or a mixed-adapter batch) with one or several adapters."""
     from .base import load_base
-    from .generate import ConceptRef, generate_grid, generate_mixed, load_concepts
+    from .generate import ConceptRef, attach_image_prompts, generate_grid, generate_mixed, load_concepts
 
     parser = argparse.ArgumentParser(prog="peftkit generate", description=generate.__doc__)
     parser.add_argument("--model", required=True)
@@ -150,6 +150,14 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     parser.add_argument("--cpu", action="store_true")
+    image = parser.add_argument_group("image prompts")
+    image.add_argument("--control", help="control branch folder (from train-control) or ControlNet hub id")
+    image.add_argument("--control-image", help="condition image for --control (edges, depth, segments...)")
+    image.add_argument("--control-scale", type=float, default=1.0)
+    image.add_argument("--ip-adapter", help="IP-Adapter file (from train-ip-adapter)")
+    image.add_argument("--ip-image", help="reference image for --ip-adapter")
+    image.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt scale (0: text only)")
+    image.add_argument("--ip-encoder", help="image encoder (default: the one recorded in the IP-Adapter file)")
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -160,7 +168,10 @@ def generate(argv: list[str]) -> int:
 
     base.pipe.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     load_concepts(base, [ConceptRef.parse(a) for a in args.adapter])
-    kwargs = {"steps": args.steps, "guidance": args.guidance, "resolution": args.resolution}
+    kwargs = {"steps": args.steps, "guidance": args.guidance, "resolution": args.resolution,
+              "image_prompts": attach_image_prompts(base, args.control, args.control_image, args.control_scale,
+                                                    args.ip_adapter, args.ip_image, args.ip_scale, args.ip_encoder,
+                                                    guidance=args.guidance)}
     if args.mixed:
         choice = [None if c.strip() == "base" else c.strip() for c in args.mixed.split(",")]
         generate_mixed(base, args.prompt, choice, seed=seeds[0], out_dir=args.output, **kwargs)

@@ -26,6 +26,8 @@ CLASS_MANIFEST = "peftkit_class_images.json"
 
 
 def open_image(path: Path) -> Image.Image:
+    if not Path(path).is_file():
+        raise PeftkitError(f"image {path} does not exist: check the path")
     try:
         with Image.open(path) as image:
             image.load()

@@ -8,7 +8,8 @@ and mixed-adapter batches where each prompt row uses its own concept in one pipe
 
 A peftkit adapter folder (from train-concept) or file loads with any core; diffusers/peft and
 kohya LoRA files load through formats.py as peftkit adapters, so they mix and route like the rest.
-Textual Inversion files (from train-ti) add their tokens to the tokenizer.
+Textual Inversion files (from train-ti) add their tokens to the tokenizer. A control branch and an
+IP-Adapter join through `attach_image_prompts`, alone or together, with any loaded concepts.
 """
 
 from __future__ import annotations
@@ -92,18 +93,67 @@ def load_concepts(base: DiffusionBase, refs: list[ConceptRef]) -> list[str]:
     return names
 
 
+@dataclass
+class ImagePrompts:
+    """A control branch and/or an IP-Adapter attached to a base pipeline: the pipeline to call and
+    the extra call arguments holding their images."""
+
+    pipe: object
+    kwargs: dict
+    # diffusers takes one set of IP-Adapter embeddings per call, so such calls draw one image each.
+    one_per_call: bool
+
+
+def attach_image_prompts(base: DiffusionBase, control: str | None = None, control_image: str | None = None,
+                         control_scale: float = 1.0, ip_adapter: str | None = None, ip_image: str | None = None,
+                         ip_scale: float = 1.0, ip_encoder: str | None = None,
+                         guidance: float = 7.5) -> ImagePrompts | None:
+    """Attach a control branch (folder or hub id, with its condition image) and/or an IP-Adapter
+    file (with its reference image) to `base`; None when neither is given."""
+    from .data import open_image
+
+    for what, model, image in (("--control", control, control_image), ("--ip-adapter", ip_adapter, ip_image)):
+        if bool(model) != bool(image):
+            flag = "--control-image" if what == "--control" else "--ip-image"
+            raise PeftkitError(f"{what} and {flag} go together: pass both (the model and the image it reads)")
+    if not control and not ip_adapter:
+        return None
+    pipe, kwargs = base.pipe, {}
+    if control:
+        from .control import attach_control
+
+        attached = attach_control(pipe, control, scale=control_scale)
+        pipe, kwargs = attached.pipe, attached.kwargs(open_image(control_image))
+    if ip_adapter:
+        from .ip_adapter import attach_ip_adapter
+
+        attached = attach_ip_adapter(pipe, ip_adapter, scale=ip_scale, image_encoder=ip_encoder)
+        kwargs.update(attached.kwargs(open_image(ip_image), guidance=guidance > 1.0))
+    return ImagePrompts(pipe, kwargs, one_per_call=bool(ip_adapter))
+
+
 def _call(base: DiffusionBase, prompts: list[str], generators: list[torch.Generator], steps: int,
-          guidance: float, resolution: int, negative: str = "") -> list[Image.Image]:
-    return base.pipe(prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
-                     guidance_scale=guidance, generator=generators, height=resolution, width=resolution).images
+          guidance: float, resolution: int, negative: str = "",
+          image_prompts: ImagePrompts | None = None) -> list[Image.Image]:
+    pipe, extra = (image_prompts.pipe, image_prompts.kwargs) if image_prompts else (base.pipe, {})
+    groups = ([[i] for i in range(len(prompts))] if image_prompts and image_prompts.one_per_call
+              else [list(range(len(prompts)))])
+    images = []
+    for rows in groups:
+        images += pipe([prompts[i] for i in rows], negative_prompt=[negative] * len(rows), num_inference_steps=steps,
+                       guidance_scale=guidance, generator=[generators[i] for i in rows], height=resolution,
+                       width=resolution, **extra).images
+    return images
 
 
 def generate_grid(base: DiffusionBase, prompts: list[str], seeds: list[int], out_dir: str | Path | None = None,
-                  steps: int = 30, guidance: float = 7.5, resolution: int = 512) -> list[list[Image.Image]]:
-    """images[prompt][seed] with every loaded adapter active at its scale; saved as
-    p<i>-s<seed>.png plus grid.png (rows = prompts, columns = seeds) when `out_dir` is given."""
+                  steps: int = 30, guidance: float = 7.5, resolution: int = 512,
+                  image_prompts: ImagePrompts | None = None) -> list[list[Image.Image]]:
+    """images[prompt][seed] with every loaded adapter active at its scale (and the control branch /
+    IP-Adapter of `image_prompts`); saved as p<i>-s<seed>.png plus grid.png (rows = prompts,
+    columns = seeds) when `out_dir` is given."""
     rows = [_call(base, [p] * len(seeds), [torch.Generator("cpu").manual_seed(s) for s in seeds], steps, guidance,
-                  resolution) for p in prompts]
+                  resolution, image_prompts=image_prompts) for p in prompts]
     if out_dir is not None:
         _save(rows, prompts, prompts, [f"seed {s}" for s in seeds], Path(out_dir), [f"s{s}" for s in seeds])
     return rows
@@ -111,7 +161,7 @@ def generate_grid(base: DiffusionBase, prompts: list[str], seeds: list[int], out
 
 def generate_mixed(base: DiffusionBase, prompts: list[str], adapters: list[str | None], seed: int = 0,
                    out_dir: str | Path | None = None, steps: int = 30, guidance: float = 7.5,
-                   resolution: int = 512) -> list[Image.Image]:
+                   resolution: int = 512, image_prompts: ImagePrompts | None = None) -> list[Image.Image]:
     """One batch, row i drawn with adapter adapters[i] alone (None: the base model), all rows in
     the same UNet forwards through per-row routing. Row i equals a solo run of prompt i with seed+i."""
     if len(adapters) != len(prompts):
@@ -131,7 +181,10 @@ def generate_mixed(base: DiffusionBase, prompts: list[str], adapters: list[str |
                 raise PeftkitError(f"a mixed batch needs text-encoder adapters for all of {names} or none; the text "
                                    f"encoder has {sorted(held)}: load concepts trained alike")
             stack.enter_context(routing(encoder, ids, names))
-        images = _call(base, prompts, generators, steps, guidance, resolution)
+        if image_prompts and image_prompts.one_per_call:
+            raise PeftkitError("a mixed-adapter batch cannot take an IP-Adapter image (diffusers reads one image "
+                               "prompt per call): generate the IP-Adapter images without --mixed")
+        images = _call(base, prompts, generators, steps, guidance, resolution, image_prompts=image_prompts)
     if out_dir is not None:
         _save([[im] for im in images], prompts, [f"[{a or 'base'}] {p}" for a, p in zip(adapters, prompts)], ["mixed"],
               Path(out_dir), ["mixed"])

@@ -58,11 +58,13 @@ def tiny_sdxl_path(tiny_sd_path, tmp_path_factory):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1)
+    # Two transformer layers in one block and per-block head counts: the key layouts SDXL files use.
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=8, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32)
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_pretrained(tiny_sd_path / "vae"), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)), tokenizer=tokenizer,
@@ -71,3 +73,16 @@ def tiny_sdxl_path(tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-sdxl") / "pipeline"
     pipe.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory):
+    """A tiny transformers CLIP vision model with projection (an IP-Adapter image encoder), saved."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip")
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=24)
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    return str(path)

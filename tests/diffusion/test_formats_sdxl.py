@@ -1,8 +1,6 @@
 """SDXL LoRA interop: two text encoders (kohya `lora_te1_`/`lora_te2_`, diffusers `text_encoder_2.`),
 checked through diffusers' StableDiffusionXLPipeline.load_lora_weights on a tiny SDXL saved to disk."""
 
-import json
-
 import pytest
 import torch
 
@@ -10,39 +8,6 @@ from peftkit.common_kernels import LoRAConfig, inject
 from peftkit.diffusion import formats
 
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tmp_path_factory):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-sdxl")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32, sample_size=16)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=16, eos_token_id=1, bos_token_id=0,
-                            pad_token_id=1, projection_dim=32)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config),
-                                     text_encoder_2=CLIPTextModelWithProjection(config), tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler())
-    pipe.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
 
 
 def load_pipe(path):

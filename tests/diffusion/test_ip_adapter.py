@@ -23,18 +23,6 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def clip_path(tmp_path_factory):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip")
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=24)
-    CLIPVisionModelWithProjection(config).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("ip")
     rng = np.random.default_rng(0)
@@ -200,33 +188,6 @@ def test_image_caption_pairs_may_sit_flat_in_a_folder(tmp_path):
     assert example.image.name == "dog.png" and example.text == "a dog" and example.condition is None
     with pytest.raises(PeftkitError, match="no images/ folder"):
         load_pairs(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_path(tiny_sd_path, tmp_path_factory):
-    """A tiny StableDiffusionXLPipeline (two text encoders, pooled + size conditioning), saved to disk."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
-    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1,
-                projection_dim=32)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, tokenizer_2=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
-    path = tmp_path_factory.mktemp("tiny-sdxl") / "pipeline"
-    pipe.save_pretrained(path)
-    return path
 
 
 def test_sdxl_trains_and_generates_with_an_image_prompt(tiny_sdxl_path, manifest, clip_path, tmp_path):
