@@ -76,7 +76,8 @@ def control_task(unet, mode: str, data: dict, half: bool = True):
 
 
 def ip_task(unet, variant: str, data: dict):
-    from peftkit.diffusion.ip_adapter import IPAdapterConfig, IPAdapterTask
+    from peftkit.diffusion.ip_adapter import IPAdapterConfig
+    from peftkit.diffusion.ip_adapter_task import IPAdapterTask
 
     dim = IMAGE_EMBED if variant == "basic" else PLUS_TOKENS[1]
     config = IPAdapterConfig(variant=variant, num_tokens=4 if variant == "basic" else 16)

@@ -93,7 +93,9 @@ def train_control(argv: list[str]) -> int:
 
 def train_ip_adapter(argv: list[str]) -> int:
     """Train an IP-Adapter; writes <output>/ip-adapter.safetensors (diffusers load_ip_adapter layout)."""
-    from .ip_adapter import ImageEncoder, IPAdapterConfig, IPAdapterTask, save_ip_adapter
+    from .image_encoder import ImageEncoder
+    from .ip_adapter import IPAdapterConfig, save_ip_adapter
+    from .ip_adapter_task import IPAdapterTask
     from .pairs import load_pairs
 
     parser = argparse.ArgumentParser(prog="peftkit train-ip-adapter", description=train_ip_adapter.__doc__)

@@ -10,7 +10,9 @@ from peftkit.diffusion.base import load_base
 from peftkit.diffusion.cli import generate
 from peftkit.diffusion.control import ControlConfig, ControlTask, save_control
 from peftkit.diffusion.generate import attach_image_prompts, generate_grid
-from peftkit.diffusion.ip_adapter import ImageEncoder, IPAdapterConfig, IPAdapterTask, save_ip_adapter
+from peftkit.diffusion.image_encoder import ImageEncoder
+from peftkit.diffusion.ip_adapter import IPAdapterConfig, save_ip_adapter
+from peftkit.diffusion.ip_adapter_task import IPAdapterTask
 
 KW = dict(steps=2, guidance=3.0, resolution=64)
 

@@ -11,8 +11,10 @@ from peftkit.common_kernels.errors import PeftkitError
 from peftkit.diffusion.control import ControlTask, ControlConfig, attach_control
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.control_cli import train_ip_adapter
-from peftkit.diffusion.ip_adapter import (ImageEncoder, IPAdapterConfig, IPAdapterTask, attach_ip_adapter,
-                                          cross_attention_layers, load_ip_adapter, save_ip_adapter)
+from peftkit.diffusion.image_encoder import ImageEncoder
+from peftkit.diffusion.ip_adapter import (IPAdapterConfig, attach_ip_adapter, cross_attention_layers, load_ip_adapter,
+                                          save_ip_adapter)
+from peftkit.diffusion.ip_adapter_task import IPAdapterTask
 from peftkit.diffusion.pairs import load_pairs
 
 CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
