@@ -46,7 +46,7 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """Tensors and metadata of a safetensors file, with clear errors for missing or damaged files."""
     path = Path(path)
     if not path.is_file():
-        raise PeftkitError(f"adapter file {str(path)!r} does not exist: check the path")
+        raise PeftkitError(f"file {str(path)!r} does not exist: check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

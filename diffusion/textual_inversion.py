@@ -179,7 +179,7 @@ def save_embeddings(task: TITask, output_dir: str | Path) -> list[Path]:
     """One safetensors file per token holding {token: (num_vectors, dim)}, the layout diffusers'
     `load_textual_inversion` reads: `learned_embeds.safetensors` for a single token, else
     `<token>.safetensors` each."""
-    from .formats import save_textual_inversion
+    from .ti_format import save_textual_inversion
 
     output_dir = Path(output_dir)
     learned = embeddings(task)

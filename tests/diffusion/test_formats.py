@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from peftkit.common_kernels import KronConfig, LoRAConfig, PeftkitError, inject, load_adapter
-from peftkit.diffusion import formats
+from peftkit.diffusion import formats, ti_format
 from peftkit.diffusion.convert_cli import convert
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "re:.*resnets\\.0\\.conv1"]
@@ -154,10 +154,10 @@ def test_convert_with_base_checks_the_file_fits(lora_pipe, tiny_sd_path, tmp_pat
 
 def test_textual_inversion_file_loads_in_diffusers_like_peftkit(tiny_sd_path, tmp_path):
     vectors = {"<toy>": torch.randn(2, 32)}
-    formats.save_textual_inversion(tmp_path / "toy.safetensors", vectors)
-    assert torch.equal(formats.load_textual_inversion_file(tmp_path / "toy.safetensors")["<toy>"], vectors["<toy>"])
+    ti_format.save_textual_inversion(tmp_path / "toy.safetensors", vectors)
+    assert torch.equal(ti_format.load_textual_inversion_file(tmp_path / "toy.safetensors")["<toy>"], vectors["<toy>"])
     ours, theirs = load_pipe(tiny_sd_path), load_pipe(tiny_sd_path)
-    formats.add_tokens(ours.tokenizer, ours.text_encoder, vectors)
+    ti_format.add_tokens(ours.tokenizer, ours.text_encoder, vectors)
     theirs.load_textual_inversion(str(tmp_path / "toy.safetensors"))
     base = load_pipe(tiny_sd_path)
 
@@ -176,7 +176,7 @@ def test_textual_inversion_file_loads_in_diffusers_like_peftkit(tiny_sd_path, tm
 
 def test_a1111_embedding_reads_token_from_file_name(tmp_path):
     save_file({"emb_params": torch.ones(3, 8)}, str(tmp_path / "mystyle.safetensors"))
-    assert formats.load_textual_inversion_file(tmp_path / "mystyle.safetensors")["mystyle"].shape == (3, 8)
+    assert ti_format.load_textual_inversion_file(tmp_path / "mystyle.safetensors")["mystyle"].shape == (3, 8)
 
 
 def test_file_for_another_base_names_the_module(lora_pipe, tmp_path):
