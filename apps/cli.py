@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-control": ("peftkit.diffusion.control_cli", "train_control", "train a zero-conv control branch (ControlNet-style)"),
     "train-ip-adapter": ("peftkit.diffusion.control_cli", "train_ip_adapter", "train an IP-Adapter image prompt"),
     "serve": ("peftkit.apps.serve", "serve", "HTTP API: many adapters over one base, batched into one forward"),
+    "demo": ("peftkit.apps.demo", "demo", "train a concept adapter on sample images; before/after grid (CPU, minutes)"),
+    "app": ("peftkit.apps.app", "app", "Gradio app: personalize a diffusion model, tune a ViT (127.0.0.1)"),
 }
 
 

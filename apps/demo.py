@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..common_kernels.adapter_file import atomic_write
 from ..common_kernels.errors import PeftkitError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples" / "concept"
@@ -86,6 +87,18 @@ def pick_device(device: str) -> str:
     return device
 
 
+def open_base(base: str, device: str):
+    """load_base(base) on `device`, with a hint in --base terms when the starter is missing."""
+    from ..diffusion.base import STARTER, load_base
+
+    if base == "starter" and not STARTER.is_dir():
+        raise PeftkitError(f"the starter model is not installed ({STARTER} is missing): pass --base with a "
+                           "diffusers Stable Diffusion folder or hub id, e.g. --base ./sd15")
+    loaded = load_base(base)
+    loaded.pipe.to(device)
+    return loaded
+
+
 def train_adapter(base, images: str | Path, instance_prompt: str, method: str, steps: int, rank: int,
                   output_dir: str | Path, lr: float | None = None, block_size: int = 32, resolution: int = 64,
                   device: str = "cpu", seed: int = 0, progress: bool = True,
@@ -94,7 +107,7 @@ def train_adapter(base, images: str | Path, instance_prompt: str, method: str, s
     peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`.
     Returns (ConceptTask, TrainResult); the adapter stays injected and active in `base.unet`.
 
-        >>> task, result = train_adapter(load_base("starter"), SAMPLES, INSTANCE_PROMPT, "lora", 300, 8,
+        >>> task, result = train_adapter(open_base("starter", "cpu"), SAMPLES, INSTANCE_PROMPT, "lora", 400, 8,
         ...                              "out/toy")   # doctest: +SKIP
     """
     from ..common_kernels.engine import TrainConfig, train
@@ -137,13 +150,14 @@ def before_after_grid(before: list[list[Image.Image]], after: list[list[Image.Im
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftkit demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="peftkit demo", description="Train a concept adapter on sample images with "
+                                "the starter model; write a before/after grid, the adapter and metrics.json.")
     p.add_argument("--base", default="starter", help="'starter' (assets/starter-sd), a diffusers folder or a hub id")
     p.add_argument("--images", default=str(SAMPLES), help="instance images (default: the bundled sample toy)")
     p.add_argument("--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier")
     p.add_argument("--output", default="peftkit-demo", help="where the grid, adapter and metrics.json go")
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=8, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=32, help="OFT block size")
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for LoRA/LoKr, 3e-3 for OFT)")
@@ -151,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (sampling seeds are fixed: 0, 1, 2)")
     p.add_argument("--clip-model", help="open_clip name or folder: report CLIP-I similarity too")
     p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint for --clip-model")
     p.add_argument("--no-progress", action="store_true")
@@ -160,7 +174,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def demo(argv: list[str]) -> int:
     """Train a concept adapter on sample images and write a before/after grid, the adapter and metrics."""
-    from ..diffusion.base import load_base
     from ..diffusion.data import ConceptDataset
 
     args = _parser().parse_args(argv)
@@ -176,8 +189,7 @@ def demo(argv: list[str]) -> int:
 
         clip = ClipEmbedder(args.clip_model, args.clip_pretrained, device=device)
     print(f"loading base model {args.base!r} on {device}")
-    base = load_base(args.base)
-    base.pipe.to(device)
+    base = open_base(args.base, device)
     resolution = args.resolution or native_resolution(base)
     prompts = PROMPTS if args.prompt == INSTANCE_PROMPT else [args.prompt]
     sample = dict(seeds=SEEDS, steps=args.sample_steps, guidance=args.guidance, resolution=resolution,
@@ -213,7 +225,7 @@ def demo(argv: list[str]) -> int:
         "instance_prompt": args.prompt, "images": str(args.images), "trainable_parameters":
             task.unet_handle.num_parameters(), "final_loss": result.losses[-1] if result.losses else None,
         "seconds": round(time.perf_counter() - start, 1)}
-    (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     print(f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
           f"{record['after']:.4f}")
     print(f"before/after grid: {grid}\nadapter:           {out / 'adapter'}\nmetrics:           "

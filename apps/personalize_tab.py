@@ -1,0 +1,280 @@
+"""The app's Personalize tab: train a concept from a few images (LoRA, LoKr or OFT through DreamBooth,
+or Textual Inversion), watch the loss, then generate side by side with the base model at an
+adapter scale, combine two concepts, and download or import adapter files.
+
+`Personalizer` holds the logic (validation, training jobs, generation) so tests can call it without
+a browser; `build_tab` lays out the Gradio components and wires them to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import torch
+from PIL import Image
+
+from ..common_kernels.adapter_file import atomic_write, read_tensors
+from ..common_kernels.errors import PeftkitError
+from .demo import INSTANCE_PROMPT, SAMPLES, native_resolution, open_base, train_adapter
+from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
+
+METHODS = {"LoRA": "lora", "LoKr": "lokr", "OFT": "oft", "Textual Inversion": "ti"}
+MIN_IMAGES, MAX_IMAGES, MAX_BYTES, MAX_PIXELS = 3, 20, 10 * 2**20, 4096 * 4096
+ADAPTER_FILES = ("unet_adapter.safetensors", "pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
+INFO = "concept_info.json"
+
+
+def validate_uploads(paths: list[str], folder: Path) -> list[Path]:
+    """Check 3-20 uploaded files are readable images under the size caps and store them as PNGs in
+    `folder`; raise a PeftkitError naming the first problem."""
+    if not MIN_IMAGES <= len(paths) <= MAX_IMAGES:
+        raise PeftkitError(f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your concept; got {len(paths)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for i, path in enumerate(paths):
+        name = Path(path).name
+        if os.path.getsize(path) > MAX_BYTES:
+            raise PeftkitError(f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image")
+        try:
+            with Image.open(path) as image:
+                image.verify()  # checks the file structure; a verified image must be reopened to decode
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise PeftkitError(f"{name} has {image.width}x{image.height} pixels: the limit is 4096x4096")
+                rgb = image.convert("RGB")
+        except PeftkitError:
+            raise
+        except Exception as err:  # PIL raises many types for files that are not images
+            raise PeftkitError(f"{name} is not an image that can be read ({type(err).__name__}): upload PNG, "
+                               "JPEG or WebP files") from None
+        if min(rgb.size) < 16:
+            raise PeftkitError(f"{name} is only {rgb.width}x{rgb.height} pixels: use images of at least 16x16")
+        saved.append(folder / f"image-{i:02d}.png")
+        rgb.save(saved[-1])
+    return saved
+
+
+class Personalizer:
+    """Training and generation for one base model; jobs run on the shared `runner`."""
+
+    def __init__(self, base: str, device: str, runner: JobRunner, root: Path) -> None:
+        self.base_path, self.device, self.runner, self.root = base, device, runner, Path(root)
+        self._gen = None
+        self._ti_tokens: dict[str, str] = {}   # token -> file it was loaded from
+        self._lock = threading.Lock()
+
+    def _load(self):
+        return open_base(self.base_path, self.device)
+
+    def images_folder(self, files: list[str] | None, use_samples: bool) -> Path:
+        if files:
+            folder = self.root / "uploads" / uuid.uuid4().hex[:12]
+            validate_uploads(list(files), folder)
+            return folder
+        if use_samples:
+            return SAMPLES
+        raise PeftkitError(f"no images: upload {MIN_IMAGES}-{MAX_IMAGES} images or tick 'use the bundled samples'")
+
+    def submit(self, images: Path, method: str, steps: int, rank: int, lr: float, identifier: str,
+               class_word: str) -> Job:
+        """Queue a training job; the adapter lands in <job folder>/adapter/."""
+        if not identifier.strip() or " " in identifier.strip() or not class_word.strip():
+            raise PeftkitError("give a one-word identifier (e.g. sks) and a class word (e.g. toy)")
+        method = METHODS.get(method, method)
+        identifier, class_word = identifier.strip(), class_word.strip()
+
+        def run(job: Job) -> Path:
+            job.emit({"kind": "message", "text": f"loading {self.base_path}"})
+            base = self._load()
+            out = job.output_dir / "adapter"
+            resolution = native_resolution(base)
+            job.emit({"kind": "message", "text": f"training {method} at {resolution}x{resolution}"})
+            if method == "ti":
+                from ..common_kernels.engine import TrainConfig, train
+                from ..diffusion.data import ConceptDataset
+                from ..diffusion.textual_inversion import TIConfig, TITask, save_embeddings
+
+                token = f"<{identifier}>"
+                task = TITask(base, ConceptDataset(images, "", resolution),
+                              TIConfig(tokens=[token], init_word=class_word, resolution=resolution))
+                train(task, task.dataset(), TrainConfig(steps=steps, batch_size=1, lr=lr or 5e-3, schedule="constant",
+                                                        output_dir=str(out), progress=False, cpu=self.device == "cpu"),
+                      on_event=job.emit, should_stop=job.should_stop)
+                save_embeddings(task, out)
+                phrase = f"a {token}"
+            else:
+                phrase = f"{identifier} {class_word}"
+                train_adapter(base, images, f"a photo of {phrase}", method, steps, rank, out, lr=lr or None,
+                              resolution=resolution, device=self.device, progress=False, on_event=job.emit,
+                              should_stop=job.should_stop)
+            info = {"name": job.id, "method": method, "phrase": phrase, "class_word": class_word, "steps": steps}
+            atomic_write(out / INFO, lambda tmp: Path(tmp).write_text(json.dumps(info)))
+            return out
+
+        return self.runner.submit("concept", run)
+
+    def adapters(self) -> list[tuple[str, str]]:
+        """(label, path) of every adapter under the output folder: trained here or imported."""
+        found = []
+        for info in sorted(self.root.glob(f"*/adapter/{INFO}"), key=os.path.getmtime):
+            meta = json.loads(info.read_text())
+            found.append((f"{meta['name']} · {meta['method']} · “{meta['phrase']}”", str(info.parent)))
+        found += [(f"imported · {p.stem}", str(p)) for p in sorted((self.root / "imported").glob("*.safetensors"))]
+        return found
+
+    def import_adapter(self, path: str) -> str:
+        read_tensors(path)   # a clear error for a file that is not safetensors
+        target = self.root / "imported" / Path(path).name
+        atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
+        return str(target)
+
+    def generate(self, prompt: str, seed: int, adapters: list[tuple[str, float]], steps: int = 25,
+                 guidance: float = 5.0) -> tuple[Image.Image, Image.Image]:
+        """(base image, adapted image) for one prompt and seed; the base image drops the adapters and
+        writes Textual Inversion tokens as their class word."""
+        from ..common_kernels.inject import remove_adapters
+        from ..diffusion.generate import ConceptRef, load_concepts
+
+        if not prompt.strip():
+            raise PeftkitError("the prompt is empty: describe the image, e.g. 'a photo of sks toy'")
+        with self._lock:
+            tokens = {t: p for path, _ in adapters for t, p in self._ti_of(path).items()}
+            if self._gen is None or any(self._ti_tokens.get(t, src) != src for t, src in tokens.items()):
+                self._gen, self._ti_tokens = self._load(), {}   # a token can only be added once per tokenizer
+            base = self._gen
+            for model in (base.unet, *base.text_encoders):
+                remove_adapters(model)
+            plain = prompt
+            for path, _ in adapters:
+                info = Path(path) / INFO
+                if info.is_file() and json.loads(info.read_text())["method"] == "ti":
+                    meta = json.loads(info.read_text())
+                    plain = plain.replace(meta["phrase"].split()[-1], meta["class_word"])
+            resolution = native_resolution(base)
+            call = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution)
+            base.unet.eval()
+            with torch.no_grad():
+                before = base.pipe(plain, generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
+                refs = [ConceptRef(p, s, name=f"concept{i}") for i, (p, s) in enumerate(adapters)
+                        if not (self._ti_of(p) and set(self._ti_of(p)) <= set(self._ti_tokens))]
+                load_concepts(base, refs)
+                self._ti_tokens.update(tokens)
+                after = base.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
+        folder = self.root / "generated"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{uuid.uuid4().hex[:8]}-s{seed}"
+        before.save(folder / f"{stem}-base.png")
+        after.save(folder / f"{stem}-adapted.png")
+        return before, after
+
+    @staticmethod
+    def _ti_of(path: str) -> dict[str, str]:
+        """Textual Inversion tokens an adapter folder adds (token -> folder), {} for other adapters."""
+        info = Path(path) / "ti.json"
+        return {t: str(path) for t in json.loads(info.read_text())["tokens"]} if info.is_file() else {}
+
+
+def loss_frame(snap: dict) -> pd.DataFrame:
+    return pd.DataFrame(snap["losses"] or [(0, float("nan"))], columns=["step", "loss"])
+
+
+def build_tab(p: Personalizer) -> None:
+    """The Personalize tab's components and events (call inside a gr.Blocks)."""
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(label=f"Concept images ({MIN_IMAGES}-{MAX_IMAGES}; PNG/JPEG/WebP, ≤10 MB each)",
+                            file_count="multiple", file_types=["image"], elem_id="concept-files")
+            use_samples = gr.Checkbox(True, label="use the bundled samples when nothing is uploaded")
+            gr.Gallery([str(f) for f in sorted(SAMPLES.glob("*.png"))], label="bundled samples", columns=5,
+                       height=110, interactive=False)
+            with gr.Row():
+                identifier = gr.Textbox("sks", label="identifier (a rare word)")
+                class_word = gr.Textbox("toy", label="class word")
+            method = gr.Dropdown(list(METHODS), value="LoRA", label="method")
+            with gr.Row():
+                steps = gr.Slider(1, 2000, 300, step=1, label="steps", elem_id="steps")
+                rank = gr.Slider(1, 64, 8, step=1, label="rank (LoRA / LoKr)")
+                lr = gr.Number(0, label="learning rate (0: method default)")
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
+                cancel_btn = gr.Button("Cancel", elem_id="cancel-button")
+        with gr.Column():
+            status = gr.Markdown("no training yet", elem_id="train-status")
+            loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", height=220)
+            download = gr.File(label="adapter files", file_count="multiple", interactive=False, elem_id="adapter-files")
+    job_id = gr.State(None)
+    gr.Markdown("### Generate")
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(INSTANCE_PROMPT, label="prompt")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, label="seed")
+                sample_steps = gr.Slider(1, 100, 25, step=1, label="sampler steps")
+                guidance = gr.Slider(1.0, 15.0, 5.0, step=0.5, label="guidance")
+            with gr.Row():
+                adapter = gr.Dropdown(p.adapters(), label="adapter", allow_custom_value=False)
+                scale = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="adapter scale")
+            with gr.Row():
+                adapter_b = gr.Dropdown(p.adapters(), label="second concept (optional)")
+                scale_b = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="second scale")
+            imported = gr.File(label="load a previously trained adapter (.safetensors)", file_types=[".safetensors"])
+            gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
+        base_img = gr.Image(label="base model", type="pil", format="png", interactive=False)
+        adapted_img = gr.Image(label="with adapter(s)", type="pil", format="png", interactive=False)
+
+    def train(files, use_samples, method, steps, rank, lr, identifier, class_word):
+        try:
+            images = p.images_folder(files, use_samples)
+            job = p.submit(images, method, int(steps), int(rank), float(lr or 0), identifier, class_word)
+        except PeftkitError as err:
+            gr.Warning(str(err))
+            yield refused_markdown(str(err)), *[gr.update()] * 6
+            return
+        while not job.wait(0.5):
+            snap = job.snapshot()
+            yield progress_markdown(snap), loss_frame(snap), None, gr.update(), gr.update(), gr.update(), job.id
+        snap = job.snapshot()
+        out = job.result if snap["status"] == "done" else None
+        files_out = [str(out / f) for f in ADAPTER_FILES if out is not None and (out / f).is_file()]
+        choices = p.adapters()
+        new = gr.update(choices=choices, value=str(out)) if out else gr.update(choices=choices)
+        phrase = json.loads((out / INFO).read_text())["phrase"] if out else None
+        yield (progress_markdown(snap), loss_frame(snap), files_out or None, new, gr.update(choices=choices),
+               gr.update(value=f"a photo of {phrase}") if phrase else gr.update(), job.id)
+
+    def cancel(job):
+        if job is None:
+            return "nothing to cancel"
+        state = p.runner.cancel(job).snapshot()
+        return "cancelling…" if state["status"] not in FINISHED else progress_markdown(state)
+
+    def generate(prompt, seed, steps, guidance, adapter, scale, adapter_b, scale_b):
+        chosen = [(a, float(s)) for a, s in ((adapter, scale), (adapter_b, scale_b)) if a]
+        try:
+            return p.generate(prompt, int(seed), chosen, int(steps), float(guidance))
+        except PeftkitError as err:
+            raise gr.Error(str(err)) from None
+
+    def load(file):
+        if not file:
+            return gr.update(), gr.update()
+        try:
+            path = p.import_adapter(file)
+        except PeftkitError as err:
+            raise gr.Error(str(err)) from None
+        return gr.update(choices=p.adapters(), value=path), gr.update(choices=p.adapters())
+
+    train_btn.click(train, [files, use_samples, method, steps, rank, lr, identifier, class_word],
+                    [status, loss_plot, download, adapter, adapter_b, prompt, job_id], api_name="train",
+                    concurrency_limit=4)
+    cancel_btn.click(cancel, [job_id], [status], api_name="cancel")
+    gen_btn.click(generate, [prompt, seed, sample_steps, guidance, adapter, scale, adapter_b, scale_b],
+                  [base_img, adapted_img], api_name="generate", concurrency_limit=1)
+    imported.upload(load, [imported], [adapter, adapter_b], api_name="import_adapter")
