@@ -11,7 +11,7 @@ hooked there, so on open_clip towers the sites are fc1 (mlp.c_fc), fc2 (mlp.c_pr
 norm2 (ln_2) and mlp; asking for qkv/proj raises a PeftkitError.
 
     >>> model = create_backbone("vit_tiny_patch16_224", num_classes=10, pretrained=False)  # doctest: +SKIP
-    >>> model = create_backbone("starter", num_classes=4)   # the small ViT shipped in assets/  # doctest: +SKIP
+    >>> model = create_backbone("starter", num_classes=4, pretrained=True)  # assets/starter-vit  # doctest: +SKIP
 """
 
 from __future__ import annotations

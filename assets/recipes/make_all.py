@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--minutes-sd", type=float, default=4.5, help="VAE + UNet budget")
     parser.add_argument("--minutes-vit", type=float, default=1.25)
-    parser.add_argument("--deadline-minutes", type=float, default=9.0, help="stop starting ViT eval runs after this")
+    parser.add_argument("--deadline-minutes", type=float, default=8.5, help="stop starting ViT eval runs after this")
     parser.add_argument("--vit-epochs", type=int, default=15, help="fine-tuning epochs per ViT eval run")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per color x shape prompt")
     parser.add_argument("--tiny", action="store_true", help="tiny models and a few steps (CPU smoke test)")

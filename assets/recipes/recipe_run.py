@@ -81,6 +81,7 @@ def save_folder(dest: Path, write: Callable[[Path], None]) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped folder private
     try:
         write(tmp)
         old = None

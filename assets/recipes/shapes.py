@@ -127,7 +127,7 @@ class ShapeScenes:
         return (inside & active.view(n, 6, 1, 1)).any(dim=1)
 
     def _texture(self, p: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        n, res = len(p["shape"]), self.size * self.supersample
+        res = self.size * self.supersample
         axis = torch.arange(res, device=device) // self.supersample
         yy, xx = axis.view(1, res, 1), axis.view(1, 1, res)
         patterns = torch.cat([torch.zeros(1, res, res, dtype=torch.bool, device=device),

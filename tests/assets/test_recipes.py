@@ -1,0 +1,143 @@
+"""The starter-model recipes at tiny sizes on the CPU: the data is deterministic and its captions
+describe its pixels, the tokenizer covers any word, and a few steps of each recipe write folders
+that diffusers, load_base and create_backbone("starter") load."""
+
+import json
+
+import pytest
+import torch
+
+from peftkit.assets.recipes.shapes import COLOR_NAMES, PLURALS, SHAPES, VIT_SHAPES, ShapeScenes, dominant_colors
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+def test_scenes_are_deterministic_per_seed():
+    scenes = ShapeScenes(size=32)
+    a, b, c = scenes.sample(16, seed=3), scenes.sample(16, seed=3), scenes.sample(16, seed=4)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (16, 3, 32, 32) and 0 <= a.images.min() and a.images.max() <= 1
+
+
+def test_captions_name_the_colors_and_shapes_that_the_pixels_show():
+    scenes = ShapeScenes(size=64).sample(96, seed=0)
+    color, bg = dominant_colors(scenes.images)
+    assert torch.equal(bg, scenes.labels["bg"])
+    assert (color == scenes.labels["color"]).float().mean() >= 0.97
+    for i, text in enumerate(scenes.captions):
+        words = text.split()
+        shape = SHAPES[int(scenes.labels["shape"][i])]
+        count = int(scenes.labels["count"][i]) + 1
+        assert COLOR_NAMES[int(scenes.labels["color"][i])] in words
+        assert (shape if count == 1 else PLURALS.get(shape, shape + "s")) in words
+        if "background" in words:
+            assert words[words.index("background") - 1] == COLOR_NAMES[int(bg[i])]
+
+
+def test_single_shapes_are_told_apart_by_their_pixels():
+    # every shape covers a different share of its bounding box: the drawings are really different
+    scenes = ShapeScenes(size=64, shapes=VIT_SHAPES, max_count=1)
+    p = scenes.params(len(VIT_SHAPES), seed=0)
+    p["shape"] = torch.arange(len(VIT_SHAPES))
+    p["radius"] = torch.full_like(p["radius"], 20.0)
+    p["cy"][:, 0] = p["cx"][:, 0] = 32.0
+    p["texture"] = torch.zeros_like(p["texture"])
+    masks = scenes._masks(p, torch.device("cpu")).float().mean(dim=(1, 2))
+    assert len(set(torch.round(masks * 100).tolist())) == len(VIT_SHAPES)
+
+
+def test_vit_labels_ignore_what_does_not_apply():
+    scenes = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True, noise=0.05).sample(64, seed=1)
+    labels = scenes.labels
+    several = labels["count"] > 0
+    assert (labels["position"][several] == -100).all() and (labels["position"][~several] >= 0).all()
+    not_bar = labels["shape"] != VIT_SHAPES.index("bar")
+    assert (labels["angle"][not_bar] == -100).all()
+
+
+def test_tokenizer_keeps_caption_words_whole_and_spells_out_rare_words(tmp_path):
+    from peftkit.assets.recipes.caption_tokenizer import build_tokenizer, encode_captions
+
+    tok = build_tokenizer(tmp_path, max_length=32)
+    for word in ("circle", "crosses", "background", "yellow", "photo", "toy", "dog"):
+        assert tok.tokenize(word) == [word + "</w>"]
+    pieces = tok.tokenize("sks Zebra_42!")
+    assert "".join(pieces).replace("</w>", "") == "sks" + "zebra_42!" and tok.unk_token not in pieces
+    captions = ShapeScenes(size=32).sample(64, seed=2).captions
+    assert torch.equal(encode_captions(tok, captions),
+                       tok(captions, padding="max_length", max_length=32, return_tensors="pt").input_ids)
+
+
+@pytest.fixture(scope="module")
+def starter_sd(tmp_path_factory):
+    from peftkit.assets.recipes.train_starter_sd import SDRecipe, train_starter_sd
+
+    folder = tmp_path_factory.mktemp("sd") / "starter-sd"
+    train_starter_sd(SDRecipe.tiny(steps=2, vae_steps=2, pool=64), folder, torch.device("cpu"))
+    return folder
+
+
+def test_sd_recipe_writes_a_pipeline_that_diffusers_and_load_base_load(starter_sd):
+    from diffusers import StableDiffusionPipeline
+
+    from peftkit.diffusion.base import load_base
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(starter_sd))
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    image = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    base = load_base(str(starter_sd))
+    hidden, _ = base.encode_prompt(["a photo of sks toy"])
+    assert base.kind == "sd" and hidden.shape[-1] == pipe.unet.config.cross_attention_dim
+    recipe = json.loads((starter_sd / "recipe.json").read_text())
+    assert recipe["results"]["unet_steps"] == 2 and recipe["results"]["scaling_factor"] > 0
+    assert pipe.vae.config.scaling_factor == pytest.approx(recipe["results"]["scaling_factor"])
+    assert "unet step 2" in (starter_sd / "train_log.txt").read_text()
+    assert not list(starter_sd.parent.glob(".starter-sd*")), "the atomic save left its temporary folder"
+
+
+@pytest.fixture(scope="module")
+def starter_vit(tmp_path_factory):
+    from peftkit.assets.recipes.train_starter_vit import ViTRecipe, train_starter_vit
+
+    folder = tmp_path_factory.mktemp("vit") / "starter-vit"
+    train_starter_vit(ViTRecipe.tiny(steps=2), folder, torch.device("cpu"))
+    return folder
+
+
+def test_vit_recipe_writes_a_backbone_that_create_backbone_loads(starter_vit):
+    from safetensors.torch import load_file
+
+    from peftkit.common_kernels.errors import PeftkitError
+    from peftkit.vision.backbones import create_backbone, normalization
+
+    model = create_backbone(f"starter:{starter_vit}", num_classes=4, pretrained=True)
+    saved = load_file(str(starter_vit / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert model.head.out_features == 4 and normalization(model) == ((0.5,) * 3, (0.5,) * 3)
+    fresh = create_backbone(f"starter:{starter_vit}", num_classes=4, pretrained=False)
+    assert not torch.equal(fresh.pos_embed, model.pos_embed)
+    with pytest.raises(PeftkitError, match="fixed by its weights"):
+        create_backbone(f"starter:{starter_vit}", num_classes=4, pretrained=True, img_size=64)
+    with pytest.raises(PeftkitError, match="train_starter_vit"):
+        create_backbone(f"starter:{starter_vit.parent / 'missing'}", num_classes=4)
+    assert json.loads((starter_vit / "recipe.json").read_text())["results"]["steps"] == 2
+
+
+def test_evaluation_scores_both_models_and_writes_tables(starter_sd, starter_vit, tmp_path):
+    from peftkit.assets.recipes.evaluate_starter import evaluate_t2i, evaluate_vit
+
+    t2i = evaluate_t2i(starter_sd, tmp_path, torch.device("cpu"), seeds=1, steps=2, classifier_steps=2, limit=2)
+    assert t2i["samples"] == 2 and 0 <= t2i["color_accuracy"] <= 100 and t2i["chance"]["color"] == 12.5
+    assert (tmp_path / "t2i_samples.png").is_file() and "| shape |" in (tmp_path / "t2i.md").read_text()
+    rows = evaluate_vit(starter_vit, tmp_path / "vit", torch.device("cpu"), ["color"], ["linear"], epochs=1,
+                        scratch=True, builtin_sizes=(32, 16))
+    assert [r["method"] for r in rows] == ["linear", "full (random init)"]
+    table = (tmp_path / "vit" / "results.md").read_text()
+    assert "| linear |" in table and "| full (random init) |" in table
