@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vit-train": ("peftkit.vision.cli", "vit_train", "fine-tune a ViT with an adapter (VTAB-1k, ImageFolder, built-in tasks)"),
     "vit-eval": ("peftkit.vision.cli", "vit_eval", "evaluate a ViT adapter on a dataset split"),
     "train-concept": ("peftkit.diffusion.cli", "train_concept", "DreamBooth: train a concept adapter from a few images"),
+    "train-concepts": ("peftkit.diffusion.multitenant_cli", "train_concepts",
+                       "train several concept adapters together over one frozen UNet (jobs.yaml)"),
     "train-ti": ("peftkit.diffusion.cli", "train_ti", "Textual Inversion: learn new token embeddings"),
     "generate": ("peftkit.diffusion.cli", "generate", "generate images with one or several adapters"),
     "evaluate-concept": ("peftkit.diffusion.cli", "evaluate_concept", "CLIP-I / CLIP-T / DINO metrics for a concept"),

@@ -56,3 +56,19 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {"gpu": torch.cuda.get_device_name(0), "versions": versions}
+
+
+def graphed(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    """`step` captured as one CUDA graph (warm-up on a side stream first, which also allocates
+    what the step keeps); the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay  # the bound method keeps the graph alive
+

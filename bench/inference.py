@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_step  # noqa: E402
+from common import graphed, time_step  # noqa: E402
 from models import UNET_TARGETS, build  # noqa: E402
 
 from peftkit.common_kernels import LoRAConfig, inject, routing  # noqa: E402
@@ -56,19 +56,6 @@ def variant(name: str, bs: int):
             return net(x, t, enc).sample
 
     return step
-
-
-def graphed(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def main() -> None:

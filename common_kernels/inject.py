@@ -274,9 +274,25 @@ def routing(model: nn.Module, adapter_ids: torch.Tensor | Sequence[int], names: 
     if any(layer.merged for layer in layers):
         raise PeftkitError("routing needs unmerged adapters: call unmerge() on merged adapters first")
     device = next((l.base.weight.device for l in layers), None)
-    ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
-    if ids.dim() != 1 or (ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(names))):
+    # Checked on the host, where the ids usually are: checking them on the GPU would cost two syncs.
+    host = torch.as_tensor(adapter_ids, dtype=torch.long).cpu()
+    if host.dim() != 1 or (host.numel() and (int(host.min()) < -1 or int(host.max()) >= len(names))):
         raise PeftkitError(f"adapter_ids must be a 1-D list of indices in [-1, {len(names) - 1}]")
+    values = set(host.tolist())
+    if len(values) == 1:
+        # Every row takes the same adapter: that is a plain forward with it alone active, which
+        # keeps each layer's fastest path (weight-space LoRA, batched OFT) instead of masking rows.
+        k = values.pop()
+        keep = [(layer, layer.active) for layer in layers]
+        for layer in layers:
+            layer.active = [names[k]] if k >= 0 and names[k] in layer.deltas else []
+        try:
+            yield
+        finally:
+            for layer, active in keep:
+                layer.active = active
+        return
+    ids = host.to(device)
     for layer in layers:
         layer.adapter_ids, layer.route_names = ids, list(names)
     try:

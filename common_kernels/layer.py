@@ -124,28 +124,40 @@ class AdaptedLayer(nn.Module):
             )
         view = (-1,) + (1,) * (x.dim() - 1)
         routed = [(k, self.deltas[n]) for k, n in enumerate(self.route_names) if n in self.deltas]
-        masks = {k: (ids == k).view(view) for k, _ in routed}
+        masks: dict[int, torch.Tensor] = {}
+
+        def mask(k: int) -> torch.Tensor:
+            # Made on demand: grouped adapters need none, and K of them would cost 2K launches per layer.
+            if k not in masks:
+                masks[k] = (ids == k).view(view)
+            return masks[k]
+
         h = x
         for k, d in routed:
             if not d.additive and d.side == "input":
-                h = torch.where(masks[k], d.transform_input(x, d.scale), h)
+                h = torch.where(mask(k), d.transform_input(x, d.scale), h)
         y = self._base_op(h, None)
         groups: dict[tuple, list[tuple[int, Delta]]] = {}
         for k, d in routed:
             if d.additive:
                 groups.setdefault(d.group_key(), []).append((k, d))
             elif d.side == "weight":
-                y = torch.where(masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
+                y = torch.where(mask(k), self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
         for key, members in groups.items():
             if key is not None and len(members) > 1:
                 # One gathered pass for all adapters of the group: K adapters cost about one.
-                lut = torch.full((len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device)
-                for j, (k, _) in enumerate(members):
-                    lut[k + 1] = j
-                y = y + type(members[0][1]).routed_delta([d for _, d in members], x, lut[ids + 1])
+                order = [k for k, _ in members]
+                if order == list(range(len(self.route_names))):
+                    slot = ids  # the group is every routed adapter, in routing order: ids index it as they are
+                else:
+                    lut = torch.full((len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device)
+                    for j, k in enumerate(order):
+                        lut[k + 1] = j
+                    slot = lut[ids + 1]
+                y = y + type(members[0][1]).routed_delta([d for _, d in members], x, slot)
             else:
                 for k, d in members:
-                    y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
+                    y = y + d.delta(x, d.scale) * mask(k).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

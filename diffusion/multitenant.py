@@ -1,0 +1,308 @@
+"""Multi-tenant concept training: K DreamBooth jobs, each with its own images, prompt, settings,
+seed and schedule, trained together in one process over one frozen UNet.
+
+Every step runs one UNet forward and backward over a batch that joins each job's rows. Per-sample
+routing (`common_kernels.inject.routing`) sends every row through its own job's adapter, and LoRA
+adapters of one shape on Linear layers run as one gathered batched matmul per layer
+(`LoRADelta.routed_delta`, the segmented-GEMM idea of Punica and S-LoRA), so K adapters cost about
+one. LoKr and OFT route too, at one pass per adapter in each layer.
+
+Each job ends with the adapter `train_concept` gives it alone, to floating-point rounding:
+- the same rows, latent draws, noise and timesteps: its own seeded data order (`engine.batches`)
+  and random stream (`dreambooth.RandomStream`); its adapter is initialized from its seed;
+- the step's loss is the sum of the jobs' own mean losses, and rows never meet inside the UNet
+  (GroupNorm and attention act per sample), so a job's adapter gets exactly its own loss's gradient;
+- its own AdamW state, LR schedule, step count and gradient clipping (one global clip norm would
+  couple the jobs).
+
+    trainer = ConceptTrainer(load_base("./sd15"), mixed_precision="bf16")
+    trainer.add_job(ConceptJob("dog", "photos/dog", ConceptConfig("a photo of sks dog", rank=16),
+                               TrainConfig(steps=800, batch_size=2, output_dir="out/dog")))
+    trainer.run()    # or call trainer.step() in a loop that adds and removes jobs between steps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..common_kernels.engine import (TrainConfig, TrainResult, apply_gradients, batches, build_optimizer,
+                                     evaluate_task, latest_checkpoint, load_checkpoint, save_checkpoint)
+from ..common_kernels.errors import PeftkitError
+from ..common_kernels.inject import routing
+from .base import DiffusionBase
+from .data import ConceptDataset, class_images
+from .dreambooth import ConceptConfig, ConceptModel, ConceptTask, save_concept
+
+
+@dataclass
+class ConceptJob:
+    """One concept to train. `train` is the job's own schedule (steps, batch_size, lr, weight_decay,
+    warmup_steps, schedule, max_grad_norm, seed, output_dir, checkpoint_every, keep_checkpoints,
+    optimizer, max_bad_steps, eval_every); precision and device belong to the trainer."""
+
+    name: str
+    images: str | Path
+    concept: ConceptConfig
+    train: TrainConfig
+    class_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise PeftkitError(f"job name {self.name!r} must be letters, digits, '_' or '-' (it names the adapter)")
+        refused = {"text_encoder_rank": (self.concept.text_encoder_rank, "text-encoder LoRA (all jobs share the "
+                                         "text encoder's cached outputs)"),
+                   "validation_every": (self.concept.validation_every, "validation images"),
+                   "grad_accum": (self.train.grad_accum - 1, "gradient accumulation"),
+                   "cuda_graph": (self.train.cuda_graph, "CUDA graphs")}
+        for key, (value, what) in refused.items():
+            if value:
+                raise PeftkitError(f"job {self.name!r}: {key} is set, but training jobs together has no {what}: "
+                                   "remove it, or train this job alone with peftkit train-concept")
+
+
+def check_compatible(jobs: list[ConceptJob]) -> None:
+    """Jobs that share batches need one core, one rank (LoRA/LoKr) and one resolution, and distinct
+    names and output folders."""
+    first = jobs[0]
+    for job in jobs[1:]:
+        a, b = first.concept, job.concept
+        if b.method != a.method:
+            raise PeftkitError(f"job {job.name!r} uses method {b.method!r} but job {first.name!r} uses {a.method!r}: "
+                               "jobs trained together share one core; train the others in a second run")
+        if b.method != "oft" and b.rank != a.rank:
+            raise PeftkitError(f"job {job.name!r} has rank {b.rank} but job {first.name!r} has rank {a.rank}: jobs "
+                               "trained together share one rank (their adapters run as one batched matmul)")
+        if b.resolution != a.resolution:
+            raise PeftkitError(f"job {job.name!r} trains at resolution {b.resolution} but job {first.name!r} at "
+                               f"{a.resolution}: jobs trained together share one resolution")
+    for key, what in ((lambda j: j.name, "name"), (lambda j: j.train.output_dir, "output folder")):
+        seen = [key(j) for j in jobs if key(j) is not None]
+        twice = sorted({str(v) for v in seen if seen.count(v) > 1})
+        if twice:
+            raise PeftkitError(f"several jobs have the {what} {twice[0]!r}: give each job its own {what}")
+
+
+@dataclass
+class JobStatus:
+    """Where a job stands: status is running, done, removed (left early, adapter saved) or failed."""
+
+    name: str
+    status: str
+    result: TrainResult
+    files: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+
+class _Running:
+    def __init__(self, job: ConceptJob, task: ConceptTask, params: list, optimizer, scheduler,
+                 result: TrainResult) -> None:
+        self.job, self.task, self.params, self.optimizer, self.scheduler = job, task, params, optimizer, scheduler
+        self.result = result
+        self.data = batches(task.dataset(), job.train.batch_size, job.train.seed, result.step, None)
+        self.bad, self.samples, self.started = 0, 0, time.perf_counter()
+
+
+class ConceptTrainer:
+    """Trains the jobs added to it, all in every step, over `base`'s one frozen UNet. Jobs join
+    (`add_job`) and leave (`remove_job`, or on reaching their steps) between steps; a leaving job
+    saves what train-concept writes into its output_dir. Thread-safe: calls wait for a running step.
+
+    Example:
+        >>> trainer = ConceptTrainer(load_base("tests/fixtures/tiny-sd"))   # doctest: +SKIP
+        >>> job = ConceptJob("toy", "photos/", ConceptConfig("sks toy"), TrainConfig(steps=4))
+        >>> trainer.add_job(job)   # doctest: +SKIP
+        >>> trainer.run()["toy"].status   # doctest: +SKIP
+        'done'
+    """
+
+    def __init__(self, base: DiffusionBase, mixed_precision: str = "no", cpu: bool = False,
+                 on_event: Callable[[dict], None] | None = None) -> None:
+        from accelerate import Accelerator
+
+        if mixed_precision not in ("no", "bf16"):
+            raise PeftkitError(f"mixed_precision must be 'no' or 'bf16' when training jobs together, got "
+                               f"{mixed_precision!r} (fp16 loss scaling would couple the jobs' optimizers)")
+        self.base, self.mixed_precision = base, mixed_precision
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        if self.accelerator.num_processes > 1:
+            raise PeftkitError("training jobs together runs in one process: start it without `accelerate launch`, "
+                               "or train each job alone with train-concept on several GPUs")
+        # Text encoders stay frozen here, so the resolution their conditioning needs is never read.
+        self.model = self.accelerator.prepare(ConceptModel(base, [], resolution=0))
+        self.model.train()
+        self._emit = on_event or (lambda event: None)
+        self._running: dict[str, _Running] = {}
+        self._finished: dict[str, JobStatus] = {}
+        self._lock = threading.RLock()
+
+    # ---- jobs joining and leaving ----
+    def add_job(self, job: ConceptJob, resume: bool = True) -> None:
+        """Add `job` before the next step: read its images (and class images), inject its adapter,
+        cache its latents and prompt embeddings, and resume from the newest checkpoint in its
+        output_dir when there is one."""
+        with self._lock:
+            if job.train.mixed_precision != self.mixed_precision:
+                raise PeftkitError(f"job {job.name!r} asks for mixed_precision {job.train.mixed_precision!r} but the "
+                                   f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision")
+            check_compatible([r.job for r in self._running.values()] + [job])
+            instances = ConceptDataset(job.images, job.concept.instance_prompt, job.concept.resolution)
+            classes = self._class_images(job) if job.concept.class_prompt else None
+            task = ConceptTask(self.base, instances, job.concept, classes, seed=job.train.seed, name=job.name)
+            try:
+                task.prepare(self.accelerator)
+                params = [p for p in task.trainable_parameters() if p.requires_grad]
+                optimizer, scheduler = build_optimizer(params, job.train, self.accelerator, register=False)
+                result = TrainResult(step=0)
+                found = latest_checkpoint(job.train.output_dir) if resume else None
+                if found is not None:
+                    result.step = result.resumed_from = load_checkpoint(found, task, optimizer, scheduler)
+            except BaseException:
+                task.unet_handle.unload()
+                raise
+            self._running[job.name] = _Running(job, task, params, optimizer, scheduler, result)
+            self._finished.pop(job.name, None)
+            self._emit({"kind": "join", "job": job.name, "step": result.step, "total": job.train.steps,
+                        "resumed_from": result.resumed_from})
+
+    def remove_job(self, name: str, save: bool = True) -> JobStatus:
+        """Stop job `name` now; with `save`, write its adapter files and a checkpoint to resume from."""
+        with self._lock:
+            if name not in self._running:
+                raise PeftkitError(f"no running job named {name!r}: running jobs are {sorted(self._running)}")
+            return self._leave(self._running[name], "removed", save=save)
+
+    def results(self) -> dict[str, JobStatus]:
+        """Every job seen: finished ones (done, removed, failed) and the running ones, by name."""
+        with self._lock:
+            running = {n: JobStatus(n, "running", r.result) for n, r in self._running.items()}
+            return {**self._finished, **running}
+
+    @property
+    def jobs(self) -> list[str]:
+        """Names of the running jobs, in the order they joined (their row order in a batch)."""
+        return list(self._running)
+
+    # ---- training ----
+    def step(self) -> dict[str, float]:
+        """One optimizer step of every running job in one UNet forward and backward. Returns each
+        job's loss (NaN/inf: that job skipped the step); jobs that reach their steps leave."""
+        with self._lock:
+            running = list(self._running.values())
+            if not running:
+                return {}
+            with self.accelerator.autocast():
+                drawn = [r.task.draw(next(r.data)) for r in running]
+                sizes = [d.noisy.shape[0] for d in drawn]
+                cond = {"hidden": torch.cat([d.cond["hidden"] for d in drawn]),
+                        "extra": {k: torch.cat([d.cond["extra"][k] for d in drawn]) for k in drawn[0].cond["extra"]}}
+                ids = [k for k, n in enumerate(sizes) for _ in range(n)]
+                with routing(self.base.unet, ids, [r.job.name for r in running]):
+                    pred = self.model(torch.cat([d.noisy for d in drawn]), torch.cat([d.t for d in drawn]), **cond)
+                losses = [r.task.score(d, p) for r, d, p in zip(running, drawn, pred.split(sizes))]
+            values = torch.stack([loss.detach().float() for loss in losses]).tolist()
+            finite = [math.isfinite(v) for v in values]
+            if any(finite):
+                self.accelerator.backward(sum(loss for loss, ok in zip(losses, finite) if ok))
+            for r, value, ok in zip(running, values, finite):
+                self._advance(r, value, ok)
+            return {r.job.name: v for r, v in zip(running, values)}
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> dict[str, JobStatus]:
+        """Step until every job has left; `should_stop()` True makes all jobs leave, saved."""
+        while self._running:
+            if should_stop is not None and should_stop():
+                for name in list(self._running):
+                    self.remove_job(name)
+                break
+            self.step()
+        return self.results()
+
+    def _advance(self, r: _Running, loss: float, finite: bool) -> None:
+        config, result, name = r.job.train, r.result, r.job.name
+        if not finite:
+            r.optimizer.zero_grad(set_to_none=True)
+            r.bad += 1
+            result.skipped_steps += 1
+            self._emit({"kind": "bad_step", "job": name, "step": result.step, "consecutive": r.bad})
+            if r.bad >= config.max_bad_steps:
+                self._leave(r, "failed", error=f"the loss was NaN/inf for {r.bad} steps in a row at step "
+                            f"{result.step}: lower the learning rate or check the images")
+            return
+        r.bad = 0
+        apply_gradients(r.params, r.optimizer, config, self.accelerator)
+        r.scheduler.step()
+        result.step += 1
+        result.losses.append(loss)
+        r.samples += config.batch_size
+        self._emit({"kind": "step", "job": name, "step": result.step, "total": config.steps, "loss": loss,
+                    "lr": r.scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - r.started})
+        if config.eval_every and result.step % config.eval_every == 0:
+            result.metrics = self._evaluate(r)
+        if config.output_dir and config.checkpoint_every and result.step % config.checkpoint_every == 0:
+            path = self._checkpoint(r)
+            self._emit({"kind": "checkpoint", "job": name, "step": result.step, "path": str(path)})
+        if result.step >= config.steps:
+            self._leave(r, "done")
+
+    def _leave(self, r: _Running, status: str, save: bool = True, error: str | None = None) -> JobStatus:
+        config, result = r.job.train, r.result
+        elapsed = time.perf_counter() - r.started
+        result.samples_per_s = r.samples / elapsed if elapsed > 0 else 0.0
+        if self.accelerator.device.type == "cuda":
+            result.peak_memory_gib = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+        if status == "done" and not (config.eval_every and result.step % config.eval_every == 0):
+            result.metrics = self._evaluate(r)
+        files: list[Path] = []
+        if save and config.output_dir:
+            if status != "done" and result.step > (result.resumed_from or 0):
+                files.append(self._checkpoint(r))
+            if status != "failed":
+                files += save_concept(r.task, config.output_dir)
+        r.task.unet_handle.unload()
+        del self._running[r.job.name]
+        done = JobStatus(r.job.name, status, result, files, error)
+        self._finished[r.job.name] = done
+        self._emit({"kind": status, "job": r.job.name, "step": result.step, "metrics": result.metrics,
+                    "files": [str(f) for f in files], "error": error})
+        return done
+
+    def _checkpoint(self, r: _Running) -> Path:
+        folder = Path(r.job.train.output_dir) / "checkpoints"
+        return save_checkpoint(folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train)
+
+    def _evaluate(self, r: _Running) -> dict[str, float]:
+        with self._solo(r):
+            return evaluate_task(r.task, self.model, self.accelerator, r.result.step,
+                                 lambda event: self._emit({**event, "job": r.job.name}))
+
+    @contextlib.contextmanager
+    def _solo(self, keep: _Running | None) -> Iterator[None]:
+        """Only `keep`'s adapter (or none) is active: the plain forward then is the job's own model."""
+        others = [r.task.unet_handle for r in self._running.values() if r is not keep]
+        for handle in others:
+            handle.disable()
+        try:
+            yield
+        finally:
+            for handle in others:
+                handle.enable()
+
+    def _class_images(self, job: ConceptJob) -> ConceptDataset:
+        folder = job.class_dir
+        if folder is None:
+            if not job.train.output_dir:
+                raise PeftkitError(f"job {job.name!r}: prior preservation needs class_dir or an output_dir")
+            folder = Path(job.train.output_dir) / "class_images"
+        # With every adapter off, missing class images come from the base model, as in a solo run.
+        with self._solo(None):
+            return class_images(self.base, folder, job.concept.class_prompt, job.concept.num_class_images,
+                                job.concept.resolution, seed=job.train.seed, device=self.accelerator.device)
