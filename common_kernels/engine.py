@@ -99,6 +99,12 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def launch_world() -> tuple[int, int]:
+    """(rank, number of processes) of this launch, as `accelerate launch`/torchrun set them:
+    known before the engine starts, for sizing epochs and choosing who writes the final files."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable | None,
             rank: int = 0, world: int = 1) -> Iterator[Any]:
     """Endless batches in a seeded order; batch `start` is the first yielded, so a resumed run sees
@@ -123,6 +129,31 @@ def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable |
         index += 1
 
 
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig, accelerator,
+                    register: bool = True) -> tuple[Any, Any]:
+    """The optimizer and LR schedule the loop steps for `params`. Trainers that update several
+    parameter sets from one backward (multi-tenant concept training) build one pair per set, with
+    register=False when sets come and go: accelerate keeps every optimizer it prepares, and their
+    states, for the accelerator's lifetime. Unregistered optimizers get no fp16 loss scaling."""
+    if config.cuda_graph:
+        optimizer = graph_optimizer(params, config.lr, config.weight_decay, accelerator.device)
+    else:
+        optimizer = _optimizer(params, config)
+        if register:
+            optimizer = accelerator.prepare_optimizer(optimizer)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+
+def apply_gradients(params: list[nn.Parameter], optimizer, config: TrainConfig, accelerator) -> None:
+    """Clip the gradient norm of `params` alone, take the optimizer step, clear the gradients. The
+    norm covers exactly the parameters the optimizer owns, so parameter sets stepped side by side
+    are clipped as each would be trained alone."""
+    if config.max_grad_norm:
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw8bit":
         try:
@@ -131,7 +162,10 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
             raise PeftkitError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
                                "or use optimizer='adamw'") from None
         return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Fused AdamW on the GPU: one kernel per step instead of ~10 multi-tensor launches per parameter
+    # chunk; with several jobs stepping side by side (multitenant.py) those launches were the step.
+    fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest; never pickle ----
@@ -280,16 +314,14 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if not params:
         raise PeftkitError("the task has no trainable parameters: check the adapter targets")
     model = accelerator.prepare(task.model)
-    graphed = None
     if config.cuda_graph:
         check_graphable(accelerator.device, accelerator.num_processes, config.grad_accum, config.mixed_precision,
                         config.optimizer)
-        optimizer = graph_optimizer(params, config.lr, config.weight_decay, accelerator.device)
+    optimizer, scheduler = build_optimizer(params, config, accelerator)
+    graphed = None
+    if config.cuda_graph:
         graphed = GraphedStep(lambda batch: task.loss(model, batch), params, optimizer, config.max_grad_norm,
                               accelerator.autocast)
-    else:
-        optimizer = accelerator.prepare_optimizer(_optimizer(params, config))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     result = TrainResult(step=0)
     ckpt_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
@@ -355,10 +387,7 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
         bad = 0
         if graphed is None:
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(params, optimizer, config, accelerator)
         scheduler.step()
         result.step += 1
         result.losses.append(total)
@@ -367,7 +396,7 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         emit({"kind": "step", "step": result.step, "total": config.steps, "loss": total,
               "lr": scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - t0})
         if config.eval_every and result.step % config.eval_every == 0 and hasattr(task, "evaluate"):
-            result.metrics = _evaluate(task, model, accelerator, result.step, emit)
+            result.metrics = evaluate_task(task, model, accelerator, result.step, emit)
         if (ckpt_dir is not None and config.checkpoint_every and result.step % config.checkpoint_every == 0
                 and accelerator.is_main_process):
             path = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config)
@@ -378,12 +407,13 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     if hasattr(task, "evaluate") and not (config.eval_every and result.step % config.eval_every == 0):
-        result.metrics = _evaluate(task, model, accelerator, result.step, emit)
+        result.metrics = evaluate_task(task, model, accelerator, result.step, emit)
     emit({"kind": "done", "step": result.step, "metrics": result.metrics})
     return result
 
 
-def _evaluate(task, model, accelerator, step: int, emit) -> dict[str, float]:
+def evaluate_task(task, model, accelerator, step: int, emit: Callable[[Event], None]) -> dict[str, float]:
+    """`task.evaluate` in eval mode, without gradients, under the run's autocast; emits an "eval" event."""
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         metrics = task.evaluate(accelerator.unwrap_model(model))

@@ -15,7 +15,9 @@ encoder(s). The frozen VAE latents and text embeddings are computed once before 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,6 +110,43 @@ class ConceptConfig:
         return OFTConfig(targets=patterns, block_size=self.block_size)
 
 
+class RandomStream:
+    """A task's own random numbers (latent draws, noise, timesteps): the torch RNG state of one
+    device, swapped in while the task draws and kept between draws. A concept job therefore draws
+    the same numbers whether it trains alone or beside other jobs in one batch (multitenant.py),
+    and a checkpoint restores it like any other task state."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.state = torch.Generator(self.device).manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def drawing(self, replay: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block the device's global RNG is this stream; `replay` (an earlier `state`)
+        draws those numbers again and leaves the stream where it was. Outside, nothing changes."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            state = self.state if replay is None else replay
+            torch.cuda.set_rng_state(state, self.device) if cuda else torch.set_rng_state(state)
+            yield
+            if replay is None:
+                self.state = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
+
+
+@dataclass
+class ConceptRows:
+    """One step's UNet inputs drawn for a batch, and what scoring the prediction needs."""
+
+    noisy: torch.Tensor
+    t: torch.Tensor
+    cond: dict
+    latents: torch.Tensor
+    noise_state: torch.Tensor  # the stream where this step's noise and timesteps begin
+    instances: int
+    # Under DDP the draws cover the whole global batch; `keep` picks this process's rows of it.
+    keep: torch.Tensor | None = None
+
+
 class ConceptModel(nn.Module):
     """What trains and runs each step: the UNet, and the text encoders when they carry a LoRA
     (otherwise their outputs are cached and they stay out of the step)."""
@@ -128,24 +167,26 @@ class ConceptModel(nn.Module):
 
 class ConceptTask:
     """The engine task for DreamBooth: batches are {"instance": i, "class": j} row indices into the
-    cached latents and text conditions."""
+    cached latents and text conditions. A step is `draw` (inputs, from the task's own random
+    stream) then `score` (the loss of a prediction for them), so several tasks can share one UNet
+    forward (multitenant.py); `name` is the adapter's name in the UNet."""
 
     def __init__(self, base: DiffusionBase, instances: ConceptDataset, config: ConceptConfig,
-                 classes: ConceptDataset | None = None, seed: int = 0) -> None:
+                 classes: ConceptDataset | None = None, seed: int = 0, name: str = "concept") -> None:
         if config.class_prompt and classes is None:
             raise PeftkitError("prior preservation needs class images: pass classes= (see data.class_images)")
-        self.base, self.instances, self.config, self.classes = base, instances, config, classes
+        self.base, self.instances, self.config, self.classes, self.seed = base, instances, config, classes, seed
         self.scheduler = base.noise_scheduler()
         # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                self.unet_handle = inject(base.unet, config.unet_adapter(), name="concept", base_model=base.source)
+                self.unet_handle = inject(base.unet, config.unet_adapter(), name=name, base_model=base.source)
             except PeftkitError as err:
                 raise PeftkitError(f"{err} (presets: {sorted(UNET_PRESETS)})") from None
             self.text_handles: list[AdapterHandle] = []
             if config.text_encoder_rank:
-                self.text_handles = [inject(e, config.text_adapter(), name="concept", base_model=base.source)
+                self.text_handles = [inject(e, config.text_adapter(), name=name, base_model=base.source)
                                      for e in base.text_encoders]
         if not self.text_handles:
             for encoder in base.text_encoders:
@@ -168,9 +209,13 @@ class ConceptTask:
         state = {f"unet.{k}": v for k, v in self.unet_handle.state_dict().items()}
         for i, h in enumerate(self.text_handles):
             state.update({f"text{i}.{k}": v for k, v in h.state_dict().items()})
+        if hasattr(self, "stream"):
+            state["rng.stream"] = self.stream.state
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "rng.stream" in state and hasattr(self, "stream"):
+            self.stream.state = state["rng.stream"].to(torch.uint8)
         for prefix, h in [("unet.", self.unet_handle)] + [(f"text{i}.", h) for i, h in enumerate(self.text_handles)]:
             h.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
@@ -192,6 +237,8 @@ class ConceptTask:
             self.ids = [self.base.tokenize(c) for c in self.captions]
         else:
             self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
+        self.stream = RandomStream(self.seed, device)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
 
     def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which]
@@ -202,37 +249,81 @@ class ConceptTask:
         hidden, extra = self.conds[which]
         return latents, {"hidden": hidden[index], "extra": {k: v[index] for k, v in extra.items()}}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self._rows(0, batch["instance"])]
-        if self.classes is not None:
-            parts.append(self._rows(1, batch["class"]))
+    def draw(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
+        """The UNet inputs of `batch`: instance (then class) rows, noised at random timesteps.
+
+        With N processes every one draws the numbers of the whole global batch from the same
+        stream and keeps its own rows, so N processes train what one does on the global batch
+        (the engine gives process r the r-th slice of each global batch). The draws depend only
+        on shapes, so this process's rows stand in for the others' while drawing."""
+        world, rank = getattr(self, "world", 1), getattr(self, "rank", 0)
+        keep = None
+        if world > 1:
+            local = [batch["instance"].shape[0], batch["class"].shape[0] if self.classes is not None else 0]
+            batch = {k: v.repeat(world) for k, v in batch.items()}
+            offsets = [0, local[0] * world]
+            keep = torch.cat([torch.arange(o + rank * n, o + (rank + 1) * n) for o, n in zip(offsets, local)])
+        rows = self._draw_all(batch)
+        if keep is None:
+            return rows
+        keep = keep.to(rows.noisy.device)
+        if self.text_handles:
+            cond = {**rows.cond, "ids": [i[keep.cpu()] for i in rows.cond["ids"]]}
+        else:
+            cond = {"hidden": rows.cond["hidden"][keep], "extra": {k: v[keep] for k, v in rows.cond["extra"].items()}}
+        return ConceptRows(rows.noisy[keep], rows.t[keep], cond, rows.latents, rows.noise_state,
+                           rows.instances // world, keep)
+
+    def _draw_all(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
+        with self.stream.drawing():
+            parts = [self._rows(0, batch["instance"])]
+            if self.classes is not None:
+                parts.append(self._rows(1, batch["class"]))
         latents = torch.cat([p[0] for p in parts])
         if self.text_handles:
             cond = {"hidden": None, "extra": {}, "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])]}
         else:
             cond = {"hidden": torch.cat([p[1]["hidden"] for p in parts]),
                     "extra": {k: torch.cat([p[1]["extra"][k] for p in parts]) for k in parts[0][1]["extra"]}}
-        per_sample = denoising_loss(lambda x, t: model(x, t, **cond), self.scheduler, latents,
-                                    self.config.offset_noise, self.config.min_snr_gamma)
-        b = batch["instance"].shape[0]
-        loss = per_sample[:b].mean()
+        noise_state, seen = self.stream.state, {}
+        with self.stream.drawing():
+            denoising_loss(lambda x, t: seen.update(x=x, t=t) or x, self.scheduler, latents, self.config.offset_noise)
+        return ConceptRows(seen["x"], seen["t"], cond, latents, noise_state, batch["instance"].shape[0])
+
+    def score(self, rows: ConceptRows, pred: torch.Tensor) -> torch.Tensor:
+        """DreamBooth's loss of `pred` for `rows`: instance mean (+ prior_weight x class mean)."""
+        # denoising_loss draws its noise and timesteps inside; replaying the stream from where
+        # `draw` began them gives the very same ones, so the objective stays written once.
+        full = pred
+        if rows.keep is not None:  # scored over the global draws; the other processes' rows weigh nothing
+            full = pred.new_zeros((rows.latents.shape[0], *pred.shape[1:])).index_copy(0, rows.keep, pred)
+        with self.stream.drawing(replay=rows.noise_state):
+            per_sample = denoising_loss(lambda x, t: full, self.scheduler, rows.latents, self.config.offset_noise,
+                                        self.config.min_snr_gamma)
+        if rows.keep is not None:
+            per_sample = per_sample[rows.keep]
+        loss = per_sample[:rows.instances].mean()
         if self.classes is not None:
-            loss = loss + self.config.prior_weight * per_sample[b:].mean()
+            loss = loss + self.config.prior_weight * per_sample[rows.instances:].mean()
         return loss
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = self.draw(batch)
+        return self.score(rows, model(rows.noisy, rows.t, **rows.cond))
 
     def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:
         """Instance loss under fixed noise and timesteps (each image `repeats` times, since one
         timestep per image is a noisy estimate): comparable across steps and runs."""
-        device = self.latents[0][0].device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(seed)
-            rows = torch.arange(len(self.instances)).repeat(repeats)
-            batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
-            classes, self.classes = self.classes, None
-            try:
+        rows = torch.arange(len(self.instances)).repeat(repeats)
+        batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
+        stream, self.stream = self.stream, RandomStream(seed, self.latents[0][0].device)
+        classes, self.classes = self.classes, None
+        world, self.world = getattr(self, "world", 1), 1  # each process scores the whole fixed set itself
+        try:
+            with torch.no_grad():
                 return float(self.loss(self.model, batch))
-            finally:
-                self.classes = classes
+        finally:
+            self.stream, self.classes, self.world = stream, classes, world
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"instance_loss": self.fixed_loss()}
@@ -290,7 +381,7 @@ def train_concept(base: DiffusionBase, instance_dir: str | Path, config: Concept
                   class_dir: str | Path | None = None, on_event=None):
     """The whole DreamBooth run: read the images, make or reuse class images, train (resuming from
     the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult)."""
-    from ..common_kernels.engine import train
+    from ..common_kernels.engine import launch_world, train
     from .data import class_images
 
     instances = ConceptDataset(instance_dir, config.instance_prompt, config.resolution)
@@ -306,6 +397,6 @@ def train_concept(base: DiffusionBase, instance_dir: str | Path, config: Concept
     callbacks = [c for c in (on_event, validation_images(task, train_config.output_dir or ".", train_config.seed)
                              if config.validation_every and config.validation_prompts else None) if c]
     result = train(task, task.dataset(), train_config, on_event=lambda e: [c(e) for c in callbacks])
-    if train_config.output_dir:
+    if train_config.output_dir and launch_world()[0] == 0:
         save_concept(task, train_config.output_dir)
     return task, result

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.common_kernels.adapter_file import atomic_write
-from peftkit.common_kernels.engine import TrainConfig, train
+from peftkit.common_kernels.engine import TrainConfig, launch_world, train
 from peftkit.common_kernels.errors import PeftkitError
 
 from .backbones import create_backbone, normalization
@@ -161,7 +161,9 @@ def train_vit(config: ViTTrainConfig, on_event: Callable[[dict], None] | None = 
     adapter = VisionAdapter(model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name)
     task = ViTTask(model, adapter, data.eval, config.eval_batch_size, config.label_smoothing)
 
-    per_epoch = max(1, len(data.train) // (config.batch_size * config.grad_accum))
+    rank, world = launch_world()
+    # batch_size is per process: an epoch is over the global batch, as one process with it would see.
+    per_epoch = max(1, len(data.train) // (config.batch_size * config.grad_accum * world))
     steps = config.steps or config.epochs * per_epoch
     engine = TrainConfig(
         steps=steps, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
@@ -178,12 +180,12 @@ def train_vit(config: ViTTrainConfig, on_event: Callable[[dict], None] | None = 
         "method": adapter.config.name, "task": data.name, "data": config.data, "protocol": config.protocol,
         "splits": list(data.splits), "num_classes": data.num_classes, "top1": result.metrics.get("top1"),
         "eval_loss": result.metrics.get("eval_loss"), **counts, "steps": result.step, "steps_per_epoch": per_epoch,
-        "images_per_s": done_steps * config.batch_size * config.grad_accum / seconds if seconds > 0 else 0.0,
+        "images_per_s": done_steps * config.batch_size * config.grad_accum * world / seconds if seconds > 0 else 0.0,
         "peak_memory_gib": result.peak_memory_gib, "resumed_from": result.resumed_from,
         "final_loss": result.losses[-1] if result.losses else None, "history": task.history,
         "method_config": adapter.config.to_dict(), "config": asdict(config),
     }
-    if config.output_dir:
+    if config.output_dir and rank == 0:
         out = Path(config.output_dir)
         weights = {"pretrained": config.pretrained, "checkpoint": config.checkpoint}
         adapter.save(out / "adapter.safetensors", extra={"backbone": json.dumps(spec), "weights": json.dumps(weights),
