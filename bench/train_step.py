@@ -13,7 +13,6 @@ short by its time limit still reports what it measured.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys

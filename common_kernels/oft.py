@@ -72,15 +72,25 @@ def skew_basis(block_size: int, device: torch.device, dtype: torch.dtype) -> tor
 
     One small matmul builds all blocks' Q at once: no scatter, nothing data-dependent for a
     compiler, and exact, since every output entry is a single input times +-1."""
+    if torch.compiler.is_compiling():
+        # Built inside the graph, on the device (no host copy, so CUDA graphs can capture it): a
+        # cache lookup would guard on the dict, and the first call's insert would force a second
+        # full compile.
+        return _build_skew_basis(block_size, dtype, device)
     key = (block_size, str(device), dtype)
     if key not in _SKEW_BASES:
-        rows, cols = torch.triu_indices(block_size, block_size, 1)
-        basis = torch.zeros(len(rows), block_size, block_size, dtype=dtype)
-        k = torch.arange(len(rows))
-        basis[k, rows, cols] = 1.0
-        basis[k, cols, rows] = -1.0
-        _SKEW_BASES[key] = basis.reshape(len(rows), -1).to(device)
+        _SKEW_BASES[key] = _build_skew_basis(block_size, dtype, device)
     return _SKEW_BASES[key]
+
+
+def _build_skew_basis(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Comparisons only (no indexed writes of host scalars): row k is +1 at (rows[k], cols[k])
+    # and -1 at the mirrored entry.
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    index = torch.arange(block_size, device=device)
+    upper = (index[None, :, None] == rows[:, None, None]) & (index[None, None, :] == cols[:, None, None])
+    basis = upper.to(dtype) - upper.transpose(1, 2).to(dtype)
+    return basis.reshape(rows.shape[0], -1)
 
 
 def skew(vec: torch.Tensor, block_size: int) -> torch.Tensor:
