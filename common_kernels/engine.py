@@ -144,14 +144,15 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig, accelerator
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
 
-def apply_gradients(params: list[nn.Parameter], optimizer, config: TrainConfig, accelerator) -> None:
+def apply_gradients(params: list[nn.Parameter], optimizer, config: TrainConfig, accelerator,
+                    set_to_none: bool = True) -> None:
     """Clip the gradient norm of `params` alone, take the optimizer step, clear the gradients. The
     norm covers exactly the parameters the optimizer owns, so parameter sets stepped side by side
     are clipped as each would be trained alone."""
     if config.max_grad_norm:
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:

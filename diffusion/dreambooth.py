@@ -33,7 +33,7 @@ from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.oft import OFTConfig
 from .base import DiffusionBase
 from .data import ConceptDataset
-from .objective import denoising_loss, sample_latents
+from .objective import denoising_targets, prediction_loss, sample_latents
 
 # Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
 UNET_PRESETS = {
@@ -135,16 +135,15 @@ class RandomStream:
 
 @dataclass
 class ConceptRows:
-    """One step's UNet inputs drawn for a batch, and what scoring the prediction needs."""
+    """One step's UNet inputs drawn for a batch, and the targets its prediction is scored against:
+    everything random about a step, so scoring is deterministic (and CUDA-graph capturable)."""
 
     noisy: torch.Tensor
     t: torch.Tensor
     cond: dict
-    latents: torch.Tensor
-    noise_state: torch.Tensor  # the stream where this step's noise and timesteps begin
-    instances: int
-    # Under DDP the draws cover the whole global batch; `keep` picks this process's rows of it.
-    keep: torch.Tensor | None = None
+    target: torch.Tensor
+    weight: torch.Tensor | None  # min-SNR weights per row
+    instances: int  # rows [0, instances) are instance rows, the rest class rows
 
 
 class ConceptModel(nn.Module):
@@ -271,37 +270,27 @@ class ConceptTask:
             cond = {**rows.cond, "ids": [i[keep.cpu()] for i in rows.cond["ids"]]}
         else:
             cond = {"hidden": rows.cond["hidden"][keep], "extra": {k: v[keep] for k, v in rows.cond["extra"].items()}}
-        return ConceptRows(rows.noisy[keep], rows.t[keep], cond, rows.latents, rows.noise_state,
-                           rows.instances // world, keep)
+        weight = None if rows.weight is None else rows.weight[keep]
+        return ConceptRows(rows.noisy[keep], rows.t[keep], cond, rows.target[keep], weight, rows.instances // world)
 
     def _draw_all(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
         with self.stream.drawing():
             parts = [self._rows(0, batch["instance"])]
             if self.classes is not None:
                 parts.append(self._rows(1, batch["class"]))
-        latents = torch.cat([p[0] for p in parts])
+            latents = torch.cat([p[0] for p in parts])
+            noisy, t, target, weight = denoising_targets(self.scheduler, latents, self.config.offset_noise,
+                                                         self.config.min_snr_gamma)
         if self.text_handles:
             cond = {"hidden": None, "extra": {}, "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])]}
         else:
             cond = {"hidden": torch.cat([p[1]["hidden"] for p in parts]),
                     "extra": {k: torch.cat([p[1]["extra"][k] for p in parts]) for k in parts[0][1]["extra"]}}
-        noise_state, seen = self.stream.state, {}
-        with self.stream.drawing():
-            denoising_loss(lambda x, t: seen.update(x=x, t=t) or x, self.scheduler, latents, self.config.offset_noise)
-        return ConceptRows(seen["x"], seen["t"], cond, latents, noise_state, batch["instance"].shape[0])
+        return ConceptRows(noisy, t, cond, target, weight, batch["instance"].shape[0])
 
     def score(self, rows: ConceptRows, pred: torch.Tensor) -> torch.Tensor:
         """DreamBooth's loss of `pred` for `rows`: instance mean (+ prior_weight x class mean)."""
-        # denoising_loss draws its noise and timesteps inside; replaying the stream from where
-        # `draw` began them gives the very same ones, so the objective stays written once.
-        full = pred
-        if rows.keep is not None:  # scored over the global draws; the other processes' rows weigh nothing
-            full = pred.new_zeros((rows.latents.shape[0], *pred.shape[1:])).index_copy(0, rows.keep, pred)
-        with self.stream.drawing(replay=rows.noise_state):
-            per_sample = denoising_loss(lambda x, t: full, self.scheduler, rows.latents, self.config.offset_noise,
-                                        self.config.min_snr_gamma)
-        if rows.keep is not None:
-            per_sample = per_sample[rows.keep]
+        per_sample = prediction_loss(pred, rows.target, rows.weight)
         loss = per_sample[:rows.instances].mean()
         if self.classes is not None:
             loss = loss + self.config.prior_weight * per_sample[rows.instances:].mean()

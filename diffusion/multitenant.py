@@ -15,6 +15,10 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
 - its own AdamW state, LR schedule, step count and gradient clipping (one global clip norm would
   couple the jobs).
 
+On a GPU, `cuda_graph=True` replays each step's routed forward, scoring and backward as one
+CUDA graph (captured once per set of jobs; the per-job draws, clipping and AdamW stay eager), so a
+step costs its GPU time instead of thousands of kernel launches.
+
     trainer = ConceptTrainer(load_base("./sd15"), mixed_precision="bf16")
     trainer.add_job(ConceptJob("dog", "photos/dog", ConceptConfig("a photo of sks dog", rank=16),
                                TrainConfig(steps=800, batch_size=2, output_dir="out/dog")))
@@ -24,6 +28,7 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import threading
@@ -37,7 +42,7 @@ import torch
 from ..common_kernels.engine import (TrainConfig, TrainResult, apply_gradients, batches, build_optimizer,
                                      evaluate_task, latest_checkpoint, load_checkpoint, save_checkpoint)
 from ..common_kernels.errors import PeftkitError
-from ..common_kernels.inject import routing
+from ..common_kernels.inject import adapted_layers, routing
 from .base import DiffusionBase
 from .data import ConceptDataset, class_images
 from .dreambooth import ConceptConfig, ConceptModel, ConceptTask, save_concept
@@ -111,6 +116,66 @@ class _Running:
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
 
 
+class _RoutedGraph:
+    """The routed UNet forward, the jobs' scoring and the backward for one set of jobs, captured
+    as one CUDA graph. Each step copies the jobs' freshly drawn rows into the captured inputs and
+    replays; gradients land in the parameters' .grad tensors, which stay allocated (the eager
+    optimizer steps read them, and the replay zeroes them first)."""
+
+    def __init__(self, trainer: "ConceptTrainer", running: list[_Running], drawn: list) -> None:
+        self.names = [r.job.name for r in running]
+        self.static = [_clone_rows(d) for d in drawn]
+        self.params = [p for r in running for p in r.params]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+
+        def body() -> torch.Tensor:
+            torch._foreach_zero_(self.grads)
+            with trainer.accelerator.autocast():
+                losses = trainer._losses(running, self.static)
+            sum(losses).backward()
+            return torch.stack([loss.detach().float() for loss in losses])
+
+        # Routing is entered outside the capture (it copies the row ids to the device) and its
+        # ids tensor kept: the captured kernels read that very memory at every replay.
+        with trainer._routing(running, drawn):
+            self.ids = next((l.adapter_ids for l in adapted_layers(trainer.base.unet) if l.adapter_ids is not None),
+                            None)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()  # warm-up: workspaces and autotuning happen outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses = body()
+
+    def run(self, drawn: list) -> list[float]:
+        for static, rows in zip(self.static, drawn):
+            _copy_rows(static, rows)
+        self.graph.replay()
+        return self.losses.tolist()
+
+
+def _clone_rows(rows):
+    return dataclasses.replace(rows, noisy=rows.noisy.clone(), t=rows.t.clone(), target=rows.target.clone(),
+                               weight=None if rows.weight is None else rows.weight.clone(),
+                               cond={"hidden": rows.cond["hidden"].clone(),
+                                     "extra": {k: v.clone() for k, v in rows.cond["extra"].items()}})
+
+
+def _copy_rows(static, rows) -> None:
+    pairs = [(static.noisy, rows.noisy), (static.t, rows.t), (static.target, rows.target),
+             (static.cond["hidden"], rows.cond["hidden"])]
+    pairs += [(static.cond["extra"][k], v) for k, v in rows.cond["extra"].items()]
+    if static.weight is not None:
+        pairs.append((static.weight, rows.weight))
+    for a, b in pairs:
+        a.copy_(b, non_blocking=True)
+
+
 class ConceptTrainer:
     """Trains the jobs added to it, all in every step, over `base`'s one frozen UNet. Jobs join
     (`add_job`) and leave (`remove_job`, or on reaching their steps) between steps; a leaving job
@@ -125,7 +190,7 @@ class ConceptTrainer:
     """
 
     def __init__(self, base: DiffusionBase, mixed_precision: str = "no", cpu: bool = False,
-                 on_event: Callable[[dict], None] | None = None) -> None:
+                 on_event: Callable[[dict], None] | None = None, cuda_graph: bool = False) -> None:
         from accelerate import Accelerator
 
         if mixed_precision not in ("no", "bf16"):
@@ -136,6 +201,10 @@ class ConceptTrainer:
         if self.accelerator.num_processes > 1:
             raise PeftkitError("training jobs together runs in one process: start it without `accelerate launch`, "
                                "or train each job alone with train-concept on several GPUs")
+        if cuda_graph and self.accelerator.device.type != "cuda":
+            raise PeftkitError("cuda_graph=True needs a CUDA device: set cuda_graph=False to train on the CPU")
+        self.cuda_graph = cuda_graph
+        self._graph: _RoutedGraph | None = None
         # Text encoders stay frozen here, so the resolution their conditioning needs is never read.
         self.model = self.accelerator.prepare(ConceptModel(base, [], resolution=0))
         self.model.train()
@@ -201,20 +270,47 @@ class ConceptTrainer:
                 return {}
             with self.accelerator.autocast():
                 drawn = [r.task.draw(next(r.data)) for r in running]
-                sizes = [d.noisy.shape[0] for d in drawn]
-                cond = {"hidden": torch.cat([d.cond["hidden"] for d in drawn]),
-                        "extra": {k: torch.cat([d.cond["extra"][k] for d in drawn]) for k in drawn[0].cond["extra"]}}
-                ids = [k for k, n in enumerate(sizes) for _ in range(n)]
-                with routing(self.base.unet, ids, [r.job.name for r in running]):
-                    pred = self.model(torch.cat([d.noisy for d in drawn]), torch.cat([d.t for d in drawn]), **cond)
-                losses = [r.task.score(d, p) for r, d, p in zip(running, drawn, pred.split(sizes))]
-            values = torch.stack([loss.detach().float() for loss in losses]).tolist()
-            finite = [math.isfinite(v) for v in values]
-            if any(finite):
-                self.accelerator.backward(sum(loss for loss, ok in zip(losses, finite) if ok))
-            for r, value, ok in zip(running, values, finite):
-                self._advance(r, value, ok)
+            values = None
+            if self.cuda_graph:
+                names = [r.job.name for r in running]
+                if self._graph is None or self._graph.names != names:
+                    self._graph = None  # frees the old graph's memory before capturing the new one
+                    self._graph = _RoutedGraph(self, running, drawn)
+                values = self._graph.run(drawn)
+                if not all(math.isfinite(v) for v in values):
+                    # A bad job's NaN can reach other jobs' gradients through masked routes: redo
+                    # the step eagerly, leaving that job out of the backward.
+                    for r in running:
+                        for p in r.params:
+                            p.grad.zero_()
+                    values = None
+            if values is None:
+                values = self._eager(running, drawn)
+            for r, value in zip(running, values):
+                self._advance(r, value, math.isfinite(value))
             return {r.job.name: v for r, v in zip(running, values)}
+
+    def _routing(self, running: list[_Running], drawn: list):
+        """Each row through its own job's adapter (row order: the jobs' rows in turn)."""
+        ids = [k for k, d in enumerate(drawn) for _ in range(d.noisy.shape[0])]
+        return routing(self.base.unet, ids, [r.job.name for r in running])
+
+    def _losses(self, running: list[_Running], drawn: list) -> list:
+        """The jobs' losses from one UNet call over all their rows; routing must be active."""
+        sizes = [d.noisy.shape[0] for d in drawn]
+        cond = {"hidden": torch.cat([d.cond["hidden"] for d in drawn]),
+                "extra": {k: torch.cat([d.cond["extra"][k] for d in drawn]) for k in drawn[0].cond["extra"]}}
+        pred = self.model(torch.cat([d.noisy for d in drawn]), torch.cat([d.t for d in drawn]), **cond)
+        return [r.task.score(d, p) for r, d, p in zip(running, drawn, pred.split(sizes))]
+
+    def _eager(self, running: list[_Running], drawn: list) -> list[float]:
+        with self.accelerator.autocast(), self._routing(running, drawn):
+            losses = self._losses(running, drawn)
+        values = torch.stack([loss.detach().float() for loss in losses]).tolist()
+        finite = [math.isfinite(v) for v in values]
+        if any(finite):
+            self.accelerator.backward(sum(loss for loss, ok in zip(losses, finite) if ok))
+        return values
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> dict[str, JobStatus]:
         """Step until every job has left; `should_stop()` True makes all jobs leave, saved."""
@@ -229,7 +325,7 @@ class ConceptTrainer:
     def _advance(self, r: _Running, loss: float, finite: bool) -> None:
         config, result, name = r.job.train, r.result, r.job.name
         if not finite:
-            r.optimizer.zero_grad(set_to_none=True)
+            r.optimizer.zero_grad(set_to_none=not self.cuda_graph)
             r.bad += 1
             result.skipped_steps += 1
             self._emit({"kind": "bad_step", "job": name, "step": result.step, "consecutive": r.bad})
@@ -238,7 +334,8 @@ class ConceptTrainer:
                             f"{result.step}: lower the learning rate or check the images")
             return
         r.bad = 0
-        apply_gradients(r.params, r.optimizer, config, self.accelerator)
+        # Under graphs the captured backward writes into these very .grad tensors: keep them.
+        apply_gradients(r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph)
         r.scheduler.step()
         result.step += 1
         result.losses.append(loss)
@@ -267,6 +364,7 @@ class ConceptTrainer:
                 files.append(self._checkpoint(r))
             if status != "failed":
                 files += save_concept(r.task, config.output_dir)
+        self._graph = None
         r.task.unet_handle.unload()
         del self._running[r.job.name]
         done = JobStatus(r.job.name, status, result, files, error)

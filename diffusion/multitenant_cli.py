@@ -4,6 +4,7 @@ frozen UNet (multitenant.py), each job's folder ending with what train-concept w
     model: ./sd15                  # base pipeline for every job (--model overrides)
     mixed_precision: bf16          # no | bf16, for the whole run
     attention: auto                # auto | sdpa | xformers;  cpu: true trains on the CPU
+    cuda_graph: true               # GPU: replay each step as one CUDA graph (much less launch overhead)
     output: out                    # a job's output defaults to out/<name>
     defaults: {rank: 16, steps: 800, lr: 1.0e-4}   # any job key, for every job
     jobs:
@@ -33,7 +34,7 @@ from typing import Any
 
 from ..common_kernels.errors import PeftkitError
 
-RUN_KEYS = {"model", "mixed_precision", "attention", "cpu", "output", "defaults", "jobs"}
+RUN_KEYS = {"model", "mixed_precision", "attention", "cpu", "cuda_graph", "output", "defaults", "jobs"}
 PATH_KEYS = {"images", "output", "class_dir"}
 TRAIN_KEYS = {"steps", "batch_size", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "seed",
               "checkpoint_every", "keep_checkpoints", "optimizer", "max_bad_steps", "eval_every", "grad_accum"}
@@ -51,6 +52,7 @@ class JobsFile:
     attention: str
     cpu: bool
     jobs: list
+    cuda_graph: bool = False
 
 
 def _concept_keys() -> dict[str, str]:
@@ -149,7 +151,8 @@ def load_jobs(path: str | Path) -> JobsFile:
         raise PeftkitError(f"{path}: {err}") from None
     model = doc.get("model")
     return JobsFile(str(path.parent / model) if model and (path.parent / model).exists() else model,
-                    mixed_precision, str(doc.get("attention", "auto")), run["cpu"], jobs)
+                    mixed_precision, str(doc.get("attention", "auto")), run["cpu"], jobs,
+                    bool(doc.get("cuda_graph", False)))
 
 
 def train_concepts(argv: list[str]) -> int:
@@ -181,7 +184,8 @@ def train_concepts(argv: list[str]) -> int:
         elif event["kind"] == "join" and event["step"]:
             bar.update(event["step"])
 
-    trainer = ConceptTrainer(load_base(model, attention=spec.attention), spec.mixed_precision, spec.cpu, on_event)
+    trainer = ConceptTrainer(load_base(model, attention=spec.attention), spec.mixed_precision, spec.cpu, on_event,
+                             cuda_graph=spec.cuda_graph)
     for job in spec.jobs:
         trainer.add_job(job)
     statuses = trainer.run()

@@ -36,9 +36,11 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return mean + std * torch.randn_like(std)
 
 
-def denoising_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
-                   offset_noise: float = 0.0, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Per-sample loss (B,); `predict(x_t, t)` runs the UNet."""
+def denoising_targets(scheduler, latents: torch.Tensor, offset_noise: float = 0.0, min_snr_gamma: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The random half of a step: (x_t, t, target, per-sample weight or None). Drawing it apart
+    from the prediction lets several trainers share one UNet call (multitenant.py) and a CUDA
+    graph replay the deterministic half."""
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise PeftkitError(f"prediction type {prediction_type!r} is not supported for training: use a pipeline "
@@ -51,7 +53,20 @@ def denoising_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if prediction_type == "v_prediction" else noise
-    loss = F.mse_loss(predict(noisy, t).float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weight = None
     if min_snr_gamma:
-        loss = loss * min_snr_weights(snr(scheduler.alphas_cumprod, t), min_snr_gamma, prediction_type)
-    return loss
+        weight = min_snr_weights(snr(scheduler.alphas_cumprod, t), min_snr_gamma, prediction_type)
+    return noisy, t, target, weight
+
+
+def prediction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample loss (B,) of a prediction against `denoising_targets`' target."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return loss if weight is None else loss * weight
+
+
+def denoising_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
+                   offset_noise: float = 0.0, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Per-sample loss (B,); `predict(x_t, t)` runs the UNet."""
+    noisy, t, target, weight = denoising_targets(scheduler, latents, offset_noise, min_snr_gamma)
+    return prediction_loss(predict(noisy, t), target, weight)

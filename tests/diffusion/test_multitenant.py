@@ -132,6 +132,12 @@ def test_a_job_with_nan_losses_fails_alone_and_the_others_train_on(tiny_sd_path,
     assert all(torch.isfinite(p).all() for p in read_tensors(tmp_path / "good" / UNET_FILE)[0].values())
 
 
+def test_cuda_graph_steps_need_a_gpu(tiny_sd_path):
+    # The graphed step itself is checked against the eager one on a GPU (bench/multitenant.py).
+    with pytest.raises(PeftkitError, match="cuda_graph=True needs a CUDA device"):
+        ConceptTrainer(load_base(str(tiny_sd_path)), cpu=True, cuda_graph=True)
+
+
 @pytest.mark.parametrize("method", ["lora", "kron", "oft"])
 def test_a_mixed_batch_of_three_adapters_equals_three_separate_forwards(tiny_sd_path, folders, method):
     base = load_base(str(tiny_sd_path))
