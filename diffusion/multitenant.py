@@ -15,9 +15,9 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
 - its own AdamW state, LR schedule, step count and gradient clipping (one global clip norm would
   couple the jobs).
 
-On a GPU, `cuda_graph=True` replays each step's routed forward, scoring and backward as one
-CUDA graph (captured once per set of jobs; the per-job draws, clipping and AdamW stay eager), so a
-step costs its GPU time instead of thousands of kernel launches.
+On a GPU, `cuda_graph=True` replays each step's routed forward, scoring, backward, clipping and
+AdamW steps as one CUDA graph (captured once per set of jobs; only each job's draws stay eager),
+so a step costs about its GPU time instead of thousands of kernel launches.
 
     trainer = ConceptTrainer(load_base("./sd15"), mixed_precision="bf16")
     trainer.add_job(ConceptJob("dog", "photos/dog", ConceptConfig("a photo of sks dog", rank=16),
@@ -117,10 +117,11 @@ class _Running:
 
 
 class _RoutedGraph:
-    """The routed UNet forward, the jobs' scoring and the backward for one set of jobs, captured
-    as one CUDA graph. Each step copies the jobs' freshly drawn rows into the captured inputs and
-    replays; gradients land in the parameters' .grad tensors, which stay allocated (the eager
-    optimizer steps read them, and the replay zeroes them first)."""
+    """One step of a set of jobs - the routed UNet forward, the jobs' scoring, the backward, each
+    job's gradient clipping and AdamW step - captured as one CUDA graph. Each step copies the
+    jobs' freshly drawn rows into the captured inputs and replays; the learning rates are tensors
+    the schedules update in place. A non-finite loss in any job skips every job's update on the
+    device (fused AdamW's found_inf), and the trainer redoes that step eagerly without that job."""
 
     def __init__(self, trainer: "ConceptTrainer", running: list[_Running], drawn: list) -> None:
         self.names = [r.job.name for r in running]
@@ -130,13 +131,25 @@ class _RoutedGraph:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
+        self.found_inf = torch.zeros((), device=trainer.accelerator.device)
+        for r in running:
+            r.optimizer.found_inf = self.found_inf
 
-        def body() -> torch.Tensor:
+        def body(warmup: bool = False) -> torch.Tensor:
             torch._foreach_zero_(self.grads)
             with trainer.accelerator.autocast():
                 losses = trainer._losses(running, self.static)
             sum(losses).backward()
-            return torch.stack([loss.detach().float() for loss in losses])
+            values = torch.stack([loss.detach().float() for loss in losses])
+            if warmup:  # allocates the optimizer states, updates nothing
+                self.found_inf.fill_(1.0)
+            else:
+                self.found_inf.copy_((~torch.isfinite(values)).any().float())
+            for r in running:
+                if r.job.train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(r.params, r.job.train.max_grad_norm, foreach=True)
+                r.optimizer.step()
+            return values
 
         # Routing is entered outside the capture (it copies the row ids to the device) and its
         # ids tensor kept: the captured kernels read that very memory at every replay.
@@ -146,7 +159,7 @@ class _RoutedGraph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                body()  # warm-up: workspaces and autotuning happen outside the capture
+                body(warmup=True)  # workspaces, autotuning and optimizer states, outside the capture
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -229,7 +242,9 @@ class ConceptTrainer:
             try:
                 task.prepare(self.accelerator)
                 params = [p for p in task.trainable_parameters() if p.requires_grad]
-                optimizer, scheduler = build_optimizer(params, job.train, self.accelerator, register=False)
+                # Graphed steps take capturable AdamW with a tensor learning rate.
+                train = dataclasses.replace(job.train, cuda_graph=self.cuda_graph)
+                optimizer, scheduler = build_optimizer(params, train, self.accelerator, register=False)
                 result = TrainResult(step=0)
                 found = latest_checkpoint(job.train.output_dir) if resume else None
                 if found is not None:
@@ -278,16 +293,18 @@ class ConceptTrainer:
                     self._graph = _RoutedGraph(self, running, drawn)
                 values = self._graph.run(drawn)
                 if not all(math.isfinite(v) for v in values):
-                    # A bad job's NaN can reach other jobs' gradients through masked routes: redo
-                    # the step eagerly, leaving that job out of the backward.
+                    # Nothing was updated (found_inf); a bad job's NaN can reach other jobs'
+                    # gradients through masked routes, so redo the step eagerly without it.
+                    self._graph.found_inf.zero_()
                     for r in running:
                         for p in r.params:
                             p.grad.zero_()
                     values = None
+            stepped = values is not None  # the graph took the optimizer steps
             if values is None:
                 values = self._eager(running, drawn)
             for r, value in zip(running, values):
-                self._advance(r, value, math.isfinite(value))
+                self._advance(r, value, math.isfinite(value), stepped)
             return {r.job.name: v for r, v in zip(running, values)}
 
     def _routing(self, running: list[_Running], drawn: list):
@@ -322,7 +339,7 @@ class ConceptTrainer:
             self.step()
         return self.results()
 
-    def _advance(self, r: _Running, loss: float, finite: bool) -> None:
+    def _advance(self, r: _Running, loss: float, finite: bool, stepped: bool = False) -> None:
         config, result, name = r.job.train, r.result, r.job.name
         if not finite:
             r.optimizer.zero_grad(set_to_none=not self.cuda_graph)
@@ -334,8 +351,9 @@ class ConceptTrainer:
                             f"{result.step}: lower the learning rate or check the images")
             return
         r.bad = 0
-        # Under graphs the captured backward writes into these very .grad tensors: keep them.
-        apply_gradients(r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph)
+        if not stepped:
+            # Under graphs the captured backward writes into these very .grad tensors: keep them.
+            apply_gradients(r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph)
         r.scheduler.step()
         result.step += 1
         result.losses.append(loss)
