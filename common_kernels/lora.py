@@ -104,9 +104,11 @@ class LoRADelta(Delta):
         self.apply = "factored" if config.dropout > 0 else config.apply
 
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        dtype = weight.dtype
-        B = self.B.to(dtype).reshape(self.B.shape[0], -1) * (scale * self.scaling).to(dtype)
-        A = self.A.to(dtype).reshape(self.A.shape[0], -1)
+        # Scaled in the factors' precision, then cast once: each elementwise kernel here is paid
+        # per layer per step, and at these sizes a kernel costs its launch, not its arithmetic.
+        s = scale if self.scaling == 1.0 else scale * self.scaling
+        B = (self.B.reshape(self.B.shape[0], -1) * s).to(weight.dtype)
+        A = self.A.to(weight.dtype).reshape(self.A.shape[0], -1)
         return torch.addmm(weight.reshape(weight.shape[0], -1), B, A).reshape(weight.shape)
 
     def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
