@@ -170,6 +170,10 @@ class ConceptTask:
     stream) then `score` (the loss of a prediction for them), so several tasks can share one UNet
     forward (multitenant.py); `name` is the adapter's name in the UNet."""
 
+    # Checked by the engine: a captured step would replay one step's draws forever.
+    graph_unsafe = ("its noise and timesteps come from the task's own random stream, swapped in on the "
+                    "host every step; use ConceptTrainer(cuda_graph=True) (one job is fine) or cuda_graph=False")
+
     def __init__(self, base: DiffusionBase, instances: ConceptDataset, config: ConceptConfig,
                  classes: ConceptDataset | None = None, seed: int = 0, name: str = "concept") -> None:
         if config.class_prompt and classes is None:

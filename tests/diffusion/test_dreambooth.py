@@ -96,6 +96,12 @@ def test_unknown_target_module_names_the_presets(tiny_sd_path, concept_dir):
         ConceptTask(base, ConceptDataset(concept_dir, "x", 16), _config(targets=["no_such_proj"]))
 
 
+def test_whole_step_cuda_graphs_are_refused_with_the_alternative(tiny_sd_path, concept_dir):
+    # A captured step would replay one step's noise forever; the multitenant trainer graphs it right.
+    with pytest.raises(PeftkitError, match="cannot train this task.*ConceptTrainer"):
+        _run(tiny_sd_path, concept_dir, steps=1, train={"cuda_graph": True, "cpu": True})
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_saved_checkpoints(tiny_sd_path, concept_dir, tmp_path):
     base = load_base(str(tiny_sd_path))
     task = ConceptTask(base, ConceptDataset(concept_dir, "x", 16), _config())
