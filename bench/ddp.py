@@ -49,6 +49,8 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from models import SD15_UNET  # noqa: E402
 
+from peftkit.common_kernels.engine import launch_world  # noqa: E402
+
 SAMPLES = HERE.parent.parent / "assets" / "samples" / "concept"
 # fp32 with TF32 off differs between the runs only in summation order (the batch split, the
 # all-reduce). AdamW turns that into up to ~1e-4 relative on the smallest LoRA B tensors (measured on
@@ -96,10 +98,6 @@ class StepClock:
                 "timed_steps": timed, "final_loss": self.losses[-1] if self.losses else None}
 
 
-def world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def in_memory(load_task):
     """`load_task` with the training set made once and held in memory: the engine prepares each
     image on the CPU inside the step, which would otherwise hide what data parallelism scales."""
@@ -121,7 +119,7 @@ def run_vit(job: dict, folder: Path, cpu: bool) -> dict:
         method_options={"r": 8}, builtin_sizes=(s["train_images"], 32), steps=job["steps"], batch_size=job["batch"],
         warmup_epochs=0, eval_every_epochs=0, checkpoint_every_epochs=0, eval_batch_size=64,
         mixed_precision=job["precision"], output_dir=str(folder), progress=False, cpu=cpu)
-    clock = StepClock(job["batch"] * world()[1], job["warmup"])
+    clock = StepClock(job["batch"] * launch_world()[1], job["warmup"])
     load = in_memory(vision_train.load_task) if job["data"] == "memory" else vision_train.load_task
     with mock.patch.object(vision_train, "load_task", load):
         results = vision_train.train_vit(config, on_event=clock)
@@ -167,13 +165,13 @@ def run_concept(job: dict, folder: Path, cpu: bool) -> dict:
     config = ConceptConfig(instance_prompt="a photo of sks toy", rank=4, resolution=resolution)
     train_config = TrainConfig(steps=job["steps"], batch_size=job["batch"], lr=1e-4, mixed_precision=job["precision"],
                                output_dir=str(folder), progress=False, cpu=cpu)
-    clock = StepClock(job["batch"] * world()[1], job["warmup"])
+    clock = StepClock(job["batch"] * launch_world()[1], job["warmup"])
     train_concept(base, SAMPLES, config, train_config, on_event=clock)
     return clock.summary()
 
 
 def worker(jobs: list[dict], out: Path, cpu: bool) -> None:
-    rank, _ = world()
+    rank, _ = launch_world()
     for job in jobs:
         if job["precision"] == "no" and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = False

@@ -52,29 +52,27 @@ RANK, BATCH, KS = 16, 8, (1, 4, 8)
 DEVICE, UNET = "cuda", SD15_UNET  # module settings, so the logic can be smoke-tested on a CPU with a tiny UNet
 
 
-def bench_base(folder: Path) -> DiffusionBase:
+def bench_base() -> DiffusionBase:
     """An SD1.5-shaped pipeline from code: the real UNet shape; a small VAE with SD's 8x
     downsampling and a one-layer text encoder as wide as the UNet's cross-attention (both run once
-    per job, before training)."""
+    per job, before training), reading the bundled starter model's tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from peftkit.diffusion.base import load_base
+
+    tokenizer = load_base("starter").pipe.tokenizer
+    tokenizer.model_max_length = 77
     torch.manual_seed(0)
     with torch.device(DEVICE):
         unet = UNet2DConditionModel(**UNET)
         vae = AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
         width = UNET["cross_attention_dim"]
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=1024,
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=1024,
                                             num_hidden_layers=1, num_attention_heads=max(1, width // 64),
-                                            max_position_embeddings=77, eos_token_id=1, bos_token_id=0, pad_token_id=1))
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+                                            max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+                                            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -106,15 +104,15 @@ def job(folders: list[Path], k: int, bs: int, resolution: int, precision: str, *
 
 def parity(out: Path) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    # A job's random stream on CUDA: a replay draws the same numbers; the global RNG is untouched.
-    stream, before = RandomStream(7, "cuda"), torch.cuda.get_rng_state()
-    with stream.drawing():
-        first = torch.randn(1000, device="cuda")
-    with stream.drawing(replay=RandomStream(7, "cuda").state):
-        again = torch.randn(1000, device="cuda")
-    assert torch.equal(first, again) and torch.equal(before, torch.cuda.get_rng_state()), "RandomStream on CUDA"
+    # A job's random stream on CUDA: one seed draws the same numbers; the global RNG is untouched.
+    before = torch.cuda.get_rng_state()
+    draws = []
+    for _ in range(2):
+        with RandomStream(7, "cuda").drawing():
+            draws.append(torch.randn(1000, device="cuda"))
+    assert torch.equal(*draws) and torch.equal(before, torch.cuda.get_rng_state()), "RandomStream on CUDA"
     root = Path(tempfile.mkdtemp())
-    base = bench_base(root)
+    base = bench_base()
     report = {"routed_step": routed_step_parity(base), "together_vs_alone": trainer_parity(base, root),
               "graph_vs_eager": graph_parity(base, root), "graph_nan_job": graph_nan_parity(base, root)}
     out.write_text(json.dumps(report))
@@ -273,7 +271,7 @@ def timing(rows: list[dict]) -> None:
     from accelerate import Accelerator
 
     root = Path(tempfile.mkdtemp())
-    base, folders = bench_base(root), image_folders(root, max(KS) + 1, 512)
+    base, folders = bench_base(), image_folders(root, max(KS) + 1, 512)
     accelerator = Accelerator(mixed_precision="bf16")
 
     def record(variant: str, k: int, ms: float, peak: float | None = None, **extra) -> None:
@@ -320,7 +318,7 @@ def profile(out: Path) -> None:
     from torch.profiler import profile as torch_profile
 
     root = Path(tempfile.mkdtemp())
-    base, folders = bench_base(root), image_folders(root, max(KS), 512)
+    base, folders = bench_base(), image_folders(root, max(KS), 512)
     trainer = ConceptTrainer(base, mixed_precision="bf16")
     lines = []
     for k in KS:

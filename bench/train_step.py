@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, time_step  # noqa: E402
+from common import environment, graphed, time_step  # noqa: E402
 from models import UNET_TARGETS, VIT_TARGETS, build, compile_regions  # noqa: E402
 
 from peftkit.common_kernels import KronConfig, LoRAConfig, OFTConfig, inject  # noqa: E402
@@ -52,21 +52,6 @@ def adapt(net, variant: str, targets: list[str]):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def capture(step):
-    """The whole training step as one CUDA graph: warm up on a side stream (allocating grads and
-    optimizer state), capture once, then each call is a single replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), cusolver_linalg():
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), cusolver_linalg():
-        step()
-    return graph.replay
-
-
 def measure(model_kind: str, bs: int, variant: str, compile_mode: str, base: str) -> dict:
     net, loss_fn = build(model_kind, bs)
     if base == "bf16":
@@ -93,7 +78,9 @@ def measure(model_kind: str, bs: int, variant: str, compile_mode: str, base: str
 
     t0 = time.perf_counter()
     if graph:
-        step = capture(step)
+        # The whole step as one graph; cuSOLVER while capturing keeps OFT's inverse capturable.
+        with cusolver_linalg():
+            step = graphed(step)
     step()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0

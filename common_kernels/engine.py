@@ -315,9 +315,9 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if not params:
         raise PeftkitError("the task has no trainable parameters: check the adapter targets")
     model = accelerator.prepare(task.model)
-    if config.cuda_graph and getattr(task, "graph_unsafe", None):
-        raise PeftkitError(f"cuda_graph=True cannot train this task: {task.graph_unsafe}")
     if config.cuda_graph:
+        if getattr(task, "graph_unsafe", None):
+            raise PeftkitError(f"cuda_graph=True cannot train this task: {task.graph_unsafe}")
         check_graphable(accelerator.device, accelerator.num_processes, config.grad_accum, config.mixed_precision,
                         config.optimizer)
     optimizer, scheduler = build_optimizer(params, config, accelerator)

@@ -10,6 +10,7 @@ and never re-run). NaN/inf losses skip the update on the device (fused AdamW's `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -45,7 +46,9 @@ def check_graphable(device: torch.device, num_processes: int, grad_accum: int, m
                            "cuda_graph=False")
 
 
-def _copy_into(static: Any, batch: Any, path: str = "batch") -> None:
+def copy_batch(static: Any, batch: Any, path: str = "batch") -> None:
+    """Copy `batch` into the captured inputs `static` (same nesting of tensors, dicts, lists and
+    dataclasses); a changed shape or a changed non-tensor value is an error naming where."""
     if torch.is_tensor(static):
         if not torch.is_tensor(batch) or batch.shape != static.shape or batch.dtype != static.dtype:
             got = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
@@ -53,24 +56,31 @@ def _copy_into(static: Any, batch: Any, path: str = "batch") -> None:
                                f"{tuple(static.shape)} to {got}: use a fixed resolution and batch size, "
                                "or set cuda_graph=False")
         static.copy_(batch, non_blocking=True)
+    elif dataclasses.is_dataclass(static):
+        for f in dataclasses.fields(static):
+            copy_batch(getattr(static, f.name), getattr(batch, f.name), f"{path}.{f.name}")
     elif isinstance(static, dict):
         for key in static:
-            _copy_into(static[key], batch[key], f"{path}[{key!r}]")
+            copy_batch(static[key], batch[key], f"{path}[{key!r}]")
     elif isinstance(static, (list, tuple)):
         for i, (s, b) in enumerate(zip(static, batch)):
-            _copy_into(s, b, f"{path}[{i}]")
+            copy_batch(s, b, f"{path}[{i}]")
     elif static != batch:
         raise PeftkitError(f"cuda_graph=True needs a batch of tensors only, but {path} is a "
                            f"{type(static).__name__} that changes between steps: precompute it as a tensor")
 
 
-def _clone(batch: Any) -> Any:
+def clone_batch(batch: Any) -> Any:
+    """A copy of `batch` with every tensor cloned: the inputs a graph is captured on."""
     if torch.is_tensor(batch):
         return batch.clone()
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: clone_batch(getattr(batch, f.name))
+                                             for f in dataclasses.fields(batch) if f.init})
     if isinstance(batch, dict):
-        return {k: _clone(v) for k, v in batch.items()}
+        return {k: clone_batch(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone(v) for v in batch)
+        return type(batch)(clone_batch(v) for v in batch)
     return batch
 
 
@@ -102,8 +112,8 @@ class GraphedStep:
 
     def __call__(self, batch: Any) -> torch.Tensor:
         if self.static is None:
-            self.static = _clone(batch)
-        _copy_into(self.static, batch)
+            self.static = clone_batch(batch)
+        copy_batch(self.static, batch)
         self.calls += 1
         if self.calls <= WARMUP_STEPS:
             # Eager warm-up on a side stream allocates grads and optimizer state before capture.

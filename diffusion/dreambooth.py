@@ -121,16 +121,13 @@ class RandomStream:
         self.state = torch.Generator(self.device).manual_seed(seed).get_state()
 
     @contextlib.contextmanager
-    def drawing(self, replay: torch.Tensor | None = None) -> Iterator[None]:
-        """Within the block the device's global RNG is this stream; `replay` (an earlier `state`)
-        draws those numbers again and leaves the stream where it was. Outside, nothing changes."""
+    def drawing(self) -> Iterator[None]:
+        """Within the block the device's global RNG is this stream. Outside, nothing changes."""
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            state = self.state if replay is None else replay
-            torch.cuda.set_rng_state(state, self.device) if cuda else torch.set_rng_state(state)
+            torch.cuda.set_rng_state(self.state, self.device) if cuda else torch.set_rng_state(self.state)
             yield
-            if replay is None:
-                self.state = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
+            self.state = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
 
 
 @dataclass
@@ -179,6 +176,7 @@ class ConceptTask:
         if config.class_prompt and classes is None:
             raise PeftkitError("prior preservation needs class images: pass classes= (see data.class_images)")
         self.base, self.instances, self.config, self.classes, self.seed = base, instances, config, classes, seed
+        self.rank, self.world = 0, 1  # set by prepare() under DDP
         self.scheduler = base.noise_scheduler()
         # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
         with torch.random.fork_rng(devices=[]):
@@ -259,7 +257,7 @@ class ConceptTask:
         stream and keeps its own rows, so N processes train what one does on the global batch
         (the engine gives process r the r-th slice of each global batch). The draws depend only
         on shapes, so this process's rows stand in for the others' while drawing."""
-        world, rank = getattr(self, "world", 1), getattr(self, "rank", 0)
+        world, rank = self.world, self.rank
         keep = None
         if world > 1:
             local = [batch["instance"].shape[0], batch["class"].shape[0] if self.classes is not None else 0]
@@ -311,7 +309,7 @@ class ConceptTask:
         batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
         stream, self.stream = self.stream, RandomStream(seed, self.latents[0][0].device)
         classes, self.classes = self.classes, None
-        world, self.world = getattr(self, "world", 1), 1  # each process scores the whole fixed set itself
+        world, self.world = self.world, 1  # each process scores the whole fixed set itself
         try:
             with torch.no_grad():
                 return float(self.loss(self.model, batch))

@@ -42,6 +42,7 @@ import torch
 from ..common_kernels.engine import (TrainConfig, TrainResult, apply_gradients, batches, build_optimizer,
                                      evaluate_task, latest_checkpoint, load_checkpoint, save_checkpoint)
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.graphed_step import clone_batch, copy_batch
 from ..common_kernels.inject import adapted_layers, routing
 from .base import DiffusionBase
 from .data import ConceptDataset, class_images
@@ -125,7 +126,7 @@ class _RoutedGraph:
 
     def __init__(self, trainer: "ConceptTrainer", running: list[_Running], drawn: list) -> None:
         self.names = [r.job.name for r in running]
-        self.static = [_clone_rows(d) for d in drawn]
+        self.static = clone_batch(drawn)
         self.params = [p for r in running for p in r.params]
         for p in self.params:
             if p.grad is None:
@@ -166,27 +167,9 @@ class _RoutedGraph:
                 self.losses = body()
 
     def run(self, drawn: list) -> list[float]:
-        for static, rows in zip(self.static, drawn):
-            _copy_rows(static, rows)
+        copy_batch(self.static, drawn, "drawn rows")
         self.graph.replay()
         return self.losses.tolist()
-
-
-def _clone_rows(rows):
-    return dataclasses.replace(rows, noisy=rows.noisy.clone(), t=rows.t.clone(), target=rows.target.clone(),
-                               weight=None if rows.weight is None else rows.weight.clone(),
-                               cond={"hidden": rows.cond["hidden"].clone(),
-                                     "extra": {k: v.clone() for k, v in rows.cond["extra"].items()}})
-
-
-def _copy_rows(static, rows) -> None:
-    pairs = [(static.noisy, rows.noisy), (static.t, rows.t), (static.target, rows.target),
-             (static.cond["hidden"], rows.cond["hidden"])]
-    pairs += [(static.cond["extra"][k], v) for k, v in rows.cond["extra"].items()]
-    if static.weight is not None:
-        pairs.append((static.weight, rows.weight))
-    for a, b in pairs:
-        a.copy_(b, non_blocking=True)
 
 
 class ConceptTrainer:

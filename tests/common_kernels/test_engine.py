@@ -111,12 +111,12 @@ def test_cuda_graph_mode_explains_what_it_needs():
 
 
 def test_graphed_step_rejects_changing_batch_shapes():
-    from peftkit.common_kernels.graphed_step import _copy_into
+    from peftkit.common_kernels.graphed_step import copy_batch
 
     static = {"x": torch.zeros(2, 3), "tag": "a"}
-    _copy_into(static, {"x": torch.ones(2, 3), "tag": "a"})
+    copy_batch(static, {"x": torch.ones(2, 3), "tag": "a"})
     assert torch.equal(static["x"], torch.ones(2, 3))
     with pytest.raises(PeftkitError, match=r"fixed batch shapes.*batch\['x'\] changed from \(2, 3\) to \(1, 3\)"):
-        _copy_into(static, {"x": torch.ones(1, 3), "tag": "a"})
+        copy_batch(static, {"x": torch.ones(1, 3), "tag": "a"})
     with pytest.raises(PeftkitError, match="batch of tensors only"):
-        _copy_into(static, {"x": torch.ones(2, 3), "tag": "b"})
+        copy_batch(static, {"x": torch.ones(2, 3), "tag": "b"})
