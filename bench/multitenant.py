@@ -255,14 +255,16 @@ def graphed_unet_step(trainer: ConceptTrainer, k: int):
     x, target = (torch.randn(BATCH, 4, 64, 64, device="cuda", generator=g) for _ in range(2))
     hidden = torch.randn(BATCH, 77, 768, device="cuda", generator=g, dtype=torch.bfloat16)
     t = torch.randint(0, 1000, (BATCH,), device="cuda", generator=g)
-    ids = [i % k for i in range(BATCH)]
+    rows = BATCH // k
+    ids = [i // rows for i in range(BATCH)]  # each job's rows together, as the trainer lays them out
     ctx = routing(unet, ids, trainer.jobs)
     ctx.__enter__()  # the ids tensor is made here, outside the captured graph
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             pred = unet(x, t, encoder_hidden_states=hidden).sample.float()
-        sum(((pred[i::k] - target[i::k]) ** 2).mean() for i in range(k)).backward()
+        sq = (pred - target) ** 2
+        sum(sq[i * rows:(i + 1) * rows].mean() for i in range(k)).backward()
 
     return graphed(step), ctx
 
@@ -274,6 +276,11 @@ def timing(rows: list[dict]) -> None:
     base, folders = bench_base(), image_folders(root, max(KS) + 1, 512)
     accelerator = Accelerator(mixed_precision="bf16")
 
+    def timed(step) -> tuple[float, float]:
+        """(median ms, peak GiB of everything allocated while timing: UNet, caches, graph pools)."""
+        ms, _ = time_step(step, warmup=3, repeats=10)
+        return ms, torch.cuda.max_memory_allocated() / 2**30
+
     def record(variant: str, k: int, ms: float, peak: float | None = None, **extra) -> None:
         row = dict(variant=variant, k=k, rows_per_adapter=BATCH // k, ms=round(ms, 2),
                    images_per_s=round(BATCH * 1000 / ms, 1), peak_gib=None if peak is None else round(peak, 2), **extra)
@@ -283,7 +290,7 @@ def timing(rows: list[dict]) -> None:
     single = {}
     for bs in sorted({BATCH // k for k in KS}, reverse=True):
         task, step = single_step(base, folders[-1], bs, accelerator)
-        single[bs] = time_step(step, warmup=3, repeats=10)
+        single[bs] = timed(step)
         task.unet_handle.unload()
         gc.collect()
     record("single bs 8 (train-concept step)", 1, *single[BATCH])
@@ -292,9 +299,9 @@ def timing(rows: list[dict]) -> None:
     for k in KS:
         for i in range(k):
             trainer.add_job(job(folders, i, BATCH // k, 512, "bf16"))
-        record("routed (ConceptTrainer.step)", k, *time_step(trainer.step, warmup=3, repeats=10))
+        record("routed (ConceptTrainer.step)", k, *timed(trainer.step))
         replay, ctx = graphed_unet_step(trainer, k)
-        record("graph: routed UNet fwd+bwd only", k, *time_step(replay, warmup=3, repeats=10))
+        record("graph: routed UNet fwd+bwd only", k, *timed(replay))
         ctx.__exit__(None, None, None)
         del replay
         for name in trainer.jobs:
@@ -303,7 +310,7 @@ def timing(rows: list[dict]) -> None:
         for i in range(k):
             graphed.add_job(job(folders, i, BATCH // k, 512, "bf16"))
         record("routed, CUDA graph (ConceptTrainer(cuda_graph=True).step)", k,
-               *time_step(graphed.step, warmup=3, repeats=10))
+               *timed(graphed.step))
         for name in graphed.jobs:
             graphed.remove_job(name, save=False)
         gc.collect()
@@ -349,7 +356,7 @@ def table(rows: list[dict]) -> str:
 
     kinds = ("routed (", "routed, CUDA graph", "graph: ", "single", "sequential")
     anchor = ms("single bs 8", 1)
-    lines = ["| variant | K | rows/adapter | ms/step | images/s | x single bs8 | x same variant K=1 | peak GiB |",
+    lines = ["| variant | K | rows/adapter | ms/step | images/s | x single bs8 | x same variant K=1 | peak GiB (all) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = lambda other: f"{r['ms'] / other:.2f}" if other else "-"  # noqa: E731

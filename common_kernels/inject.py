@@ -21,7 +21,7 @@ from .config import AdapterConfig
 from .delta import Delta
 from .errors import PeftkitError
 from .kron import KronConfig, KronDelta
-from .layer import AdaptedLayer
+from .layer import AdaptedLayer, RunPlan
 from .lora import LoRAConfig, LoRADelta
 from .oft import OFTConfig, OFTDelta
 
@@ -293,10 +293,32 @@ def routing(model: nn.Module, adapter_ids: torch.Tensor | Sequence[int], names: 
                 layer.active = active
         return
     ids = host.to(device)
+    runs = row_runs(host.tolist())
+    plans: dict[tuple, RunPlan] = {}
     for layer in layers:
         layer.adapter_ids, layer.route_names = ids, list(names)
+        layer.route_plan = None
+        if len(runs) <= 2 * len({k for k, _ in runs}):  # few runs: one weight per run is cheap
+            present = [n for n in names if n in layer.deltas]
+            slots = tuple(present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
+                          for k, _ in runs)
+            if slots not in plans:  # one device copy per distinct plan, made here and not inside a capture
+                index = None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
+                plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index)
+            layer.route_plan = plans[slots]
     try:
         yield
     finally:
         for layer in layers:
-            layer.adapter_ids, layer.route_names = None, []
+            layer.adapter_ids, layer.route_names, layer.route_plan = None, [], None
+
+
+def row_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """(adapter index, row count) of each maximal run of equal consecutive ids."""
+    runs: list[list[int]] = []
+    for k in ids:
+        if runs and runs[-1][0] == k:
+            runs[-1][1] += 1
+        else:
+            runs.append([k, 1])
+    return [(k, n) for k, n in runs]

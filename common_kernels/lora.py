@@ -131,10 +131,7 @@ class LoRADelta(Delta):
         one (r x d) factor pair per row."""
         A = torch.stack([d.A for d in deltas])
         B = torch.stack([d.B for d in deltas])
-        if len({d.scaling for d in deltas}) == 1:  # one alpha/r, the usual case: one multiply instead of K
-            scales = torch.stack([d.scale for d in deltas]) * deltas[0].scaling
-        else:
-            scales = torch.stack([d.scale * d.scaling for d in deltas])
+        scales = _scales(deltas)
         rows = slot.clamp(min=0)
         # index_select, not A[rows]: its backward is one index_add, where advanced indexing's
         # backward is a sort-based index_put costing ~100 us of host time per call.
@@ -145,8 +142,24 @@ class LoRADelta(Delta):
         out = torch.bmm(torch.bmm(flat, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
         return out.reshape(*x.shape[:-1], B.shape[1])
 
+    @staticmethod
+    def routed_weights(deltas: list["LoRADelta"], weight: torch.Tensor) -> torch.Tensor:
+        """(K, d_out, d_in): W + s_k B_k A_k for each of the K deltas, in one batched GEMM; scaled
+        in the factors' precision and cast once, as `add_to_weight`."""
+        A = torch.stack([d.A for d in deltas]).to(weight.dtype)
+        B = torch.stack([d.B for d in deltas])
+        B = (B * _scales(deltas)[:, None, None]).to(weight.dtype)
+        return torch.baddbmm(weight.unsqueeze(0), B, A)
+
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight + lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
 
     def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight - lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
+
+
+def _scales(deltas: list[LoRADelta]) -> torch.Tensor:
+    """(K,) effective scales s_k * alpha_k / r_k."""
+    if len({d.scaling for d in deltas}) == 1:  # one alpha/r, the usual case: one multiply instead of K
+        return torch.stack([d.scale for d in deltas]) * deltas[0].scaling
+    return torch.stack([d.scale * d.scaling for d in deltas])

@@ -130,6 +130,14 @@ class RandomStream:
             self.state = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` without blocking the host: a copy from pageable memory waits for all
+    queued GPU work, which would stall drawing the next step's rows during this one (multitenant.py)."""
+    if device.type == "cuda" and not host.is_cuda:
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @dataclass
 class ConceptRows:
     """One step's UNet inputs drawn for a batch, and the targets its prediction is scored against:
@@ -243,7 +251,7 @@ class ConceptTask:
 
     def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which]
-        index = index.to(mean.device)
+        index = to_device_async(index, mean.device)
         latents = sample_latents(mean[index], std[index])
         if self.text_handles:
             return latents, {"ids": [i[index.cpu()] for i in self.ids[which]]}
@@ -267,7 +275,7 @@ class ConceptTask:
         rows = self._draw_all(batch)
         if keep is None:
             return rows
-        keep = keep.to(rows.noisy.device)
+        keep = to_device_async(keep, rows.noisy.device)
         if self.text_handles:
             cond = {**rows.cond, "ids": [i[keep.cpu()] for i in rows.cond["ids"]]}
         else:

@@ -2,10 +2,12 @@
 seed and schedule, trained together in one process over one frozen UNet.
 
 Every step runs one UNet forward and backward over a batch that joins each job's rows. Per-sample
-routing (`common_kernels.inject.routing`) sends every row through its own job's adapter, and LoRA
-adapters of one shape on Linear layers run as one gathered batched matmul per layer
-(`LoRADelta.routed_delta`, the segmented-GEMM idea of Punica and S-LoRA), so K adapters cost about
-one. LoKr and OFT route too, at one pass per adapter in each layer.
+routing (`common_kernels.inject.routing`) sends every row through its own job's adapter. The jobs'
+rows come in contiguous runs, so on a GPU each Linear layer forms every job's merged weight
+W + s_k B_k A_k in one batched GEMM and runs all runs through one batched GEMM over them (the
+segmented GEMM of Punica/S-LoRA, `AdaptedLayer._segmented_forward`): the FLOPs of one adapter, plus
+K weight-sized copies. On the CPU LoRAs of one shape run as one gathered factored pass
+(`LoRADelta.routed_delta`). LoKr and OFT route too, at one pass per adapter in each layer.
 
 Each job ends with the adapter `train_concept` gives it alone, to floating-point rounding:
 - the same rows, latent draws, noise and timesteps: its own seeded data order (`engine.batches`)
@@ -16,8 +18,9 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
   couple the jobs).
 
 On a GPU, `cuda_graph=True` replays each step's routed forward, scoring, backward, clipping and
-AdamW steps as one CUDA graph (captured once per set of jobs; only each job's draws stay eager),
-so a step costs about its GPU time instead of thousands of kernel launches.
+AdamW steps as one CUDA graph (captured once per set of jobs; only each job's draws stay eager,
+and those for the next step are made while the GPU replays this one), so a step costs about its
+GPU time instead of thousands of kernel launches.
 
     trainer = ConceptTrainer(load_base("./sd15"), mixed_precision="bf16")
     trainer.add_job(ConceptJob("dog", "photos/dog", ConceptConfig("a photo of sks dog", rank=16),
@@ -46,7 +49,7 @@ from ..common_kernels.graphed_step import clone_batch, copy_batch
 from ..common_kernels.inject import adapted_layers, routing
 from .base import DiffusionBase
 from .data import ConceptDataset, class_images
-from .dreambooth import ConceptConfig, ConceptModel, ConceptTask, save_concept
+from .dreambooth import ConceptConfig, ConceptModel, ConceptRows, ConceptTask, save_concept
 
 
 @dataclass
@@ -115,6 +118,8 @@ class _Running:
         self.result = result
         self.data = batches(task.dataset(), job.train.batch_size, job.train.seed, result.step, None)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
+        # The next step's rows, drawn while this step ran, and the random stream from before them.
+        self.ahead: tuple[ConceptRows, torch.Tensor] | None = None
 
 
 class _RoutedGraph:
@@ -166,16 +171,18 @@ class _RoutedGraph:
             with torch.cuda.graph(self.graph):
                 self.losses = body()
 
-    def run(self, drawn: list) -> list[float]:
+    def launch(self, drawn: list) -> None:
+        """Queue the step on the GPU and return at once; `self.losses` holds the jobs' losses after."""
         copy_batch(self.static, drawn, "drawn rows")
         self.graph.replay()
-        return self.losses.tolist()
 
 
 class ConceptTrainer:
     """Trains the jobs added to it, all in every step, over `base`'s one frozen UNet. Jobs join
     (`add_job`) and leave (`remove_job`, or on reaching their steps) between steps; a leaving job
     saves what train-concept writes into its output_dir. Thread-safe: calls wait for a running step.
+    `draw_ahead` (default: on with `cuda_graph`) draws each job's next rows while the current step
+    runs; jobs end with the same adapters either way.
 
     Example:
         >>> trainer = ConceptTrainer(load_base("tests/fixtures/tiny-sd"))   # doctest: +SKIP
@@ -186,7 +193,8 @@ class ConceptTrainer:
     """
 
     def __init__(self, base: DiffusionBase, mixed_precision: str = "no", cpu: bool = False,
-                 on_event: Callable[[dict], None] | None = None, cuda_graph: bool = False) -> None:
+                 on_event: Callable[[dict], None] | None = None, cuda_graph: bool = False,
+                 draw_ahead: bool | None = None) -> None:
         from accelerate import Accelerator
 
         if mixed_precision not in ("no", "bf16"):
@@ -200,6 +208,9 @@ class ConceptTrainer:
         if cuda_graph and self.accelerator.device.type != "cuda":
             raise PeftkitError("cuda_graph=True needs a CUDA device: set cuda_graph=False to train on the CPU")
         self.cuda_graph = cuda_graph
+        # Drawing ahead hides a job's ~1 ms of draw launches behind the previous step's GPU work;
+        # only a graphed step leaves the host idle to do it (eager steps are busy launching).
+        self.draw_ahead = cuda_graph if draw_ahead is None else draw_ahead
         self._graph: _RoutedGraph | None = None
         # Text encoders stay frozen here, so the resolution their conditioning needs is never read.
         self.model = self.accelerator.prepare(ConceptModel(base, [], resolution=0))
@@ -266,15 +277,17 @@ class ConceptTrainer:
             running = list(self._running.values())
             if not running:
                 return {}
-            with self.accelerator.autocast():
-                drawn = [r.task.draw(next(r.data)) for r in running]
+            drawn = [self._draw(r) for r in running]
             values = None
             if self.cuda_graph:
                 names = [r.job.name for r in running]
                 if self._graph is None or self._graph.names != names:
                     self._graph = None  # frees the old graph's memory before capturing the new one
                     self._graph = _RoutedGraph(self, running, drawn)
-                values = self._graph.run(drawn)
+                self._graph.launch(drawn)
+                if self.draw_ahead:
+                    self._draw_next(running)
+                values = self._graph.losses.tolist()
                 if not all(math.isfinite(v) for v in values):
                     # Nothing was updated (found_inf); a bad job's NaN can reach other jobs'
                     # gradients through masked routes, so redo the step eagerly without it.
@@ -286,9 +299,29 @@ class ConceptTrainer:
             stepped = values is not None  # the graph took the optimizer steps
             if values is None:
                 values = self._eager(running, drawn)
+                if self.draw_ahead and not self.cuda_graph:
+                    self._draw_next(running)
             for r, value in zip(running, values):
                 self._advance(r, value, math.isfinite(value), stepped)
             return {r.job.name: v for r, v in zip(running, values)}
+
+    def _draw(self, r: _Running) -> ConceptRows:
+        """`r`'s rows for this step: drawn ahead during the last step, or now."""
+        if r.ahead is not None:
+            rows, r.ahead = r.ahead[0], None
+            return rows
+        with self.accelerator.autocast():
+            return r.task.draw(next(r.data))
+
+    def _draw_next(self, running: list[_Running]) -> None:
+        """Draw the next step's rows of every job that will have one. They come from the job's own
+        data order and random stream, in the order a step-by-step run draws them; a checkpoint
+        taken before they are used saves the stream from before them (`_checkpoint`)."""
+        for r in running:
+            if r.result.step + 1 < r.job.train.steps:
+                before = r.task.stream.state
+                with self.accelerator.autocast():
+                    r.ahead = (r.task.draw(next(r.data)), before)
 
     def _routing(self, running: list[_Running], drawn: list):
         """Each row through its own job's adapter (row order: the jobs' rows in turn)."""
@@ -376,7 +409,13 @@ class ConceptTrainer:
 
     def _checkpoint(self, r: _Running) -> Path:
         folder = Path(r.job.train.output_dir) / "checkpoints"
-        return save_checkpoint(folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train)
+        now = r.task.stream.state
+        if r.ahead is not None:  # rows drawn ahead belong to the next step, not to this checkpoint
+            r.task.stream.state = r.ahead[1]
+        try:
+            return save_checkpoint(folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train)
+        finally:
+            r.task.stream.state = now
 
     def _evaluate(self, r: _Running) -> dict[str, float]:
         with self._solo(r):

@@ -89,9 +89,11 @@ def test_one_job_in_the_trainer_is_bit_identical_to_train_concept(tiny_sd_path, 
     assert status.status == "done" and status.result.metrics["instance_loss"] > 0
 
 
-def test_jobs_join_and_leave_between_steps_and_resume(tiny_sd_path, folders, tmp_path):
+@pytest.mark.parametrize("draw_ahead", [False, True])
+def test_jobs_join_and_leave_between_steps_and_resume(tiny_sd_path, folders, tmp_path, draw_ahead):
+    # With draw_ahead the leaving job has its next rows drawn: its checkpoint must not count them.
     events = []
-    trainer = ConceptTrainer(load_base(str(tiny_sd_path)), on_event=events.append)
+    trainer = ConceptTrainer(load_base(str(tiny_sd_path)), on_event=events.append, draw_ahead=draw_ahead)
     first = _job(folders, 0, tmp_path / "first", steps=4, checkpoint_every=10)
     late = _job(folders, 1, tmp_path / "late", steps=3)
     trainer.add_job(first)
