@@ -170,7 +170,14 @@ def run_concept(job: dict, folder: Path, cpu: bool) -> dict:
     return clock.summary()
 
 
-def worker(jobs: list[dict], out: Path, cpu: bool) -> None:
+def run_trainer(job: dict, folder: Path, cpu: bool) -> dict:
+    run = run_vit if job["trainer"] == "vit" else run_concept
+    return run(job, folder / f"rank{launch_world()[0]}", cpu)
+
+
+def worker(jobs: list[dict], out: Path, cpu: bool, run=run_trainer) -> None:
+    """This process's part of a launch: `run(job, folder, cpu)` for each job in turn; rank 0
+    writes each job's result.json (bench/fsdp.py passes its own `run`)."""
     rank, _ = launch_world()
     for job in jobs:
         if job["precision"] == "no" and torch.cuda.is_available():
@@ -179,8 +186,7 @@ def worker(jobs: list[dict], out: Path, cpu: bool) -> None:
         folder = out / job["name"]
         start = time.perf_counter()
         try:
-            run = run_vit if job["trainer"] == "vit" else run_concept
-            result = run(job, folder / f"rank{rank}", cpu)
+            result = run(job, folder, cpu)
         except Exception as exc:  # the next job may still succeed; a rank left waiting ends at the timeout
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
@@ -240,8 +246,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(processes: int, jobs: list[dict], jobs_dir: Path, cpu: bool, timeout: float, log: Path) -> dict:
-    argv = [str(HERE), "worker", "--out", str(jobs_dir), "--jobs", json.dumps(jobs)] + (["--cpu"] if cpu else [])
+def launch(processes: int, jobs: list[dict], jobs_dir: Path, cpu: bool, timeout: float, log: Path,
+           script: Path = HERE) -> dict:
+    """Run `script worker` on `jobs` as one launch of `processes` processes (bench/fsdp.py reuses it)."""
+    argv = [str(script), "worker", "--out", str(jobs_dir), "--jobs", json.dumps(jobs)] + (["--cpu"] if cpu else [])
     if processes > 1:
         # --multi_gpu is accelerate's torchrun launcher; with --cpu accelerate would start a single
         # process, so the CPU smoke test takes the same launcher and the trainers' cpu=True picks gloo.

@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapter_file import read_tensors, save_tensors
 from .errors import PeftkitError
+from .fsdp import fsdp_requested, full_tensors, like, shard
 from .graphed_step import GraphedStep, check_graphable, graph_optimizer
 
 Event = dict[str, Any]
@@ -54,6 +55,7 @@ class TrainConfig:
     progress: bool = True
     cpu: bool = False
     cuda_graph: bool = False
+    fsdp: bool = False  # with several processes: shard the model, gradients and AdamW states (fsdp.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -86,6 +88,7 @@ class TrainResult:
     peak_memory_gib: float = 0.0
     resumed_from: int | None = None
     skipped_steps: int = 0
+    parallel: str = "single"  # or "ddp xN" / "fsdp xN": how the run was spread over processes
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -236,14 +239,19 @@ def _load_task_state(task: Task, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(tensors[f"param.{i}"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler, config: TrainConfig) -> Path:
-    """Write checkpoint `step-N/` atomically: into a temporary folder, then one rename."""
+def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler, config: TrainConfig,
+                    write: bool = True) -> Path:
+    """Write checkpoint `step-N/` atomically: into a temporary folder, then one rename. Sharded
+    (FSDP) state is gathered whole first, which every process must join; only `write` ones write."""
     final = ckpt_dir / f"step-{step:07d}"
+    task_state = full_tensors({f"task.{k}": v for k, v in _task_state(task).items()})
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors = full_tensors(opt_tensors)
+    if not write:
+        return final
     tmp = ckpt_dir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    task_state = {f"task.{k}": v for k, v in _task_state(task).items()}
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_state()
     save_tensors(tmp / "state.safetensors", {**task_state, **opt_tensors, **rng_tensors}, {"step": str(step)})
     meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
@@ -269,7 +277,13 @@ def load_checkpoint(path: Path, task: Task, optimizer, scheduler) -> int:
     meta = json.loads((path / "trainer.json").read_text())
     _load_task_state(task, {k[5:]: v for k, v in tensors.items() if k.startswith("task.")})
     lr_tensors = [g["lr"] if torch.is_tensor(g["lr"]) else None for g in optimizer.param_groups]
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    state = _unflatten_optimizer(tensors, meta["optimizer"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, slots in state["state"].items():  # whole tensors back into shards where params are sharded
+        for key, value in slots.items():
+            if torch.is_tensor(value) and value.shape == params[idx].shape:
+                slots[key] = like(params[idx], value)
+    optimizer.load_state_dict(state)
     # A captured step reads lr from its tensor: refill that tensor instead of replacing it.
     for group, lr in zip(optimizer.param_groups, lr_tensors):
         if lr is not None:
@@ -314,7 +328,16 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     params = [p for p in task.trainable_parameters() if p.requires_grad]
     if not params:
         raise PeftkitError("the task has no trainable parameters: check the adapter targets")
-    model = accelerator.prepare(task.model)
+    fsdp = fsdp_requested(config.fsdp) and accelerator.num_processes > 1
+    if fsdp:
+        if config.cuda_graph:
+            raise PeftkitError("cuda_graph=True and FSDP cannot be combined: drop one of them")
+        model = shard(task, task.model, accelerator.device, accelerator.num_processes)
+        params = [p for p in task.trainable_parameters() if p.requires_grad]  # now the sharded ones
+    else:
+        model = accelerator.prepare(task.model)
+    # Under FSDP saving gathers shards, so every process takes part; process 0 writes.
+    saves, writes = accelerator.is_main_process or fsdp, accelerator.is_main_process
     if config.cuda_graph:
         if getattr(task, "graph_unsafe", None):
             raise PeftkitError(f"cuda_graph=True cannot train this task: {task.graph_unsafe}")
@@ -326,7 +349,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         graphed = GraphedStep(lambda batch: task.loss(model, batch), params, optimizer, config.max_grad_norm,
                               accelerator.autocast)
 
-    result = TrainResult(step=0)
+    world = accelerator.num_processes
+    result = TrainResult(step=0, parallel="single" if world == 1 else f"{'fsdp' if fsdp else 'ddp'} x{world}")
     ckpt_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
     found = latest_checkpoint(config.output_dir) if resume else None
     if found is not None:
@@ -345,8 +369,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     while result.step < config.steps:
         if should_stop is not None and should_stop():
             path = None
-            if ckpt_dir is not None and accelerator.is_main_process and result.step > (result.resumed_from or 0):
-                path = str(save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config))
+            if ckpt_dir is not None and saves and result.step > (result.resumed_from or 0):
+                path = str(save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes))
             emit({"kind": "stopped", "step": result.step, "path": path})
             break
         total = 0.0
@@ -358,7 +382,9 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         for micro in range(config.grad_accum if graphed is None else 0):
             batch = _to_device(next(data), device)
             sync = micro == config.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync else _null()
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
+            ctx = accelerator.no_sync(model) if not (sync or fsdp) else _null()
             with ctx, accelerator.autocast():
                 loss = task.loss(model, batch)
             ok = torch.isfinite(loss.detach()).float()
@@ -379,8 +405,9 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             emit({"kind": "bad_step", "step": result.step, "consecutive": bad})
             if bad >= config.max_bad_steps:
                 where = ""
-                if ckpt_dir is not None and accelerator.is_main_process:
-                    where = f"; the last good state is saved in {save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config)}"
+                if ckpt_dir is not None and saves:
+                    saved = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes)
+                    where = f"; the last good state is saved in {saved}"
                 raise PeftkitError(
                     f"the loss was NaN/inf for {bad} steps in a row at step {result.step}{where}: lower the "
                     "learning rate, use bf16 instead of fp16, or check the data for broken examples"
@@ -401,8 +428,8 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         if config.eval_every and result.step % config.eval_every == 0 and hasattr(task, "evaluate"):
             result.metrics = evaluate_task(task, model, accelerator, result.step, emit)
         if (ckpt_dir is not None and config.checkpoint_every and result.step % config.checkpoint_every == 0
-                and accelerator.is_main_process):
-            path = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config)
+                and saves):
+            path = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes)
             emit({"kind": "checkpoint", "step": result.step, "path": str(path)})
     bar.close()
     elapsed = time.perf_counter() - t0

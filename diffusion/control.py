@@ -33,8 +33,9 @@ from torch import nn
 
 from ..common_kernels.config import AdapterConfig
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.fsdp import copy_whole_, full_tensors, is_sharded
 from ..common_kernels.inject import AdapterHandle, inject
-from .objective import denoising_loss, sample_latents
+from .objective import prediction_loss, process_denoising_targets
 from .pairs import PairExample, encode_latents, fixed_loss, load_pixels
 
 ADAPTER_NAME = "control"
@@ -137,15 +138,20 @@ class ControlTask:
     """Engine task: noise-prediction MSE of the controlled UNet on cached (latents, text, condition)."""
 
     def __init__(self, base, examples: list[PairExample], config: ControlConfig, resolution: int = 512,
-                 extractor=None) -> None:
-        """`base`: a DiffusionBase (diffusion.base.load_base) of kind "sd"."""
+                 extractor=None, seed: int = 0) -> None:
+        """`base`: a DiffusionBase (diffusion.base.load_base) of kind "sd". `seed` draws the branch's
+        freshly initialized layers (the condition encoder): the same seed, the same branch, in every
+        process of a launch (FSDP shards each process's own copy, so they must agree)."""
         self.base, self.examples, self.config, self.resolution = base, examples, config, resolution
         self.extractor = extractor
-        self.controlnet = build_control_branch(base.unet, base.pipe.vae_scale_factor)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.controlnet = build_control_branch(base.unet, base.pipe.vae_scale_factor)
         self.handle = add_control_adapter(self.controlnet, config.adapter_config()) if config.mode == "lora" else None
         base.unet.requires_grad_(False)
         self.model = ControlledUNet(base.unet, self.controlnet)
         self.scheduler = base.noise_scheduler()
+        self.rank, self.world = 0, 1  # set by prepare() under DDP/FSDP
 
     def dataset(self) -> list[int]:
         return list(range(len(self.examples)))
@@ -155,6 +161,7 @@ class ControlTask:
 
     def prepare(self, accelerator) -> None:
         device = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         pixels, conditions = load_pixels(self.examples, self.resolution, self.extractor)
         frozen = [self.base.vae, *self.base.text_encoders]
         for module in frozen:
@@ -179,9 +186,10 @@ class ControlTask:
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         idx = batch.to(self.mean.device)
-        latents = sample_latents(self.mean[idx], self.std[idx])
-        return denoising_loss(lambda x, t: model(x, t, self.text[idx], self.conditions[idx],
-                                                 self.config.conditioning_scale), self.scheduler, latents).mean()
+        noisy, t, target, weight = process_denoising_targets(self.scheduler, self.mean, self.std, idx, self.rank,
+                                                             self.world)
+        pred = model(noisy, t, self.text[idx], self.conditions[idx], self.config.conditioning_scale)
+        return prediction_loss(pred, target, weight).mean()
 
     def evaluate(self, model) -> dict[str, float]:
         """The loss on up to 8 examples under fixed noise and timesteps: comparable across steps."""
@@ -192,9 +200,18 @@ class ControlTask:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = dict(self.controlnet.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                own[name].copy_(value)
+        for name, value in state.items():
+            copy_whole_(own[name], value)
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """FSDP units (common_kernels/fsdp.py): the UNet's and the branch's down, mid and up blocks;
+        the stems, embeddings and zero convs shard together as the root unit."""
+        if self.handle is not None:
+            raise PeftkitError("FSDP trains the full-copy branch (--mode full); an adapter on the copy is small "
+                               "enough for DDP: launch without --fsdp")
+        unet, branch = self.base.unet, self.controlnet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, *branch.down_blocks, branch.mid_block]
+        return [b for b in blocks if b is not None]
 
 
 def merged_state_dict(controlnet, handle: AdapterHandle | None) -> dict[str, torch.Tensor]:
@@ -217,16 +234,23 @@ def merged_state_dict(controlnet, handle: AdapterHandle | None) -> dict[str, tor
 
 
 def save_control(controlnet, folder: str | os.PathLike, handle: AdapterHandle | None = None,
-                 config: ControlConfig | None = None, base_model: str | None = None) -> Path:
+                 config: ControlConfig | None = None, base_model: str | None = None, write: bool = True) -> Path:
     """Write a folder `ControlNetModel.from_pretrained` reads (config.json + safetensors), atomically:
-    into a temporary sibling, then renamed over `folder`."""
+    into a temporary sibling, then renamed over `folder`. A branch sharded by FSDP is gathered whole
+    first, which every process must join; only `write` ones write."""
     from diffusers import ControlNetModel
 
     folder = Path(folder)
     plain = controlnet
-    if handle is not None:
+    sharded = any(is_sharded(p) for p in controlnet.parameters())
+    if handle is not None or sharded:
+        state = full_tensors(controlnet.state_dict() if handle is None else merged_state_dict(controlnet, handle))
+        if not write:
+            return folder
         plain = ControlNetModel.from_config(controlnet.config)
-        plain.load_state_dict(merged_state_dict(controlnet, handle), strict=True)
+        plain.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True)
+    elif not write:
+        return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)

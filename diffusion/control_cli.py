@@ -4,6 +4,10 @@ IPAdapterTask on the shared training engine.
     peftkit train-control --model runwayml/stable-diffusion-v1-5 --data pairs.jsonl --output out/edges \\
         --condition-from canny --mode lora --steps 2000
     peftkit train-ip-adapter --model ./sd15 --data photos/ --image-encoder ./clip-vit-h --output out/ip
+
+On N GPUs: `accelerate launch --num_processes N -m peftkit.cli train-control ...` (DDP; the batch
+size is per process), plus `--fsdp` to shard the full-copy branch, the UNet and the AdamW states
+(fsdp.py). Process 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -37,19 +41,23 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under accelerate launch: shard model, gradients and optimizer states (full-copy branch)")
 
 
 def _train(task, args: argparse.Namespace):
-    from ..common_kernels.engine import TrainConfig, train
+    from ..common_kernels.engine import TrainConfig, launch_world, train
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
                          warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.seed,
                          output_dir=args.output, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                         cpu=args.cpu, schedule="constant")
+                         cpu=args.cpu, schedule="constant", fsdp=args.fsdp)
     result = train(task, task.dataset(), config)
+    if launch_world()[0] != 0:
+        return result
     summary = {"steps": result.step, "final_loss": result.losses[-1] if result.losses else None,
                "samples_per_s": result.samples_per_s, "peak_memory_gib": result.peak_memory_gib,
-               "metrics": result.metrics}
+               "metrics": result.metrics, "parallel": result.parallel}
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "train.json").write_text(json.dumps(summary, indent=2))
     return result
@@ -57,6 +65,7 @@ def _train(task, args: argparse.Namespace):
 
 def train_control(argv: list[str]) -> int:
     """Train a zero-conv control branch; writes <output>/controlnet (a diffusers ControlNetModel folder)."""
+    from ..common_kernels.engine import launch_world
     from .conditions import EXTRACTORS
     from .control import ControlConfig, ControlTask, save_control
     from .pairs import load_pairs
@@ -84,15 +93,20 @@ def train_control(argv: list[str]) -> int:
     examples = load_pairs(args.data, need_condition=args.condition_from is None)
     base = load_base(args.model)
     extractor = EXTRACTORS[args.condition_from] if args.condition_from else None
-    task = ControlTask(base, examples, config, resolution=args.resolution, extractor=extractor)
+    task = ControlTask(base, examples, config, resolution=args.resolution, extractor=extractor, seed=args.seed)
     _train(task, args)
-    folder = save_control(task.controlnet, Path(args.output) / "controlnet", task.handle, config, base_model=args.model)
-    print(f"saved control branch to {folder}")
+    # Every process joins (FSDP gathers the sharded branch to save it); process 0 writes.
+    writer = launch_world()[0] == 0
+    folder = save_control(task.controlnet, Path(args.output) / "controlnet", task.handle, config,
+                          base_model=args.model, write=writer)
+    if writer:
+        print(f"saved control branch to {folder}")
     return 0
 
 
 def train_ip_adapter(argv: list[str]) -> int:
     """Train an IP-Adapter; writes <output>/ip-adapter.safetensors (diffusers load_ip_adapter layout)."""
+    from ..common_kernels.engine import launch_world
     from .image_encoder import ImageEncoder
     from .ip_adapter import IPAdapterConfig, save_ip_adapter
     from .ip_adapter_task import IPAdapterTask
@@ -120,6 +134,7 @@ def train_ip_adapter(argv: list[str]) -> int:
     encoder = ImageEncoder(args.image_encoder, args.variant)
     task = IPAdapterTask(base, examples, config, encoder, resolution=args.resolution)
     _train(task, args)
-    path = save_ip_adapter(task.adapter, Path(args.output) / "ip-adapter.safetensors", base_model=args.model)
-    print(f"saved IP-Adapter to {path}")
+    if launch_world()[0] == 0:
+        path = save_ip_adapter(task.adapter, Path(args.output) / "ip-adapter.safetensors", base_model=args.model)
+        print(f"saved IP-Adapter to {path}")
     return 0

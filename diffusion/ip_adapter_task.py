@@ -8,7 +8,7 @@ from torch import nn
 
 from .image_encoder import ImageEncoder
 from .ip_adapter import IPAdapter, IPAdapterConfig, IPAdapterUNet
-from .objective import denoising_loss, sample_latents
+from .objective import prediction_loss, process_denoising_targets, rows_of_process
 from .pairs import encode_latents, fixed_loss, load_pixels, open_image
 
 
@@ -23,6 +23,7 @@ class IPAdapterTask:
         self.adapter = IPAdapter(base.unet, config, encoder.embed_dim)
         self.model = IPAdapterUNet(base.unet, self.adapter)
         self.scheduler = base.noise_scheduler()
+        self.rank, self.world = 0, 1  # set by prepare() under DDP
 
     def dataset(self) -> list[int]:
         return list(range(len(self.examples)))
@@ -32,6 +33,7 @@ class IPAdapterTask:
 
     def prepare(self, accelerator) -> None:
         device = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         pixels, _ = load_pixels(self.examples, self.resolution, with_conditions=False)
         frozen = [self.base.vae, *self.base.text_encoders]
         for module in frozen:
@@ -54,7 +56,8 @@ class IPAdapterTask:
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         idx = batch.to(self.mean.device)
         c = self.config
-        r = torch.rand(idx.shape[0], device=idx.device)
+        # The whole global batch's draws, this process's slice kept (objective.process_denoising_targets).
+        r = torch.rand(idx.shape[0] * self.world, device=idx.device)[rows_of_process(idx.shape[0], self.rank, self.world)]
         drop_image = (r < c.drop_image) | ((r >= c.drop_image + c.drop_text) & (r < c.drop_image + c.drop_text + c.drop_both))
         drop_text = (r >= c.drop_image) & (r < c.drop_image + c.drop_text + c.drop_both)
 
@@ -64,8 +67,9 @@ class IPAdapterTask:
         embeds = pick(drop_image, self.negative, self.embeds[idx])
         text = pick(drop_text, self.empty_text, self.text[idx])
         extra = {k: pick(drop_text, self.empty_extra[k], v[idx]) for k, v in self.extra.items()}
-        latents = sample_latents(self.mean[idx], self.std[idx])
-        return denoising_loss(lambda x, t: model(x, t, text, embeds, extra), self.scheduler, latents).mean()
+        noisy, t, target, weight = process_denoising_targets(self.scheduler, self.mean, self.std, idx, self.rank,
+                                                             self.world)
+        return prediction_loss(model(noisy, t, text, embeds, extra), target, weight).mean()
 
     def evaluate(self, model) -> dict[str, float]:
         """The loss on up to 8 examples under fixed noise, timesteps and dropout."""

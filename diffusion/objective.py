@@ -59,6 +59,23 @@ def denoising_targets(scheduler, latents: torch.Tensor, offset_noise: float = 0.
     return noisy, t, target, weight
 
 
+def rows_of_process(n: int, rank: int, world: int) -> slice:
+    """Where this process's n rows sit in a global batch of world x n (the engine's split)."""
+    return slice(rank * n, (rank + 1) * n)
+
+
+def process_denoising_targets(scheduler, mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, rank: int = 0,
+                              world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`denoising_targets` of fresh latent draws for this process's rows `idx` of a global batch
+    over `world` processes. Every process draws the numbers of all world x n rows from the same
+    random state and keeps its slice, so N processes draw what one process with the global batch
+    does; the draws depend only on shapes, so this process's rows stand in for the others'."""
+    rows = idx.repeat(world)
+    noisy, t, target, weight = denoising_targets(scheduler, sample_latents(mean[rows], std[rows]))
+    keep = rows_of_process(idx.shape[0], rank, world)
+    return noisy[keep], t[keep], target[keep], None if weight is None else weight[keep]
+
+
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Per-sample loss (B,) of a prediction against `denoising_targets`' target."""
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -86,3 +86,22 @@ def clip_path(tmp_path_factory):
                               image_size=32, patch_size=8, projection_dim=24)
     CLIPVisionModelWithProjection(config).save_pretrained(path)
     return str(path)
+
+
+def write_box_pairs(root, conditions=True):
+    """Four 16x16 images of a colored box under root/images (with a caption each), and with
+    `conditions` their Canny edges under root/conditions: a control/IP-Adapter training set."""
+    from peftkit.diffusion.conditions import canny
+
+    (root / "images").mkdir(parents=True)
+    if conditions:
+        (root / "conditions").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = np.full((16, 16, 3), 20, np.uint8)
+        a[3 + i:12, 2:9 + i] = rng.integers(60, 255, 3)
+        Image.fromarray(a).save(root / "images" / f"{i}.png")
+        if conditions:
+            canny(Image.fromarray(a)).save(root / "conditions" / f"{i}.png")
+        (root / "images" / f"{i}.txt").write_text("a box")
+    return root

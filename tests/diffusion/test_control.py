@@ -8,14 +8,15 @@ from PIL import Image
 
 from peftkit.common_kernels.engine import TrainConfig, train
 from peftkit.common_kernels.errors import PeftkitError
-from peftkit.diffusion.conditions import canny
 from peftkit.diffusion.control import (ControlConfig, ControlTask, attach_control, conditioning_channels, load_control,
                                        save_control)
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.control_cli import train_control
 from peftkit.diffusion.pairs import load_pairs, load_pixels
 
-CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+from .conftest import write_box_pairs
+
+CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +31,7 @@ def pipe(base):
 
 @pytest.fixture(scope="module")
 def pair_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "images").mkdir()
-    (root / "conditions").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        a = np.full((16, 16, 3), 20, np.uint8)
-        a[3 + i:12, 2:9 + i] = rng.integers(60, 255, 3)
-        Image.fromarray(a).save(root / "images" / f"{i}.png")
-        canny(Image.fromarray(a)).save(root / "conditions" / f"{i}.png")
-        (root / "images" / f"{i}.txt").write_text("a box")
-    return root
+    return write_box_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 def _inputs(pipe, seed=0):

@@ -17,7 +17,7 @@ from peftkit.diffusion.ip_adapter import (IPAdapterConfig, attach_ip_adapter, cr
 from peftkit.diffusion.ip_adapter_task import IPAdapterTask
 from peftkit.diffusion.pairs import load_pairs
 
-CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1)
 
 
 def _load(path):
