@@ -110,9 +110,26 @@ def train_adapter(base, images: str | Path, instance_prompt: str, method: str, s
         >>> task, result = train_adapter(open_base("starter", "cpu"), SAMPLES, INSTANCE_PROMPT, "lora", 400, 8,
         ...                              "out/toy")   # doctest: +SKIP
     """
-    from ..common_kernels.engine import TrainConfig, train
+    from ..common_kernels.engine import train
     from ..diffusion.data import ConceptDataset
-    from ..diffusion.dreambooth import ConceptConfig, ConceptTask, save_concept
+    from ..diffusion.dreambooth import ConceptTask, save_concept
+
+    job = concept_job("demo", images, instance_prompt, method, steps, rank, output_dir, lr, block_size, resolution,
+                      device, seed, progress)
+    task = ConceptTask(base, ConceptDataset(images, instance_prompt, resolution), job.concept, seed=seed)
+    result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
+    save_concept(task, output_dir)
+    return task, result
+
+
+def concept_job(name: str, images: str | Path, instance_prompt: str, method: str, steps: int, rank: int,
+                output_dir: str | Path, lr: float | None = None, block_size: int = 32, resolution: int = 64,
+                device: str = "cpu", seed: int = 0, progress: bool = False):
+    """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob:
+    what `train_adapter` trains alone and the app's queue trains beside other jobs."""
+    from ..common_kernels.engine import TrainConfig
+    from ..diffusion.dreambooth import ConceptConfig
+    from ..diffusion.multitenant import ConceptJob
 
     if method not in METHODS:
         raise PeftkitError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -121,10 +138,7 @@ def train_adapter(base, images: str | Path, instance_prompt: str, method: str, s
                            resolution=resolution)
     train_config = TrainConfig(steps=steps, batch_size=1, lr=lr or DEFAULT_LR[core], schedule="constant", seed=seed,
                                output_dir=str(output_dir), progress=progress, cpu=device == "cpu")
-    task = ConceptTask(base, ConceptDataset(images, instance_prompt, resolution), config, seed=seed)
-    result = train(task, task.dataset(), train_config, on_event=on_event, should_stop=should_stop)
-    save_concept(task, output_dir)
-    return task, result
+    return ConceptJob(name, images, config, train_config)
 
 
 def render(base, prompts: list[str], seeds: list[int], steps: int, guidance: float, resolution: int,

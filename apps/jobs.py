@@ -93,6 +93,16 @@ class Job:
                     "step": self.step, "total": self.total, "progress": self.progress, "losses": list(self.losses),
                     "evals": list(self.evals), "output_dir": str(self.output_dir)}
 
+    def begin(self) -> None:
+        """Mark the job running (the runner does this for the jobs it runs itself)."""
+        with self._lock:
+            self.status, self.message, self.started = RUNNING, "running", time.time()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def finish(self, status: str, message: str) -> None:
+        """End the job as done, failed or cancelled, with the message the page shows."""
+        self._finish(status, message)
+
     def _finish(self, status: str, message: str) -> None:
         with self._lock:
             self.status, self.message, self.finished = status, message, time.time()
@@ -140,6 +150,14 @@ class JobRunner:
 
     def submit(self, kind: str, fn: Callable[[Job], Any]) -> Job:
         """Queue `fn(job)`; raises PeftkitError when the queue is full."""
+        job = self.track(kind)
+        self._pool.submit(self._run, job, fn)
+        return job
+
+    def track(self, kind: str) -> Job:
+        """A queued job that something else runs (apps/concept_queue.py trains concept jobs together,
+        not one per worker): counted against the queue's limit, listed and cancelled like the
+        others; whoever runs it calls `begin` and `finish`."""
         with self._lock:
             pending = sum(j.status == QUEUED for j in self.jobs.values())
             busy = sum(j.status == RUNNING for j in self.jobs.values())
@@ -152,16 +170,13 @@ class JobRunner:
                 job_id = f"{kind}-{next(counter)}"
             job = Job(id=job_id, kind=kind, output_dir=self.root / job_id)
             self.jobs[job_id] = job
-        self._pool.submit(self._run, job, fn)
         return job
 
     def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
         if job.should_stop():
             job._finish(CANCELLED, "cancelled before it started")
             return
-        with job._lock:
-            job.status, job.message, job.started = RUNNING, "running", time.time()
-        job.output_dir.mkdir(parents=True, exist_ok=True)
+        job.begin()
         try:
             job.result = fn(job)
         except Exception as err:  # every failure becomes a message on the page

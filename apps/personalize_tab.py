@@ -22,7 +22,9 @@ from PIL import Image
 
 from ..common_kernels.adapter_file import atomic_write, read_tensors
 from ..common_kernels.errors import PeftkitError
-from .demo import INSTANCE_PROMPT, SAMPLES, native_resolution, open_base, train_adapter
+from ..diffusion.multitenant import ConceptJob
+from .concept_queue import ConceptQueue
+from .demo import INSTANCE_PROMPT, SAMPLES, concept_job, native_resolution, open_base
 from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
 
 METHODS = {"LoRA": "lora", "LoKr": "lokr", "OFT": "oft", "Textual Inversion": "ti"}
@@ -69,6 +71,8 @@ class Personalizer:
         self._gen = None
         self._ti_tokens: dict[str, str] = {}   # token -> file it was loaded from
         self._lock = threading.Lock()
+        # LoRA/LoKr/OFT jobs train together, joining as they are queued (concept_queue.py).
+        self.concepts = ConceptQueue(self._load, device)
 
     def _load(self):
         return open_base(self.base_path, self.device)
@@ -90,35 +94,50 @@ class Personalizer:
         method = METHODS.get(method, method)
         identifier, class_word = identifier.strip(), class_word.strip()
 
-        def run(job: Job) -> Path:
-            job.emit({"kind": "message", "text": f"loading {self.base_path}"})
-            base = self._load()
-            out = job.output_dir / "adapter"
+        if method == "ti":
+            return self.runner.submit("concept", lambda job: self._train_ti(job, images, steps, lr, identifier,
+                                                                             class_word))
+        phrase = f"{identifier} {class_word}"
+        job = self.runner.track("concept")
+        out = job.output_dir / "adapter"
+
+        def make(base) -> ConceptJob:
             resolution = native_resolution(base)
             job.emit({"kind": "message", "text": f"training {method} at {resolution}x{resolution}"})
-            if method == "ti":
-                from ..common_kernels.engine import TrainConfig, train
-                from ..diffusion.data import ConceptDataset
-                from ..diffusion.textual_inversion import TIConfig, TITask, save_embeddings
+            return concept_job(job.id, images, f"a photo of {phrase}", method, steps, rank, out, lr=lr or None,
+                               resolution=resolution, device=self.device)
 
-                token = f"<{identifier}>"
-                task = TITask(base, ConceptDataset(images, "", resolution),
-                              TIConfig(tokens=[token], init_word=class_word, resolution=resolution))
-                train(task, task.dataset(), TrainConfig(steps=steps, batch_size=1, lr=lr or 5e-3, schedule="constant",
-                                                        output_dir=str(out), progress=False, cpu=self.device == "cpu"),
-                      on_event=job.emit, should_stop=job.should_stop)
-                save_embeddings(task, out)
-                phrase = f"a {token}"
-            else:
-                phrase = f"{identifier} {class_word}"
-                train_adapter(base, images, f"a photo of {phrase}", method, steps, rank, out, lr=lr or None,
-                              resolution=resolution, device=self.device, progress=False, on_event=job.emit,
-                              should_stop=job.should_stop)
-            info = {"name": job.id, "method": method, "phrase": phrase, "class_word": class_word, "steps": steps}
-            atomic_write(out / INFO, lambda tmp: Path(tmp).write_text(json.dumps(info)))
+        def done() -> Path:
+            self._write_info(out, job, method, phrase, class_word, steps)
             return out
 
-        return self.runner.submit("concept", run)
+        self.concepts.submit(job, make, done)
+        return job
+
+    def _train_ti(self, job: Job, images: Path, steps: int, lr: float, identifier: str, class_word: str) -> Path:
+        from ..common_kernels.engine import TrainConfig, train
+        from ..diffusion.data import ConceptDataset
+        from ..diffusion.textual_inversion import TIConfig, TITask, save_embeddings
+
+        job.emit({"kind": "message", "text": f"loading {self.base_path}"})
+        base = self._load()
+        out = job.output_dir / "adapter"
+        resolution = native_resolution(base)
+        job.emit({"kind": "message", "text": f"training ti at {resolution}x{resolution}"})
+        token = f"<{identifier}>"
+        task = TITask(base, ConceptDataset(images, "", resolution),
+                      TIConfig(tokens=[token], init_word=class_word, resolution=resolution))
+        train(task, task.dataset(), TrainConfig(steps=steps, batch_size=1, lr=lr or 5e-3, schedule="constant",
+                                                output_dir=str(out), progress=False, cpu=self.device == "cpu"),
+              on_event=job.emit, should_stop=job.should_stop)
+        save_embeddings(task, out)
+        self._write_info(out, job, "ti", f"a {token}", class_word, steps)
+        return out
+
+    @staticmethod
+    def _write_info(out: Path, job: Job, method: str, phrase: str, class_word: str, steps: int) -> None:
+        info = {"name": job.id, "method": method, "phrase": phrase, "class_word": class_word, "steps": steps}
+        atomic_write(out / INFO, lambda tmp: Path(tmp).write_text(json.dumps(info)))
 
     def adapters(self) -> list[tuple[str, str]]:
         """(label, path) of every adapter under the output folder: trained here or imported."""

@@ -251,6 +251,12 @@ class ConceptTrainer:
             self._emit({"kind": "join", "job": job.name, "step": result.step, "total": job.train.steps,
                         "resumed_from": result.resumed_from})
 
+    def check_joinable(self, job: ConceptJob) -> None:
+        """Raise PeftkitError when `job` cannot train beside the running jobs (another core, rank or
+        resolution, or a name or output folder in use); a queue then holds it until they leave."""
+        with self._lock:
+            check_compatible([r.job for r in self._running.values()] + [job])
+
     def remove_job(self, name: str, save: bool = True) -> JobStatus:
         """Stop job `name` now; with `save`, write its adapter files and a checkpoint to resume from."""
         with self._lock:

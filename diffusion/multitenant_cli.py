@@ -4,7 +4,7 @@ frozen UNet (multitenant.py), each job's folder ending with what train-concept w
     model: ./sd15                  # base pipeline for every job (--model overrides)
     mixed_precision: bf16          # no | bf16, for the whole run
     attention: auto                # auto | sdpa | xformers;  cpu: true trains on the CPU
-    cuda_graph: true               # GPU: replay each step as one CUDA graph (much less launch overhead)
+    cuda_graph: auto               # auto (on when training on a GPU) | true | false: each step as one CUDA graph
     output: out                    # a job's output defaults to out/<name>
     defaults: {rank: 16, steps: 800, lr: 1.0e-4}   # any job key, for every job
     jobs:
@@ -52,7 +52,7 @@ class JobsFile:
     attention: str
     cpu: bool
     jobs: list
-    cuda_graph: bool = False
+    cuda_graph: bool | str = "auto"
 
 
 def _concept_keys() -> dict[str, str]:
@@ -149,10 +149,13 @@ def load_jobs(path: str | Path) -> JobsFile:
         check_compatible(jobs)
     except PeftkitError as err:
         raise PeftkitError(f"{path}: {err}") from None
+    graph = doc.get("cuda_graph", "auto")
+    if graph not in (True, False, "auto"):
+        raise PeftkitError(f"{path}: cuda_graph must be auto, true or false, got {graph!r}")
     model = doc.get("model")
     return JobsFile(str(path.parent / model) if model and (path.parent / model).exists() else model,
                     mixed_precision, str(doc.get("attention", "auto")), run["cpu"], jobs,
-                    bool(doc.get("cuda_graph", False)))
+                    graph)
 
 
 def train_concepts(argv: list[str]) -> int:
@@ -184,8 +187,11 @@ def train_concepts(argv: list[str]) -> int:
         elif event["kind"] == "join" and event["step"]:
             bar.update(event["step"])
 
+    import torch
+
+    graph = spec.cuda_graph if spec.cuda_graph != "auto" else (not spec.cpu and torch.cuda.is_available())
     trainer = ConceptTrainer(load_base(model, attention=spec.attention), spec.mixed_precision, spec.cpu, on_event,
-                             cuda_graph=spec.cuda_graph)
+                             cuda_graph=graph)
     for job in spec.jobs:
         trainer.add_job(job)
     statuses = trainer.run()

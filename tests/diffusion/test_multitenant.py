@@ -190,6 +190,8 @@ BAD_JOBS = {
     "no jobs": ("jobs: []\n", r"non-empty 'jobs' list"),
     "fp16": ("mixed_precision: fp16\njobs:\n  - {{images: {a}, prompt: p}}\n",
              r"mixed_precision must be 'no' or 'bf16'"),
+    "bad graph": ("cuda_graph: sometimes\njobs:\n  - {{images: {a}, prompt: p}}\n",
+                  r"cuda_graph must be auto, true or false, got 'sometimes'"),
 }
 
 
@@ -210,5 +212,6 @@ def test_a_good_jobs_file_reads_numbers_lists_and_defaults(tmp_path, folders):
     assert first.train.output_dir == str(tmp_path / "mine")
     assert second.train.output_dir == str(tmp_path / "out" / "concept1")
     assert (second.train.steps, second.train.batch_size, second.train.schedule) == (800, 1, "constant")
+    assert spec.cuda_graph == "auto"  # graphed steps wherever training runs on a GPU
     with pytest.raises(PeftkitError, match="no base model"):
         train_concepts(["--jobs", str(path), "--no-progress"])
