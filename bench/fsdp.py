@@ -14,7 +14,8 @@ that (CPU, tiny UNet: 0.9% after 1 step, 4.5% after 2, 49% after 3, DDP and FSDP
 fault (a rank on the wrong rows, ranks repeating each other's noise) is order 1 from the first
 step.
 Memory and speed (bf16, per-GPU batch kept): peak GiB allocated per process and global images/s
-after warm-up, for 1 process, DDP x2 and FSDP x2. FSDP's point is the memory: weights, gradients
+after warm-up, for 1 process, DDP x2, FSDP x2 (the branch sharded, the frozen UNet whole on each
+GPU, the default) and FSDP x2 with the frozen UNet sharded too (`fsdp2-all`). FSDP's point is the memory: weights, gradients
 and AdamW moments of the branch (and the frozen UNet) are split over the processes.
 
     python bench/fsdp.py --out bench/results/fsdp              # 2 GPUs, ~5 min
@@ -70,7 +71,8 @@ def run(job: dict, out: Path, cpu: bool) -> dict:
     # first gradients are ~1e-8, AdamW's eps, where summation order decides the update.
     lr = 1e-3 if job["name"].startswith("parity") else 1e-5
     config = TrainConfig(steps=job["steps"], batch_size=job["batch"], lr=lr, mixed_precision=job["precision"],
-                         schedule="constant", progress=False, cpu=cpu, fsdp=job["fsdp"])
+                         schedule="constant", progress=False, cpu=cpu, fsdp=job["fsdp"],
+                         fsdp_shard_frozen=job.get("shard_frozen", False))
     if job["name"] == "parity-1":  # the starting branch, to compare what the runs learned
         from safetensors.torch import save_file
 
@@ -79,7 +81,17 @@ def run(job: dict, out: Path, cpu: bool) -> dict:
                   out / "init.safetensors")
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
-    result = train(task, task.dataset(), config, on_event=clock)
+    if job.get("profile") and rank == 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = train(task, task.dataset(), config, on_event=clock)
+        table = prof.key_averages()
+        (Path(job["profile"]) / f"profile-{job['name']}.txt").write_text(
+            "## by GPU time\n" + table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            + "\n## by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    else:
+        result = train(task, task.dataset(), config, on_event=clock)
     save_control(task.controlnet, out / "controlnet", write=rank == 0)
     return {**clock.summary(), "parallel": result.parallel, "peak_gib_per_process": round(result.peak_memory_gib, 2)}
 
@@ -88,9 +100,9 @@ def plan(size: str, parity_steps: int = 1) -> list[tuple[int, list[dict]]]:
     s = SIZES[size]
     steps = s["warmup"] + s["timed"]
 
-    def job(name, precision, fsdp, batch, steps):
+    def job(name, precision, fsdp, batch, steps, shard_frozen=False):
         return dict(name=name, size=size, precision=precision, fsdp=fsdp, batch=batch, steps=steps,
-                    warmup=s["warmup"])
+                    warmup=s["warmup"], shard_frozen=shard_frozen)
 
     b = s["parity_batch"]
     n = parity_steps
@@ -98,7 +110,9 @@ def plan(size: str, parity_steps: int = 1) -> list[tuple[int, list[dict]]]:
             (2, [job("parity-fsdp2", "no", True, b // 2, n)]),
             (1, [job("speed-1", "bf16", False, s["speed_batch"], steps)]),
             (2, [job("speed-ddp2", "bf16", False, s["speed_batch"], steps)]),
-            (2, [job("speed-fsdp2", "bf16", True, s["speed_batch"], steps)])]
+            (2, [job("speed-fsdp2", "bf16", True, s["speed_batch"], steps)]),
+            (2, [job("speed-fsdp2-all", "bf16", True, s["speed_batch"], steps, shard_frozen=True)]),
+            (2, [job("parity-fsdp2-all", "no", True, b // 2, n, shard_frozen=True)])]
 
 
 def main() -> None:
@@ -110,6 +124,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--parity-steps", type=int, default=1)
     parser.add_argument("--only-parity", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="only the DDP and FSDP speed runs, under torch.profiler (tables in --out)")
     args = parser.parse_args()
     if args.mode == "worker":
         worker(json.loads(args.jobs), args.out, args.cpu, run=run)
@@ -121,17 +137,25 @@ def main() -> None:
     (args.out / "logs").mkdir(exist_ok=True)
     jobs_dir = Path(tempfile.mkdtemp())
     launches = []
-    for processes, jobs in plan(size, args.parity_steps)[:3 if args.only_parity else 6]:
+    launches_planned = [p for p in plan(size, args.parity_steps)
+                        if not args.only_parity or p[1][0]["name"].startswith("parity")]
+    if args.profile:
+        launches_planned = [(n, [{**j, "profile": str(args.out.resolve())} for j in jobs])
+                            for n, jobs in plan(size) if jobs[0]["name"].startswith("speed-") and n > 1]
+    for processes, jobs in launches_planned:
         name = jobs[0]["name"]
         launches.append(launch(processes, jobs, jobs_dir, args.cpu, SIZES[size]["timeout"],
                                args.out / "logs" / f"{name}.log", script=HERE))
         print(json.dumps(launches[-1]), flush=True)
+    if args.profile:
+        return
     results = {}
     for _, jobs in plan(size, args.parity_steps):
         path = jobs_dir / jobs[0]["name"] / "result.json"
         results[jobs[0]["name"]] = json.loads(path.read_text()) if path.is_file() else {"error": "no result"}
     parity = []
-    for first, other in (("parity-1", "parity-ddp2"), ("parity-1", "parity-fsdp2"), ("parity-ddp2", "parity-fsdp2")):
+    for first, other in (("parity-1", "parity-ddp2"), ("parity-1", "parity-fsdp2"), ("parity-1", "parity-fsdp2-all"),
+                         ("parity-ddp2", "parity-fsdp2")):
         row = {"runs": f"{first} vs {other}"}
         try:
             a, b = (load_file(jobs_dir / n / WEIGHTS) for n in (first, other))
@@ -153,7 +177,7 @@ def main() -> None:
               "| run | parallel | batch/process | global images/s | x 1 process | peak GiB per process |",
               "|---|---|---|---|---|---|"]
     one = results.get("speed-1", {}).get("images_per_s")
-    for name in ("speed-1", "speed-ddp2", "speed-fsdp2"):
+    for name in ("speed-1", "speed-ddp2", "speed-fsdp2", "speed-fsdp2-all"):
         r = results[name]
         if "error" in r:
             lines.append(f"| {name} | error: {r['error'][:120]} | | | | |")

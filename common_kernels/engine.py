@@ -56,6 +56,7 @@ class TrainConfig:
     cpu: bool = False
     cuda_graph: bool = False
     fsdp: bool = False  # with several processes: shard the model, gradients and AdamW states (fsdp.py)
+    fsdp_shard_frozen: bool = False  # under FSDP also shard the task's frozen modules (else whole on each)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -332,7 +333,7 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if fsdp:
         if config.cuda_graph:
             raise PeftkitError("cuda_graph=True and FSDP cannot be combined: drop one of them")
-        model = shard(task, task.model, accelerator.device, accelerator.num_processes)
+        model = shard(task, task.model, accelerator.device, accelerator.num_processes, config.fsdp_shard_frozen)
         params = [p for p in task.trainable_parameters() if p.requires_grad]  # now the sharded ones
     else:
         model = accelerator.prepare(task.model)

@@ -8,7 +8,12 @@ only while that block runs. Gradients are reduce-scattered with the same mean ov
 batch as DDP's all-reduce, so N processes train what one does (tests/diffusion/test_control_fsdp.py).
 
 A task opts in with `fsdp_blocks()`: the modules that become sharding units (each gathered whole
-for its forward and backward); everything else in `task.model` forms the root unit. Sharded
+for its forward and backward); everything else in `task.model` forms the root unit. Frozen modules
+the task names in `fsdp_frozen()` stay whole on every process by default: they have no gradients
+or optimizer states to split, and sharding them saves only their storage at the price of two
+gathers per step (on two H200s the frozen SD1.5 UNet's gathers were most of FSDP's step,
+bench/NOTES.md); `shard_frozen=True` (`--fsdp-shard-frozen`) shards them too, for bases too big to
+hold whole. Sharded
 parameters are DTensors: reading them whole (`full_tensors`) is a collective every process must
 join, so saving under FSDP runs on every process and only process 0 writes.
 """
@@ -28,7 +33,7 @@ def fsdp_requested(flag: bool) -> bool:
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
-def shard(task, model: nn.Module, device: torch.device, world: int) -> nn.Module:
+def shard(task, model: nn.Module, device: torch.device, world: int, shard_frozen: bool = False) -> nn.Module:
     """Shard `model` (the task's model, on `device`) over the `world` processes of the launch."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -37,10 +42,15 @@ def shard(task, model: nn.Module, device: torch.device, world: int) -> nn.Module
     if blocks is None:
         raise PeftkitError(f"{type(task).__name__} cannot train under FSDP (it names no sharding blocks): "
                            "launch it without --fsdp / --use_fsdp, which trains it with DDP")
+    units = blocks()
+    whole: set[nn.Parameter] = set()
+    if not shard_frozen and hasattr(task, "fsdp_frozen"):
+        whole = {p for module in task.fsdp_frozen() for p in module.parameters()}
+        units = [b for b in units if not any(p in whole for p in b.parameters())]
     mesh = init_device_mesh(device.type, (world,))
-    for block in blocks():
+    for block in units:
         fully_shard(block, mesh=mesh)
-    fully_shard(model.to(device), mesh=mesh)
+    fully_shard(model.to(device), mesh=mesh, **({"ignored_params": whole} if whole else {}))
     return model
 
 

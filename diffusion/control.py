@@ -213,6 +213,10 @@ class ControlTask:
         blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, *branch.down_blocks, branch.mid_block]
         return [b for b in blocks if b is not None]
 
+    def fsdp_frozen(self) -> list[nn.Module]:
+        """The frozen UNet: whole on every process under FSDP unless --fsdp-shard-frozen."""
+        return [self.base.unet]
+
 
 def merged_state_dict(controlnet, handle: AdapterHandle | None) -> dict[str, torch.Tensor]:
     """The branch's weights as a plain ControlNetModel state dict, the adapter folded into the copy."""

@@ -6,8 +6,8 @@ IPAdapterTask on the shared training engine.
     peftkit train-ip-adapter --model ./sd15 --data photos/ --image-encoder ./clip-vit-h --output out/ip
 
 On N GPUs: `accelerate launch --num_processes N -m peftkit.cli train-control ...` (DDP; the batch
-size is per process), plus `--fsdp` to shard the full-copy branch, the UNet and the AdamW states
-(fsdp.py). Process 0 alone writes files.
+size is per process), plus `--fsdp` to shard the full-copy branch and its AdamW states, and
+`--fsdp-shard-frozen` to shard the frozen UNet too (fsdp.py). Process 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--fsdp", action="store_true",
                         help="under accelerate launch: shard model, gradients and optimizer states (full-copy branch)")
+    parser.add_argument("--fsdp-shard-frozen", action="store_true",
+                        help="with --fsdp, also shard the frozen UNet (less memory, two gathers per block per step)")
 
 
 def _train(task, args: argparse.Namespace):
@@ -51,7 +53,8 @@ def _train(task, args: argparse.Namespace):
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
                          warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.seed,
                          output_dir=args.output, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                         cpu=args.cpu, schedule="constant", fsdp=args.fsdp)
+                         cpu=args.cpu, schedule="constant", fsdp=args.fsdp,
+                         fsdp_shard_frozen=args.fsdp_shard_frozen)
     result = train(task, task.dataset(), config)
     if launch_world()[0] != 0:
         return result

@@ -1,6 +1,6 @@
 """The full-copy control branch under FSDP: two gloo processes (what `accelerate launch` starts)
-with --fsdp train the branch one process trains with the same global batch, and a sharded run
-stopped at a checkpoint resumes to the same branch.
+with --fsdp train the branch one process trains with the same global batch, and a run with the
+frozen UNet sharded too, stopped at a checkpoint, resumes to the same branch.
 
 Tolerance: 2e-3 relative per tensor, as tests/diffusion/test_concept_ddp.py: AdamW's first steps
 move each element by about lr whatever its gradient's size, so summation order alone moves the
@@ -54,11 +54,12 @@ def test_two_fsdp_processes_train_the_branch_one_process_trains(tiny_sd_path, im
     assert (one["parallel"], two["parallel"]) == ("single", "fsdp x2")
     assert two["steps"] == 3
     _assert_same_branch(tmp_path / "one", tmp_path / "two")
-    # Stopped after a checkpoint at step 2, then resumed to 3: the shards' weights and AdamW
-    # states come back from the whole tensors the checkpoint holds.
-    _train(tiny_sd_path, images, tmp_path / "resumed", 2, 2, 2, "--fsdp", "--checkpoint-every", "1")
+    # With the frozen UNet sharded too, stopped after a checkpoint at step 2, then resumed to 3:
+    # the shards' weights and AdamW states come back from the whole tensors the checkpoint holds.
+    sharded = ("--fsdp", "--fsdp-shard-frozen")
+    _train(tiny_sd_path, images, tmp_path / "resumed", 2, 2, 2, *sharded, "--checkpoint-every", "1")
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000002").is_dir()
-    _train(tiny_sd_path, images, tmp_path / "resumed", 2, 2, 3, "--fsdp")
+    _train(tiny_sd_path, images, tmp_path / "resumed", 2, 2, 3, *sharded)
     _assert_same_branch(tmp_path / "one", tmp_path / "resumed")
 
 
