@@ -61,8 +61,6 @@ class ConceptQueue:
                         self._trainer.remove_job(name)  # saves it; the "removed" event finishes the job
                 if self._trainer is not None and self._trainer.jobs:
                     self._trainer.step()
-                elif self._waiting and not self._owners:
-                    threading.Event().wait(0.05)  # only failed or cancelled waiters left: next round clears them
         except Exception as err:  # a broken trainer fails every job it held, with the reason
             for job, _ in list(self._owners.values()):
                 (job.output_dir / "error.log").write_text(traceback.format_exc())

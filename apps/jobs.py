@@ -101,9 +101,6 @@ class Job:
 
     def finish(self, status: str, message: str) -> None:
         """End the job as done, failed or cancelled, with the message the page shows."""
-        self._finish(status, message)
-
-    def _finish(self, status: str, message: str) -> None:
         with self._lock:
             self.status, self.message, self.finished = status, message, time.time()
         record = {k: v for k, v in self.snapshot().items() if k not in ("losses", "evals")}
@@ -174,19 +171,19 @@ class JobRunner:
 
     def _run(self, job: Job, fn: Callable[[Job], Any]) -> None:
         if job.should_stop():
-            job._finish(CANCELLED, "cancelled before it started")
+            job.finish(CANCELLED, "cancelled before it started")
             return
         job.begin()
         try:
             job.result = fn(job)
         except Exception as err:  # every failure becomes a message on the page
             (job.output_dir / "error.log").write_text(traceback.format_exc())
-            job._finish(FAILED, error_message(err))
+            job.finish(FAILED, error_message(err))
             return
         if job.should_stop():
-            job._finish(CANCELLED, f"cancelled at step {job.step}; results so far are in {job.output_dir}")
+            job.finish(CANCELLED, f"cancelled at step {job.step}; results so far are in {job.output_dir}")
         else:
-            job._finish(DONE, f"done: results in {job.output_dir}")
+            job.finish(DONE, f"done: results in {job.output_dir}")
 
     def get(self, job_id: str) -> Job:
         if job_id not in self.jobs:

@@ -123,7 +123,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--parity-steps", type=int, default=1)
-    parser.add_argument("--only-parity", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
                         help="only the DDP and FSDP speed runs, under torch.profiler (tables in --out)")
     args = parser.parse_args()
@@ -137,8 +136,7 @@ def main() -> None:
     (args.out / "logs").mkdir(exist_ok=True)
     jobs_dir = Path(tempfile.mkdtemp())
     launches = []
-    launches_planned = [p for p in plan(size, args.parity_steps)
-                        if not args.only_parity or p[1][0]["name"].startswith("parity")]
+    launches_planned = plan(size, args.parity_steps)
     if args.profile:
         launches_planned = [(n, [{**j, "profile": str(args.out.resolve())} for j in jobs])
                             for n, jobs in plan(size) if jobs[0]["name"].startswith("speed-") and n > 1]

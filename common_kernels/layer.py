@@ -140,8 +140,9 @@ class AdaptedLayer(nn.Module):
             )
         view = (-1,) + (1,) * (x.dim() - 1)
         routed = [(k, self.deltas[n]) for k, n in enumerate(self.route_names) if n in self.deltas]
-        if self._segmentable(x, [d for _, d in routed]):
-            return self._segmented_forward(x, [d for _, d in routed])
+        deltas = [d for _, d in routed]
+        if self._segmentable(x, deltas):
+            return self._segmented_forward(x, deltas)
         masks: dict[int, torch.Tensor] = {}
 
         def mask(k: int) -> torch.Tensor:

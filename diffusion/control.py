@@ -245,16 +245,15 @@ def save_control(controlnet, folder: str | os.PathLike, handle: AdapterHandle | 
     from diffusers import ControlNetModel
 
     folder = Path(folder)
-    plain = controlnet
-    sharded = any(is_sharded(p) for p in controlnet.parameters())
-    if handle is not None or sharded:
+    rebuild = handle is not None or any(is_sharded(p) for p in controlnet.parameters())
+    if rebuild:  # gathered on every process (a collective under FSDP), before the writer check
         state = full_tensors(controlnet.state_dict() if handle is None else merged_state_dict(controlnet, handle))
-        if not write:
-            return folder
+    if not write:
+        return folder
+    plain = controlnet
+    if rebuild:
         plain = ControlNetModel.from_config(controlnet.config)
         plain.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True)
-    elif not write:
-        return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)

@@ -5,7 +5,7 @@ IPAdapterTask on the shared training engine.
         --condition-from canny --mode lora --steps 2000
     peftkit train-ip-adapter --model ./sd15 --data photos/ --image-encoder ./clip-vit-h --output out/ip
 
-On N GPUs: `accelerate launch --num_processes N -m peftkit.cli train-control ...` (DDP; the batch
+On N GPUs: `accelerate launch --num_processes N -m peftkit.apps.cli train-control ...` (DDP; the batch
 size is per process), plus `--fsdp` to shard the full-copy branch and its AdamW states, and
 `--fsdp-shard-frozen` to shard the frozen UNet too (fsdp.py). Process 0 alone writes files.
 """
