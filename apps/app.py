@@ -24,8 +24,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 MAX_FILE_SIZE = "10mb"
 
 
-def build_app(base: str = "starter", vit: dict[str, Any] | None = None, device: str = "auto",
-              output_dir: str | Path = "peftkit-app", workers: int = 1, max_pending: int = 8):
+def build_app(
+    base: str = "starter",
+    vit: dict[str, Any] | None = None,
+    device: str = "auto",
+    output_dir: str | Path = "peftkit-app",
+    workers: int = 1,
+    max_pending: int = 8,
+):
     """The gr.Blocks of both tabs over one JobRunner (`workers` jobs at a time, `max_pending` more
     waiting); every job writes under `output_dir`. `vit` is a backbone spec (model, model_kwargs,
     pretrained, checkpoint), default: the starter ViT. The runner is `blocks.peftkit_runner`."""
@@ -33,8 +39,10 @@ def build_app(base: str = "starter", vit: dict[str, Any] | None = None, device: 
 
     from .demo import pick_device
     from .jobs import JobRunner
-    from .personalize_tab import Personalizer, build_tab as personalize_tab
-    from .vit_tab import ViTTuner, build_tab as vit_tab, default_vit
+    from .personalize_tab import Personalizer
+    from .personalize_tab import build_tab as personalize_tab
+    from .vit_tab import ViTTuner, default_vit
+    from .vit_tab import build_tab as vit_tab
 
     device = pick_device(device)
     root = Path(output_dir).resolve()
@@ -52,23 +60,44 @@ def build_app(base: str = "starter", vit: dict[str, Any] | None = None, device: 
     return blocks
 
 
-def launch(blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
+def launch(
+    blocks,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    block: bool = True,
+):
     """Start the server with the app's queue and upload limits; returns (app, local url, share url)."""
     blocks.queue(default_concurrency_limit=2, max_size=32)
-    return blocks.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                         max_file_size=MAX_FILE_SIZE, allowed_paths=[str(blocks.peftkit_root)], ssr_mode=False,
-                         quiet=not block)
+    return blocks.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(blocks.peftkit_root)],
+        ssr_mode=False,
+        quiet=not block,
+    )
 
 
 def app(argv: list[str]) -> int:
     """Open the Gradio app: Personalize (concept training + generation) and ViT tuner tabs."""
     parser = argparse.ArgumentParser(prog="peftkit app", description=app.__doc__)
-    parser.add_argument("--base", default="starter", help="'starter', a diffusers folder or a hub id")
-    parser.add_argument("--vit", type=json.loads, help="ViT backbone as JSON, e.g. '{\"model\": "
-                        "\"vit_base_patch16_224\", \"pretrained\": true}' (default: the starter ViT)")
+    parser.add_argument(
+        "--base", default="starter", help="'starter', a diffusers folder or a hub id"
+    )
+    parser.add_argument(
+        "--vit",
+        type=json.loads,
+        help='ViT backbone as JSON, e.g. \'{"model": '
+        '"vit_base_patch16_224", "pretrained": true}\' (default: the starter ViT)',
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--output", default="peftkit-app", help="folder for every job's results")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the app")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the app"
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--workers", type=int, default=1, help="training jobs run at the same time")

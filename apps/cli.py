@@ -9,20 +9,67 @@ import sys
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("peftkit.apps.cli", "info", "list adapter methods and library versions"),
-    "vit-train": ("peftkit.vision.cli", "vit_train", "fine-tune a ViT with an adapter (VTAB-1k, ImageFolder, built-in tasks)"),
+    "vit-train": (
+        "peftkit.vision.cli",
+        "vit_train",
+        "fine-tune a ViT with an adapter (VTAB-1k, ImageFolder, built-in tasks)",
+    ),
     "vit-eval": ("peftkit.vision.cli", "vit_eval", "evaluate a ViT adapter on a dataset split"),
-    "train-concept": ("peftkit.diffusion.cli", "train_concept", "DreamBooth: train a concept adapter from a few images"),
-    "train-concepts": ("peftkit.diffusion.multitenant_cli", "train_concepts",
-                       "train several concept adapters together over one frozen UNet (jobs.yaml)"),
-    "train-ti": ("peftkit.diffusion.cli", "train_ti", "Textual Inversion: learn new token embeddings"),
-    "generate": ("peftkit.diffusion.cli", "generate", "generate images with one or several adapters"),
-    "evaluate-concept": ("peftkit.diffusion.cli", "evaluate_concept", "CLIP-I / CLIP-T / DINO metrics for a concept"),
-    "convert": ("peftkit.diffusion.convert_cli", "convert", "convert LoRA files between peftkit, diffusers and kohya formats"),
-    "train-control": ("peftkit.diffusion.control_cli", "train_control", "train a zero-conv control branch (ControlNet-style)"),
-    "train-ip-adapter": ("peftkit.diffusion.control_cli", "train_ip_adapter", "train an IP-Adapter image prompt"),
-    "serve": ("peftkit.apps.serve", "serve", "HTTP API: many adapters over one base, batched into one forward"),
-    "demo": ("peftkit.apps.demo", "demo", "train a concept adapter on sample images; before/after grid (CPU, minutes)"),
-    "app": ("peftkit.apps.app", "app", "Gradio app: personalize a diffusion model, tune a ViT (127.0.0.1)"),
+    "train-concept": (
+        "peftkit.diffusion.cli",
+        "train_concept",
+        "DreamBooth: train a concept adapter from a few images",
+    ),
+    "train-concepts": (
+        "peftkit.diffusion.multitenant_cli",
+        "train_concepts",
+        "train several concept adapters together over one frozen UNet (jobs.yaml)",
+    ),
+    "train-ti": (
+        "peftkit.diffusion.cli",
+        "train_ti",
+        "Textual Inversion: learn new token embeddings",
+    ),
+    "generate": (
+        "peftkit.diffusion.cli",
+        "generate",
+        "generate images with one or several adapters",
+    ),
+    "evaluate-concept": (
+        "peftkit.diffusion.cli",
+        "evaluate_concept",
+        "CLIP-I / CLIP-T / DINO metrics for a concept",
+    ),
+    "convert": (
+        "peftkit.diffusion.convert_cli",
+        "convert",
+        "convert LoRA files between peftkit, diffusers and kohya formats",
+    ),
+    "train-control": (
+        "peftkit.diffusion.control_cli",
+        "train_control",
+        "train a zero-conv control branch (ControlNet-style)",
+    ),
+    "train-ip-adapter": (
+        "peftkit.diffusion.control_cli",
+        "train_ip_adapter",
+        "train an IP-Adapter image prompt",
+    ),
+    "serve": (
+        "peftkit.apps.serve",
+        "serve",
+        "HTTP API: many adapters over one base, batched into one forward",
+    ),
+    "demo": (
+        "peftkit.apps.demo",
+        "demo",
+        "train a concept adapter on sample images; before/after grid (CPU, minutes)",
+    ),
+    "app": (
+        "peftkit.apps.app",
+        "app",
+        "Gradio app: personalize a diffusion model, tune a ViT (127.0.0.1)",
+    ),
 }
 
 
@@ -38,8 +85,17 @@ def info(argv: list[str]) -> int:
     print("adapter cores: " + ", ".join(method_names()))
     print("vision methods: vpt, adaptformer, ssf, lora, oft, kron, bitfit, linear, full")
     print("diffusion: dreambooth (lora/kron/oft), textual inversion")
-    for pkg in ("torch", "diffusers", "transformers", "timm", "open_clip_torch", "accelerate", "gradio",
-                "safetensors", "xformers"):
+    for pkg in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "timm",
+        "open_clip_torch",
+        "accelerate",
+        "gradio",
+        "safetensors",
+        "xformers",
+    ):
         try:
             version = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -47,7 +103,9 @@ def info(argv: list[str]) -> int:
         print(f"  {pkg:16s} {version}")
     import torch
 
-    print(f"  device           {'cuda: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    print(
+        f"  device           {'cuda: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}"
+    )
     return 0
 
 
@@ -76,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftkit {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"peftkit {argv[0]}: interrupted; checkpoints written so far are kept", file=sys.stderr)
+        print(
+            f"peftkit {argv[0]}: interrupted; checkpoints written so far are kept", file=sys.stderr
+        )
         return 130
 
 

@@ -38,13 +38,17 @@ class ConceptQueue:
         self._trainer = None
         self.peak = 0
 
-    def submit(self, job: Job, make: Callable[[Any], Any], on_done: Callable[[], Any] | None = None) -> None:
+    def submit(
+        self, job: Job, make: Callable[[Any], Any], on_done: Callable[[], Any] | None = None
+    ) -> None:
         """Queue `job`: `make(base)` gives its ConceptJob (named job.id); `on_done()` runs after its
         files are saved and its return value becomes job.result."""
         with self._lock:
             self._waiting.append((job, make, on_done))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="peftkit-concepts", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name="peftkit-concepts", daemon=True
+                )
                 self._thread.start()
 
     # ---- the training thread ----
@@ -58,7 +62,9 @@ class ConceptQueue:
                 self._admit()
                 for name, (job, _) in list(self._owners.items()):
                     if job.should_stop():
-                        self._trainer.remove_job(name)  # saves it; the "removed" event finishes the job
+                        self._trainer.remove_job(
+                            name
+                        )  # saves it; the "removed" event finishes the job
                 if self._trainer is not None and self._trainer.jobs:
                     self._trainer.step()
         except Exception as err:  # a broken trainer fails every job it held, with the reason
@@ -82,22 +88,36 @@ class ConceptQueue:
                 continue
             try:
                 if self._trainer is None:
-                    self._trainer = ConceptTrainer(self._load_base(), cpu=self.device == "cpu", on_event=self._event,
-                                                   cuda_graph=self.device.startswith("cuda"))
+                    self._trainer = ConceptTrainer(
+                        self._load_base(),
+                        cpu=self.device == "cpu",
+                        on_event=self._event,
+                        cuda_graph=self.device.startswith("cuda"),
+                    )
                 concept = make(self._trainer.base)
                 try:
                     self._trainer.check_joinable(concept)
                 except PeftkitError as err:
                     if not self._trainer.jobs:
                         raise
-                    job.emit({"kind": "message", "text": f"waiting for the running jobs to finish ({err})"})
+                    job.emit(
+                        {
+                            "kind": "message",
+                            "text": f"waiting for the running jobs to finish ({err})",
+                        }
+                    )
                     kept.append((job, make, on_done))
                     continue
                 job.begin()
                 self._owners[job.id] = (job, on_done)
                 self._trainer.add_job(concept)
                 self.peak = max(self.peak, len(self._trainer.jobs))
-                job.emit({"kind": "message", "text": f"training with {len(self._trainer.jobs) - 1} other job(s)"})
+                job.emit(
+                    {
+                        "kind": "message",
+                        "text": f"training with {len(self._trainer.jobs) - 1} other job(s)",
+                    }
+                )
             except Exception as err:
                 self._owners.pop(job.id, None)
                 job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +147,9 @@ class ConceptQueue:
             job.finish(FAILED, error_message(err))
             return
         if kind == "removed":
-            job.finish(CANCELLED, f"cancelled at step {event['step']}; results so far are in {job.output_dir}")
+            job.finish(
+                CANCELLED,
+                f"cancelled at step {event['step']}; results so far are in {job.output_dir}",
+            )
         else:
             job.finish(DONE, f"done: results in {job.output_dir}")

@@ -34,7 +34,11 @@ METHODS = {"lora": "lora", "lokr": "kron", "oft": "oft"}
 DEFAULT_LR = {"lora": 1e-3, "kron": 1e-3, "oft": 3e-3}
 INSTANCE_PROMPT = "a photo of sks toy"
 # Concept prompts (the similarity is measured on these) and one control prompt without the identifier.
-PROMPTS = ["a photo of sks toy", "a sks toy on a blue background", "a small sks toy in the top left"]
+PROMPTS = [
+    "a photo of sks toy",
+    "a sks toy on a blue background",
+    "a small sks toy in the top left",
+]
 CONTROL_PROMPT = "a red circle on a white background"
 SEEDS = [0, 1, 2]
 
@@ -42,10 +46,12 @@ SEEDS = [0, 1, 2]
 def color_histogram(image: Image.Image, bins: int = 8, size: int = 32) -> np.ndarray:
     """Square root of the normalized joint RGB histogram (bins^3 cells) of `image` resized to
     size x size: unit length, so a dot product of two is their Bhattacharyya coefficient."""
-    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.int64)
+    pixels = np.asarray(
+        image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.int64
+    )
     cells = pixels * bins // 256
     index = (cells[..., 0] * bins + cells[..., 1]) * bins + cells[..., 2]
-    counts = np.bincount(index.ravel(), minlength=bins ** 3).astype(np.float64)
+    counts = np.bincount(index.ravel(), minlength=bins**3).astype(np.float64)
     return np.sqrt(counts / counts.sum())
 
 
@@ -64,7 +70,9 @@ def color_similarity(generated: list[Image.Image], references: list[Image.Image]
     return round(float((a @ b.T).mean()), 6)
 
 
-def similarity(generated: list[Image.Image], references: list[Image.Image], clip=None) -> dict[str, float]:
+def similarity(
+    generated: list[Image.Image], references: list[Image.Image], clip=None
+) -> dict[str, float]:
     """{"color": color_similarity} plus {"clip_i": ...} with an open_clip `ClipEmbedder`."""
     scores = {"color": color_similarity(generated, references)}
     if clip is not None:
@@ -92,17 +100,32 @@ def open_base(base: str, device: str):
     from ..diffusion.base import STARTER, load_base
 
     if base == "starter" and not STARTER.is_dir():
-        raise PeftkitError(f"the starter model is not installed ({STARTER} is missing): pass --base with a "
-                           "diffusers Stable Diffusion folder or hub id, e.g. --base ./sd15")
+        raise PeftkitError(
+            f"the starter model is not installed ({STARTER} is missing): pass --base with a "
+            "diffusers Stable Diffusion folder or hub id, e.g. --base ./sd15"
+        )
     loaded = load_base(base)
     loaded.pipe.to(device)
     return loaded
 
 
-def train_adapter(base, images: str | Path, instance_prompt: str, method: str, steps: int, rank: int,
-                  output_dir: str | Path, lr: float | None = None, block_size: int = 32, resolution: int = 64,
-                  device: str = "cpu", seed: int = 0, progress: bool = True,
-                  on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None):
+def train_adapter(
+    base,
+    images: str | Path,
+    instance_prompt: str,
+    method: str,
+    steps: int,
+    rank: int,
+    output_dir: str | Path,
+    lr: float | None = None,
+    block_size: int = 32,
+    resolution: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+):
     """Train a concept adapter (method: lora, lokr or oft) on the UNet of `base` with
     peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`.
     Returns (ConceptTask, TrainResult); the adapter stays injected and active in `base.unet`.
@@ -110,51 +133,105 @@ def train_adapter(base, images: str | Path, instance_prompt: str, method: str, s
         >>> task, result = train_adapter(open_base("starter", "cpu"), SAMPLES, INSTANCE_PROMPT, "lora", 400, 8,
         ...                              "out/toy")   # doctest: +SKIP
     """
-    from ..common_kernels.engine import train
+    from ..common_kernels.training.engine import train
     from ..diffusion.data import ConceptDataset
     from ..diffusion.dreambooth import ConceptTask, save_concept
 
-    job = concept_job("demo", images, instance_prompt, method, steps, rank, output_dir, lr, block_size, resolution,
-                      device, seed, progress)
-    task = ConceptTask(base, ConceptDataset(images, instance_prompt, resolution), job.concept, seed=seed)
+    job = concept_job(
+        "demo",
+        images,
+        instance_prompt,
+        method,
+        steps,
+        rank,
+        output_dir,
+        lr,
+        block_size,
+        resolution,
+        device,
+        seed,
+        progress,
+    )
+    task = ConceptTask(
+        base, ConceptDataset(images, instance_prompt, resolution), job.concept, seed=seed
+    )
     result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
     save_concept(task, output_dir)
     return task, result
 
 
-def concept_job(name: str, images: str | Path, instance_prompt: str, method: str, steps: int, rank: int,
-                output_dir: str | Path, lr: float | None = None, block_size: int = 32, resolution: int = 64,
-                device: str = "cpu", seed: int = 0, progress: bool = False):
+def concept_job(
+    name: str,
+    images: str | Path,
+    instance_prompt: str,
+    method: str,
+    steps: int,
+    rank: int,
+    output_dir: str | Path,
+    lr: float | None = None,
+    block_size: int = 32,
+    resolution: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+):
     """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob:
     what `train_adapter` trains alone and the app's queue trains beside other jobs."""
-    from ..common_kernels.engine import TrainConfig
+    from ..common_kernels.training.engine import TrainConfig
     from ..diffusion.dreambooth import ConceptConfig
     from ..diffusion.multitenant import ConceptJob
 
     if method not in METHODS:
         raise PeftkitError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     core = METHODS[method]
-    config = ConceptConfig(instance_prompt=instance_prompt, method=core, rank=rank, block_size=block_size,
-                           resolution=resolution)
-    train_config = TrainConfig(steps=steps, batch_size=1, lr=lr or DEFAULT_LR[core], schedule="constant", seed=seed,
-                               output_dir=str(output_dir), progress=progress, cpu=device == "cpu")
+    config = ConceptConfig(
+        instance_prompt=instance_prompt,
+        method=core,
+        rank=rank,
+        block_size=block_size,
+        resolution=resolution,
+    )
+    train_config = TrainConfig(
+        steps=steps,
+        batch_size=1,
+        lr=lr or DEFAULT_LR[core],
+        schedule="constant",
+        seed=seed,
+        output_dir=str(output_dir),
+        progress=progress,
+        cpu=device == "cpu",
+    )
     return ConceptJob(name, images, config, train_config)
 
 
-def render(base, prompts: list[str], seeds: list[int], steps: int, guidance: float, resolution: int,
-           label: str, progress: bool = True) -> list[list[Image.Image]]:
+def render(
+    base,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    label: str,
+    progress: bool = True,
+) -> list[list[Image.Image]]:
     """images[prompt][seed] with whatever adapters are active in `base`."""
     from tqdm.auto import tqdm
 
     from ..diffusion.generate import generate_grid
 
     base.unet.eval()
-    return [generate_grid(base, [p], seeds, steps=steps, guidance=guidance, resolution=resolution)[0]
-            for p in tqdm(prompts, desc=label, unit="prompt", disable=not progress)]
+    return [
+        generate_grid(base, [p], seeds, steps=steps, guidance=guidance, resolution=resolution)[0]
+        for p in tqdm(prompts, desc=label, unit="prompt", disable=not progress)
+    ]
 
 
-def before_after_grid(before: list[list[Image.Image]], after: list[list[Image.Image]], prompts: list[str],
-                      seeds: list[int]) -> Image.Image:
+def before_after_grid(
+    before: list[list[Image.Image]],
+    after: list[list[Image.Image]],
+    prompts: list[str],
+    seeds: list[int],
+) -> Image.Image:
     """One row per prompt: the base model's images, then the adapted model's, same seeds."""
     from ..diffusion.generate import contact_sheet
 
@@ -164,24 +241,45 @@ def before_after_grid(before: list[list[Image.Image]], after: list[list[Image.Im
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftkit demo", description="Train a concept adapter on sample images with "
-                                "the starter model; write a before/after grid, the adapter and metrics.json.")
-    p.add_argument("--base", default="starter", help="'starter' (assets/starter-sd), a diffusers folder or a hub id")
-    p.add_argument("--images", default=str(SAMPLES), help="instance images (default: the bundled sample toy)")
-    p.add_argument("--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier")
-    p.add_argument("--output", default="peftkit-demo", help="where the grid, adapter and metrics.json go")
+    p = argparse.ArgumentParser(
+        prog="peftkit demo",
+        description="Train a concept adapter on sample images with "
+        "the starter model; write a before/after grid, the adapter and metrics.json.",
+    )
+    p.add_argument(
+        "--base",
+        default="starter",
+        help="'starter' (assets/starter-sd), a diffusers folder or a hub id",
+    )
+    p.add_argument(
+        "--images", default=str(SAMPLES), help="instance images (default: the bundled sample toy)"
+    )
+    p.add_argument(
+        "--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier"
+    )
+    p.add_argument(
+        "--output", default="peftkit-demo", help="where the grid, adapter and metrics.json go"
+    )
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=8, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=32, help="OFT block size")
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for LoRA/LoKr, 3e-3 for OFT)")
-    p.add_argument("--resolution", type=int, help="training/sampling size (default: the base model's)")
+    p.add_argument(
+        "--lr", type=float, help="learning rate (default: 1e-3 for LoRA/LoKr, 3e-3 for OFT)"
+    )
+    p.add_argument(
+        "--resolution", type=int, help="training/sampling size (default: the base model's)"
+    )
     p.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--seed", type=int, default=0, help="training seed (sampling seeds are fixed: 0, 1, 2)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="training seed (sampling seeds are fixed: 0, 1, 2)"
+    )
     p.add_argument("--clip-model", help="open_clip name or folder: report CLIP-I similarity too")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint for --clip-model")
+    p.add_argument(
+        "--clip-pretrained", help="open_clip pretrained tag or local checkpoint for --clip-model"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -206,19 +304,40 @@ def demo(argv: list[str]) -> int:
     base = open_base(args.base, device)
     resolution = args.resolution or native_resolution(base)
     prompts = PROMPTS if args.prompt == INSTANCE_PROMPT else [args.prompt]
-    sample = dict(seeds=SEEDS, steps=args.sample_steps, guidance=args.guidance, resolution=resolution,
-                  progress=not args.no_progress)
+    sample = dict(
+        seeds=SEEDS,
+        steps=args.sample_steps,
+        guidance=args.guidance,
+        resolution=resolution,
+        progress=not args.no_progress,
+    )
     before = render(base, prompts + [CONTROL_PROMPT], label="base images", **sample)
-    print(f"training a {args.method} adapter on {len(references)} images from {args.images} "
-          f"({args.steps} steps, '{args.prompt}', {resolution}x{resolution})")
-    task, result = train_adapter(base, args.images, args.prompt, args.method, args.steps, args.rank, out / "adapter",
-                                 lr=args.lr, block_size=args.block_size, resolution=resolution, device=device,
-                                 seed=args.seed, progress=not args.no_progress)
+    print(
+        f"training a {args.method} adapter on {len(references)} images from {args.images} "
+        f"({args.steps} steps, '{args.prompt}', {resolution}x{resolution})"
+    )
+    task, result = train_adapter(
+        base,
+        args.images,
+        args.prompt,
+        args.method,
+        args.steps,
+        args.rank,
+        out / "adapter",
+        lr=args.lr,
+        block_size=args.block_size,
+        resolution=resolution,
+        device=device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     after = render(base, prompts + [CONTROL_PROMPT], label="adapted images", **sample)
 
     n = len(prompts)
-    scores = {"before": similarity([im for row in before[:n] for im in row], references, clip),
-              "after": similarity([im for row in after[:n] for im in row], references, clip)}
+    scores = {
+        "before": similarity([im for row in before[:n] for im in row], references, clip),
+        "after": similarity([im for row in after[:n] for im in row], references, clip),
+    }
     metric = "clip_i" if clip is not None else "color"
     samples = out / "samples"
     for tag, rows in (("base", before), ("adapted", after)):
@@ -229,19 +348,39 @@ def demo(argv: list[str]) -> int:
     grid = out / "grid.png"
     before_after_grid(before, after, prompts + [CONTROL_PROMPT], SEEDS).save(grid)
     record = {
-        "metric": metric, "before": scores["before"][metric], "after": scores["after"][metric],
-        "scores": scores, "metric_description": {
+        "metric": metric,
+        "before": scores["before"][metric],
+        "after": scores["after"][metric],
+        "scores": scores,
+        "metric_description": {
             "color": "mean pairwise Bhattacharyya coefficient of joint 8x8x8 RGB histograms (32x32 px)",
-            "clip_i": "mean pairwise cosine similarity of open_clip image embeddings"},
-        "similarity_prompts": prompts, "control_prompt": CONTROL_PROMPT, "seeds": SEEDS,
-        "base": args.base, "method": args.method, "steps": result.step, "rank": args.rank,
-        "lr": args.lr or DEFAULT_LR[METHODS[args.method]], "resolution": resolution, "device": device,
-        "instance_prompt": args.prompt, "images": str(args.images), "trainable_parameters":
-            task.unet_handle.num_parameters(), "final_loss": result.losses[-1] if result.losses else None,
-        "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    print(f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
-          f"{record['after']:.4f}")
-    print(f"before/after grid: {grid}\nadapter:           {out / 'adapter'}\nmetrics:           "
-          f"{out / 'metrics.json'}\nsamples:           {samples}\ndone in {record['seconds']:.0f} s")
+            "clip_i": "mean pairwise cosine similarity of open_clip image embeddings",
+        },
+        "similarity_prompts": prompts,
+        "control_prompt": CONTROL_PROMPT,
+        "seeds": SEEDS,
+        "base": args.base,
+        "method": args.method,
+        "steps": result.step,
+        "rank": args.rank,
+        "lr": args.lr or DEFAULT_LR[METHODS[args.method]],
+        "resolution": resolution,
+        "device": device,
+        "instance_prompt": args.prompt,
+        "images": str(args.images),
+        "trainable_parameters": task.unet_handle.num_parameters(),
+        "final_loss": result.losses[-1] if result.losses else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    atomic_write(
+        out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
+    )
+    print(
+        f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
+        f"{record['after']:.4f}"
+    )
+    print(
+        f"before/after grid: {grid}\nadapter:           {out / 'adapter'}\nmetrics:           "
+        f"{out / 'metrics.json'}\nsamples:           {samples}\ndone in {record['seconds']:.0f} s"
+    )
     return 0

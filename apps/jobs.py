@@ -89,9 +89,18 @@ class Job:
     def snapshot(self) -> dict[str, Any]:
         """A consistent copy of what the page shows (safe to read while the job runs)."""
         with self._lock:
-            return {"id": self.id, "kind": self.kind, "status": self.status, "message": self.message,
-                    "step": self.step, "total": self.total, "progress": self.progress, "losses": list(self.losses),
-                    "evals": list(self.evals), "output_dir": str(self.output_dir)}
+            return {
+                "id": self.id,
+                "kind": self.kind,
+                "status": self.status,
+                "message": self.message,
+                "step": self.step,
+                "total": self.total,
+                "progress": self.progress,
+                "losses": list(self.losses),
+                "evals": list(self.evals),
+                "output_dir": str(self.output_dir),
+            }
 
     def begin(self) -> None:
         """Mark the job running (the runner does this for the jobs it runs itself)."""
@@ -104,9 +113,16 @@ class Job:
         with self._lock:
             self.status, self.message, self.finished = status, message, time.time()
         record = {k: v for k, v in self.snapshot().items() if k not in ("losses", "evals")}
-        record.update(created=self.created, started=self.started, finished=self.finished,
-                      losses=[loss for _, loss in self.losses])
-        atomic_write(self.output_dir / "job.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        record.update(
+            created=self.created,
+            started=self.started,
+            finished=self.finished,
+            losses=[loss for _, loss in self.losses],
+        )
+        atomic_write(
+            self.output_dir / "job.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)),
+        )
         self._done.set()
 
 
@@ -138,7 +154,9 @@ class JobRunner:
 
     def __init__(self, root: str | Path, workers: int = 1, max_pending: int = 8) -> None:
         if workers < 1 or max_pending < 0:
-            raise PeftkitError(f"JobRunner needs workers >= 1 and max_pending >= 0, got {workers}, {max_pending}")
+            raise PeftkitError(
+                f"JobRunner needs workers >= 1 and max_pending >= 0, got {workers}, {max_pending}"
+            )
         self.root, self.workers, self.max_pending = Path(root), workers, max_pending
         self.jobs: dict[str, Job] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peftkit-job")
@@ -159,11 +177,13 @@ class JobRunner:
             pending = sum(j.status == QUEUED for j in self.jobs.values())
             busy = sum(j.status == RUNNING for j in self.jobs.values())
             if pending + busy >= self.workers + self.max_pending:
-                raise PeftkitError(f"{pending} jobs are already waiting: try again when one has finished, "
-                                   "or cancel one")
+                raise PeftkitError(
+                    f"{pending} jobs are already waiting: try again when one has finished, "
+                    "or cancel one"
+                )
             counter = self._counts.setdefault(kind, itertools.count(1))
             job_id = f"{kind}-{next(counter)}"
-            while (self.root / job_id).exists():   # an earlier session's results stay untouched
+            while (self.root / job_id).exists():  # an earlier session's results stay untouched
                 job_id = f"{kind}-{next(counter)}"
             job = Job(id=job_id, kind=kind, output_dir=self.root / job_id)
             self.jobs[job_id] = job
@@ -181,7 +201,9 @@ class JobRunner:
             job.finish(FAILED, error_message(err))
             return
         if job.should_stop():
-            job.finish(CANCELLED, f"cancelled at step {job.step}; results so far are in {job.output_dir}")
+            job.finish(
+                CANCELLED, f"cancelled at step {job.step}; results so far are in {job.output_dir}"
+            )
         else:
             job.finish(DONE, f"done: results in {job.output_dir}")
 

@@ -29,7 +29,11 @@ from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
 
 METHODS = {"LoRA": "lora", "LoKr": "lokr", "OFT": "oft", "Textual Inversion": "ti"}
 MIN_IMAGES, MAX_IMAGES, MAX_BYTES, MAX_PIXELS = 3, 20, 10 * 2**20, 4096 * 4096
-ADAPTER_FILES = ("unet_adapter.safetensors", "pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
+ADAPTER_FILES = (
+    "unet_adapter.safetensors",
+    "pytorch_lora_weights.safetensors",
+    "learned_embeds.safetensors",
+)
 INFO = "concept_info.json"
 
 
@@ -37,27 +41,37 @@ def validate_uploads(paths: list[str], folder: Path) -> list[Path]:
     """Check 3-20 uploaded files are readable images under the size caps and store them as PNGs in
     `folder`; raise a PeftkitError naming the first problem."""
     if not MIN_IMAGES <= len(paths) <= MAX_IMAGES:
-        raise PeftkitError(f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your concept; got {len(paths)}")
+        raise PeftkitError(
+            f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your concept; got {len(paths)}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     for i, path in enumerate(paths):
         name = Path(path).name
         if os.path.getsize(path) > MAX_BYTES:
-            raise PeftkitError(f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image")
+            raise PeftkitError(
+                f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image"
+            )
         try:
             with Image.open(path) as image:
                 image.verify()  # checks the file structure; a verified image must be reopened to decode
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise PeftkitError(f"{name} has {image.width}x{image.height} pixels: the limit is 4096x4096")
+                    raise PeftkitError(
+                        f"{name} has {image.width}x{image.height} pixels: the limit is 4096x4096"
+                    )
                 rgb = image.convert("RGB")
         except PeftkitError:
             raise
         except Exception as err:  # PIL raises many types for files that are not images
-            raise PeftkitError(f"{name} is not an image that can be read ({type(err).__name__}): upload PNG, "
-                               "JPEG or WebP files") from None
+            raise PeftkitError(
+                f"{name} is not an image that can be read ({type(err).__name__}): upload PNG, "
+                "JPEG or WebP files"
+            ) from None
         if min(rgb.size) < 16:
-            raise PeftkitError(f"{name} is only {rgb.width}x{rgb.height} pixels: use images of at least 16x16")
+            raise PeftkitError(
+                f"{name} is only {rgb.width}x{rgb.height} pixels: use images of at least 16x16"
+            )
         saved.append(folder / f"image-{i:02d}.png")
         rgb.save(saved[-1])
     return saved
@@ -69,7 +83,7 @@ class Personalizer:
     def __init__(self, base: str, device: str, runner: JobRunner, root: Path) -> None:
         self.base_path, self.device, self.runner, self.root = base, device, runner, Path(root)
         self._gen = None
-        self._ti_tokens: dict[str, str] = {}   # token -> file it was loaded from
+        self._ti_tokens: dict[str, str] = {}  # token -> file it was loaded from
         self._lock = threading.Lock()
         # LoRA/LoKr/OFT jobs train together, joining as they are queued (concept_queue.py).
         self.concepts = ConceptQueue(self._load, device)
@@ -84,10 +98,20 @@ class Personalizer:
             return folder
         if use_samples:
             return SAMPLES
-        raise PeftkitError(f"no images: upload {MIN_IMAGES}-{MAX_IMAGES} images or tick 'use the bundled samples'")
+        raise PeftkitError(
+            f"no images: upload {MIN_IMAGES}-{MAX_IMAGES} images or tick 'use the bundled samples'"
+        )
 
-    def submit(self, images: Path, method: str, steps: int, rank: int, lr: float, identifier: str,
-               class_word: str) -> Job:
+    def submit(
+        self,
+        images: Path,
+        method: str,
+        steps: int,
+        rank: int,
+        lr: float,
+        identifier: str,
+        class_word: str,
+    ) -> Job:
         """Queue a training job; the adapter lands in <job folder>/adapter/."""
         if not identifier.strip() or " " in identifier.strip() or not class_word.strip():
             raise PeftkitError("give a one-word identifier (e.g. sks) and a class word (e.g. toy)")
@@ -95,8 +119,10 @@ class Personalizer:
         identifier, class_word = identifier.strip(), class_word.strip()
 
         if method == "ti":
-            return self.runner.submit("concept", lambda job: self._train_ti(job, images, steps, lr, identifier,
-                                                                             class_word))
+            return self.runner.submit(
+                "concept",
+                lambda job: self._train_ti(job, images, steps, lr, identifier, class_word),
+            )
         phrase = f"{identifier} {class_word}"
         job = self.runner.track("concept")
         out = job.output_dir / "adapter"
@@ -104,8 +130,18 @@ class Personalizer:
         def make(base) -> ConceptJob:
             resolution = native_resolution(base)
             job.emit({"kind": "message", "text": f"training {method} at {resolution}x{resolution}"})
-            return concept_job(job.id, images, f"a photo of {phrase}", method, steps, rank, out, lr=lr or None,
-                               resolution=resolution, device=self.device)
+            return concept_job(
+                job.id,
+                images,
+                f"a photo of {phrase}",
+                method,
+                steps,
+                rank,
+                out,
+                lr=lr or None,
+                resolution=resolution,
+                device=self.device,
+            )
 
         def done() -> Path:
             self._write_info(out, job, method, phrase, class_word, steps)
@@ -114,8 +150,10 @@ class Personalizer:
         self.concepts.submit(job, make, done)
         return job
 
-    def _train_ti(self, job: Job, images: Path, steps: int, lr: float, identifier: str, class_word: str) -> Path:
-        from ..common_kernels.engine import TrainConfig, train
+    def _train_ti(
+        self, job: Job, images: Path, steps: int, lr: float, identifier: str, class_word: str
+    ) -> Path:
+        from ..common_kernels.training.engine import TrainConfig, train
         from ..diffusion.data import ConceptDataset
         from ..diffusion.textual_inversion import TIConfig, TITask, save_embeddings
 
@@ -125,18 +163,41 @@ class Personalizer:
         resolution = native_resolution(base)
         job.emit({"kind": "message", "text": f"training ti at {resolution}x{resolution}"})
         token = f"<{identifier}>"
-        task = TITask(base, ConceptDataset(images, "", resolution),
-                      TIConfig(tokens=[token], init_word=class_word, resolution=resolution))
-        train(task, task.dataset(), TrainConfig(steps=steps, batch_size=1, lr=lr or 5e-3, schedule="constant",
-                                                output_dir=str(out), progress=False, cpu=self.device == "cpu"),
-              on_event=job.emit, should_stop=job.should_stop)
+        task = TITask(
+            base,
+            ConceptDataset(images, "", resolution),
+            TIConfig(tokens=[token], init_word=class_word, resolution=resolution),
+        )
+        train(
+            task,
+            task.dataset(),
+            TrainConfig(
+                steps=steps,
+                batch_size=1,
+                lr=lr or 5e-3,
+                schedule="constant",
+                output_dir=str(out),
+                progress=False,
+                cpu=self.device == "cpu",
+            ),
+            on_event=job.emit,
+            should_stop=job.should_stop,
+        )
         save_embeddings(task, out)
         self._write_info(out, job, "ti", f"a {token}", class_word, steps)
         return out
 
     @staticmethod
-    def _write_info(out: Path, job: Job, method: str, phrase: str, class_word: str, steps: int) -> None:
-        info = {"name": job.id, "method": method, "phrase": phrase, "class_word": class_word, "steps": steps}
+    def _write_info(
+        out: Path, job: Job, method: str, phrase: str, class_word: str, steps: int
+    ) -> None:
+        info = {
+            "name": job.id,
+            "method": method,
+            "phrase": phrase,
+            "class_word": class_word,
+            "steps": steps,
+        }
         atomic_write(out / INFO, lambda tmp: Path(tmp).write_text(json.dumps(info)))
 
     def adapters(self) -> list[tuple[str, str]]:
@@ -144,18 +205,29 @@ class Personalizer:
         found = []
         for info in sorted(self.root.glob(f"*/adapter/{INFO}"), key=os.path.getmtime):
             meta = json.loads(info.read_text())
-            found.append((f"{meta['name']} · {meta['method']} · “{meta['phrase']}”", str(info.parent)))
-        found += [(f"imported · {p.stem}", str(p)) for p in sorted((self.root / "imported").glob("*.safetensors"))]
+            found.append(
+                (f"{meta['name']} · {meta['method']} · “{meta['phrase']}”", str(info.parent))
+            )
+        found += [
+            (f"imported · {p.stem}", str(p))
+            for p in sorted((self.root / "imported").glob("*.safetensors"))
+        ]
         return found
 
     def import_adapter(self, path: str) -> str:
-        read_tensors(path)   # a clear error for a file that is not safetensors
+        read_tensors(path)  # a clear error for a file that is not safetensors
         target = self.root / "imported" / Path(path).name
         atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
         return str(target)
 
-    def generate(self, prompt: str, seed: int, adapters: list[tuple[str, float]], steps: int = 25,
-                 guidance: float = 5.0) -> tuple[Image.Image, Image.Image]:
+    def generate(
+        self,
+        prompt: str,
+        seed: int,
+        adapters: list[tuple[str, float]],
+        steps: int = 25,
+        guidance: float = 5.0,
+    ) -> tuple[Image.Image, Image.Image]:
         """(base image, adapted image) for one prompt and seed; the base image drops the adapters and
         writes Textual Inversion tokens as their class word."""
         from ..common_kernels.inject import remove_adapters
@@ -165,8 +237,13 @@ class Personalizer:
             raise PeftkitError("the prompt is empty: describe the image, e.g. 'a photo of sks toy'")
         with self._lock:
             tokens = {t: p for path, _ in adapters for t, p in self._ti_of(path).items()}
-            if self._gen is None or any(self._ti_tokens.get(t, src) != src for t, src in tokens.items()):
-                self._gen, self._ti_tokens = self._load(), {}   # a token can only be added once per tokenizer
+            if self._gen is None or any(
+                self._ti_tokens.get(t, src) != src for t, src in tokens.items()
+            ):
+                self._gen, self._ti_tokens = (
+                    self._load(),
+                    {},
+                )  # a token can only be added once per tokenizer
             base = self._gen
             for model in (base.unet, *base.text_encoders):
                 remove_adapters(model)
@@ -177,15 +254,27 @@ class Personalizer:
                     meta = json.loads(info.read_text())
                     plain = plain.replace(meta["phrase"].split()[-1], meta["class_word"])
             resolution = native_resolution(base)
-            call = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution)
+            call = dict(
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+            )
             base.unet.eval()
             with torch.no_grad():
-                before = base.pipe(plain, generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
-                refs = [ConceptRef(p, s, name=f"concept{i}") for i, (p, s) in enumerate(adapters)
-                        if not (self._ti_of(p) and set(self._ti_of(p)) <= set(self._ti_tokens))]
+                before = base.pipe(
+                    plain, generator=torch.Generator("cpu").manual_seed(seed), **call
+                ).images[0]
+                refs = [
+                    ConceptRef(p, s, name=f"concept{i}")
+                    for i, (p, s) in enumerate(adapters)
+                    if not (self._ti_of(p) and set(self._ti_of(p)) <= set(self._ti_tokens))
+                ]
                 load_concepts(base, refs)
                 self._ti_tokens.update(tokens)
-                after = base.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **call).images[0]
+                after = base.pipe(
+                    prompt, generator=torch.Generator("cpu").manual_seed(seed), **call
+                ).images[0]
         folder = self.root / "generated"
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{uuid.uuid4().hex[:8]}-s{seed}"
@@ -197,7 +286,9 @@ class Personalizer:
     def _ti_of(path: str) -> dict[str, str]:
         """Textual Inversion tokens an adapter folder adds (token -> folder), {} for other adapters."""
         info = Path(path) / "ti.json"
-        return {t: str(path) for t in json.loads(info.read_text())["tokens"]} if info.is_file() else {}
+        return (
+            {t: str(path) for t in json.loads(info.read_text())["tokens"]} if info.is_file() else {}
+        )
 
 
 def loss_frame(snap: dict) -> pd.DataFrame:
@@ -208,11 +299,22 @@ def build_tab(p: Personalizer) -> None:
     """The Personalize tab's components and events (call inside a gr.Blocks)."""
     with gr.Row():
         with gr.Column():
-            files = gr.File(label=f"Concept images ({MIN_IMAGES}-{MAX_IMAGES}; PNG/JPEG/WebP, ≤10 MB each)",
-                            file_count="multiple", file_types=["image"], elem_id="concept-files")
-            use_samples = gr.Checkbox(True, label="use the bundled samples when nothing is uploaded")
-            gr.Gallery([str(f) for f in sorted(SAMPLES.glob("*.png"))], label="bundled samples", columns=5,
-                       height=110, interactive=False)
+            files = gr.File(
+                label=f"Concept images ({MIN_IMAGES}-{MAX_IMAGES}; PNG/JPEG/WebP, ≤10 MB each)",
+                file_count="multiple",
+                file_types=["image"],
+                elem_id="concept-files",
+            )
+            use_samples = gr.Checkbox(
+                True, label="use the bundled samples when nothing is uploaded"
+            )
+            gr.Gallery(
+                [str(f) for f in sorted(SAMPLES.glob("*.png"))],
+                label="bundled samples",
+                columns=5,
+                height=110,
+                interactive=False,
+            )
             with gr.Row():
                 identifier = gr.Textbox("sks", label="identifier (a rare word)")
                 class_word = gr.Textbox("toy", label="class word")
@@ -227,7 +329,12 @@ def build_tab(p: Personalizer) -> None:
         with gr.Column():
             status = gr.Markdown("no training yet", elem_id="train-status")
             loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", height=220)
-            download = gr.File(label="adapter files", file_count="multiple", interactive=False, elem_id="adapter-files")
+            download = gr.File(
+                label="adapter files",
+                file_count="multiple",
+                interactive=False,
+                elem_id="adapter-files",
+            )
     job_id = gr.State(None)
     gr.Markdown("### Generate")
     with gr.Row():
@@ -243,7 +350,10 @@ def build_tab(p: Personalizer) -> None:
             with gr.Row():
                 adapter_b = gr.Dropdown(p.adapters(), label="second concept (optional)")
                 scale_b = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="second scale")
-            imported = gr.File(label="load a previously trained adapter (.safetensors)", file_types=[".safetensors"])
+            imported = gr.File(
+                label="load a previously trained adapter (.safetensors)",
+                file_types=[".safetensors"],
+            )
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
         base_img = gr.Image(label="base model", type="pil", format="png", interactive=False)
         adapted_img = gr.Image(label="with adapter(s)", type="pil", format="png", interactive=False)
@@ -251,22 +361,39 @@ def build_tab(p: Personalizer) -> None:
     def train(files, use_samples, method, steps, rank, lr, identifier, class_word):
         try:
             images = p.images_folder(files, use_samples)
-            job = p.submit(images, method, int(steps), int(rank), float(lr or 0), identifier, class_word)
+            job = p.submit(
+                images, method, int(steps), int(rank), float(lr or 0), identifier, class_word
+            )
         except PeftkitError as err:
             gr.Warning(str(err))
             yield refused_markdown(str(err)), *[gr.update()] * 6
             return
         while not job.wait(0.5):
             snap = job.snapshot()
-            yield progress_markdown(snap), loss_frame(snap), None, gr.update(), gr.update(), gr.update(), job.id
+            yield (
+                progress_markdown(snap),
+                loss_frame(snap),
+                None,
+                gr.update(),
+                gr.update(),
+                gr.update(),
+                job.id,
+            )
         snap = job.snapshot()
         out = job.result if snap["status"] == "done" else None
         files_out = [str(out / f) for f in ADAPTER_FILES if out is not None and (out / f).is_file()]
         choices = p.adapters()
         new = gr.update(choices=choices, value=str(out)) if out else gr.update(choices=choices)
         phrase = json.loads((out / INFO).read_text())["phrase"] if out else None
-        yield (progress_markdown(snap), loss_frame(snap), files_out or None, new, gr.update(choices=choices),
-               gr.update(value=f"a photo of {phrase}") if phrase else gr.update(), job.id)
+        yield (
+            progress_markdown(snap),
+            loss_frame(snap),
+            files_out or None,
+            new,
+            gr.update(choices=choices),
+            gr.update(value=f"a photo of {phrase}") if phrase else gr.update(),
+            job.id,
+        )
 
     def cancel(job):
         if job is None:
@@ -290,10 +417,19 @@ def build_tab(p: Personalizer) -> None:
             raise gr.Error(str(err)) from None
         return gr.update(choices=p.adapters(), value=path), gr.update(choices=p.adapters())
 
-    train_btn.click(train, [files, use_samples, method, steps, rank, lr, identifier, class_word],
-                    [status, loss_plot, download, adapter, adapter_b, prompt, job_id], api_name="train",
-                    concurrency_limit=4)
+    train_btn.click(
+        train,
+        [files, use_samples, method, steps, rank, lr, identifier, class_word],
+        [status, loss_plot, download, adapter, adapter_b, prompt, job_id],
+        api_name="train",
+        concurrency_limit=4,
+    )
     cancel_btn.click(cancel, [job_id], [status], api_name="cancel")
-    gen_btn.click(generate, [prompt, seed, sample_steps, guidance, adapter, scale, adapter_b, scale_b],
-                  [base_img, adapted_img], api_name="generate", concurrency_limit=1)
+    gen_btn.click(
+        generate,
+        [prompt, seed, sample_steps, guidance, adapter, scale, adapter_b, scale_b],
+        [base_img, adapted_img],
+        api_name="generate",
+        concurrency_limit=1,
+    )
     imported.upload(load, [imported], [adapter, adapter_b], api_name="import_adapter")

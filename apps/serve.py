@@ -11,7 +11,6 @@ evicted least-recently-used beyond a memory budget. Binds 127.0.0.1 unless told 
          -H 'content-type: application/json'
 """
 
-
 # No "from __future__ import annotations": FastAPI reads the endpoint annotations at runtime.
 import base64
 import io
@@ -71,9 +70,11 @@ class AdapterCache:
                 continue
             path = self.folder / f"{name}.safetensors"
             if not path.is_file():
-                raise UnknownAdapter(f"unknown adapter {name!r}: available adapters are {self.available()}")
+                raise UnknownAdapter(
+                    f"unknown adapter {name!r}: available adapters are {self.available()}"
+                )
             handle = load_adapter(self.unet, path, name=name)
-            handle.disable()   # rows reach it only through routing
+            handle.disable()  # rows reach it only through routing
             self.loaded[name] = handle
         keep = set(names)
         while sum(self._bytes(h) for h in self.loaded.values()) > self.max_bytes:
@@ -86,7 +87,9 @@ class AdapterCache:
 class Batcher:
     """One worker thread runs the pipeline; `submit` returns a Future of a PIL image."""
 
-    def __init__(self, pipe, cache: AdapterCache, max_batch: int = 8, window_s: float = 0.02) -> None:
+    def __init__(
+        self, pipe, cache: AdapterCache, max_batch: int = 8, window_s: float = 0.02
+    ) -> None:
         self.pipe, self.cache, self.max_batch, self.window_s = pipe, cache, max_batch, window_s
         self.queue: queue.Queue[tuple[Request, Future]] = queue.Queue()
         self.batches_run = 0
@@ -136,9 +139,13 @@ class Batcher:
                 images = self.pipe(
                     prompt=[r.prompt for r in requests],
                     negative_prompt=[r.negative_prompt for r in requests] if cfg else None,
-                    generator=[torch.Generator(self.pipe.device).manual_seed(r.seed) for r in requests],
-                    num_inference_steps=first.steps, guidance_scale=first.guidance,
-                    width=first.width, height=first.height,
+                    generator=[
+                        torch.Generator(self.pipe.device).manual_seed(r.seed) for r in requests
+                    ],
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    width=first.width,
+                    height=first.height,
                 ).images
             self.batches_run += 1
             for (_, future), image in zip(group, images):
@@ -192,8 +199,11 @@ def create_app(batcher: Batcher, timeout_s: float = 600.0):
     @app.post("/generate")
     def generate(body: GenerateBody) -> dict:
         if body.adapter and body.adapter not in batcher.cache.available():
-            raise HTTPException(404, f"unknown adapter {body.adapter!r}: available adapters are "
-                                     f"{batcher.cache.available()}")
+            raise HTTPException(
+                404,
+                f"unknown adapter {body.adapter!r}: available adapters are "
+                f"{batcher.cache.available()}",
+            )
         future = batcher.submit(Request(**body.model_dump()))
         try:
             image = future.result(timeout=timeout_s)
@@ -201,8 +211,11 @@ def create_app(batcher: Batcher, timeout_s: float = 600.0):
             raise HTTPException(422, str(err)) from None
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return {"image_png_base64": base64.b64encode(buffer.getvalue()).decode(), "adapter": body.adapter,
-                "seed": body.seed}
+        return {
+            "image_png_base64": base64.b64encode(buffer.getvalue()).decode(),
+            "adapter": body.adapter,
+            "seed": body.seed,
+        }
 
     return app
 
@@ -212,22 +225,34 @@ def serve(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="peftkit serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="diffusers pipeline folder or hub id")
-    parser.add_argument("--adapters", required=True, help="folder of peftkit adapter files (<name>.safetensors)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--adapters", required=True, help="folder of peftkit adapter files (<name>.safetensors)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--window-ms", type=float, default=20.0, help="how long to gather requests into one batch")
-    parser.add_argument("--cache-mb", type=float, default=1024.0, help="memory budget for loaded adapters")
+    parser.add_argument(
+        "--window-ms", type=float, default=20.0, help="how long to gather requests into one batch"
+    )
+    parser.add_argument(
+        "--cache-mb", type=float, default=1024.0, help="memory budget for loaded adapters"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not Path(args.adapters).is_dir():
-        raise PeftkitError(f"adapter folder {args.adapters!r} does not exist: create it and put "
-                           "<name>.safetensors adapter files in it")
+        raise PeftkitError(
+            f"adapter folder {args.adapters!r} does not exist: create it and put "
+            "<name>.safetensors adapter files in it"
+        )
     import uvicorn
 
     from peftkit.diffusion.base import load_base
 
-    pipe = load_base(args.base, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32).pipe
+    pipe = load_base(
+        args.base, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32
+    ).pipe
     pipe.to(args.device)
     cache = AdapterCache(pipe.unet, args.adapters, int(args.cache_mb * 2**20))
     app = create_app(Batcher(pipe, cache, args.max_batch, args.window_ms / 1000))

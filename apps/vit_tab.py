@@ -19,19 +19,34 @@ from ..common_kernels.errors import PeftkitError
 from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
 
 BUILTIN = ("counting", "location", "orientation", "shape", "color")
-METHODS = ("linear", "bitfit", "full", "vpt-shallow", "vpt-deep", "adaptformer", "ssf", "lora", "oft", "kron")
+METHODS = (
+    "linear",
+    "bitfit",
+    "full",
+    "vpt-shallow",
+    "vpt-deep",
+    "adaptformer",
+    "ssf",
+    "lora",
+    "oft",
+    "kron",
+)
 STARTER = {"model": "starter", "pretrained": True}
 # Without the starter ViT: a small random-init ViT, so the tab still runs offline (accuracies are then low).
-FALLBACK_VIT = {"model": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96,
-                                                                  "depth": 4, "num_heads": 3},
-                "pretrained": False}
+FALLBACK_VIT = {
+    "model": "vit_tiny_patch16_224",
+    "model_kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    "pretrained": False,
+}
 
 
 def default_vit() -> dict[str, Any]:
     """The starter ViT (assets/starter-vit) when installed, else FALLBACK_VIT."""
     from ..vision.backbones import STARTER_VIT
 
-    installed = (STARTER_VIT / "config.json").is_file() and (STARTER_VIT / "model.safetensors").is_file()
+    installed = (STARTER_VIT / "config.json").is_file() and (
+        STARTER_VIT / "model.safetensors"
+    ).is_file()
     return dict(STARTER if installed else FALLBACK_VIT)
 
 
@@ -43,38 +58,78 @@ class ViTTuner:
         self.results: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def config(self, data: str, method: str, steps: int, rank: int, lr: float, batch_size: int,
-               sizes: tuple[int, int] | None, output_dir: str):
+    def config(
+        self,
+        data: str,
+        method: str,
+        steps: int,
+        rank: int,
+        lr: float,
+        batch_size: int,
+        sizes: tuple[int, int] | None,
+        output_dir: str,
+    ):
         from ..vision.train import ViTTrainConfig
 
         options = {"r": rank} if any(m in method.split("+") for m in ("lora", "kron")) else {}
         return ViTTrainConfig(
-            data=data, model=self.backbone["model"], pretrained=self.backbone.get("pretrained", False),
-            checkpoint=self.backbone.get("checkpoint"), open_clip=self.backbone.get("open_clip"),
-            model_kwargs=self.backbone.get("model_kwargs", {}), img_size=self.backbone.get("img_size"),
-            method=method, method_options=options, protocol="tune", builtin_sizes=sizes, steps=steps,
-            batch_size=batch_size, lr=lr, warmup_epochs=1, eval_every_epochs=1, checkpoint_every_epochs=0,
-            output_dir=output_dir, progress=False, cpu=self.device == "cpu")
+            data=data,
+            model=self.backbone["model"],
+            pretrained=self.backbone.get("pretrained", False),
+            checkpoint=self.backbone.get("checkpoint"),
+            open_clip=self.backbone.get("open_clip"),
+            model_kwargs=self.backbone.get("model_kwargs", {}),
+            img_size=self.backbone.get("img_size"),
+            method=method,
+            method_options=options,
+            protocol="tune",
+            builtin_sizes=sizes,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_epochs=1,
+            eval_every_epochs=1,
+            checkpoint_every_epochs=0,
+            output_dir=output_dir,
+            progress=False,
+            cpu=self.device == "cpu",
+        )
 
-    def submit(self, task: str, folder: str, method: str, steps: int, rank: int, lr: float, batch_size: int,
-               train_size: int, eval_size: int) -> Job:
+    def submit(
+        self,
+        task: str,
+        folder: str,
+        method: str,
+        steps: int,
+        rank: int,
+        lr: float,
+        batch_size: int,
+        train_size: int,
+        eval_size: int,
+    ) -> Job:
         """Queue a run on `folder` (a VTAB-1k task folder) when given, else built-in `task`."""
         if folder.strip():
             if not Path(folder.strip()).is_dir():
-                raise PeftkitError(f"VTAB-1k folder {folder.strip()!r} does not exist on the server: give the path "
-                                   "of a task folder holding train800.txt, val200.txt and the images")
+                raise PeftkitError(
+                    f"VTAB-1k folder {folder.strip()!r} does not exist on the server: give the path "
+                    "of a task folder holding train800.txt, val200.txt and the images"
+                )
             data, sizes = f"vtab:{folder.strip()}", None
         elif task in BUILTIN:
             data, sizes = f"builtin:{task}", (int(train_size), int(eval_size))
         else:
-            raise PeftkitError(f"choose a built-in task ({', '.join(BUILTIN)}) or give a VTAB-1k folder")
+            raise PeftkitError(
+                f"choose a built-in task ({', '.join(BUILTIN)}) or give a VTAB-1k folder"
+            )
         if method not in METHODS:
             raise PeftkitError(f"method must be one of {', '.join(METHODS)}")
 
         def run(job: Job) -> dict[str, Any]:
             from ..vision.train import train_vit
 
-            config = self.config(data, method, steps, rank, lr, batch_size, sizes, str(job.output_dir))
+            config = self.config(
+                data, method, steps, rank, lr, batch_size, sizes, str(job.output_dir)
+            )
             results = train_vit(config, on_event=job.emit, should_stop=job.should_stop)
             results["confusion"] = self.confusion(job.output_dir / "adapter.safetensors", config)
             with self._lock:
@@ -92,10 +147,20 @@ class ViTTuner:
         from ..vision.train import build_model
 
         num_classes = int(read_vision_adapter(adapter)[2]["num_classes"])
-        torch.manual_seed(config.seed)   # a random-init backbone is rebuilt exactly as train_vit built it
-        model, size = build_model(config.backbone_spec(), num_classes, config.pretrained, config.checkpoint)
-        data = load_task(config.data, config.protocol, Preprocess(size, *normalization(model)), num_classes,
-                         config.builtin_sizes, config.seed)
+        torch.manual_seed(
+            config.seed
+        )  # a random-init backbone is rebuilt exactly as train_vit built it
+        model, size = build_model(
+            config.backbone_spec(), num_classes, config.pretrained, config.checkpoint
+        )
+        data = load_task(
+            config.data,
+            config.protocol,
+            Preprocess(size, *normalization(model)),
+            num_classes,
+            config.builtin_sizes,
+            config.seed,
+        )
         load_vision_adapter(model, adapter)
         model.eval()
         counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -106,12 +171,21 @@ class ViTTuner:
 
     def table(self) -> pd.DataFrame:
         """One row per finished run: method, task, trainable parameters, top-1."""
-        rows = [{"method": r["method"], "task": r["task"], "trainable params": r["trainable"],
-                 "% of backbone": round(r["trainable_pct_of_backbone"], 3),
-                 "top-1 %": round(r["top1"], 1) if r["top1"] is not None else None,
-                 "images/s": round(r["images_per_s"], 1)} for r in self.results]
-        return pd.DataFrame(rows, columns=["method", "task", "trainable params", "% of backbone", "top-1 %",
-                                           "images/s"])
+        rows = [
+            {
+                "method": r["method"],
+                "task": r["task"],
+                "trainable params": r["trainable"],
+                "% of backbone": round(r["trainable_pct_of_backbone"], 3),
+                "top-1 %": round(r["top1"], 1) if r["top1"] is not None else None,
+                "images/s": round(r["images_per_s"], 1),
+            }
+            for r in self.results
+        ]
+        return pd.DataFrame(
+            rows,
+            columns=["method", "task", "trainable params", "% of backbone", "top-1 %", "images/s"],
+        )
 
 
 def confusion_frame(counts: list[list[int]]) -> pd.DataFrame:
@@ -122,19 +196,28 @@ def confusion_frame(counts: list[list[int]]) -> pd.DataFrame:
 
 def curves(snap: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     loss = pd.DataFrame(snap["losses"] or [(0, float("nan"))], columns=["step", "loss"])
-    acc = pd.DataFrame([(s, m["top1"]) for s, m in snap["evals"]] or [(0, float("nan"))], columns=["step", "top-1 %"])
+    acc = pd.DataFrame(
+        [(s, m["top1"]) for s, m in snap["evals"]] or [(0, float("nan"))],
+        columns=["step", "top-1 %"],
+    )
     return loss, acc
 
 
 def build_tab(t: ViTTuner) -> None:
     """The ViT tuner tab's components and events (call inside a gr.Blocks)."""
-    weights = t.backbone.get("checkpoint") or ("pretrained" if t.backbone.get("pretrained") else "random init")
+    weights = t.backbone.get("checkpoint") or (
+        "pretrained" if t.backbone.get("pretrained") else "random init"
+    )
     backbone = f"{t.backbone.get('open_clip') or t.backbone['model']} ({weights})"
-    gr.Markdown(f"Backbone: `{backbone}`. Live accuracy is measured on the validation split (VTAB-1k val200).")
+    gr.Markdown(
+        f"Backbone: `{backbone}`. Live accuracy is measured on the validation split (VTAB-1k val200)."
+    )
     with gr.Row():
         with gr.Column():
             task = gr.Dropdown(list(BUILTIN), value="color", label="built-in task")
-            folder = gr.Textbox("", label="or a VTAB-1k task folder on the server (overrides the built-in task)")
+            folder = gr.Textbox(
+                "", label="or a VTAB-1k task folder on the server (overrides the built-in task)"
+            )
             method = gr.Dropdown(list(METHODS), value="lora", label="method")
             with gr.Row():
                 steps = gr.Slider(1, 5000, 200, step=1, label="steps")
@@ -151,15 +234,30 @@ def build_tab(t: ViTTuner) -> None:
         with gr.Column():
             status = gr.Markdown("no run yet", elem_id="vit-status")
             loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", height=200)
-            acc_plot = gr.LinePlot(x="step", y="top-1 %", label="validation accuracy", y_lim=[0, 100], height=200)
-    confusion = gr.Dataframe(label="confusion matrix (rows: true class, columns: predicted)", interactive=False)
-    table = gr.Dataframe(t.table(), label="method comparison: trainable parameters vs accuracy", interactive=False)
+            acc_plot = gr.LinePlot(
+                x="step", y="top-1 %", label="validation accuracy", y_lim=[0, 100], height=200
+            )
+    confusion = gr.Dataframe(
+        label="confusion matrix (rows: true class, columns: predicted)", interactive=False
+    )
+    table = gr.Dataframe(
+        t.table(), label="method comparison: trainable parameters vs accuracy", interactive=False
+    )
     job_id = gr.State(None)
 
     def train(task, folder, method, steps, rank, lr, batch, train_size, eval_size):
         try:
-            job = t.submit(task, folder or "", method, int(steps), int(rank), float(lr), int(batch), int(train_size),
-                           int(eval_size))
+            job = t.submit(
+                task,
+                folder or "",
+                method,
+                int(steps),
+                int(rank),
+                float(lr),
+                int(batch),
+                int(train_size),
+                int(eval_size),
+            )
         except PeftkitError as err:
             gr.Warning(str(err))
             yield refused_markdown(str(err)), *[gr.update()] * 5
@@ -168,7 +266,9 @@ def build_tab(t: ViTTuner) -> None:
             snap = job.snapshot()
             yield progress_markdown(snap), *curves(snap), gr.update(), gr.update(), job.id
         snap = job.snapshot()
-        matrix = confusion_frame(job.result["confusion"]) if snap["status"] == "done" else gr.update()
+        matrix = (
+            confusion_frame(job.result["confusion"]) if snap["status"] == "done" else gr.update()
+        )
         yield progress_markdown(snap), *curves(snap), matrix, t.table(), job.id
 
     def cancel(job):
@@ -177,6 +277,11 @@ def build_tab(t: ViTTuner) -> None:
         state = t.runner.cancel(job).snapshot()
         return "cancelling…" if state["status"] not in FINISHED else progress_markdown(state)
 
-    train_btn.click(train, [task, folder, method, steps, rank, lr, batch, train_size, eval_size],
-                    [status, loss_plot, acc_plot, confusion, table, job_id], api_name="vit_train", concurrency_limit=4)
+    train_btn.click(
+        train,
+        [task, folder, method, steps, rank, lr, batch, train_size, eval_size],
+        [status, loss_plot, acc_plot, confusion, table, job_id],
+        api_name="vit_train",
+        concurrency_limit=4,
+    )
     cancel_btn.click(cancel, [job_id], [status], api_name="vit_cancel")

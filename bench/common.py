@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 
-def time_step(step: Callable[[], None], warmup: int = 5, repeats: int = 15, inner: int = 1) -> tuple[float, float]:
+def time_step(
+    step: Callable[[], None], warmup: int = 5, repeats: int = 15, inner: int = 1
+) -> tuple[float, float]:
     """(median ms per call, peak GiB) of `step` on the current CUDA device."""
     for _ in range(warmup):
         step()
@@ -71,4 +73,3 @@ def graphed(step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay  # the bound method keeps the graph alive
-

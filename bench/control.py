@@ -33,8 +33,15 @@ from models import SD15_UNET  # noqa: E402
 
 IMAGE_EMBED = 1024  # OpenCLIP ViT-H/14 pooled embedding, the SD1.5 IP-Adapter's encoder
 PLUS_TOKENS = (257, 1280)  # its penultimate-layer tokens
-VARIANTS = ["floor", "peftkit-control-full", "peftkit-control-lora", "diffusers-controlnet",
-            "peftkit-ip-adapter", "peftkit-ip-adapter-plus", "diffusers-ip-adapter"]
+VARIANTS = [
+    "floor",
+    "peftkit-control-full",
+    "peftkit-control-lora",
+    "diffusers-controlnet",
+    "peftkit-ip-adapter",
+    "peftkit-ip-adapter-plus",
+    "diffusers-ip-adapter",
+]
 
 
 def make_unet(dtype: torch.dtype):
@@ -51,27 +58,46 @@ def fake_base(unet) -> SimpleNamespace:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return SimpleNamespace(unet=unet, kind="sd", pipe=SimpleNamespace(vae_scale_factor=8),
-                           noise_scheduler=lambda: scheduler)
+    return SimpleNamespace(
+        unet=unet,
+        kind="sd",
+        pipe=SimpleNamespace(vae_scale_factor=8),
+        noise_scheduler=lambda: scheduler,
+    )
 
 
 def cache(bs: int) -> dict[str, torch.Tensor]:
     g = torch.Generator("cuda").manual_seed(0)
     r = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
-    return dict(mean=r(bs, 4, 64, 64), std=r(bs, 4, 64, 64).abs() * 0.05, text=r(bs, 77, 768),
-                empty_text=r(1, 77, 768), conditions=torch.rand(bs, 3, 512, 512, device="cuda", generator=g),
-                embeds=r(bs, IMAGE_EMBED), tokens=r(bs, *PLUS_TOKENS))
+    return dict(
+        mean=r(bs, 4, 64, 64),
+        std=r(bs, 4, 64, 64).abs() * 0.05,
+        text=r(bs, 77, 768),
+        empty_text=r(1, 77, 768),
+        conditions=torch.rand(bs, 3, 512, 512, device="cuda", generator=g),
+        embeds=r(bs, IMAGE_EMBED),
+        tokens=r(bs, *PLUS_TOKENS),
+    )
 
 
 def control_task(unet, mode: str, data: dict, half: bool = True):
     from peftkit.diffusion.control import DEFAULT_TARGETS, ControlConfig, ControlTask
 
-    adapter = {"method": "lora", "targets": list(DEFAULT_TARGETS), "r": 64} if mode == "lora" else {}
-    with torch.device("cuda"):  # build the copy on the GPU: initializing it on the CPU takes seconds
+    adapter = (
+        {"method": "lora", "targets": list(DEFAULT_TARGETS), "r": 64} if mode == "lora" else {}
+    )
+    with torch.device(
+        "cuda"
+    ):  # build the copy on the GPU: initializing it on the CPU takes seconds
         task = ControlTask(fake_base(unet), [], ControlConfig(mode=mode, adapter=adapter))
     if half:
         task.cast_frozen(torch.bfloat16)
-    task.mean, task.std, task.text, task.conditions = data["mean"], data["std"], data["text"], data["conditions"]
+    task.mean, task.std, task.text, task.conditions = (
+        data["mean"],
+        data["std"],
+        data["text"],
+        data["conditions"],
+    )
     return task
 
 
@@ -83,7 +109,12 @@ def ip_task(unet, variant: str, data: dict):
     config = IPAdapterConfig(variant=variant, num_tokens=4 if variant == "basic" else 16)
     task = IPAdapterTask(fake_base(unet), [], config, SimpleNamespace(embed_dim=dim))
     task.adapter.cuda()
-    task.mean, task.std, task.text, task.empty_text = data["mean"], data["std"], data["text"], data["empty_text"]
+    task.mean, task.std, task.text, task.empty_text = (
+        data["mean"],
+        data["std"],
+        data["text"],
+        data["empty_text"],
+    )
     task.extra, task.empty_extra = {}, {}
     task.embeds = data["embeds"] if variant == "basic" else data["tokens"]
     task.negative = torch.zeros_like(task.embeds[:1])
@@ -93,8 +124,10 @@ def ip_task(unet, variant: str, data: dict):
 def diffusers_ip_unet(unet, adapter):
     """`unet` with diffusers' IP-Adapter processors and projection holding `adapter`'s weights."""
     tensors = adapter.file_tensors()
-    state = {"image_proj": {k[11:]: v for k, v in tensors.items() if k.startswith("image_proj.")},
-             "ip_adapter": {k[11:]: v for k, v in tensors.items() if k.startswith("ip_adapter.")}}
+    state = {
+        "image_proj": {k[11:]: v for k, v in tensors.items() if k.startswith("image_proj.")},
+        "ip_adapter": {k[11:]: v for k, v in tensors.items() if k.startswith("ip_adapter.")},
+    }
     unet._load_ip_adapter_weights([state])
     params = [p for n, p in unet.named_parameters() if "encoder_hid_proj" in n or "_ip" in n]
     for p in params:
@@ -128,7 +161,13 @@ def check_parity(bs: int) -> dict[str, float]:
             reference = ControlNetModel.from_unet(unet)
         reference.load_state_dict(task.controlnet.state_dict())
         down, mid = reference(x, t, data["text"], data["conditions"], return_dict=False)
-        theirs = unet(x, t, data["text"], down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        theirs = unet(
+            x,
+            t,
+            data["text"],
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
     control = rel_error(ours, theirs)
     del task, reference
     unet = make_unet(torch.float32)
@@ -136,9 +175,13 @@ def check_parity(bs: int) -> dict[str, float]:
     with torch.no_grad():
         ours = task.model(x, t, data["text"], data["embeds"])
         ref_unet, _ = diffusers_ip_unet(make_unet(torch.float32), task.adapter)
-        theirs = ref_unet(x, t, data["text"], added_cond_kwargs={"image_embeds": [data["embeds"][:, None]]}).sample
+        theirs = ref_unet(
+            x, t, data["text"], added_cond_kwargs={"image_embeds": [data["embeds"][:, None]]}
+        ).sample
     ip = rel_error(ours, theirs)
-    assert control < 1e-4 and ip < 1e-4, f"parity failed: control {control:.2e}, ip-adapter {ip:.2e}"
+    assert control < 1e-4 and ip < 1e-4, (
+        f"parity failed: control {control:.2e}, ip-adapter {ip:.2e}"
+    )
     return {"control_rel_error": control, "ip_adapter_rel_error": ip}
 
 
@@ -151,10 +194,12 @@ def build_step(variant: str, bs: int):
     scheduler = fake_base(unet).noise_scheduler()
     idx = torch.arange(bs, device="cuda")
     if variant == "floor":
+
         def loss():
             x, t, noise = noisy(data, scheduler)
             x.requires_grad_(True)
             return F.mse_loss(unet(x.bfloat16(), t, data["text"].bfloat16()).sample.float(), noise)
+
         return loss, []
     if variant.startswith("peftkit-control"):
         task = control_task(unet, variant.rsplit("-", 1)[1], data)
@@ -166,9 +211,15 @@ def build_step(variant: str, bs: int):
         def loss():
             x, t, noise = noisy(data, scheduler)
             down, mid = controlnet(x, t, data["text"], data["conditions"], return_dict=False)
-            out = unet(x.bfloat16(), t, data["text"].bfloat16(), down_block_additional_residuals=[d.bfloat16() for d in down],
-                       mid_block_additional_residual=mid.bfloat16()).sample
+            out = unet(
+                x.bfloat16(),
+                t,
+                data["text"].bfloat16(),
+                down_block_additional_residuals=[d.bfloat16() for d in down],
+                mid_block_additional_residual=mid.bfloat16(),
+            ).sample
             return F.mse_loss(out.float(), noise)
+
         return loss, list(controlnet.parameters())
     if variant.startswith("peftkit-ip-adapter"):
         task = ip_task(unet, "plus" if variant.endswith("plus") else "basic", data)
@@ -176,14 +227,21 @@ def build_step(variant: str, bs: int):
     if variant == "diffusers-ip-adapter":
         from peftkit.diffusion.ip_adapter import IPAdapter, IPAdapterConfig
 
-        adapter = IPAdapter(unet, IPAdapterConfig(), IMAGE_EMBED).cuda()  # weights only; not installed
+        adapter = IPAdapter(
+            unet, IPAdapterConfig(), IMAGE_EMBED
+        ).cuda()  # weights only; not installed
         ref_unet, params = diffusers_ip_unet(unet, adapter)
 
         def loss():
             x, t, noise = noisy(data, scheduler)
-            out = ref_unet(x.bfloat16(), t, data["text"].bfloat16(),
-                           added_cond_kwargs={"image_embeds": [data["embeds"][:, None]]}).sample
+            out = ref_unet(
+                x.bfloat16(),
+                t,
+                data["text"].bfloat16(),
+                added_cond_kwargs={"image_embeds": [data["embeds"][:, None]]},
+            ).sample
             return F.mse_loss(out.float(), noise)
+
         return loss, params
     raise ValueError(f"unknown variant {variant!r}: choose from {VARIANTS}")
 
@@ -201,8 +259,13 @@ def measure(variant: str, bs: int) -> dict:
             opt.zero_grad(set_to_none=True)
 
     ms, peak = time_step(step, warmup=5, repeats=20)
-    row = dict(variant=variant, bs=bs, ms=round(ms, 2), peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2),
-               trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+    row = dict(
+        variant=variant,
+        bs=bs,
+        ms=round(ms, 2),
+        peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2),
+        trainable_m=round(sum(p.numel() for p in params) / 1e6, 2),
+    )
     del loss_fn, params, opt
     return row
 
@@ -210,10 +273,16 @@ def measure(variant: str, bs: int) -> dict:
 def table(rows: list[dict]) -> str:
     by = {r["variant"]: r for r in rows if "ms" in r}
     floor = by.get("floor", {}).get("ms")
-    refs = {"peftkit-control-full": "diffusers-controlnet", "peftkit-control-lora": "diffusers-controlnet",
-            "peftkit-ip-adapter": "diffusers-ip-adapter", "peftkit-ip-adapter-plus": "diffusers-ip-adapter"}
-    lines = ["| variant | batch | step ms | vs floor | vs diffusers | peak GiB | trainable M |",
-             "|---|---|---|---|---|---|---|"]
+    refs = {
+        "peftkit-control-full": "diffusers-controlnet",
+        "peftkit-control-lora": "diffusers-controlnet",
+        "peftkit-ip-adapter": "diffusers-ip-adapter",
+        "peftkit-ip-adapter-plus": "diffusers-ip-adapter",
+    }
+    lines = [
+        "| variant | batch | step ms | vs floor | vs diffusers | peak GiB | trainable M |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "ms" not in r:
             lines.append(f"| {r['variant']} | {r['bs']} | error: {r['error'][:80]} | | | | |")
@@ -221,8 +290,10 @@ def table(rows: list[dict]) -> str:
         ref = by.get(refs.get(r["variant"], ""), {}).get("ms")
         vs_floor = f"{r['ms'] / floor:.2f}x" if floor else "-"
         vs_ref = f"{r['ms'] / ref:.2f}x" if ref else "-"
-        lines.append(f"| {r['variant']} | {r['bs']} | {r['ms']:.1f} | {vs_floor} | {vs_ref} | {r['peak_gib']:.2f} | "
-                     f"{r['trainable_m']:.1f} |")
+        lines.append(
+            f"| {r['variant']} | {r['bs']} | {r['ms']:.1f} | {vs_floor} | {vs_ref} | {r['peak_gib']:.2f} | "
+            f"{r['trainable_m']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +303,9 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=4)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False  # parity in true fp32; bf16 timings are unaffected
+    torch.backends.cuda.matmul.allow_tf32 = (
+        False  # parity in true fp32; bf16 timings are unaffected
+    )
     torch.backends.cudnn.allow_tf32 = False
     meta = {**environment(), "unet": "SD1.5-shaped, random weights", "resolution": 512}
     print(meta, flush=True)
@@ -257,7 +330,13 @@ def main() -> None:
         torch.cuda.empty_cache()
     markdown = table(rows)
     print(markdown)
-    write_results(args.out, "control", rows, "# Control branch and IP-Adapter training steps\n\n" + markdown, meta)
+    write_results(
+        args.out,
+        "control",
+        rows,
+        "# Control branch and IP-Adapter training steps\n\n" + markdown,
+        meta,
+    )
 
 
 if __name__ == "__main__":

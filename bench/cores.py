@@ -28,11 +28,31 @@ DEVICE = "cuda"
 # (workload, layer, module factory, input shape)
 LAYERS = [
     ("sd15", "attn1.to_q 320 @64x64 bs4", lambda: nn.Linear(320, 320, bias=False), (4, 4096, 320)),
-    ("sd15", "attn2.to_k 768->320 ctx77 bs4", lambda: nn.Linear(768, 320, bias=False), (4, 77, 768)),
+    (
+        "sd15",
+        "attn2.to_k 768->320 ctx77 bs4",
+        lambda: nn.Linear(768, 320, bias=False),
+        (4, 77, 768),
+    ),
     ("sd15", "ff.proj 320->2560 @64x64 bs4", lambda: nn.Linear(320, 2560), (4, 4096, 320)),
-    ("sd15", "attn1.to_q 1280 @16x16 bs4", lambda: nn.Linear(1280, 1280, bias=False), (4, 256, 1280)),
-    ("sd15", "resnet conv3x3 320 @64x64 bs4", lambda: nn.Conv2d(320, 320, 3, padding=1), (4, 320, 64, 64)),
-    ("sd15", "resnet conv3x3 1280 @16x16 bs4", lambda: nn.Conv2d(1280, 1280, 3, padding=1), (4, 1280, 16, 16)),
+    (
+        "sd15",
+        "attn1.to_q 1280 @16x16 bs4",
+        lambda: nn.Linear(1280, 1280, bias=False),
+        (4, 256, 1280),
+    ),
+    (
+        "sd15",
+        "resnet conv3x3 320 @64x64 bs4",
+        lambda: nn.Conv2d(320, 320, 3, padding=1),
+        (4, 320, 64, 64),
+    ),
+    (
+        "sd15",
+        "resnet conv3x3 1280 @16x16 bs4",
+        lambda: nn.Conv2d(1280, 1280, 3, padding=1),
+        (4, 1280, 16, 16),
+    ),
     ("vit-b16", "qkv 768->2304 bs64", lambda: nn.Linear(768, 2304), (64, 197, 768)),
     ("vit-b16", "proj 768 bs64", lambda: nn.Linear(768, 768), (64, 197, 768)),
     ("vit-b16", "fc1 768->3072 bs64", lambda: nn.Linear(768, 3072), (64, 197, 768)),
@@ -45,15 +65,24 @@ def methods():
     from peft import OFTConfig as PeftOFT
 
     return {
-        "lora r16": (LoRAConfig(targets=["layer"], r=16, alpha=16),
-                     LoraConfig(r=16, lora_alpha=16, target_modules=["layer"]),
-                     {"lora_A.default.weight": "A", "lora_B.default.weight": "B"}),
-        "lokr r16": (KronConfig(targets=["layer"], r=16, alpha=16),
-                     LoKrConfig(r=16, alpha=16, target_modules=["layer"]),
-                     {f"lokr_{k}.default": v for k, v in {"w1": "W1", "w2": "W2", "w2_a": "W2a", "w2_b": "W2b"}.items()}),
-        "oft b32": (OFTConfig(targets=["layer"], block_size=32),
-                    PeftOFT(r=0, oft_block_size=32, target_modules=["layer"]),
-                    {"oft_R.default.weight": "Q"}),
+        "lora r16": (
+            LoRAConfig(targets=["layer"], r=16, alpha=16),
+            LoraConfig(r=16, lora_alpha=16, target_modules=["layer"]),
+            {"lora_A.default.weight": "A", "lora_B.default.weight": "B"},
+        ),
+        "lokr r16": (
+            KronConfig(targets=["layer"], r=16, alpha=16),
+            LoKrConfig(r=16, alpha=16, target_modules=["layer"]),
+            {
+                f"lokr_{k}.default": v
+                for k, v in {"w1": "W1", "w2": "W2", "w2_a": "W2a", "w2_b": "W2b"}.items()
+            },
+        ),
+        "oft b32": (
+            OFTConfig(targets=["layer"], block_size=32),
+            PeftOFT(r=0, oft_block_size=32, target_modules=["layer"]),
+            {"oft_R.default.weight": "Q"},
+        ),
     }
 
 
@@ -74,7 +103,9 @@ def randomize_and_copy(peft_model, handle, mapping) -> None:
         for name, p in peft_model.named_parameters():
             for theirs, ours in mapping.items():
                 if name.endswith("." + theirs):
-                    p.copy_(torch.randn(p.shape, device=p.device, generator=g, dtype=p.dtype) * 0.02)
+                    p.copy_(
+                        torch.randn(p.shape, device=p.device, generator=g, dtype=p.dtype) * 0.02
+                    )
                     state[f"layer.{ours}"] = p.detach().clone()
     handle.load_state_dict(state)
 
@@ -102,11 +133,23 @@ def run_layer(workload, label, factory, shape, mode, rows):
     if mode == "bf16-base":
         base = base.to(torch.bfloat16)
     base.requires_grad_(False)
-    x = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16 if mode == "bf16-base" else torch.float32)
+    x = torch.randn(
+        shape, device=DEVICE, dtype=torch.bfloat16 if mode == "bf16-base" else torch.float32
+    )
     x.requires_grad_(True)
     ms, peak = time_step(make_step(base, x, []), inner=10)
     floor = ms
-    rows.append(dict(workload=workload, layer=label, mode=mode, impl="frozen", method="-", ms=ms, peak_gib=peak))
+    rows.append(
+        dict(
+            workload=workload,
+            layer=label,
+            mode=mode,
+            impl="frozen",
+            method="-",
+            ms=ms,
+            peak_gib=peak,
+        )
+    )
     for mname, (ours_cfg, peft_cfg, mapping) in methods().items():
         entry = dict(workload=workload, layer=label, mode=mode, method=mname)
         try:
@@ -122,10 +165,29 @@ def run_layer(workload, label, factory, shape, mode, rows):
             if exact_peer and not mname.startswith("oft"):
                 assert err < 2e-2, f"{label} {mname}: peftkit vs peft rel. error {err:.2e}"
             t_ours, m_ours = time_step(make_step(ours, x, handle.trainable_parameters()), inner=10)
-            t_peft, m_peft = time_step(make_step(theirs, x, [p for p in theirs.parameters() if p.requires_grad]), inner=10)
-            rows.append({**entry, "impl": "peftkit", "ms": t_ours, "peak_gib": m_ours, "vs_floor": t_ours / floor,
-                         "vs_peft": t_peft / t_ours, "rel_err_vs_peft": err})
-            rows.append({**entry, "impl": "peft", "ms": t_peft, "peak_gib": m_peft, "vs_floor": t_peft / floor})
+            t_peft, m_peft = time_step(
+                make_step(theirs, x, [p for p in theirs.parameters() if p.requires_grad]), inner=10
+            )
+            rows.append(
+                {
+                    **entry,
+                    "impl": "peftkit",
+                    "ms": t_ours,
+                    "peak_gib": m_ours,
+                    "vs_floor": t_ours / floor,
+                    "vs_peft": t_peft / t_ours,
+                    "rel_err_vs_peft": err,
+                }
+            )
+            rows.append(
+                {
+                    **entry,
+                    "impl": "peft",
+                    "ms": t_peft,
+                    "peak_gib": m_peft,
+                    "vs_floor": t_peft / floor,
+                }
+            )
         except Exception as exc:  # one broken configuration must not cost the whole GPU run
             rows.append({**entry, "impl": "error", "error": f"{type(exc).__name__}: {exc}"[:300]})
         finally:
@@ -134,24 +196,39 @@ def run_layer(workload, label, factory, shape, mode, rows):
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"# Adapter cores, single layers, forward + backward ({meta['gpu']})", "",
-             f"versions: {meta['versions']}", "",
-             "Times are medians in ms per fwd+bwd (CUDA events, 10 calls x 15 repeats after warm-up). "
-             "`x floor` = time / frozen layer; `peft/ours` > 1 means peftkit is faster.", "",
-             "| workload | layer | mode | method | frozen ms | peftkit ms | peft ms | peftkit x floor | peft x floor | peft/ours | rel err vs peft |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Adapter cores, single layers, forward + backward ({meta['gpu']})",
+        "",
+        f"versions: {meta['versions']}",
+        "",
+        "Times are medians in ms per fwd+bwd (CUDA events, 10 calls x 15 repeats after warm-up). "
+        "`x floor` = time / frozen layer; `peft/ours` > 1 means peftkit is faster.",
+        "",
+        "| workload | layer | mode | method | frozen ms | peftkit ms | peft ms | peftkit x floor | peft x floor | peft/ours | rel err vs peft |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     floors = {(r["layer"], r["mode"]): r["ms"] for r in rows if r["impl"] == "frozen"}
     for r in rows:
         if r["impl"] == "error":
-            lines.append(f"| {r['workload']} | {r['layer']} | {r['mode']} | {r['method']} | | error: {r['error'][:80]} | | | | | |")
+            lines.append(
+                f"| {r['workload']} | {r['layer']} | {r['mode']} | {r['method']} | | error: {r['error'][:80]} | | | | | |"
+            )
         if r["impl"] != "peftkit":
             continue
-        peft = next(p for p in rows if p["impl"] == "peft" and p["layer"] == r["layer"] and p["mode"] == r["mode"]
-                    and p["method"] == r["method"])
+        peft = next(
+            p
+            for p in rows
+            if p["impl"] == "peft"
+            and p["layer"] == r["layer"]
+            and p["mode"] == r["mode"]
+            and p["method"] == r["method"]
+        )
         f = floors[(r["layer"], r["mode"])]
-        lines.append(f"| {r['workload']} | {r['layer']} | {r['mode']} | {r['method']} | {f:.3f} | {r['ms']:.3f} | "
-                     f"{peft['ms']:.3f} | {r['vs_floor']:.2f} | {peft['vs_floor']:.2f} | {r['vs_peft']:.2f} | "
-                     f"{r['rel_err_vs_peft']:.1e} |")
+        lines.append(
+            f"| {r['workload']} | {r['layer']} | {r['mode']} | {r['method']} | {f:.3f} | {r['ms']:.3f} | "
+            f"{peft['ms']:.3f} | {r['vs_floor']:.2f} | {peft['vs_floor']:.2f} | {r['vs_peft']:.2f} | "
+            f"{r['rel_err_vs_peft']:.1e} |"
+        )
     return "\n".join(lines) + "\n"
 
 

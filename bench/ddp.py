@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from models import SD15_UNET  # noqa: E402
 
-from peftkit.common_kernels.engine import launch_world  # noqa: E402
+from peftkit.common_kernels.training.engine import launch_world  # noqa: E402
 
 SAMPLES = HERE.parent.parent / "assets" / "samples" / "concept"
 # fp32 with TF32 off differs between the runs only in summation order (the batch split, the
@@ -61,22 +61,44 @@ SAMPLES = HERE.parent.parent / "assets" / "samples" / "concept"
 REL_TOLERANCE = 1e-3
 SETTINGS = {
     "full": {
-        "vit": dict(model="vit_base_patch16_224", model_kwargs={}, batch=32, parity_steps=10, train_images=256),
-        "concept": dict(batch=8, parity_steps=10, parity_resolution=64, unet=SD15_UNET, resolution=256),
-        "warmup": 3, "timed": 20, "timeout": 150,
+        "vit": dict(
+            model="vit_base_patch16_224",
+            model_kwargs={},
+            batch=32,
+            parity_steps=10,
+            train_images=256,
+        ),
+        "concept": dict(
+            batch=8, parity_steps=10, parity_resolution=64, unet=SD15_UNET, resolution=256
+        ),
+        "warmup": 3,
+        "timed": 20,
+        "timeout": 150,
     },
     "tiny": {
-        "vit": dict(model="vit_tiny_patch16_224", model_kwargs={"img_size": 32}, batch=8, parity_steps=6,
-                    train_images=32),
-        "concept": dict(batch=4, parity_steps=4, parity_resolution=32,
-                        unet={**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "sample_size": 8},
-                        resolution=32),
-        "warmup": 1, "timed": 3, "timeout": 300,
+        "vit": dict(
+            model="vit_tiny_patch16_224",
+            model_kwargs={"img_size": 32},
+            batch=8,
+            parity_steps=6,
+            train_images=32,
+        ),
+        "concept": dict(
+            batch=4,
+            parity_steps=4,
+            parity_resolution=32,
+            unet={**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "sample_size": 8},
+            resolution=32,
+        ),
+        "warmup": 1,
+        "timed": 3,
+        "timeout": 300,
     },
 }
 
 
 # ---- worker: one process of one launch; runs its jobs in turn ----
+
 
 class StepClock:
     """The engine's step events -> global images/s over the steps after `warmup`, and the losses."""
@@ -94,8 +116,11 @@ class StepClock:
     def summary(self) -> dict:
         timed = len(self.elapsed) - self.warmup
         seconds = self.elapsed[-1] - self.elapsed[self.warmup - 1] if timed > 0 else 0.0
-        return {"images_per_s": timed * self.images_per_step / seconds if seconds > 0 else None,
-                "timed_steps": timed, "final_loss": self.losses[-1] if self.losses else None}
+        return {
+            "images_per_s": timed * self.images_per_step / seconds if seconds > 0 else None,
+            "timed_steps": timed,
+            "final_loss": self.losses[-1] if self.losses else None,
+        }
 
 
 def in_memory(load_task):
@@ -115,15 +140,33 @@ def run_vit(job: dict, folder: Path, cpu: bool) -> dict:
 
     s = SETTINGS[job["size"]]["vit"]
     config = vision_train.ViTTrainConfig(
-        data="builtin:counting", model=s["model"], model_kwargs=s["model_kwargs"], pretrained=False, method="lora",
-        method_options={"r": 8}, builtin_sizes=(s["train_images"], 32), steps=job["steps"], batch_size=job["batch"],
-        warmup_epochs=0, eval_every_epochs=0, checkpoint_every_epochs=0, eval_batch_size=64,
-        mixed_precision=job["precision"], output_dir=str(folder), progress=False, cpu=cpu)
+        data="builtin:counting",
+        model=s["model"],
+        model_kwargs=s["model_kwargs"],
+        pretrained=False,
+        method="lora",
+        method_options={"r": 8},
+        builtin_sizes=(s["train_images"], 32),
+        steps=job["steps"],
+        batch_size=job["batch"],
+        warmup_epochs=0,
+        eval_every_epochs=0,
+        checkpoint_every_epochs=0,
+        eval_batch_size=64,
+        mixed_precision=job["precision"],
+        output_dir=str(folder),
+        progress=False,
+        cpu=cpu,
+    )
     clock = StepClock(job["batch"] * launch_world()[1], job["warmup"])
     load = in_memory(vision_train.load_task) if job["data"] == "memory" else vision_train.load_task
     with mock.patch.object(vision_train, "load_task", load):
         results = vision_train.train_vit(config, on_event=clock)
-    return {**clock.summary(), "steps_per_epoch": results["steps_per_epoch"], "top1": results["top1"]}
+    return {
+        **clock.summary(),
+        "steps_per_epoch": results["steps_per_epoch"],
+        "top1": results["top1"],
+    }
 
 
 def sd15_base(unet_config: dict, device: str):
@@ -139,20 +182,34 @@ def sd15_base(unet_config: dict, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config)
-    text_config = CLIPTextConfig(**{**starter.pipe.text_encoder.config.to_dict(), "hidden_size": 768,
-                                    "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 2,
-                                    "max_position_embeddings": 77})
+    text_config = CLIPTextConfig(
+        **{
+            **starter.pipe.text_encoder.config.to_dict(),
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+        }
+    )
     tokenizer = starter.pipe.tokenizer
     tokenizer.model_max_length = 77
-    pipe = StableDiffusionPipeline(vae=starter.vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-                                   unet=unet, scheduler=starter.pipe.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=starter.vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=starter.pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     set_attention_backend(unet)
     return DiffusionBase(pipe=pipe, kind="sd", source="random SD1.5-shaped UNet")
 
 
 def run_concept(job: dict, folder: Path, cpu: bool) -> dict:
-    from peftkit.common_kernels.engine import TrainConfig
+    from peftkit.common_kernels.training.engine import TrainConfig
     from peftkit.diffusion.base import load_base
     from peftkit.diffusion.dreambooth import ConceptConfig, train_concept
 
@@ -160,11 +217,22 @@ def run_concept(job: dict, folder: Path, cpu: bool) -> dict:
     if job["base"] == "starter":
         base, resolution = load_base("starter"), s["parity_resolution"]
     else:
-        device = "cpu" if cpu or not torch.cuda.is_available() else f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        device = (
+            "cpu"
+            if cpu or not torch.cuda.is_available()
+            else f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        )
         base, resolution = sd15_base(s["unet"], device), s["resolution"]
     config = ConceptConfig(instance_prompt="a photo of sks toy", rank=4, resolution=resolution)
-    train_config = TrainConfig(steps=job["steps"], batch_size=job["batch"], lr=1e-4, mixed_precision=job["precision"],
-                               output_dir=str(folder), progress=False, cpu=cpu)
+    train_config = TrainConfig(
+        steps=job["steps"],
+        batch_size=job["batch"],
+        lr=1e-4,
+        mixed_precision=job["precision"],
+        output_dir=str(folder),
+        progress=False,
+        cpu=cpu,
+    )
     clock = StepClock(job["batch"] * launch_world()[1], job["warmup"])
     train_concept(base, SAMPLES, config, train_config, on_event=clock)
     return clock.summary()
@@ -187,7 +255,9 @@ def worker(jobs: list[dict], out: Path, cpu: bool, run=run_trainer) -> None:
         start = time.perf_counter()
         try:
             result = run(job, folder, cpu)
-        except Exception as exc:  # the next job may still succeed; a rank left waiting ends at the timeout
+        except (
+            Exception
+        ) as exc:  # the next job may still succeed; a rank left waiting ends at the timeout
             traceback.print_exc()
             result = {"error": f"{type(exc).__name__}: {exc}"[:400]}
         result["seconds"] = round(time.perf_counter() - start, 1)
@@ -203,11 +273,20 @@ def worker(jobs: list[dict], out: Path, cpu: bool, run=run_trainer) -> None:
 # ---- driver: plans the launches, runs them, compares and tabulates ----
 
 # (trainer, 1-process job, 2-process job, what the 2-process run is)
-PARITY = [("vit", "vit-parity-1", "vit-parity-2", "train_vit, as shipped"),
-          ("concept", "concept-parity-1", "concept-parity-2", "train_concept, as shipped")]
-SPEED = {"vit-memory": "vit, training set held in memory", "vit-step": "vit, images made in the step (as shipped)",
-         "concept-sd15": "concept, SD1.5-shaped UNet"}
-SETTING = {"1xB": "1 process", "2xHalf": "2 processes, same global batch", "2xB": "2 processes, same per-process batch"}
+PARITY = [
+    ("vit", "vit-parity-1", "vit-parity-2", "train_vit, as shipped"),
+    ("concept", "concept-parity-1", "concept-parity-2", "train_concept, as shipped"),
+]
+SPEED = {
+    "vit-memory": "vit, training set held in memory",
+    "vit-step": "vit, images made in the step (as shipped)",
+    "concept-sd15": "concept, SD1.5-shaped UNet",
+}
+SETTING = {
+    "1xB": "1 process",
+    "2xHalf": "2 processes, same global batch",
+    "2xB": "2 processes, same per-process batch",
+}
 
 
 def plan(size: str) -> list[tuple[int, list[dict]]]:
@@ -217,8 +296,19 @@ def plan(size: str) -> list[tuple[int, list[dict]]]:
 
     def job(name, trainer, precision, processes, batch, **extra):
         steps = s[trainer]["parity_steps"] if precision == "no" else s["warmup"] + s["timed"]
-        return {"name": name, "trainer": trainer, "precision": precision, "processes": processes, "batch": batch,
-                "steps": steps, "warmup": s["warmup"], "size": size, "data": "step", "base": "starter", **extra}
+        return {
+            "name": name,
+            "trainer": trainer,
+            "precision": precision,
+            "processes": processes,
+            "batch": batch,
+            "steps": steps,
+            "warmup": s["warmup"],
+            "size": size,
+            "data": "step",
+            "base": "starter",
+            **extra,
+        }
 
     def speed(group, trainer, suffixes, **extra):
         b = s[trainer]["batch"]
@@ -234,8 +324,10 @@ def plan(size: str) -> list[tuple[int, list[dict]]]:
         (2, [job("vit-parity-2", "vit", "no", 2, vb // 2)]),
         (1, [job("concept-parity-1", "concept", "no", 1, cb)]),
         (2, [job("concept-parity-2", "concept", "no", 2, cb // 2)]),
-        *by_processes(speed("vit-memory", "vit", ["1xB", "2xHalf", "2xB"], data="memory")
-                      + speed("vit-step", "vit", ["1xB", "2xHalf"])),
+        *by_processes(
+            speed("vit-memory", "vit", ["1xB", "2xHalf", "2xB"], data="memory")
+            + speed("vit-step", "vit", ["1xB", "2xHalf"])
+        ),
         *by_processes(speed("concept-sd15", "concept", ["1xB", "2xHalf", "2xB"], base="sd15")),
     ]
 
@@ -246,42 +338,84 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(processes: int, jobs: list[dict], jobs_dir: Path, cpu: bool, timeout: float, log: Path,
-           script: Path = HERE) -> dict:
+def launch(
+    processes: int,
+    jobs: list[dict],
+    jobs_dir: Path,
+    cpu: bool,
+    timeout: float,
+    log: Path,
+    script: Path = HERE,
+) -> dict:
     """Run `script worker` on `jobs` as one launch of `processes` processes (bench/fsdp.py reuses it)."""
-    argv = [str(script), "worker", "--out", str(jobs_dir), "--jobs", json.dumps(jobs)] + (["--cpu"] if cpu else [])
+    argv = [str(script), "worker", "--out", str(jobs_dir), "--jobs", json.dumps(jobs)] + (
+        ["--cpu"] if cpu else []
+    )
     if processes > 1:
         # --multi_gpu is accelerate's torchrun launcher; with --cpu accelerate would start a single
         # process, so the CPU smoke test takes the same launcher and the trainers' cpu=True picks gloo.
-        argv = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        argv = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *argv,
+        ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     start = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             # torchrun starts each rank in a session of its own, so the ranks are found by descent.
-            for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            for child in [
+                *psutil.Process(proc.pid).children(recursive=True),
+                psutil.Process(proc.pid),
+            ]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     child.kill()
             proc.wait()
             rc = "timeout"
-    return {"processes": processes, "jobs": [j["name"] for j in jobs], "rc": rc,
-            "seconds": round(time.perf_counter() - start, 1), "log": str(log)}
+    return {
+        "processes": processes,
+        "jobs": [j["name"] for j in jobs],
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "log": str(log),
+    }
 
 
 def read_result(jobs_dir: Path, name: str) -> dict:
     path = jobs_dir / name / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else {"error": "no result (launch failed or timed out)"}
+    return (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {"error": "no result (launch failed or timed out)"}
+    )
 
 
 def read_adapter(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = [f for f in ("adapter.safetensors", "unet_adapter.safetensors") if (folder / f).is_file()]
+    files = [
+        f for f in ("adapter.safetensors", "unet_adapter.safetensors") if (folder / f).is_file()
+    ]
     if not files:
         raise FileNotFoundError(f"no adapter in {folder}")
     return load_file(folder / files[0])
@@ -300,8 +434,13 @@ def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
         if rel >= rel_worst:
             rel_worst, where = rel, key
         diff2, norm2 = diff2 + float((x - y).square().sum()), norm2 + float(x.square().sum())
-    return {"max_abs": abs_worst, "max_rel": rel_worst, "worst_tensor": where, "tensors": len(a),
-            "adapter_rel": (diff2 / max(norm2, 1e-60)) ** 0.5}
+    return {
+        "max_abs": abs_worst,
+        "max_rel": rel_worst,
+        "worst_tensor": where,
+        "tensors": len(a),
+        "adapter_rel": (diff2 / max(norm2, 1e-60)) ** 0.5,
+    }
 
 
 def compare(row: dict, a: Path, b: Path, passes) -> dict:
@@ -319,16 +458,31 @@ def parity_rows(jobs_dir: Path, size: str) -> list[dict]:
     for trainer, one, two, what in PARITY:
         losses = [read_result(jobs_dir, name).get("final_loss") for name in (one, two)]
         shapes = f"2 proc x {planned[two]['batch']} vs 1 proc x {planned[one]['batch']}"
-        rows.append(compare({"trainer": trainer, "check": f"adapter, {shapes}: {what}",
-                             "tolerance": REL_TOLERANCE, "final_losses": losses},
-                            jobs_dir / one / "rank0", jobs_dir / two / "rank0",
-                            lambda r: r["max_rel"] <= REL_TOLERANCE))
+        rows.append(
+            compare(
+                {
+                    "trainer": trainer,
+                    "check": f"adapter, {shapes}: {what}",
+                    "tolerance": REL_TOLERANCE,
+                    "final_losses": losses,
+                },
+                jobs_dir / one / "rank0",
+                jobs_dir / two / "rank0",
+                lambda r: r["max_rel"] <= REL_TOLERANCE,
+            )
+        )
     one, two = read_result(jobs_dir, "vit-parity-1"), read_result(jobs_dir, "vit-parity-2")
     if "steps_per_epoch" in one and "steps_per_epoch" in two:
         # ViTTrainConfig's epochs, warmup_epochs, eval_every_epochs... become steps through this number.
-        rows.append({"trainer": "vit", "check": "train_vit steps per epoch, 2 proc vs 1 proc (same global batch)",
-                     "value": f"{two['steps_per_epoch']} vs {one['steps_per_epoch']}", "tolerance": "equal",
-                     "pass": two["steps_per_epoch"] == one["steps_per_epoch"]})
+        rows.append(
+            {
+                "trainer": "vit",
+                "check": "train_vit steps per epoch, 2 proc vs 1 proc (same global batch)",
+                "value": f"{two['steps_per_epoch']} vs {one['steps_per_epoch']}",
+                "tolerance": "equal",
+                "pass": two["steps_per_epoch"] == one["steps_per_epoch"],
+            }
+        )
     return rows
 
 
@@ -343,9 +497,17 @@ def throughput_rows(jobs_dir: Path, size: str) -> list[dict]:
                 continue
             result = read_result(jobs_dir, job["name"])
             ips = result.get("images_per_s")
-            rows.append({"trainer": label, "setting": setting, "processes": job["processes"],
-                         "batch_per_process": job["batch"], "images_per_s": ips,
-                         "vs_1": ips / base if ips and base else None, "error": result.get("error")})
+            rows.append(
+                {
+                    "trainer": label,
+                    "setting": setting,
+                    "processes": job["processes"],
+                    "batch_per_process": job["batch"],
+                    "images_per_s": ips,
+                    "vs_1": ips / base if ips and base else None,
+                    "error": result.get("error"),
+                }
+            )
     return rows
 
 
@@ -359,36 +521,67 @@ def table(parity: list[dict], speed: list[dict], meta: dict) -> str:
         elif r["tolerance"] == 0.0:
             value = f"max abs {r['max_abs']:.3g}"
         else:
-            value = (f"rel {r['max_rel']:.3g} (max abs {r['max_abs']:.3g}, worst `{r['worst_tensor']}`); "
-                     "final loss " + " vs ".join(f"{x:.7g}" if x is not None else "-" for x in r["final_losses"]))
-        tol = r["tolerance"] if isinstance(r["tolerance"], str) else (
-            "exact" if r["tolerance"] == 0.0 else f"rel {r['tolerance']:g}")
-        lines.append(f"| {r['trainer']} | {r['check']} | {value} | {tol} | {'yes' if r.get('pass') else 'NO'} |")
-    lines += ["", "| trainer | setting | processes x batch | images/s | vs 1 process |", "|---|---|---|---|---|"]
+            value = (
+                f"rel {r['max_rel']:.3g} (max abs {r['max_abs']:.3g}, worst `{r['worst_tensor']}`); "
+                "final loss "
+                + " vs ".join(f"{x:.7g}" if x is not None else "-" for x in r["final_losses"])
+            )
+        tol = (
+            r["tolerance"]
+            if isinstance(r["tolerance"], str)
+            else ("exact" if r["tolerance"] == 0.0 else f"rel {r['tolerance']:g}")
+        )
+        lines.append(
+            f"| {r['trainer']} | {r['check']} | {value} | {tol} | {'yes' if r.get('pass') else 'NO'} |"
+        )
+    lines += [
+        "",
+        "| trainer | setting | processes x batch | images/s | vs 1 process |",
+        "|---|---|---|---|---|",
+    ]
     for r in speed:
-        ips = f"{r['images_per_s']:.1f}" if r["images_per_s"] else f"error: {(r['error'] or '')[:80]}"
+        ips = (
+            f"{r['images_per_s']:.1f}" if r["images_per_s"] else f"error: {(r['error'] or '')[:80]}"
+        )
         ratio = f"{r['vs_1']:.2f}" if r["vs_1"] else "-"
-        lines.append(f"| {r['trainer']} | {r['setting']} | {r['processes']} x {r['batch_per_process']} | {ips} "
-                     f"| {ratio} |")
-    lines.append(f"\nrel = max over tensors of ||a - b|| / ||a||. Parity: fp32, TF32 off, {meta['parity_steps']}; "
-                 f"throughput: bf16, global images/s, {meta['timing']}. Device: {meta['device']}.")
+        lines.append(
+            f"| {r['trainer']} | {r['setting']} | {r['processes']} x {r['batch_per_process']} | {ips} "
+            f"| {ratio} |"
+        )
+    lines.append(
+        f"\nrel = max over tensors of ||a - b|| / ||a||. Parity: fp32, TF32 off, {meta['parity_steps']}; "
+        f"throughput: bf16, global images/s, {meta['timing']}. Device: {meta['device']}."
+    )
     return "\n".join(lines) + "\n"
 
 
 def environment(cpu: bool) -> str:
     if cpu or not torch.cuda.is_available():
         return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
-    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (
+        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", nargs="?", default="driver", choices=["driver", "worker"])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="small models and few steps (CPU smoke test)")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU processes (gloo) instead of GPUs")
+    parser.add_argument(
+        "--tiny", action="store_true", help="small models and few steps (CPU smoke test)"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on CPU processes (gloo) instead of GPUs"
+    )
     parser.add_argument("--jobs", help="worker only: the JSON list of jobs")
-    parser.add_argument("--deadline", type=float, default=300.0, help="skip launches starting after this many seconds")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=300.0,
+        help="skip launches starting after this many seconds",
+    )
     args = parser.parse_args()
     if args.mode == "worker":
         worker(json.loads(args.jobs), args.out, args.cpu)
@@ -404,21 +597,35 @@ def main() -> None:
     launches = []
     for i, (processes, jobs) in enumerate(plan(size)):
         if time.perf_counter() - start > args.deadline:
-            record = {"processes": processes, "jobs": [j["name"] for j in jobs], "rc": "skipped: deadline"}
+            record = {
+                "processes": processes,
+                "jobs": [j["name"] for j in jobs],
+                "rc": "skipped: deadline",
+            }
         else:
-            record = launch(processes, jobs, jobs_dir, args.cpu, s["timeout"], logs / f"launch-{i}.log")
+            record = launch(
+                processes, jobs, jobs_dir, args.cpu, s["timeout"], logs / f"launch-{i}.log"
+            )
         launches.append(record)
         print(json.dumps(record), flush=True)
-    meta = {"device": environment(args.cpu), "size": size, "launches": launches, "rel_tolerance": REL_TOLERANCE,
-            "parity_steps": f"{s['vit']['parity_steps']} steps (ViT), {s['concept']['parity_steps']} (concept)",
-            "timing": f"warm-up {s['warmup']} steps, timed {s['timed']}",
-            "settings": json.loads(json.dumps(s, default=str))}
+    meta = {
+        "device": environment(args.cpu),
+        "size": size,
+        "launches": launches,
+        "rel_tolerance": REL_TOLERANCE,
+        "parity_steps": f"{s['vit']['parity_steps']} steps (ViT), {s['concept']['parity_steps']} (concept)",
+        "timing": f"warm-up {s['warmup']} steps, timed {s['timed']}",
+        "settings": json.loads(json.dumps(s, default=str)),
+    }
     parity, speed = parity_rows(jobs_dir, size), throughput_rows(jobs_dir, size)
     results = {j["name"]: read_result(jobs_dir, j["name"]) for _, jobs in plan(size) for j in jobs}
     shutil.rmtree(jobs_dir, ignore_errors=True)
     markdown = table(parity, speed, meta)
-    (args.out / "ddp.json").write_text(json.dumps({"meta": meta, "parity": parity, "throughput": speed,
-                                                   "results": results}, indent=1))
+    (args.out / "ddp.json").write_text(
+        json.dumps(
+            {"meta": meta, "parity": parity, "throughput": speed, "results": results}, indent=1
+        )
+    )
     (args.out / "ddp.md").write_text(markdown)
     print(markdown)
 

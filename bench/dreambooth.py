@@ -32,16 +32,29 @@ from peftkit.common_kernels import KronConfig, LoRAConfig, OFTConfig, inject  # 
 from peftkit.diffusion.objective import denoising_loss, sample_latents  # noqa: E402
 
 RANK = 16
-VARIANTS = ["floor", "peftkit-lora", "diffusers-lora", "peftkit-lokr", "diffusers-lokr", "peftkit-oft",
-            "diffusers-oft"]
+VARIANTS = [
+    "floor",
+    "peftkit-lora",
+    "diffusers-lora",
+    "peftkit-lokr",
+    "diffusers-lokr",
+    "peftkit-oft",
+    "diffusers-oft",
+]
 
 
 def ddpm():
     from diffusers import DDPMScheduler
 
     # SD1.5's training schedule, written out so nothing is downloaded.
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type="epsilon", clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
 
 
 _TEMPLATE: list = []
@@ -66,16 +79,23 @@ def adapt(unet, variant: str) -> list[torch.nn.Parameter]:
         return []
     lib, method = variant.split("-")
     if lib == "peftkit":
-        config = {"lora": LoRAConfig(targets=UNET_TARGETS, r=RANK, alpha=RANK),
-                  "lokr": KronConfig(targets=UNET_TARGETS, r=RANK, alpha=RANK),
-                  "oft": OFTConfig(targets=UNET_TARGETS, block_size=32)}[method]
+        config = {
+            "lora": LoRAConfig(targets=UNET_TARGETS, r=RANK, alpha=RANK),
+            "lokr": KronConfig(targets=UNET_TARGETS, r=RANK, alpha=RANK),
+            "oft": OFTConfig(targets=UNET_TARGETS, block_size=32),
+        }[method]
         return inject(unet, config).trainable_parameters()
-    from peft import LoKrConfig, LoraConfig, OFTConfig as PeftOFT
+    from peft import LoKrConfig, LoraConfig
+    from peft import OFTConfig as PeftOFT
 
     # As in diffusers' examples/dreambooth/train_dreambooth_lora.py: add_adapter, then fp32 trainable params.
-    config = {"lora": LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGETS),
-              "lokr": LoKrConfig(r=RANK, alpha=RANK, target_modules=UNET_TARGETS),
-              "oft": PeftOFT(r=0, oft_block_size=32, target_modules=UNET_TARGETS)}[method]
+    config = {
+        "lora": LoraConfig(
+            r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGETS
+        ),
+        "lokr": LoKrConfig(r=RANK, alpha=RANK, target_modules=UNET_TARGETS),
+        "oft": PeftOFT(r=0, oft_block_size=32, target_modules=UNET_TARGETS),
+    }[method]
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -85,9 +105,11 @@ def adapt(unet, variant: str) -> list[torch.nn.Parameter]:
 
 def inputs(bs: int) -> dict[str, torch.Tensor]:
     g = torch.Generator("cuda").manual_seed(1)
-    return {"mean": torch.randn(bs, 4, 64, 64, device="cuda", generator=g),
-            "std": torch.rand(bs, 4, 64, 64, device="cuda", generator=g) * 0.1,
-            "hidden": torch.randn(bs, 77, 768, device="cuda", generator=g)}
+    return {
+        "mean": torch.randn(bs, 4, 64, 64, device="cuda", generator=g),
+        "std": torch.rand(bs, 4, 64, 64, device="cuda", generator=g) * 0.1,
+        "hidden": torch.randn(bs, 77, 768, device="cuda", generator=g),
+    }
 
 
 def make_step(model, params, scheduler, data):
@@ -98,8 +120,11 @@ def make_step(model, params, scheduler, data):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             latents = sample_latents(data["mean"], data["std"]).requires_grad_(floor)
-            loss = denoising_loss(lambda x, t: model(x, t, encoder_hidden_states=data["hidden"]).sample,
-                                  scheduler, latents).mean()
+            loss = denoising_loss(
+                lambda x, t: model(x, t, encoder_hidden_states=data["hidden"]).sample,
+                scheduler,
+                latents,
+            ).mean()
         loss.backward()
         if opt is not None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -130,9 +155,15 @@ def measure(bs: int, variant: str, mode: str) -> dict:
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     ms, peak = time_step(step, warmup=3, repeats=15)
-    row = dict(bs=bs, variant=variant, compile=mode, ms=round(ms, 2), first_s=round(first_s, 1),
-               peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2),
-               trainable=sum(p.numel() for p in params))
+    row = dict(
+        bs=bs,
+        variant=variant,
+        compile=mode,
+        ms=round(ms, 2),
+        first_s=round(first_s, 1),
+        peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2),
+        trainable=sum(p.numel() for p in params),
+    )
     del unet, model, params, step
     gc.collect()
     torch.cuda.empty_cache()
@@ -170,35 +201,56 @@ def table(rows: list[dict]) -> str:
     """Markdown: each row's time, its ratio to the frozen floor and (peftkit rows) to diffusers+peft
     with the same core, batch and compile mode."""
     ms = {(r["bs"], r["compile"], r["variant"]): r["ms"] for r in rows if "ms" in r}
-    lines = ["| bs | compile | variant | ms/step | x floor | x diffusers+peft | peak GiB | trainable | first step s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| bs | compile | variant | ms/step | x floor | x diffusers+peft | peak GiB | trainable | first step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         head = f"| {r['bs']} | {r['compile']} | {r['variant']} |"
         if "ms" not in r:
             lines.append(f"{head} error: {r['error'][:80]} | | | | | |")
             continue
         floor = ms.get((r["bs"], r["compile"], "floor"))
-        ref = ms.get((r["bs"], r["compile"], "diffusers-" + r["variant"].split("-")[-1])) \
-            if r["variant"].startswith("peftkit") else None
+        ref = (
+            ms.get((r["bs"], r["compile"], "diffusers-" + r["variant"].split("-")[-1]))
+            if r["variant"].startswith("peftkit")
+            else None
+        )
         ratio = lambda other: f"{r['ms'] / other:.2f}" if other else "-"  # noqa: E731
-        lines.append(f"{head} {r['ms']:.1f} | {ratio(floor)} | {ratio(ref)} | {r['peak_gib']:.2f} | "
-                     f"{r['trainable']:,} | {r['first_s']} |")
+        lines.append(
+            f"{head} {r['ms']:.1f} | {ratio(floor)} | {ratio(ref)} | {r['peak_gib']:.2f} | "
+            f"{r['trainable']:,} | {r['first_s']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bs", default="1,4")
-    parser.add_argument("--compile", default="none,regional", help="comma list of none, regional, full")
+    parser.add_argument(
+        "--compile", default="none,regional", help="comma list of none, regional, full"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--deadline", type=float, default=330.0, help="skip configs starting after this many seconds")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=330.0,
+        help="skip configs starting after this many seconds",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/dreambooth.py needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64
     start = time.perf_counter()
-    meta = {**environment(), "rank": RANK, "latents": "4x64x64", "dtype": "bf16 base, fp32 adapters, bf16 autocast"}
+    meta = {
+        **environment(),
+        "rank": RANK,
+        "latents": "4x64x64",
+        "dtype": "bf16 base, fp32 adapters, bf16 autocast",
+    }
     meta["parity_rel_error"] = parity()
     print(json.dumps(meta), flush=True)
     rows = []
@@ -206,12 +258,19 @@ def main() -> None:
         for bs in (int(b) for b in args.bs.split(",")):
             for variant in args.variants.split(","):
                 if time.perf_counter() - start > args.deadline:
-                    rows.append(dict(bs=bs, variant=variant, compile=mode, error="skipped: deadline"))
+                    rows.append(
+                        dict(bs=bs, variant=variant, compile=mode, error="skipped: deadline")
+                    )
                     continue
                 try:
                     row = measure(bs, variant, mode)
                 except Exception as exc:  # one failing config must not cost the whole GPU run
-                    row = dict(bs=bs, variant=variant, compile=mode, error=f"{type(exc).__name__}: {exc}"[:300])
+                    row = dict(
+                        bs=bs,
+                        variant=variant,
+                        compile=mode,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
                     gc.collect()
                     torch.cuda.empty_cache()
                     torch._dynamo.reset()

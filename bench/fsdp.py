@@ -39,12 +39,27 @@ from common import write_results  # noqa: E402
 from ddp import SAMPLES, StepClock, difference, launch, sd15_base, worker  # noqa: E402
 from models import SD15_UNET  # noqa: E402
 
-from peftkit.common_kernels.engine import launch_world  # noqa: E402
+from peftkit.common_kernels.training.engine import launch_world  # noqa: E402
 
 SIZES = {
-    "full": dict(unet=SD15_UNET, resolution=256, parity_batch=4, speed_batch=8, warmup=3, timed=10, timeout=240),
-    "tiny": dict(unet={**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "sample_size": 8}, resolution=32,
-                 parity_batch=4, speed_batch=2, warmup=1, timed=3, timeout=300),
+    "full": dict(
+        unet=SD15_UNET,
+        resolution=256,
+        parity_batch=4,
+        speed_batch=8,
+        warmup=3,
+        timed=10,
+        timeout=240,
+    ),
+    "tiny": dict(
+        unet={**SD15_UNET, "block_out_channels": (32, 32, 64, 64), "sample_size": 8},
+        resolution=32,
+        parity_batch=4,
+        speed_batch=2,
+        warmup=1,
+        timed=3,
+        timeout=300,
+    ),
 }
 WEIGHTS = "controlnet/diffusion_pytorch_model.safetensors"
 UPDATE_TOLERANCE = 2e-2
@@ -52,7 +67,7 @@ UPDATE_TOLERANCE = 2e-2
 
 def run(job: dict, out: Path, cpu: bool) -> dict:
     """One training of the branch in this process (one rank of the launch)."""
-    from peftkit.common_kernels.engine import TrainConfig, train
+    from peftkit.common_kernels.training.engine import TrainConfig, train
     from peftkit.diffusion.conditions import EXTRACTORS
     from peftkit.diffusion.control import ControlConfig, ControlTask, save_control
     from peftkit.diffusion.pairs import load_pairs
@@ -64,21 +79,37 @@ def run(job: dict, out: Path, cpu: bool) -> dict:
     (data / "images").mkdir(parents=True)
     for image in sorted(SAMPLES.glob("*.png")):
         shutil.copy(image, data / "images" / image.name)
-    task = ControlTask(sd15_base(size["unet"], device), load_pairs(data, need_condition=False), ControlConfig(),
-                       resolution=size["resolution"], extractor=EXTRACTORS["canny"], seed=0)
+    task = ControlTask(
+        sd15_base(size["unet"], device),
+        load_pairs(data, need_condition=False),
+        ControlConfig(),
+        resolution=size["resolution"],
+        extractor=EXTRACTORS["canny"],
+        seed=0,
+    )
     clock = StepClock(job["batch"] * world, job["warmup"])
     # Parity at lr 1e-3: the branch learns through zero convs that start at zero, so at 1e-5 its
     # first gradients are ~1e-8, AdamW's eps, where summation order decides the update.
     lr = 1e-3 if job["name"].startswith("parity") else 1e-5
-    config = TrainConfig(steps=job["steps"], batch_size=job["batch"], lr=lr, mixed_precision=job["precision"],
-                         schedule="constant", progress=False, cpu=cpu, fsdp=job["fsdp"],
-                         fsdp_shard_frozen=job.get("shard_frozen", False))
+    config = TrainConfig(
+        steps=job["steps"],
+        batch_size=job["batch"],
+        lr=lr,
+        mixed_precision=job["precision"],
+        schedule="constant",
+        progress=False,
+        cpu=cpu,
+        fsdp=job["fsdp"],
+        fsdp_shard_frozen=job.get("shard_frozen", False),
+    )
     if job["name"] == "parity-1":  # the starting branch, to compare what the runs learned
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in task.controlnet.state_dict().items()},
-                  out / "init.safetensors")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in task.controlnet.state_dict().items()},
+            out / "init.safetensors",
+        )
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
     if job.get("profile") and rank == 0:
@@ -88,12 +119,19 @@ def run(job: dict, out: Path, cpu: bool) -> dict:
             result = train(task, task.dataset(), config, on_event=clock)
         table = prof.key_averages()
         (Path(job["profile"]) / f"profile-{job['name']}.txt").write_text(
-            "## by GPU time\n" + table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-            + "\n## by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+            "## by GPU time\n"
+            + table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            + "\n## by host time\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        )
     else:
         result = train(task, task.dataset(), config, on_event=clock)
     save_control(task.controlnet, out / "controlnet", write=rank == 0)
-    return {**clock.summary(), "parallel": result.parallel, "peak_gib_per_process": round(result.peak_memory_gib, 2)}
+    return {
+        **clock.summary(),
+        "parallel": result.parallel,
+        "peak_gib_per_process": round(result.peak_memory_gib, 2),
+    }
 
 
 def plan(size: str, parity_steps: int = 1) -> list[tuple[int, list[dict]]]:
@@ -101,30 +139,46 @@ def plan(size: str, parity_steps: int = 1) -> list[tuple[int, list[dict]]]:
     steps = s["warmup"] + s["timed"]
 
     def job(name, precision, fsdp, batch, steps, shard_frozen=False):
-        return dict(name=name, size=size, precision=precision, fsdp=fsdp, batch=batch, steps=steps,
-                    warmup=s["warmup"], shard_frozen=shard_frozen)
+        return dict(
+            name=name,
+            size=size,
+            precision=precision,
+            fsdp=fsdp,
+            batch=batch,
+            steps=steps,
+            warmup=s["warmup"],
+            shard_frozen=shard_frozen,
+        )
 
     b = s["parity_batch"]
     n = parity_steps
-    return [(1, [job("parity-1", "no", False, b, n)]), (2, [job("parity-ddp2", "no", False, b // 2, n)]),
-            (2, [job("parity-fsdp2", "no", True, b // 2, n)]),
-            (1, [job("speed-1", "bf16", False, s["speed_batch"], steps)]),
-            (2, [job("speed-ddp2", "bf16", False, s["speed_batch"], steps)]),
-            (2, [job("speed-fsdp2", "bf16", True, s["speed_batch"], steps)]),
-            (2, [job("speed-fsdp2-all", "bf16", True, s["speed_batch"], steps, shard_frozen=True)]),
-            (2, [job("parity-fsdp2-all", "no", True, b // 2, n, shard_frozen=True)])]
+    return [
+        (1, [job("parity-1", "no", False, b, n)]),
+        (2, [job("parity-ddp2", "no", False, b // 2, n)]),
+        (2, [job("parity-fsdp2", "no", True, b // 2, n)]),
+        (1, [job("speed-1", "bf16", False, s["speed_batch"], steps)]),
+        (2, [job("speed-ddp2", "bf16", False, s["speed_batch"], steps)]),
+        (2, [job("speed-fsdp2", "bf16", True, s["speed_batch"], steps)]),
+        (2, [job("speed-fsdp2-all", "bf16", True, s["speed_batch"], steps, shard_frozen=True)]),
+        (2, [job("parity-fsdp2-all", "no", True, b // 2, n, shard_frozen=True)]),
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", nargs="?", default="driver", choices=["driver", "worker"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--jobs", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--parity-steps", type=int, default=1)
-    parser.add_argument("--profile", action="store_true",
-                        help="only the DDP and FSDP speed runs, under torch.profiler (tables in --out)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the DDP and FSDP speed runs, under torch.profiler (tables in --out)",
+    )
     args = parser.parse_args()
     if args.mode == "worker":
         worker(json.loads(args.jobs), args.out, args.cpu, run=run)
@@ -138,22 +192,40 @@ def main() -> None:
     launches = []
     launches_planned = plan(size, args.parity_steps)
     if args.profile:
-        launches_planned = [(n, [{**j, "profile": str(args.out.resolve())} for j in jobs])
-                            for n, jobs in plan(size) if jobs[0]["name"].startswith("speed-") and n > 1]
+        launches_planned = [
+            (n, [{**j, "profile": str(args.out.resolve())} for j in jobs])
+            for n, jobs in plan(size)
+            if jobs[0]["name"].startswith("speed-") and n > 1
+        ]
     for processes, jobs in launches_planned:
         name = jobs[0]["name"]
-        launches.append(launch(processes, jobs, jobs_dir, args.cpu, SIZES[size]["timeout"],
-                               args.out / "logs" / f"{name}.log", script=HERE))
+        launches.append(
+            launch(
+                processes,
+                jobs,
+                jobs_dir,
+                args.cpu,
+                SIZES[size]["timeout"],
+                args.out / "logs" / f"{name}.log",
+                script=HERE,
+            )
+        )
         print(json.dumps(launches[-1]), flush=True)
     if args.profile:
         return
     results = {}
     for _, jobs in plan(size, args.parity_steps):
         path = jobs_dir / jobs[0]["name"] / "result.json"
-        results[jobs[0]["name"]] = json.loads(path.read_text()) if path.is_file() else {"error": "no result"}
+        results[jobs[0]["name"]] = (
+            json.loads(path.read_text()) if path.is_file() else {"error": "no result"}
+        )
     parity = []
-    for first, other in (("parity-1", "parity-ddp2"), ("parity-1", "parity-fsdp2"), ("parity-1", "parity-fsdp2-all"),
-                         ("parity-ddp2", "parity-fsdp2")):
+    for first, other in (
+        ("parity-1", "parity-ddp2"),
+        ("parity-1", "parity-fsdp2"),
+        ("parity-1", "parity-fsdp2-all"),
+        ("parity-ddp2", "parity-fsdp2"),
+    ):
         row = {"runs": f"{first} vs {other}"}
         try:
             a, b = (load_file(jobs_dir / n / WEIGHTS) for n in (first, other))
@@ -166,14 +238,26 @@ def main() -> None:
         except Exception as exc:
             row.update({"error": f"{type(exc).__name__}: {exc}"[:300], "pass": False})
         parity.append(row)
-    lines = [f"Parity, fp32 (pass: ||a - b|| / ||a - init|| < {UPDATE_TOLERANCE}):", "",
-             "| runs | update rel | worst tensor rel (where) | max abs | pass |", "|---|---|---|---|---|"]
+    lines = [
+        f"Parity, fp32 (pass: ||a - b|| / ||a - init|| < {UPDATE_TOLERANCE}):",
+        "",
+        "| runs | update rel | worst tensor rel (where) | max abs | pass |",
+        "|---|---|---|---|---|",
+    ]
     for r in parity:
-        lines.append(f"| {r['runs']} | {r['update_rel']:.2e} | {r['max_rel']:.2e} ({r['worst_tensor']}) | "
-                     f"{r['max_abs']:.2e} | {r['pass']} |" if "error" not in r else f"| {r['runs']} | {r['error']} | | | False |")
-    lines += ["", "Memory and speed, bf16, per-GPU batch kept:", "",
-              "| run | parallel | batch/process | global images/s | x 1 process | peak GiB per process |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['runs']} | {r['update_rel']:.2e} | {r['max_rel']:.2e} ({r['worst_tensor']}) | "
+            f"{r['max_abs']:.2e} | {r['pass']} |"
+            if "error" not in r
+            else f"| {r['runs']} | {r['error']} | | | False |"
+        )
+    lines += [
+        "",
+        "Memory and speed, bf16, per-GPU batch kept:",
+        "",
+        "| run | parallel | batch/process | global images/s | x 1 process | peak GiB per process |",
+        "|---|---|---|---|---|---|",
+    ]
     one = results.get("speed-1", {}).get("images_per_s")
     for name in ("speed-1", "speed-ddp2", "speed-fsdp2", "speed-fsdp2-all"):
         r = results[name]
@@ -182,10 +266,19 @@ def main() -> None:
             continue
         ratio = f"{r['images_per_s'] / one:.2f}" if one and r.get("images_per_s") else "-"
         ips = round(r["images_per_s"], 1) if r.get("images_per_s") else "-"
-        lines.append(f"| {name} | {r['parallel']} | {r['batch']} | {ips} | {ratio} | {r['peak_gib_per_process']} |")
+        lines.append(
+            f"| {name} | {r['parallel']} | {r['batch']} | {ips} | {ratio} | {r['peak_gib_per_process']} |"
+        )
     markdown = "\n".join(lines) + "\n"
-    meta = {"size": size, "torch": torch.__version__, "launches": launches, "results": results,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if not args.cpu else "cpu"}
+    meta = {
+        "size": size,
+        "torch": torch.__version__,
+        "launches": launches,
+        "results": results,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if not args.cpu
+        else "cpu",
+    }
     write_results(args.out, "fsdp", parity, markdown, meta)
     print(markdown)
 

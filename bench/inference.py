@@ -41,7 +41,9 @@ def variant(name: str, bs: int):
         net = get_peft_model(net, LoraConfig(r=16, lora_alpha=16, target_modules=UNET_TARGETS))
     elif name != "base":
         k = {"merged": 1, "lora x1": 1, "lora x2": 2, "routed x4": 4}[name]
-        handles = [inject(net, LoRAConfig(targets=UNET_TARGETS, r=16), name=f"a{i}") for i in range(k)]
+        handles = [
+            inject(net, LoRAConfig(targets=UNET_TARGETS, r=16), name=f"a{i}") for i in range(k)
+        ]
         for h in handles:
             randomize(h)
             h.set_scale(1.0 / k)
@@ -74,7 +76,9 @@ def main() -> None:
                 ms, peak = time_step(step, warmup=3, repeats=15)
                 row = dict(mode=mode, variant=name, bs=args.bs, ms=round(ms, 2))
             except Exception as exc:
-                row = dict(mode=mode, variant=name, bs=args.bs, error=f"{type(exc).__name__}: {exc}"[:300])
+                row = dict(
+                    mode=mode, variant=name, bs=args.bs, error=f"{type(exc).__name__}: {exc}"[:300]
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
             gc.collect()
@@ -84,7 +88,9 @@ def main() -> None:
     lines = ["| mode | variant | ms | x base |", "|---|---|---|---|"]
     for r in rows:
         if "ms" in r:
-            lines.append(f"| {r['mode']} | {r['variant']} | {r['ms']:.1f} | {r['ms'] / base[r['mode']]:.2f} |")
+            lines.append(
+                f"| {r['mode']} | {r['variant']} | {r['ms']:.1f} | {r['ms'] / base[r['mode']]:.2f} |"
+            )
     (args.out / "inference.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -3,18 +3,22 @@ ViT-B/16, each with its inputs and a training loss."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 VIT_TARGETS = ["qkv"]
@@ -22,7 +26,9 @@ VIT_TARGETS = ["qkv"]
 REGIONS = {"unet": ("BasicTransformerBlock", "ResnetBlock2D"), "vit": ("Block",)}
 
 
-def build(model: str, bs: int, device: str = "cuda") -> tuple[nn.Module, Callable[[nn.Module, bool], torch.Tensor]]:
+def build(
+    model: str, bs: int, device: str = "cuda"
+) -> tuple[nn.Module, Callable[[nn.Module, bool], torch.Tensor]]:
     """(model, loss_fn(model, input_grad)); loss_fn runs one forward and returns a scalar loss."""
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(1)
@@ -50,6 +56,7 @@ def build(model: str, bs: int, device: str = "cuda") -> tuple[nn.Module, Callabl
         def loss_fn(m: nn.Module, input_grad: bool) -> torch.Tensor:
             xi = x.detach().requires_grad_(input_grad)
             return F.cross_entropy(m(xi).float(), y)
+
     net.requires_grad_(False)
     return net, loss_fn
 

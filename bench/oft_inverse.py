@@ -37,6 +37,7 @@ def with_library(name):
             return inv_default(Q)
         finally:
             torch.backends.cuda.preferred_linalg_library(previous)
+
     return run
 
 
@@ -57,11 +58,18 @@ def newton_schulz(iters):
         for _ in range(iters):
             X = X @ (2.0 * eye - S @ X)
         return X @ (eye + Q)
+
     return run
 
 
-METHODS = {"inv_ex": inv_default, "inv_ex-cusolver": with_library("cusolver"), "inv_ex-magma": with_library("magma"),
-           "cholesky": inv_cholesky, "newton-schulz-12": newton_schulz(12), "newton-schulz-16": newton_schulz(16)}
+METHODS = {
+    "inv_ex": inv_default,
+    "inv_ex-cusolver": with_library("cusolver"),
+    "inv_ex-magma": with_library("magma"),
+    "cholesky": inv_cholesky,
+    "newton-schulz-12": newton_schulz(12),
+    "newton-schulz-16": newton_schulz(16),
+}
 
 
 def capturable(fn, Q) -> bool:
@@ -103,8 +111,11 @@ def main() -> None:
                     row["rel_err"] = float((out.double() - ref).norm() / ref.norm())
                     row["eager_ms"], _ = time_step(lambda: fn(Q), warmup=3, repeats=15, inner=20)
                     # A failed capture can poison the CUDA context: check in a fresh process.
-                    probe = subprocess.run([sys.executable, __file__, "--capture", name, "--blocks", str(n)],
-                                           capture_output=True, text=True)
+                    probe = subprocess.run(
+                        [sys.executable, __file__, "--capture", name, "--blocks", str(n)],
+                        capture_output=True,
+                        text=True,
+                    )
                     row["capturable"] = probe.stdout.strip().endswith("True")
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"[:200]

@@ -36,18 +36,23 @@ def adapt(net, variant: str, targets: list[str]):
     lib, method = variant.split("-", 1)
     if lib == "peftkit":
         # Default "auto" applies LoRA/LoKr in weight space on CUDA; "-f" forces the factored form.
-        config = {"lora": LoRAConfig(targets=targets, r=16, alpha=16),
-                  "lora-f": LoRAConfig(targets=targets, r=16, alpha=16, apply="factored"),
-                  "lokr": KronConfig(targets=targets, r=16, alpha=16),
-                  "lokr-f": KronConfig(targets=targets, r=16, alpha=16, apply="factored"),
-                  "oft": OFTConfig(targets=targets, block_size=32)}[method]
+        config = {
+            "lora": LoRAConfig(targets=targets, r=16, alpha=16),
+            "lora-f": LoRAConfig(targets=targets, r=16, alpha=16, apply="factored"),
+            "lokr": KronConfig(targets=targets, r=16, alpha=16),
+            "lokr-f": KronConfig(targets=targets, r=16, alpha=16, apply="factored"),
+            "oft": OFTConfig(targets=targets, block_size=32),
+        }[method]
         handle = inject(net, config)
         return net, handle.trainable_parameters()
-    from peft import LoKrConfig, LoraConfig, OFTConfig as PeftOFT, get_peft_model
+    from peft import LoKrConfig, LoraConfig, get_peft_model
+    from peft import OFTConfig as PeftOFT
 
-    config = {"lora": LoraConfig(r=16, lora_alpha=16, target_modules=targets),
-              "lokr": LoKrConfig(r=16, alpha=16, target_modules=targets),
-              "oft": PeftOFT(r=0, oft_block_size=32, target_modules=targets)}[method]
+    config = {
+        "lora": LoraConfig(r=16, lora_alpha=16, target_modules=targets),
+        "lokr": LoKrConfig(r=16, alpha=16, target_modules=targets),
+        "oft": PeftOFT(r=0, oft_block_size=32, target_modules=targets),
+    }[method]
     model = get_peft_model(net, config)
     return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -85,9 +90,17 @@ def measure(model_kind: str, bs: int, variant: str, compile_mode: str, base: str
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     ms, peak = time_step(step, warmup=3, repeats=15)
-    row = dict(model=model_kind, bs=bs, variant=variant, compile=compile_mode, base=base, ms=round(ms, 2),
-               peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2), first_s=round(first_s, 1),
-               trainable=sum(p.numel() for p in params))
+    row = dict(
+        model=model_kind,
+        bs=bs,
+        variant=variant,
+        compile=compile_mode,
+        base=base,
+        ms=round(ms, 2),
+        peak_gib=round(peak + torch.cuda.memory_allocated() / 2**30, 2),
+        first_s=round(first_s, 1),
+        trainable=sum(p.numel() for p in params),
+    )
     del model, net, opt, params
     gc.collect()
     torch.cuda.empty_cache()
@@ -99,11 +112,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=["unet", "vit"], required=True)
     parser.add_argument("--bs", type=int, required=True)
-    parser.add_argument("--compile", default="none", help="comma list of none,graph,regional,full,full+graph (compile, then capture the step)")
+    parser.add_argument(
+        "--compile",
+        default="none",
+        help="comma list of none,graph,regional,full,full+graph (compile, then capture the step)",
+    )
     parser.add_argument("--base", default="bf16", help="comma list of bf16,fp32")
-    parser.add_argument("--variants", default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft")
+    parser.add_argument(
+        "--variants",
+        default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft",
+    )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--deadline", type=float, default=1e9, help="skip what would start after this many seconds")
+    parser.add_argument(
+        "--deadline", type=float, default=1e9, help="skip what would start after this many seconds"
+    )
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.automatic_dynamic_shapes = False
@@ -120,8 +142,14 @@ def main() -> None:
                 try:
                     row = measure(args.model, args.bs, variant, compile_mode, base)
                 except Exception as exc:  # one failure must not cost the whole GPU run
-                    row = dict(model=args.model, bs=args.bs, variant=variant, compile=compile_mode, base=base,
-                               error=f"{type(exc).__name__}: {exc}"[:400])
+                    row = dict(
+                        model=args.model,
+                        bs=args.bs,
+                        variant=variant,
+                        compile=compile_mode,
+                        base=base,
+                        error=f"{type(exc).__name__}: {exc}"[:400],
+                    )
                     gc.collect()
                     torch.cuda.empty_cache()
                     torch._dynamo.reset()

@@ -28,12 +28,34 @@ import torch
 R, BLOCK = 8, 32
 DEVICE = "cuda"  # a CPU smoke test sets this to "cpu"
 PEFT_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-PEFTKIT = {"linear": {}, "bitfit": {}, "full": {}, "vpt-shallow": {"vpt_length": 50}, "vpt-deep": {"vpt_length": 10},
-           "adaptformer": {"bottleneck": 64}, "ssf": {}, "lora": {"r": R, "alpha": R},
-           "oft": {"block_size": BLOCK}, "kron": {"r": R, "alpha": R}, "vpt-deep+lora": {"vpt_length": 10, "r": R}}
+PEFTKIT = {
+    "linear": {},
+    "bitfit": {},
+    "full": {},
+    "vpt-shallow": {"vpt_length": 50},
+    "vpt-deep": {"vpt_length": 10},
+    "adaptformer": {"bottleneck": 64},
+    "ssf": {},
+    "lora": {"r": R, "alpha": R},
+    "oft": {"block_size": BLOCK},
+    "kron": {"r": R, "alpha": R},
+    "vpt-deep+lora": {"vpt_length": 10, "r": R},
+}
 PEFT = ("lora", "oft", "lokr")
-COMPILE_ORDER = ["floor", "peftkit-lora", "peft-lora", "peftkit-oft", "peft-oft", "peftkit-kron", "peft-lokr",
-                 "peftkit-vpt-deep", "peftkit-adaptformer", "peftkit-ssf", "peftkit-bitfit", "peftkit-linear"]
+COMPILE_ORDER = [
+    "floor",
+    "peftkit-lora",
+    "peft-lora",
+    "peftkit-oft",
+    "peft-oft",
+    "peftkit-kron",
+    "peft-lokr",
+    "peftkit-vpt-deep",
+    "peftkit-adaptformer",
+    "peftkit-ssf",
+    "peftkit-bitfit",
+    "peftkit-linear",
+]
 
 
 def vit(num_classes: int = 100) -> torch.nn.Module:
@@ -53,7 +75,7 @@ def adapt(variant: str):
         return net, [], net
     lib, method = variant.split("-", 1)
     if lib == "peftkit":
-        from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+        from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 
         adapter = VisionAdapter(net, ViTMethodConfig.parse(method, **PEFTKIT[method]))
         params = adapter.trainable_parameters()
@@ -61,11 +83,15 @@ def adapt(variant: str):
     else:
         from peft import LoKrConfig, LoraConfig, OFTConfig, get_peft_model
 
-        config = {"lora": LoraConfig(r=R, lora_alpha=R, target_modules=PEFT_TARGETS),
-                  "oft": OFTConfig(r=0, oft_block_size=BLOCK, target_modules=PEFT_TARGETS),
-                  "lokr": LoKrConfig(r=R, alpha=R, target_modules=PEFT_TARGETS)}[method]
+        config = {
+            "lora": LoraConfig(r=R, lora_alpha=R, target_modules=PEFT_TARGETS),
+            "oft": OFTConfig(r=0, oft_block_size=BLOCK, target_modules=PEFT_TARGETS),
+            "lokr": LoKrConfig(r=R, alpha=R, target_modules=PEFT_TARGETS),
+        }[method]
         model = get_peft_model(net, config)
-        net.head.requires_grad_(True)  # a new label set trains its head, as every peftkit method does
+        net.head.requires_grad_(
+            True
+        )  # a new label set trains its head, as every peftkit method does
         params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # trainable tensors in fp32 on the bf16 base (peft's default too)
         p.data = p.data.float()
@@ -76,11 +102,13 @@ def check_lora_parity() -> float:
     """peftkit LoRA and peft LoRA with identical A, B give the same logits (bf16 tolerance)."""
     from peft import LoraConfig, get_peft_model
 
-    from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+    from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 
     ours_net = vit().to(DEVICE)
     adapter = VisionAdapter(ours_net, ViTMethodConfig.parse("lora", r=R, alpha=R))
-    theirs = get_peft_model(vit().to(DEVICE), LoraConfig(r=R, lora_alpha=R, target_modules=PEFT_TARGETS))
+    theirs = get_peft_model(
+        vit().to(DEVICE), LoraConfig(r=R, lora_alpha=R, target_modules=PEFT_TARGETS)
+    )
     torch.manual_seed(1)
     modules = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():
@@ -95,7 +123,9 @@ def check_lora_parity() -> float:
             with theirs.disable_adapter():
                 base = theirs(x).float()
     moved = float((b - base).norm() / base.norm())
-    assert moved > 1e-3, f"the parity check's LoRA weights do not change the output ({moved:.3g}): check is void"
+    assert moved > 1e-3, (
+        f"the parity check's LoRA weights do not change the output ({moved:.3g}): check is void"
+    )
     err = float((a - b).norm() / b.norm())
     assert err < 2e-2, f"peftkit LoRA and peft LoRA disagree: relative error {err:.3g}"
     return err
@@ -135,9 +165,15 @@ def measure(variant: str, compiled: bool, batch: int, steps: int) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end))
     ms = statistics.median(times)
-    row = {"variant": variant, "compile": compiled, "ms": round(ms, 2), "images_per_s": round(batch * 1000 / ms, 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "warmup_s": round(warmup_s, 1),
-           "trainable": sum(p.numel() for p in params)}
+    row = {
+        "variant": variant,
+        "compile": compiled,
+        "ms": round(ms, 2),
+        "images_per_s": round(batch * 1000 / ms, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "warmup_s": round(warmup_s, 1),
+        "trainable": sum(p.numel() for p in params),
+    }
     del model, params, net, opt, call
     gc.collect()
     torch.cuda.empty_cache()
@@ -147,10 +183,15 @@ def measure(variant: str, compiled: bool, batch: int, steps: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     floor = {r["compile"]: r["ms"] for r in rows if r["variant"] == "floor" and "ms" in r}
-    peft = {(r["variant"].split("-", 1)[1].replace("lokr", "kron"), r["compile"]): r["ms"]
-            for r in rows if r["variant"].startswith("peft-") and "ms" in r}
-    lines = ["| variant | mode | ms/step | images/s | peak GiB | x floor | peft / peftkit | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
+    peft = {
+        (r["variant"].split("-", 1)[1].replace("lokr", "kron"), r["compile"]): r["ms"]
+        for r in rows
+        if r["variant"].startswith("peft-") and "ms" in r
+    }
+    lines = [
+        "| variant | mode | ms/step | images/s | peak GiB | x floor | peft / peftkit | trainable |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mode = "compile" if r["compile"] else "eager"
         if "ms" not in r:
@@ -158,26 +199,46 @@ def table(rows: list[dict]) -> str:
             continue
         x_floor = f"{r['ms'] / floor[r['compile']]:.2f}" if r["compile"] in floor else "-"
         method = r["variant"].split("-", 1)[1] if r["variant"].startswith("peftkit-") else None
-        vs = f"{peft[(method, r['compile'])] / r['ms']:.2f}x" if (method, r["compile"]) in peft else ""
-        lines.append(f"| {r['variant']} | {mode} | {r['ms']:.2f} | {r['images_per_s']:.0f} | {r['peak_gib']:.2f} | "
-                     f"{x_floor} | {vs} | {r['trainable']:,} |")
+        vs = (
+            f"{peft[(method, r['compile'])] / r['ms']:.2f}x"
+            if (method, r["compile"]) in peft
+            else ""
+        )
+        lines.append(
+            f"| {r['variant']} | {mode} | {r['ms']:.2f} | {r['images_per_s']:.0f} | {r['peak_gib']:.2f} | "
+            f"{x_floor} | {vs} | {r['trainable']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per config (median; >= 15)")
-    parser.add_argument("--compile", default=",".join(COMPILE_ORDER),
-                        help="variants to also time under torch.compile, in this order (empty: none)")
-    parser.add_argument("--deadline", type=float, default=330.0, help="start no config after this many seconds")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed steps per config (median; >= 15)"
+    )
+    parser.add_argument(
+        "--compile",
+        default=",".join(COMPILE_ORDER),
+        help="variants to also time under torch.compile, in this order (empty: none)",
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=330.0, help="start no config after this many seconds"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/vit.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": args.batch, "steps": args.steps}
+    meta = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "steps": args.steps,
+    }
     try:
         meta["lora_parity_rel_err"] = check_lora_parity()
     except Exception as err:  # keep benchmarking; the table says parity failed
@@ -194,13 +255,18 @@ def main() -> None:
             rows.append(measure(variant, compiled, args.batch, args.steps))
         except Exception as err:
             traceback.print_exc()
-            rows.append({"variant": variant, "compile": compiled, "error": f"{type(err).__name__}: {err}"})
+            rows.append(
+                {"variant": variant, "compile": compiled, "error": f"{type(err).__name__}: {err}"}
+            )
             gc.collect()
             torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
         (args.out / "vit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = (f"ViT-B/16, batch {args.batch}, 224 px, bf16, {meta['gpu']}; median of {args.steps} steps; "
-          f"LoRA parity vs peft: {meta.get('lora_parity_rel_err', meta.get('lora_parity_error'))}\n\n" + table(rows))
+    md = (
+        f"ViT-B/16, batch {args.batch}, 224 px, bf16, {meta['gpu']}; median of {args.steps} steps; "
+        f"LoRA parity vs peft: {meta.get('lora_parity_rel_err', meta.get('lora_parity_error'))}\n\n"
+        + table(rows)
+    )
     (args.out / "vit.md").write_text(md)
     print(md)
 

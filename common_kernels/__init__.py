@@ -1,9 +1,8 @@
-"""peftkit.common_kernels: adapter cores (LoRA, OFT, Kronecker), injection, adapter files and the
-shared training engine. Knows nothing of diffusers, timm or open_clip."""
+"""peftkit.common_kernels: adapter cores (LoRA, OFT, Kronecker), injection and adapter files;
+the shared training machinery lives in `peftkit.common_kernels.training`. Knows nothing of diffusers, timm or open_clip."""
 
 from .adapter_file import load_adapter, read_adapter_config, save_adapter
 from .config import AdapterConfig, method_names
-from .engine import TrainConfig, TrainResult, train
 from .errors import PeftkitError
 from .inject import AdapterHandle, adapted_layers, find_targets, inject, remove_adapters, routing
 from .kron import KronConfig, factorize, kron_delta_weight, kron_linear_delta
@@ -12,9 +11,31 @@ from .lora import LoRAConfig, lora_conv_delta, lora_delta_weight, lora_linear_de
 from .oft import OFTConfig, cayley, oft_rotation, rotate_input, rotate_weight, skew
 
 __all__ = [
-    "AdaptedLayer", "AdapterConfig", "AdapterHandle", "KronConfig", "LoRAConfig", "OFTConfig", "PeftkitError",
-    "TrainConfig", "TrainResult", "adapted_layers", "cayley", "factorize", "find_targets", "inject",
-    "kron_delta_weight", "kron_linear_delta", "load_adapter", "lora_conv_delta", "lora_delta_weight",
-    "lora_linear_delta", "method_names", "oft_rotation", "read_adapter_config", "remove_adapters", "rotate_input", "rotate_weight",
-    "routing", "save_adapter", "skew", "train",
+    "AdaptedLayer",
+    "AdapterConfig",
+    "AdapterHandle",
+    "KronConfig",
+    "LoRAConfig",
+    "OFTConfig",
+    "PeftkitError",
+    "adapted_layers",
+    "cayley",
+    "factorize",
+    "find_targets",
+    "inject",
+    "kron_delta_weight",
+    "kron_linear_delta",
+    "load_adapter",
+    "lora_conv_delta",
+    "lora_delta_weight",
+    "lora_linear_delta",
+    "method_names",
+    "oft_rotation",
+    "read_adapter_config",
+    "remove_adapters",
+    "rotate_input",
+    "rotate_weight",
+    "routing",
+    "save_adapter",
+    "skew",
 ]

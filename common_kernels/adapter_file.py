@@ -37,7 +37,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
@@ -59,7 +61,9 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata
 
 
-def save_adapter(handle: AdapterHandle, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+def save_adapter(
+    handle: AdapterHandle, path: str | os.PathLike, extra: dict[str, str] | None = None
+) -> Path:
     """Write `handle`'s adapter to `path` (.safetensors) atomically."""
     from .. import __version__
 
@@ -83,13 +87,16 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[AdapterConfig, dict[st
 
 def _config_of(metadata: dict[str, str], path) -> AdapterConfig:
     if "config" not in metadata:
-        raise PeftkitError(f"{str(path)!r} has no peftkit metadata: it was not written by peftkit "
-                           "(for diffusers/kohya LoRA files use peftkit.diffusion.formats)")
+        raise PeftkitError(
+            f"{str(path)!r} has no peftkit metadata: it was not written by peftkit "
+            "(for diffusers/kohya LoRA files use peftkit.diffusion.formats)"
+        )
     return AdapterConfig.from_json(metadata["config"])
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 scale: float = 1.0) -> AdapterHandle:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, scale: float = 1.0
+) -> AdapterHandle:
     """Inject the adapter stored at `path` into `model` and load its weights.
 
     Fails before touching the model when the adapter was made for a base with other target
@@ -108,7 +115,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     expected = metadata.get("base_fingerprint")
     if expected and fingerprint(model, targets) != expected:
         _raise_first_mismatch(model, targets, path, metadata)
-    handle = inject(model, config, name=name, base_model=metadata.get("base_model") or None, scale=scale)
+    handle = inject(
+        model, config, name=name, base_model=metadata.get("base_model") or None, scale=scale
+    )
     try:
         handle.load_state_dict(tensors)
     except PeftkitError:
@@ -122,18 +131,28 @@ def base_shapes(model: nn.Module, names: list[str]) -> dict[str, list[int]]:
     return {n: list(modules[n].weight.shape) for n in sorted(names)}
 
 
-def _raise_first_mismatch(model: nn.Module, targets: list[str], path, metadata: dict[str, str]) -> None:
+def _raise_first_mismatch(
+    model: nn.Module, targets: list[str], path, metadata: dict[str, str]
+) -> None:
     stored = json.loads(metadata.get("base_shapes", "{}"))
     here = base_shapes(model, targets)
     base = metadata.get("base_model") or "unknown"
     for name in sorted(set(stored) | set(here)):
         if name not in here:
-            raise PeftkitError(f"adapter {str(path)!r} does not fit this model: module {name!r} (from base {base!r}) "
-                               "is missing here")
+            raise PeftkitError(
+                f"adapter {str(path)!r} does not fit this model: module {name!r} (from base {base!r}) "
+                "is missing here"
+            )
         if name not in stored:
-            raise PeftkitError(f"adapter {str(path)!r} does not fit this model: module {name!r} is targeted here "
-                               f"but the adapter (made for base {base!r}) has no weights for it")
+            raise PeftkitError(
+                f"adapter {str(path)!r} does not fit this model: module {name!r} is targeted here "
+                f"but the adapter (made for base {base!r}) has no weights for it"
+            )
         if stored[name] != here[name]:
-            raise PeftkitError(f"adapter {str(path)!r} does not fit this model: module {name!r} has weight shape "
-                               f"{tuple(here[name])} here but {tuple(stored[name])} in base {base!r}")
-    raise PeftkitError(f"adapter {str(path)!r} was made for another base model ({base!r}): fingerprints differ")
+            raise PeftkitError(
+                f"adapter {str(path)!r} does not fit this model: module {name!r} has weight shape "
+                f"{tuple(here[name])} here but {tuple(stored[name])} in base {base!r}"
+            )
+    raise PeftkitError(
+        f"adapter {str(path)!r} was made for another base model ({base!r}): fingerprints differ"
+    )

@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 
 from .errors import PeftkitError
 
-_CONFIGS: dict[str, type["AdapterConfig"]] = {}
+_CONFIGS: dict[str, type[AdapterConfig]] = {}
 
 
-def register_config(cls: type["AdapterConfig"]) -> type["AdapterConfig"]:
+def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
     _CONFIGS[cls.method] = cls
     return cls
 
@@ -48,7 +48,9 @@ class AdapterConfig:
         if bad:
             raise PeftkitError(f"target_types {bad} not supported: use any of {sorted(allowed)}")
         if not self.targets and not self.target_types:
-            raise PeftkitError("targets and target_types are both empty: name at least one module pattern or type")
+            raise PeftkitError(
+                "targets and target_types are both empty: name at least one module pattern or type"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
@@ -57,20 +59,24 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
         method = data.pop("method", None)
         if method not in _CONFIGS:
-            raise PeftkitError(f"unknown adapter method {method!r}: known methods are {sorted(_CONFIGS)}")
+            raise PeftkitError(
+                f"unknown adapter method {method!r}: known methods are {sorted(_CONFIGS)}"
+            )
         cls = _CONFIGS[method]
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise PeftkitError(f"{cls.__name__} has no field(s) {unknown}: allowed fields are {sorted(names)}")
+            raise PeftkitError(
+                f"{cls.__name__} has no field(s) {unknown}: allowed fields are {sorted(names)}"
+            )
         return cls(**data)
 
     @staticmethod
-    def from_json(text: str) -> "AdapterConfig":
+    def from_json(text: str) -> AdapterConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:

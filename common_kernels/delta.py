@@ -56,7 +56,9 @@ def geometry_of(module: nn.Module, name: str = "") -> Geometry:
                 "exclude it from the targets"
             )
         if module.padding_mode != "zeros":
-            raise PeftkitError(f"module {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+            raise PeftkitError(
+                f"module {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported"
+            )
         return Geometry(
             "conv2d",
             module.in_channels,
@@ -66,7 +68,9 @@ def geometry_of(module: nn.Module, name: str = "") -> Geometry:
             module.padding if isinstance(module.padding, str) else tuple(module.padding),
             tuple(module.dilation),
         )
-    raise PeftkitError(f"module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and nn.Conv2d only")
+    raise PeftkitError(
+        f"module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and nn.Conv2d only"
+    )
 
 
 class Delta(nn.Module):

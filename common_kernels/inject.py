@@ -1,9 +1,9 @@
 """`inject`: wrap the modules a config targets in `AdaptedLayer`s, freeze the base, return a handle.
 
-    handle = inject(model, LoRAConfig(targets=["to_q", "to_v"], r=8), name="dog")
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-4)
-    ...
-    handle.merge(); handle.unmerge(); handle.unload()   # unload restores the original modules
+handle = inject(model, LoRAConfig(targets=["to_q", "to_v"], r=8), name="dog")
+opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-4)
+...
+handle.merge(); handle.unmerge(); handle.unload()   # unload restores the original modules
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from .layer import AdaptedLayer, RunPlan
 from .lora import LoRAConfig, LoRADelta
 from .oft import OFTConfig, OFTDelta
 
-_DELTAS: dict[type[AdapterConfig], type[Delta]] = {LoRAConfig: LoRADelta, OFTConfig: OFTDelta, KronConfig: KronDelta}
+_DELTAS: dict[type[AdapterConfig], type[Delta]] = {
+    LoRAConfig: LoRADelta,
+    OFTConfig: OFTDelta,
+    KronConfig: KronDelta,
+}
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -59,7 +63,9 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             continue
         names.append(name)
     if not names:
-        typed = [n for n, m in candidate_modules(model) if n and type(m).__name__ in ("Linear", "Conv2d")]
+        typed = [
+            n for n, m in candidate_modules(model) if n and type(m).__name__ in ("Linear", "Conv2d")
+        ]
         raise PeftkitError(
             f"no module matches targets={config.targets} with target_types={config.target_types}: "
             f"the model's Linear/Conv2d modules are named like {typed[:6]}; fix the patterns"
@@ -84,9 +90,21 @@ def fingerprint(model: nn.Module, names: Sequence[str]) -> str:
 class AdapterHandle:
     """One named adapter on a model: its parameters, state, scale, merge state and removal."""
 
-    def __init__(self, model: nn.Module, name: str, config: AdapterConfig, layers: dict[str, AdaptedLayer],
-                 base_model: str | None) -> None:
-        self.model, self.name, self.config, self.layers, self.base_model = model, name, config, layers, base_model
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        config: AdapterConfig,
+        layers: dict[str, AdaptedLayer],
+        base_model: str | None,
+    ) -> None:
+        self.model, self.name, self.config, self.layers, self.base_model = (
+            model,
+            name,
+            config,
+            layers,
+            base_model,
+        )
         self._hooks = _batch_hooks(self)
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -110,8 +128,16 @@ class AdapterHandle:
         if missing or unexpected:
             raise PeftkitError(
                 f"adapter {self.name!r} state does not fit this model: "
-                + (f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
-                + (f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "")
+                + (
+                    f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                    if missing
+                    else ""
+                )
+                + (
+                    f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+                    if unexpected
+                    else ""
+                )
                 + ": the adapter was made for other target modules or another base model"
             )
         for key in sorted(own):
@@ -173,8 +199,10 @@ class AdapterHandle:
     def report(self) -> str:
         total = sum(p.numel() for p in self.model.parameters()) - self.num_parameters()
         n = self.num_parameters()
-        return (f"adapter {self.name!r} ({self.config.method}): {len(self.layers)} modules, "
-                f"{n:,} trainable parameters = {100.0 * n / max(total, 1):.3f}% of {total:,} base parameters")
+        return (
+            f"adapter {self.name!r} ({self.config.method}): {len(self.layers)} modules, "
+            f"{n:,} trainable parameters = {100.0 * n / max(total, 1):.3f}% of {total:,} base parameters"
+        )
 
 
 def _batch_hooks(handle: AdapterHandle) -> list:
@@ -185,8 +213,11 @@ def _batch_hooks(handle: AdapterHandle) -> list:
         return []
 
     def deltas(live_only: bool) -> list[Delta]:
-        return [layer.deltas[handle.name] for layer in handle.layers.values()
-                if not live_only or (handle.name in layer.active and handle.name not in layer.merged)]
+        return [
+            layer.deltas[handle.name]
+            for layer in handle.layers.values()
+            if not live_only or (handle.name in layer.active and handle.name not in layer.merged)
+        ]
 
     def before(module, args):
         # Under torch.compile the compiler fuses per-layer work itself; module state stays untouched.
@@ -198,11 +229,19 @@ def _batch_hooks(handle: AdapterHandle) -> list:
             delta_cls.release_all(deltas(live_only=False))
 
     before.peftkit_hook = after.peftkit_hook = True
-    return [handle.model.register_forward_pre_hook(before), handle.model.register_forward_hook(after)]
+    return [
+        handle.model.register_forward_pre_hook(before),
+        handle.model.register_forward_hook(after),
+    ]
 
 
-def inject(model: nn.Module, config: AdapterConfig, name: str = "default", base_model: str | None = None,
-           scale: float = 1.0) -> AdapterHandle:
+def inject(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    base_model: str | None = None,
+    scale: float = 1.0,
+) -> AdapterHandle:
     """Add adapter `name` of `config`'s method to every targeted module and freeze the base model.
 
     Example:
@@ -260,23 +299,31 @@ def remove_adapters(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, adapter_ids: torch.Tensor | Sequence[int], names: Sequence[str]) -> Iterator[None]:
+def routing(
+    model: nn.Module, adapter_ids: torch.Tensor | Sequence[int], names: Sequence[str]
+) -> Iterator[None]:
     """Within the block, batch row i uses adapter names[adapter_ids[i]] (-1: the base model alone).
 
-        >>> with routing(model, [0, 1, -1], ["dog", "cat"]):   # doctest: +SKIP
-        ...     y = model(x)   # row 0 with "dog", row 1 with "cat", row 2 plain
+    >>> with routing(model, [0, 1, -1], ["dog", "cat"]):   # doctest: +SKIP
+    ...     y = model(x)   # row 0 with "dog", row 1 with "cat", row 2 plain
     """
     layers = adapted_layers(model)
     known = {n for layer in layers for n in layer.deltas}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise PeftkitError(f"routing names unknown adapters {unknown}: the model has {sorted(known)}")
+        raise PeftkitError(
+            f"routing names unknown adapters {unknown}: the model has {sorted(known)}"
+        )
     if any(layer.merged for layer in layers):
-        raise PeftkitError("routing needs unmerged adapters: call unmerge() on merged adapters first")
+        raise PeftkitError(
+            "routing needs unmerged adapters: call unmerge() on merged adapters first"
+        )
     device = next((l.base.weight.device for l in layers), None)
     # Checked on the host, where the ids usually are: checking them on the GPU would cost two syncs.
     host = torch.as_tensor(adapter_ids, dtype=torch.long).cpu()
-    if host.dim() != 1 or (host.numel() and (int(host.min()) < -1 or int(host.max()) >= len(names))):
+    if host.dim() != 1 or (
+        host.numel() and (int(host.min()) < -1 or int(host.max()) >= len(names))
+    ):
         raise PeftkitError(f"adapter_ids must be a 1-D list of indices in [-1, {len(names) - 1}]")
     values = set(host.tolist())
     if len(values) == 1:
@@ -300,10 +347,18 @@ def routing(model: nn.Module, adapter_ids: torch.Tensor | Sequence[int], names: 
         layer.route_plan = None
         if len(runs) <= 2 * len({k for k, _ in runs}):  # few runs: one weight per run is cheap
             present = [n for n in names if n in layer.deltas]
-            slots = tuple(present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
-                          for k, _ in runs)
-            if slots not in plans:  # one device copy per distinct plan, made here and not inside a capture
-                index = None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
+            slots = tuple(
+                present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
+                for k, _ in runs
+            )
+            if (
+                slots not in plans
+            ):  # one device copy per distinct plan, made here and not inside a capture
+                index = (
+                    None
+                    if slots == tuple(range(len(present)))
+                    else torch.tensor(slots, device=device)
+                )
                 plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index)
             layer.route_plan = plans[slots]
     try:

@@ -50,11 +50,15 @@ class KronConfig(AdapterConfig):
         if self.alpha is not None:
             check_positive("KronConfig", "alpha", self.alpha)
         if self.factor == 0 or self.factor < -1:
-            raise PeftkitError(f"KronConfig.factor must be -1 (most square) or a positive integer, got {self.factor}")
+            raise PeftkitError(
+                f"KronConfig.factor must be -1 (most square) or a positive integer, got {self.factor}"
+            )
         if self.init not in ("w1_zero", "w2_zero"):
             raise PeftkitError(f"KronConfig.init must be 'w1_zero' or 'w2_zero', got {self.init!r}")
         if self.apply not in ("auto", "factored", "weight"):
-            raise PeftkitError(f"KronConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}")
+            raise PeftkitError(
+                f"KronConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}"
+            )
 
     @property
     def scaling(self) -> float:
@@ -79,8 +83,12 @@ def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-def kron_linear_delta(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                      scale: torch.Tensor | float) -> torch.Tensor:
+def kron_linear_delta(
+    x: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
     """scale * (W1 ⊗ W2) x for x of shape (..., c*d), as vec(W1 X W2^T). W2 may be a (W2a, W2b) pair."""
     a, c = W1.shape
     X = x.reshape(*x.shape[:-1], c, -1)
@@ -92,7 +100,9 @@ def kron_linear_delta(x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor | tupl
     return Y.reshape(*x.shape[:-1], -1)
 
 
-def kron_delta_weight(W1: torch.Tensor, W2: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+def kron_delta_weight(
+    W1: torch.Tensor, W2: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
     """scale * W1 ⊗ W2 with W2 a matrix (b, d) or a kernel (b, d, kh, kw)."""
     if W2.dim() == 4:
         a, c = W1.shape
@@ -119,10 +129,15 @@ class KronDelta(Delta):
         if r < max(b, d) / 2:
             if r > min(b, d * kh * kw):
                 raise PeftkitError(f"Kron rank r={r} is too large for module {name!r}: lower r")
-            self.W2a, self.W2b = nn.Parameter(torch.empty(b, r)), nn.Parameter(torch.empty(r, d * kh * kw))
+            self.W2a, self.W2b = (
+                nn.Parameter(torch.empty(b, r)),
+                nn.Parameter(torch.empty(r, d * kh * kw)),
+            )
             w2_parts = [self.W2a, self.W2b]
         else:
-            self.W2 = nn.Parameter(torch.empty(b, d, kh, kw) if geometry.kind == "conv2d" else torch.empty(b, d))
+            self.W2 = nn.Parameter(
+                torch.empty(b, d, kh, kw) if geometry.kind == "conv2d" else torch.empty(b, d)
+            )
             w2_parts = [self.W2]
         for p in w1_parts + w2_parts:
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
@@ -137,13 +152,17 @@ class KronDelta(Delta):
         if self._batched is not None:
             return weight + self._batched.to(weight.dtype)
         s = (scale * self.scaling).to(weight.dtype)
-        return weight + kron_delta_weight(self.w1(weight.dtype), self.w2(weight.dtype), s).reshape(weight.shape)
+        return weight + kron_delta_weight(self.w1(weight.dtype), self.w2(weight.dtype), s).reshape(
+            weight.shape
+        )
 
     def _factors(self) -> tuple:
-        return tuple(name for name in ("W1", "W1a", "W1b", "W2", "W2a", "W2b") if hasattr(self, name))
+        return tuple(
+            name for name in ("W1", "W1a", "W1b", "W2", "W2a", "W2b") if hasattr(self, name)
+        )
 
     @staticmethod
-    def prepare_all(deltas: list["KronDelta"]) -> None:
+    def prepare_all(deltas: list[KronDelta]) -> None:
         """Form the weight-space deltas of all equal-shaped layers in one batched product before a
         model's forward: a handful of launches per shape instead of ~6 per layer (bench/NOTES.md).
         Layers that will run factored (apply="factored", or "auto" off CUDA) are skipped."""
@@ -151,16 +170,23 @@ class KronDelta(Delta):
         for d in deltas:
             if d.apply == "factored" or (d.apply == "auto" and not d.scale.is_cuda):
                 continue
-            key = (d.geometry.weight_shape, *((n, tuple(getattr(d, n).shape), getattr(d, n).dtype) for n in d._factors()))
+            key = (
+                d.geometry.weight_shape,
+                *((n, tuple(getattr(d, n).shape), getattr(d, n).dtype) for n in d._factors()),
+            )
             groups.setdefault(key, []).append(d)
         for group in groups.values():
             first = group[0]
 
-            def stacked(name: str) -> torch.Tensor:
+            def stacked(name: str, group: list = group) -> torch.Tensor:
                 return torch.stack([getattr(d, name) for d in group])
 
-            W1 = stacked("W1") if hasattr(first, "W1") else torch.bmm(stacked("W1a"), stacked("W1b"))
-            W2 = stacked("W2") if hasattr(first, "W2") else torch.bmm(stacked("W2a"), stacked("W2b"))
+            W1 = (
+                stacked("W1") if hasattr(first, "W1") else torch.bmm(stacked("W1a"), stacked("W1b"))
+            )
+            W2 = (
+                stacked("W2") if hasattr(first, "W2") else torch.bmm(stacked("W2a"), stacked("W2b"))
+            )
             a, b, c, d_ = first.shape
             W2 = W2.reshape(len(group), b, d_, -1)
             scale = torch.stack([d.scale * d.scaling for d in group])
@@ -169,7 +195,7 @@ class KronDelta(Delta):
                 d._batched = one
 
     @staticmethod
-    def release_all(deltas: list["KronDelta"]) -> None:
+    def release_all(deltas: list[KronDelta]) -> None:
         for d in deltas:
             d._batched = None
 
@@ -189,7 +215,11 @@ class KronDelta(Delta):
     def delta(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         s = (scale * self.scaling).to(x.dtype)
         if self.geometry.kind == "linear":
-            W2 = self.W2.to(x.dtype) if hasattr(self, "W2") else (self.W2a.to(x.dtype), self.W2b.to(x.dtype))
+            W2 = (
+                self.W2.to(x.dtype)
+                if hasattr(self, "W2")
+                else (self.W2a.to(x.dtype), self.W2b.to(x.dtype))
+            )
             return kron_linear_delta(x, self.w1(x.dtype), W2, s)
         return self.geometry.conv(x, kron_delta_weight(self.w1(x.dtype), self.w2(x.dtype), s))
 

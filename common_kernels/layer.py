@@ -56,7 +56,9 @@ class AdaptedLayer(nn.Module):
     # ---- adapters ----
     def add(self, adapter: str, delta: Delta, scale: float = 1.0) -> None:
         if adapter in self.deltas:
-            raise PeftkitError(f"module {self.name!r} already has an adapter named {adapter!r}: pick another name")
+            raise PeftkitError(
+                f"module {self.name!r} already has an adapter named {adapter!r}: pick another name"
+            )
         delta.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
         ref = self.base.weight
         # Adapter params stay at least fp32 even on a bf16/fp16 base: tiny updates vanish in half precision.
@@ -161,7 +163,9 @@ class AdaptedLayer(nn.Module):
             if d.additive:
                 groups.setdefault(d.group_key(), []).append((k, d))
             elif d.side == "weight":
-                y = torch.where(mask(k), self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y)
+                y = torch.where(
+                    mask(k), self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y
+                )
         for key, members in groups.items():
             if key is not None and len(members) > 1:
                 # One gathered pass for all adapters of the group: K adapters cost about one.
@@ -169,7 +173,9 @@ class AdaptedLayer(nn.Module):
                 if order == list(range(len(self.route_names))):
                     slot = ids  # the group is every routed adapter, in routing order: ids index it as they are
                 else:
-                    lut = torch.full((len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device)
+                    lut = torch.full(
+                        (len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device
+                    )
                     for j, k in enumerate(order):
                         lut[k + 1] = j
                     slot = lut[ids + 1]
@@ -183,8 +189,11 @@ class AdaptedLayer(nn.Module):
         if self.route_plan is None or self.geometry.kind != "linear" or not deltas:
             return False
         key = deltas[0].group_key()
-        return (key is not None and hasattr(type(deltas[0]), "routed_weights")
-                and all(d.group_key() == key and d.uses_weight_space(x) for d in deltas))
+        return (
+            key is not None
+            and hasattr(type(deltas[0]), "routed_weights")
+            and all(d.group_key() == key and d.uses_weight_space(x) for d in deltas)
+        )
 
     def _segmented_forward(self, x: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
         plan, weight, bias = self.route_plan, self.base.weight, self.base.bias

@@ -48,11 +48,17 @@ class LoRAConfig(AdapterConfig):
             check_positive("LoRAConfig", "alpha", self.alpha)
         check_probability("LoRAConfig", "dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
-            raise PeftkitError(f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+            raise PeftkitError(
+                f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}"
+            )
         if self.apply not in ("auto", "factored", "weight"):
-            raise PeftkitError(f"LoRAConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}")
+            raise PeftkitError(
+                f"LoRAConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}"
+            )
         if self.apply == "weight" and self.dropout > 0:
-            raise PeftkitError("LoRAConfig.apply='weight' cannot apply input dropout: set dropout=0 or apply='factored'")
+            raise PeftkitError(
+                "LoRAConfig.apply='weight' cannot apply input dropout: set dropout=0 or apply='factored'"
+            )
 
     @property
     def scaling(self) -> float:
@@ -60,20 +66,28 @@ class LoRAConfig(AdapterConfig):
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
 
 
-def lora_linear_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+def lora_linear_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
     """scale * B A x for x of shape (..., d_in). The scale multiplies the r-wide intermediate,
     the cheapest place to apply it."""
     return F.linear(F.linear(x, A) * scale, B)
 
 
 def lora_conv_delta(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float, geometry: Geometry
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor | float,
+    geometry: Geometry,
 ) -> torch.Tensor:
     """scale * conv1x1(B, conv(A, x)) with A: (r, d_in, kh, kw) on the base geometry, B: (d_out, r, 1, 1)."""
     return F.conv2d(geometry.conv(x, A) * scale, B)
 
 
-def lora_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+def lora_delta_weight(
+    A: torch.Tensor, B: torch.Tensor, scale: float, weight_shape: tuple[int, ...]
+) -> torch.Tensor:
     """scale * B A reshaped to the base weight's shape (the merge delta)."""
     return (scale * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1))).reshape(weight_shape)
 
@@ -125,7 +139,7 @@ class LoRADelta(Delta):
         return ("lora", tuple(self.A.shape), tuple(self.B.shape), self.A.dtype)
 
     @staticmethod
-    def routed_delta(deltas: list["LoRADelta"], x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    def routed_delta(deltas: list[LoRADelta], x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Row i gets deltas[slot[i]]'s output (nothing where slot is -1), for all rows in two
         batched matmuls over gathered factors: the segmented-GEMM idea of Punica/S-LoRA, here with
         one (r x d) factor pair per row."""
@@ -143,7 +157,7 @@ class LoRADelta(Delta):
         return out.reshape(*x.shape[:-1], B.shape[1])
 
     @staticmethod
-    def routed_weights(deltas: list["LoRADelta"], weight: torch.Tensor) -> torch.Tensor:
+    def routed_weights(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
         """(K, d_out, d_in): W + s_k B_k A_k for each of the K deltas, in one batched GEMM; scaled
         in the factors' precision and cast once, as `add_to_weight`."""
         A = torch.stack([d.A for d in deltas]).to(weight.dtype)
@@ -152,14 +166,20 @@ class LoRADelta(Delta):
         return torch.baddbmm(weight.unsqueeze(0), B, A)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
-        return weight + lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
+        return weight + lora_delta_weight(
+            self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape
+        )
 
     def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
-        return weight - lora_delta_weight(self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape)
+        return weight - lora_delta_weight(
+            self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape
+        )
 
 
 def _scales(deltas: list[LoRADelta]) -> torch.Tensor:
     """(K,) effective scales s_k * alpha_k / r_k."""
-    if len({d.scaling for d in deltas}) == 1:  # one alpha/r, the usual case: one multiply instead of K
+    if (
+        len({d.scaling for d in deltas}) == 1
+    ):  # one alpha/r, the usual case: one multiply instead of K
         return torch.stack([d.scale for d in deltas]) * deltas[0].scaling
     return torch.stack([d.scale * d.scaling for d in deltas])

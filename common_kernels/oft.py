@@ -88,7 +88,9 @@ def _build_skew_basis(block_size: int, dtype: torch.dtype, device: torch.device)
     # and -1 at the mirrored entry.
     rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
     index = torch.arange(block_size, device=device)
-    upper = (index[None, :, None] == rows[:, None, None]) & (index[None, None, :] == cols[:, None, None])
+    upper = (index[None, :, None] == rows[:, None, None]) & (
+        index[None, None, :] == cols[:, None, None]
+    )
     basis = upper.to(dtype) - upper.transpose(1, 2).to(dtype)
     return basis.reshape(rows.shape[0], -1)
 
@@ -151,7 +153,11 @@ def _blocks(vec: torch.Tensor, block_size: int, scale, radius) -> torch.Tensor:
 
 
 def oft_rotation(
-    vec: torch.Tensor, block_size: int, n_blocks: int, scale: torch.Tensor | float = 1.0, coft_eps: float | None = None
+    vec: torch.Tensor,
+    block_size: int,
+    n_blocks: int,
+    scale: torch.Tensor | float = 1.0,
+    coft_eps: float | None = None,
 ) -> torch.Tensor:
     """The (n_blocks, b, b) blocks of R. A shared block (vec has one row) is repeated."""
     radius = None if coft_eps is None else coft_eps / math.sqrt(vec.shape[0])
@@ -190,7 +196,7 @@ class OFTDelta(Delta):
         return oft_rotation(self.Q, self.block_size, self.n_blocks, scale, self.coft_eps)
 
     @staticmethod
-    def prepare_all(deltas: list["OFTDelta"]) -> None:
+    def prepare_all(deltas: list[OFTDelta]) -> None:
         """Build every layer's R in one batched solve before a model's forward.
 
         A rotation depends on parameters only, so all layers' blocks of one size go through one
@@ -202,16 +208,27 @@ class OFTDelta(Delta):
         for (b, dtype, device), group in groups.items():
             rows = [d.Q.shape[0] for d in group]
             vec = torch.cat([d.Q for d in group])
-            scale = torch.cat([d.scale.to(dtype).expand(n) for d, n in zip(group, rows)])[:, None, None]
+            scale = torch.cat([d.scale.to(dtype).expand(n) for d, n in zip(group, rows)])[
+                :, None, None
+            ]
             radius = None
             if any(d.coft_eps is not None for d in group):
-                radius = torch.cat([torch.full((n,), math.inf if d.coft_eps is None else d.coft_eps / math.sqrt(n),
-                                               dtype=dtype, device=device) for d, n in zip(group, rows)])
+                radius = torch.cat(
+                    [
+                        torch.full(
+                            (n,),
+                            math.inf if d.coft_eps is None else d.coft_eps / math.sqrt(n),
+                            dtype=dtype,
+                            device=device,
+                        )
+                        for d, n in zip(group, rows)
+                    ]
+                )
             for d, R in zip(group, _blocks(vec, b, scale, radius).split(rows)):
                 d._batched = R.expand(d.n_blocks, b, b) if R.shape[0] == 1 else R
 
     @staticmethod
-    def release_all(deltas: list["OFTDelta"]) -> None:
+    def release_all(deltas: list[OFTDelta]) -> None:
         for d in deltas:
             d._batched = None
 

@@ -59,11 +59,23 @@ class DiffusionBase:
 
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
         """Token ids for each tokenizer, padded to its max length."""
-        return [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in self.tokenizers]
+        return [
+            tok(
+                texts,
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for tok in self.tokenizers
+        ]
 
-    def encode_ids(self, ids: list[torch.Tensor], encoders: list[nn.Module] | None = None,
-                   resolution: int = 512) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def encode_ids(
+        self,
+        ids: list[torch.Tensor],
+        encoders: list[nn.Module] | None = None,
+        resolution: int = 512,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """UNet conditioning from token ids: per-token states and, for SDXL, the added conditions."""
         encoders = encoders or self.text_encoders
         if self.kind == "sd":
@@ -74,16 +86,25 @@ class DiffusionBase:
             # SDXL reads the penultimate layer of both encoders and the projected pooled output of the second.
             states.append(out.hidden_states[-2])
             pooled = out[0]
-        size = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=states[0].dtype)
+        size = torch.tensor(
+            [resolution, resolution, 0, 0, resolution, resolution], dtype=states[0].dtype
+        )
         time_ids = size.to(states[0].device).expand(states[0].shape[0], -1)
         return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
-    def encode_prompt(self, texts: list[str], resolution: int = 512) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def encode_prompt(
+        self, texts: list[str], resolution: int = 512
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.encode_ids(self.tokenize(texts), resolution=resolution)
 
     @staticmethod
-    def predict(unet: nn.Module, noisy: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor,
-                extra: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(
+        unet: nn.Module,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        hidden: torch.Tensor,
+        extra: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
         kwargs = {"added_cond_kwargs": extra} if extra else {}
         return unet(noisy, t, encoder_hidden_states=hidden, **kwargs).sample
 
@@ -97,12 +118,16 @@ def _pipeline_class(name: str):
 def _local_class(folder: Path) -> str:
     index = folder / "model_index.json"
     if not index.is_file():
-        raise PeftkitError(f"{folder} is not a diffusers pipeline folder (no model_index.json): save one with "
-                           "pipe.save_pretrained(folder) or pass a hub id like 'runwayml/stable-diffusion-v1-5'")
+        raise PeftkitError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json): save one with "
+            "pipe.save_pretrained(folder) or pass a hub id like 'runwayml/stable-diffusion-v1-5'"
+        )
     return json.loads(index.read_text())["_class_name"]
 
 
-def load_base(model: str, dtype: torch.dtype = torch.float32, attention: str = "auto") -> DiffusionBase:
+def load_base(
+    model: str, dtype: torch.dtype = torch.float32, attention: str = "auto"
+) -> DiffusionBase:
     """Load an SD 1.x/2.x or SDXL pipeline from a local folder, a hub id, or "starter" (assets/).
 
     With HF_HUB_OFFLINE=1 only the local cache is used. An unreachable hub id raises a PeftkitError
@@ -115,8 +140,10 @@ def load_base(model: str, dtype: torch.dtype = torch.float32, attention: str = "
     """
     if model == "starter":
         if not STARTER.is_dir():
-            raise PeftkitError(f"the starter model is not installed ({STARTER} is missing): pass --model with a "
-                               "diffusers folder or hub id")
+            raise PeftkitError(
+                f"the starter model is not installed ({STARTER} is missing): pass --model with a "
+                "diffusers folder or hub id"
+            )
         model = str(STARTER)
     local = Path(model).expanduser()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -127,22 +154,26 @@ def load_base(model: str, dtype: torch.dtype = torch.float32, attention: str = "
         pipe = _pipeline_class(name).from_pretrained(str(local), **_drop_unused(name, kwargs))
     else:
         if model.startswith((".", "/", "~")) or model.count("/") != 1:
-            raise PeftkitError(f"base model {model!r} is neither an existing folder nor a hub id like 'org/name': "
-                               "check the path")
+            raise PeftkitError(
+                f"base model {model!r} is neither an existing folder nor a hub id like 'org/name': "
+                "check the path"
+            )
         from diffusers import DiffusionPipeline
 
         try:
             config = DiffusionPipeline.load_config(model, local_files_only=offline)
             name = config["_class_name"]
             _check_supported(name, model)
-            pipe = _pipeline_class(name).from_pretrained(model, local_files_only=offline,
-                                                         **_drop_unused(name, kwargs))
+            pipe = _pipeline_class(name).from_pretrained(
+                model, local_files_only=offline, **_drop_unused(name, kwargs)
+            )
         except (OSError, ValueError) as err:
             raise PeftkitError(
                 f"cannot load {model!r} from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}): on a "
                 f"machine with access run `huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}` "
                 f"and pass that folder, e.g. --model ./{model.split('/')[-1]}"
-                + ("" if offline else ", or set HF_HUB_OFFLINE=1 to use a cached copy")) from None
+                + ("" if offline else ", or set HF_HUB_OFFLINE=1 to use a cached copy")
+            ) from None
     pipe.set_progress_bar_config(disable=True)
     set_attention_backend(pipe.unet, attention)
     return DiffusionBase(pipe=pipe, kind=SUPPORTED[name], source=model)
@@ -167,16 +198,20 @@ def xformers_available() -> bool:
 
 
 def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
-    """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (needs xformers and CUDA), or "auto"
+    """ "sdpa" (PyTorch scaled_dot_product_attention), "xformers" (needs xformers and CUDA), or "auto"
     (xformers when usable, else SDPA). Returns the backend set."""
     if backend not in ("auto", "sdpa", "xformers"):
-        raise PeftkitError(f"attention backend must be 'auto', 'sdpa' or 'xformers', got {backend!r}")
+        raise PeftkitError(
+            f"attention backend must be 'auto', 'sdpa' or 'xformers', got {backend!r}"
+        )
     if backend == "auto":
         backend = "xformers" if xformers_available() else "sdpa"
     if backend == "xformers":
         if not xformers_available():
-            raise PeftkitError("attention backend 'xformers' needs the xformers package and a CUDA GPU: "
-                               "pip install xformers, or use --attention sdpa")
+            raise PeftkitError(
+                "attention backend 'xformers' needs the xformers package and a CUDA GPU: "
+                "pip install xformers, or use --attention sdpa"
+            )
         unet.enable_xformers_memory_efficient_attention()
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0

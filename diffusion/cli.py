@@ -18,9 +18,15 @@ from ..common_kernels.errors import PeftkitError
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'")
-    parser.add_argument("--images", required=True, help="folder of instance images (x.txt next to x.png = caption)")
-    parser.add_argument("--output", required=True, help="output folder (adapter, checkpoints, train.json)")
+    parser.add_argument(
+        "--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'"
+    )
+    parser.add_argument(
+        "--images", required=True, help="folder of instance images (x.txt next to x.png = caption)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="output folder (adapter, checkpoints, train.json)"
+    )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -28,12 +34,20 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit"], default="auto",
-                        help="auto: 8-bit AdamW when bitsandbytes is installed and a GPU is used")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)")
+    parser.add_argument(
+        "--optimizer",
+        choices=["auto", "adamw", "adamw8bit"],
+        default="auto",
+        help="auto: 8-bit AdamW when bitsandbytes is installed and a GPU is used",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -42,23 +56,43 @@ def _train_config(args: argparse.Namespace):
 
     import torch
 
-    from ..common_kernels.engine import TrainConfig
+    from ..common_kernels.training.engine import TrainConfig
 
     optimizer = args.optimizer
     if optimizer == "auto":
-        usable = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available() and not args.cpu
+        usable = (
+            importlib.util.find_spec("bitsandbytes") is not None
+            and torch.cuda.is_available()
+            and not args.cpu
+        )
         optimizer = "adamw8bit" if usable else "adamw"
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
-                       warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.seed,
-                       output_dir=args.output, checkpoint_every=args.checkpoint_every, optimizer=optimizer,
-                       progress=not args.no_progress, cpu=args.cpu, schedule="constant")
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        output_dir=args.output,
+        checkpoint_every=args.checkpoint_every,
+        optimizer=optimizer,
+        progress=not args.no_progress,
+        cpu=args.cpu,
+        schedule="constant",
+    )
 
 
 def _summary(output: str, result) -> None:
-    summary = {"steps": result.step, "final_loss": result.losses[-1] if result.losses else None,
-               "resumed_from": result.resumed_from, "skipped_steps": result.skipped_steps,
-               "samples_per_s": result.samples_per_s, "peak_memory_gib": result.peak_memory_gib,
-               "metrics": result.metrics}
+    summary = {
+        "steps": result.step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "resumed_from": result.resumed_from,
+        "skipped_steps": result.skipped_steps,
+        "samples_per_s": result.samples_per_s,
+        "peak_memory_gib": result.peak_memory_gib,
+        "metrics": result.metrics,
+    }
     Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / "train.json").write_text(json.dumps(summary, indent=2))
     print(f"trained {result.step} steps; final loss {summary['final_loss']}; outputs in {output}")
@@ -67,35 +101,69 @@ def _summary(output: str, result) -> None:
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
     from .base import load_base
-    from .dreambooth import ConceptConfig, train_concept as run
+    from .dreambooth import ConceptConfig
+    from .dreambooth import train_concept as run
 
-    parser = argparse.ArgumentParser(prog="peftkit train-concept", description=train_concept.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-concept", description=train_concept.__doc__
+    )
     _training_args(parser)
-    parser.add_argument("--prompt", required=True, help="instance prompt with a rare identifier: 'a photo of sks dog'")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        help="instance prompt with a rare identifier: 'a photo of sks dog'",
+    )
     parser.add_argument("--method", choices=["lora", "kron", "oft"], default="lora")
     parser.add_argument("--rank", type=int, default=4, help="LoRA/LoKr rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
     parser.add_argument("--block-size", type=int, default=32, help="OFT block size")
-    parser.add_argument("--targets", default="attn",
-                        help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)")
-    parser.add_argument("--text-encoder-rank", type=int, default=0, help="LoRA rank on the text encoder(s); 0: off")
-    parser.add_argument("--class-prompt", help="turns prior preservation on, e.g. 'a photo of a dog'")
-    parser.add_argument("--class-dir", help="class images (default <output>/class_images; missing ones are generated)")
+    parser.add_argument(
+        "--targets",
+        default="attn",
+        help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)",
+    )
+    parser.add_argument(
+        "--text-encoder-rank", type=int, default=0, help="LoRA rank on the text encoder(s); 0: off"
+    )
+    parser.add_argument(
+        "--class-prompt", help="turns prior preservation on, e.g. 'a photo of a dog'"
+    )
+    parser.add_argument(
+        "--class-dir",
+        help="class images (default <output>/class_images; missing ones are generated)",
+    )
     parser.add_argument("--num-class-images", type=int, default=100)
     parser.add_argument("--prior-weight", type=float, default=1.0)
-    parser.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting, e.g. 5; 0: off")
-    parser.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength, e.g. 0.05")
+    parser.add_argument(
+        "--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting, e.g. 5; 0: off"
+    )
+    parser.add_argument(
+        "--offset-noise", type=float, default=0.0, help="offset noise strength, e.g. 0.05"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--validation-prompt", action="append", default=[], help="repeatable")
-    parser.add_argument("--validation-every", type=int, default=0, help="save validation images every N steps")
+    parser.add_argument(
+        "--validation-every", type=int, default=0, help="save validation images every N steps"
+    )
     args = parser.parse_args(argv)
     config = ConceptConfig(
-        instance_prompt=args.prompt, method=args.method, rank=args.rank, alpha=args.alpha, block_size=args.block_size,
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()], text_encoder_rank=args.text_encoder_rank,
-        class_prompt=args.class_prompt, num_class_images=args.num_class_images, prior_weight=args.prior_weight,
-        min_snr_gamma=args.min_snr_gamma, offset_noise=args.offset_noise,
-        gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution,
-        validation_prompts=args.validation_prompt, validation_every=args.validation_every)
+        instance_prompt=args.prompt,
+        method=args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        block_size=args.block_size,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        text_encoder_rank=args.text_encoder_rank,
+        class_prompt=args.class_prompt,
+        num_class_images=args.num_class_images,
+        prior_weight=args.prior_weight,
+        min_snr_gamma=args.min_snr_gamma,
+        offset_noise=args.offset_noise,
+        gradient_checkpointing=args.gradient_checkpointing,
+        resolution=args.resolution,
+        validation_prompts=args.validation_prompt,
+        validation_every=args.validation_every,
+    )
     train_config = _train_config(args)
     base = load_base(args.model, attention=args.attention)
     task, result = run(base, args.images, config, train_config, class_dir=args.class_dir)
@@ -106,7 +174,7 @@ def train_concept(argv: list[str]) -> int:
 
 def train_ti(argv: list[str]) -> int:
     """Textual Inversion: learn embeddings for new tokens from a few images."""
-    from ..common_kernels.engine import train
+    from ..common_kernels.training.engine import train
     from .base import load_base
     from .data import ConceptDataset
     from .textual_inversion import TIConfig, TITask, save_embeddings
@@ -114,13 +182,22 @@ def train_ti(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="peftkit train-ti", description=train_ti.__doc__)
     _training_args(parser)
     parser.set_defaults(lr=5e-3, steps=2000)
-    parser.add_argument("--token", action="append", required=True, help="new token, e.g. '<my-dog>' (repeatable)")
-    parser.add_argument("--init-word", required=True, help="a word close to the concept, e.g. 'dog'")
+    parser.add_argument(
+        "--token", action="append", required=True, help="new token, e.g. '<my-dog>' (repeatable)"
+    )
+    parser.add_argument(
+        "--init-word", required=True, help="a word close to the concept, e.g. 'dog'"
+    )
     parser.add_argument("--num-vectors", type=int, default=1)
     parser.add_argument("--templates", choices=["object", "style"], default="object")
     args = parser.parse_args(argv)
-    config = TIConfig(tokens=args.token, init_word=args.init_word, num_vectors=args.num_vectors,
-                      templates=args.templates, resolution=args.resolution)
+    config = TIConfig(
+        tokens=args.token,
+        init_word=args.init_word,
+        num_vectors=args.num_vectors,
+        templates=args.templates,
+        resolution=args.resolution,
+    )
     train_config = _train_config(args)
     base = load_base(args.model, attention=args.attention)
     task = TITask(base, ConceptDataset(args.images, "", args.resolution), config)
@@ -134,16 +211,29 @@ def train_ti(argv: list[str]) -> int:
 def generate(argv: list[str]) -> int:
     """Generate a prompts x seeds grid (or a mixed-adapter batch) with one or several adapters."""
     from .base import load_base
-    from .generate import ConceptRef, attach_image_prompts, generate_grid, generate_mixed, load_concepts
+    from .generate import (
+        ConceptRef,
+        attach_image_prompts,
+        generate_grid,
+        generate_mixed,
+        load_concepts,
+    )
 
     parser = argparse.ArgumentParser(prog="peftkit generate", description=generate.__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
-    parser.add_argument("--adapter", action="append", default=[],
-                        help="path[:scale[:name]]: train-concept folder, LoRA or TI file (repeatable)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="path[:scale[:name]]: train-concept folder, LoRA or TI file (repeatable)",
+    )
     parser.add_argument("--seeds", default="0", help="comma list, e.g. 0,1,2")
-    parser.add_argument("--mixed", help="comma list naming one adapter per prompt ('base' for none): one batch, "
-                                        "each row with its own adapter")
+    parser.add_argument(
+        "--mixed",
+        help="comma list naming one adapter per prompt ('base' for none): one batch, "
+        "each row with its own adapter",
+    )
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -151,27 +241,49 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     parser.add_argument("--cpu", action="store_true")
     image = parser.add_argument_group("image prompts")
-    image.add_argument("--control", help="control branch folder (from train-control) or ControlNet hub id")
-    image.add_argument("--control-image", help="condition image for --control (edges, depth, segments...)")
+    image.add_argument(
+        "--control", help="control branch folder (from train-control) or ControlNet hub id"
+    )
+    image.add_argument(
+        "--control-image", help="condition image for --control (edges, depth, segments...)"
+    )
     image.add_argument("--control-scale", type=float, default=1.0)
     image.add_argument("--ip-adapter", help="IP-Adapter file (from train-ip-adapter)")
     image.add_argument("--ip-image", help="reference image for --ip-adapter")
-    image.add_argument("--ip-scale", type=float, default=1.0, help="image-prompt scale (0: text only)")
-    image.add_argument("--ip-encoder", help="image encoder (default: the one recorded in the IP-Adapter file)")
+    image.add_argument(
+        "--ip-scale", type=float, default=1.0, help="image-prompt scale (0: text only)"
+    )
+    image.add_argument(
+        "--ip-encoder", help="image encoder (default: the one recorded in the IP-Adapter file)"
+    )
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise PeftkitError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+        raise PeftkitError(
+            f"--seeds must be a comma list of integers, got {args.seeds!r}"
+        ) from None
     base = load_base(args.model, attention=args.attention)
     import torch
 
     base.pipe.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     load_concepts(base, [ConceptRef.parse(a) for a in args.adapter])
-    kwargs = {"steps": args.steps, "guidance": args.guidance, "resolution": args.resolution,
-              "image_prompts": attach_image_prompts(base, args.control, args.control_image, args.control_scale,
-                                                    args.ip_adapter, args.ip_image, args.ip_scale, args.ip_encoder,
-                                                    guidance=args.guidance)}
+    kwargs = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "resolution": args.resolution,
+        "image_prompts": attach_image_prompts(
+            base,
+            args.control,
+            args.control_image,
+            args.control_scale,
+            args.ip_adapter,
+            args.ip_image,
+            args.ip_scale,
+            args.ip_encoder,
+            guidance=args.guidance,
+        ),
+    }
     if args.mixed:
         choice = [None if c.strip() == "base" else c.strip() for c in args.mixed.split(",")]
         generate_mixed(base, args.prompt, choice, seed=seeds[0], out_dir=args.output, **kwargs)
@@ -187,21 +299,40 @@ def evaluate_concept(argv: list[str]) -> int:
     from .generate import PROMPTS_FILE
     from .metrics import ClipEmbedder, DinoEmbedder, concept_scores
 
-    parser = argparse.ArgumentParser(prog="peftkit evaluate-concept", description=evaluate_concept.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit evaluate-concept", description=evaluate_concept.__doc__
+    )
     parser.add_argument("--generated", required=True, help="folder written by peftkit generate")
     parser.add_argument("--references", required=True, help="the instance images")
-    parser.add_argument("--prompt", help="prompt of every generated image (default: the folder's prompts.json)")
-    parser.add_argument("--clip-model", required=True,
-                        help="open_clip name (ViT-B-32) or a folder with open_clip_config.json")
-    parser.add_argument("--clip-pretrained", help="open_clip pretrained tag or local checkpoint file")
-    parser.add_argument("--dino-model", help="transformers folder or hub id of a DINO ViT (adds the 'dino' score)")
+    parser.add_argument(
+        "--prompt", help="prompt of every generated image (default: the folder's prompts.json)"
+    )
+    parser.add_argument(
+        "--clip-model",
+        required=True,
+        help="open_clip name (ViT-B-32) or a folder with open_clip_config.json",
+    )
+    parser.add_argument(
+        "--clip-pretrained", help="open_clip pretrained tag or local checkpoint file"
+    )
+    parser.add_argument(
+        "--dino-model", help="transformers folder or hub id of a DINO ViT (adds the 'dino' score)"
+    )
     parser.add_argument("--output", help="write the scores to this JSON file")
     args = parser.parse_args(argv)
     folder = Path(args.generated)
-    record = json.loads((folder / PROMPTS_FILE).read_text()) if (folder / PROMPTS_FILE).is_file() else {}
+    record = (
+        json.loads((folder / PROMPTS_FILE).read_text()) if (folder / PROMPTS_FILE).is_file() else {}
+    )
     if not record and not args.prompt:
-        raise PeftkitError(f"{folder} has no {PROMPTS_FILE}: pass --prompt with the prompt the images were made with")
-    names = sorted(record) if record else sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+        raise PeftkitError(
+            f"{folder} has no {PROMPTS_FILE}: pass --prompt with the prompt the images were made with"
+        )
+    names = (
+        sorted(record)
+        if record
+        else sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+    )
     generated = [open_image(folder / n) for n in names]
     prompts = [args.prompt or record[n] for n in names]
     references = ConceptDataset(args.references, "", 8).images

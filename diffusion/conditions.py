@@ -41,7 +41,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1))
 
 
-def canny_edges(gray: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> torch.Tensor:
+def canny_edges(
+    gray: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0
+) -> torch.Tensor:
     """Canny (1986): Gaussian smoothing, Sobel gradients, non-maximum suppression along the gradient
     direction, then hysteresis (weak edges survive only when connected to strong ones).
     `gray`: (1, 1, H, W) in [0, 1]; `low`/`high`: thresholds on the gradient magnitude, whose
@@ -63,8 +65,8 @@ def canny_edges(gray: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: 
     offsets = [(0, 1), (1, 1), (1, 0), (1, -1)]
     keep = torch.zeros_like(magnitude, dtype=torch.bool)
     for d, (dy, dx) in enumerate(offsets):
-        ahead = m[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-        behind = m[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+        ahead = m[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        behind = m[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
         keep |= (direction == d) & (magnitude >= ahead) & (magnitude >= behind)
     thin = magnitude * keep
     strong = thin >= high
@@ -96,7 +98,9 @@ def segment(image: Image.Image, colors: int = 8) -> Image.Image:
     for a semantic segmentation map."""
     if not 2 <= colors <= 256:
         raise PeftkitError(f"segment needs 2 <= colors <= 256, got {colors}")
-    return image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT).convert("RGB")
+    return (
+        image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT).convert("RGB")
+    )
 
 
 EXTRACTORS: dict[str, Callable[[Image.Image], Image.Image]] = {

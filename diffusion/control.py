@@ -33,8 +33,8 @@ from torch import nn
 
 from ..common_kernels.config import AdapterConfig
 from ..common_kernels.errors import PeftkitError
-from ..common_kernels.fsdp import copy_whole_, full_tensors, is_sharded
 from ..common_kernels.inject import AdapterHandle, inject
+from ..common_kernels.training.fsdp import copy_whole_, full_tensors, is_sharded
 from .objective import prediction_loss, process_denoising_targets
 from .pairs import PairExample, encode_latents, fixed_loss, load_pixels
 
@@ -62,7 +62,9 @@ class ControlConfig:
         if self.adapter:
             self.adapter_config()  # validates early, with the adapter config's own messages
         if not math.isfinite(self.conditioning_scale) or self.conditioning_scale < 0:
-            raise PeftkitError(f"ControlConfig.conditioning_scale must be >= 0, got {self.conditioning_scale}")
+            raise PeftkitError(
+                f"ControlConfig.conditioning_scale must be >= 0, got {self.conditioning_scale}"
+            )
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig.from_dict(self.adapter)
@@ -71,7 +73,7 @@ class ControlConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> "ControlConfig":
+    def from_json(text: str) -> ControlConfig:
         return ControlConfig(**json.loads(text))
 
 
@@ -84,7 +86,7 @@ def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
     widths = [16, 32, 96, 256]
     while len(widths) < stages + 1:
         widths.append(256)
-    return tuple(widths[:stages + 1])
+    return tuple(widths[: stages + 1])
 
 
 def build_control_branch(unet, vae_scale_factor: int = 8):
@@ -92,27 +94,41 @@ def build_control_branch(unet, vae_scale_factor: int = 8):
     from diffusers import ControlNetModel
 
     if getattr(unet.config, "addition_embed_type", None) is not None:
-        raise PeftkitError("control-branch training supports UNets without added embeddings (SD 1.x/2.x); "
-                           "this UNet (SDXL-like) needs text/time embeddings the trainer does not build")
+        raise PeftkitError(
+            "control-branch training supports UNets without added embeddings (SD 1.x/2.x); "
+            "this UNet (SDXL-like) needs text/time embeddings the trainer does not build"
+        )
     from ..common_kernels.inject import adapted_layers
 
     if adapted_layers(unet):
-        raise PeftkitError("the UNet carries peftkit adapters: build the control branch from the plain base UNet "
-                           "(attach adapters after, or merge them into a saved base first)")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae_scale_factor))
-    zero = [controlnet.controlnet_mid_block, *controlnet.controlnet_down_blocks,
-            controlnet.controlnet_cond_embedding.conv_out]
+        raise PeftkitError(
+            "the UNet carries peftkit adapters: build the control branch from the plain base UNet "
+            "(attach adapters after, or merge them into a saved base first)"
+        )
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels(vae_scale_factor)
+    )
+    zero = [
+        controlnet.controlnet_mid_block,
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
     if any(p.abs().max() != 0 for m in zero for p in m.parameters()):
-        raise PeftkitError("diffusers built a ControlNet whose output convs are not zero; the branch would change "
-                           "the base at step 0: install a diffusers version whose from_unet zero-initializes them")
+        raise PeftkitError(
+            "diffusers built a ControlNet whose output convs are not zero; the branch would change "
+            "the base at step 0: install a diffusers version whose from_unet zero-initializes them"
+        )
     return controlnet
 
 
 def add_control_adapter(controlnet, adapter: AdapterConfig) -> AdapterHandle:
     """Freeze the copied encoder behind an adapter; keep the conditioning encoder and zero convs trainable."""
     handle = inject(controlnet, adapter, name=ADAPTER_NAME)
-    for module in (controlnet.controlnet_cond_embedding, controlnet.controlnet_down_blocks,
-                   controlnet.controlnet_mid_block):
+    for module in (
+        controlnet.controlnet_cond_embedding,
+        controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+    ):
         for p in module.parameters():
             p.requires_grad_(True)
     return handle
@@ -125,20 +141,39 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, condition: torch.Tensor,
-                scale: float = 1.0) -> torch.Tensor:
-        down, mid = self.controlnet(sample, timestep, text, condition, conditioning_scale=scale, return_dict=False)
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        condition: torch.Tensor,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        down, mid = self.controlnet(
+            sample, timestep, text, condition, conditioning_scale=scale, return_dict=False
+        )
         dtype = self.unet.dtype
-        return self.unet(sample.to(dtype), timestep, text.to(dtype),
-                         down_block_additional_residuals=[d.to(dtype) for d in down],
-                         mid_block_additional_residual=mid.to(dtype)).sample
+        return self.unet(
+            sample.to(dtype),
+            timestep,
+            text.to(dtype),
+            down_block_additional_residuals=[d.to(dtype) for d in down],
+            mid_block_additional_residual=mid.to(dtype),
+        ).sample
 
 
 class ControlTask:
     """Engine task: noise-prediction MSE of the controlled UNet on cached (latents, text, condition)."""
 
-    def __init__(self, base, examples: list[PairExample], config: ControlConfig, resolution: int = 512,
-                 extractor=None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base,
+        examples: list[PairExample],
+        config: ControlConfig,
+        resolution: int = 512,
+        extractor=None,
+        seed: int = 0,
+    ) -> None:
         """`base`: a DiffusionBase (diffusion.base.load_base) of kind "sd". `seed` draws the branch's
         freshly initialized layers (the condition encoder): the same seed, the same branch, in every
         process of a launch (FSDP shards each process's own copy, so they must agree)."""
@@ -147,7 +182,11 @@ class ControlTask:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.controlnet = build_control_branch(base.unet, base.pipe.vae_scale_factor)
-        self.handle = add_control_adapter(self.controlnet, config.adapter_config()) if config.mode == "lora" else None
+        self.handle = (
+            add_control_adapter(self.controlnet, config.adapter_config())
+            if config.mode == "lora"
+            else None
+        )
         base.unet.requires_grad_(False)
         self.model = ControlledUNet(base.unet, self.controlnet)
         self.scheduler = base.noise_scheduler()
@@ -168,13 +207,17 @@ class ControlTask:
             module.to(device)
         with torch.no_grad():
             self.mean, self.std = (t.to(device) for t in encode_latents(self.base.vae, pixels))
-            self.text = self.base.encode_prompt([e.text for e in self.examples], self.resolution)[0].float()
+            self.text = self.base.encode_prompt([e.text for e in self.examples], self.resolution)[
+                0
+            ].float()
         self.conditions = conditions.to(device)
         if device.type != "cpu":
             for module in frozen:  # only the cache is needed from here on
                 module.to("cpu")
         if accelerator.mixed_precision in ("bf16", "fp16"):
-            self.cast_frozen(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+            self.cast_frozen(
+                torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+            )
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Frozen weights (the UNet; the copy under an adapter) in half precision: autocast computes in
@@ -186,14 +229,19 @@ class ControlTask:
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         idx = batch.to(self.mean.device)
-        noisy, t, target, weight = process_denoising_targets(self.scheduler, self.mean, self.std, idx, self.rank,
-                                                             self.world)
+        noisy, t, target, weight = process_denoising_targets(
+            self.scheduler, self.mean, self.std, idx, self.rank, self.world
+        )
         pred = model(noisy, t, self.text[idx], self.conditions[idx], self.config.conditioning_scale)
         return prediction_loss(pred, target, weight).mean()
 
     def evaluate(self, model) -> dict[str, float]:
         """The loss on up to 8 examples under fixed noise and timesteps: comparable across steps."""
-        return {"loss": fixed_loss(lambda: self.loss(model, torch.arange(min(8, len(self.examples)))), self.mean.device)}
+        return {
+            "loss": fixed_loss(
+                lambda: self.loss(model, torch.arange(min(8, len(self.examples)))), self.mean.device
+            )
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.controlnet.named_parameters() if p.requires_grad}
@@ -204,13 +252,21 @@ class ControlTask:
             copy_whole_(own[name], value)
 
     def fsdp_blocks(self) -> list[nn.Module]:
-        """FSDP units (common_kernels/fsdp.py): the UNet's and the branch's down, mid and up blocks;
+        """FSDP units (common_kernels/training/fsdp.py): the UNet's and the branch's down, mid and up blocks;
         the stems, embeddings and zero convs shard together as the root unit."""
         if self.handle is not None:
-            raise PeftkitError("FSDP trains the full-copy branch (--mode full); an adapter on the copy is small "
-                               "enough for DDP: launch without --fsdp")
+            raise PeftkitError(
+                "FSDP trains the full-copy branch (--mode full); an adapter on the copy is small "
+                "enough for DDP: launch without --fsdp"
+            )
         unet, branch = self.base.unet, self.controlnet
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, *branch.down_blocks, branch.mid_block]
+        blocks = [
+            *unet.down_blocks,
+            unet.mid_block,
+            *unet.up_blocks,
+            *branch.down_blocks,
+            branch.mid_block,
+        ]
         return [b for b in blocks if b is not None]
 
     def fsdp_frozen(self) -> list[nn.Module]:
@@ -228,7 +284,7 @@ def merged_state_dict(controlnet, handle: AdapterHandle | None) -> dict[str, tor
         for pname, value in list(out.items()):
             if pname.startswith(f"{lname}.base."):
                 del out[pname]
-                out[f"{lname}.{pname[len(lname) + 6:]}"] = value
+                out[f"{lname}.{pname[len(lname) + 6 :]}"] = value
         delta = layer.deltas[ADAPTER_NAME]
         weight = layer.base.weight.detach()
         work = weight.to(torch.promote_types(weight.dtype, torch.float32))
@@ -237,8 +293,14 @@ def merged_state_dict(controlnet, handle: AdapterHandle | None) -> dict[str, tor
     return out
 
 
-def save_control(controlnet, folder: str | os.PathLike, handle: AdapterHandle | None = None,
-                 config: ControlConfig | None = None, base_model: str | None = None, write: bool = True) -> Path:
+def save_control(
+    controlnet,
+    folder: str | os.PathLike,
+    handle: AdapterHandle | None = None,
+    config: ControlConfig | None = None,
+    base_model: str | None = None,
+    write: bool = True,
+) -> Path:
     """Write a folder `ControlNetModel.from_pretrained` reads (config.json + safetensors), atomically:
     into a temporary sibling, then renamed over `folder`. A branch sharded by FSDP is gathered whole
     first, which every process must join; only `write` ones write."""
@@ -247,7 +309,9 @@ def save_control(controlnet, folder: str | os.PathLike, handle: AdapterHandle | 
     folder = Path(folder)
     rebuild = handle is not None or any(is_sharded(p) for p in controlnet.parameters())
     if rebuild:  # gathered on every process (a collective under FSDP), before the writer check
-        state = full_tensors(controlnet.state_dict() if handle is None else merged_state_dict(controlnet, handle))
+        state = full_tensors(
+            controlnet.state_dict() if handle is None else merged_state_dict(controlnet, handle)
+        )
     if not write:
         return folder
     plain = controlnet
@@ -257,7 +321,10 @@ def save_control(controlnet, folder: str | os.PathLike, handle: AdapterHandle | 
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)
-    sidecar = {"config": json.loads(config.to_json()) if config else None, "base_model": base_model or ""}
+    sidecar = {
+        "config": json.loads(config.to_json()) if config else None,
+        "base_model": base_model or "",
+    }
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
@@ -274,13 +341,17 @@ def load_control(folder: str | os.PathLike, dtype: torch.dtype | None = None):
 
     path = Path(folder)
     if path.exists() and not (path / "config.json").is_file():
-        raise PeftkitError(f"{path} is not a ControlNet folder (no config.json): pass the folder written by "
-                           "'peftkit train-control'")
+        raise PeftkitError(
+            f"{path} is not a ControlNet folder (no config.json): pass the folder written by "
+            "'peftkit train-control'"
+        )
     try:
         return ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        raise PeftkitError(f"cannot load a ControlNet from {str(folder)!r} ({type(err).__name__}: {str(err)[:200]}): "
-                           "pass a folder written by 'peftkit train-control' or a reachable hub id") from None
+        raise PeftkitError(
+            f"cannot load a ControlNet from {str(folder)!r} ({type(err).__name__}: {str(err)[:200]}): "
+            "pass a folder written by 'peftkit train-control' or a reachable hub id"
+        ) from None
 
 
 @dataclass
@@ -304,7 +375,13 @@ def attach_control(pipe, control, scale: float = 1.0) -> ControlAttachment:
     """
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    controlnet = control if isinstance(control, nn.Module) else load_control(control, dtype=pipe.unet.dtype)
+    controlnet = (
+        control if isinstance(control, nn.Module) else load_control(control, dtype=pipe.unet.dtype)
+    )
     controlnet.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    cls = StableDiffusionXLControlNetPipeline if "XL" in type(pipe).__name__ else StableDiffusionControlNetPipeline
+    cls = (
+        StableDiffusionXLControlNetPipeline
+        if "XL" in type(pipe).__name__
+        else StableDiffusionControlNetPipeline
+    )
     return ControlAttachment(cls.from_pipe(pipe, controlnet=controlnet), scale)

@@ -22,14 +22,22 @@ from .base import load_base
 def _resolution(text: str) -> int:
     value = int(text)
     if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
+        )
     return value
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base Stable Diffusion pipeline: folder or hub id")
-    parser.add_argument("--data", required=True, help="folder (images/, conditions/) or .jsonl/.csv manifest")
-    parser.add_argument("--output", required=True, help="output folder (weights, checkpoints, train.json)")
+    parser.add_argument(
+        "--model", required=True, help="base Stable Diffusion pipeline: folder or hub id"
+    )
+    parser.add_argument(
+        "--data", required=True, help="folder (images/, conditions/) or .jsonl/.csv manifest"
+    )
+    parser.add_argument(
+        "--output", required=True, help="output folder (weights, checkpoints, train.json)"
+    )
     parser.add_argument("--resolution", type=_resolution, default=512)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -39,28 +47,52 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
+    )
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under accelerate launch: shard model, gradients and optimizer states (full-copy branch)")
-    parser.add_argument("--fsdp-shard-frozen", action="store_true",
-                        help="with --fsdp, also shard the frozen UNet (less memory, two gathers per block per step)")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under accelerate launch: shard model, gradients and optimizer states (full-copy branch)",
+    )
+    parser.add_argument(
+        "--fsdp-shard-frozen",
+        action="store_true",
+        help="with --fsdp, also shard the frozen UNet (less memory, two gathers per block per step)",
+    )
 
 
 def _train(task, args: argparse.Namespace):
-    from ..common_kernels.engine import TrainConfig, launch_world, train
+    from ..common_kernels.training.engine import TrainConfig, launch_world, train
 
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
-                         warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.seed,
-                         output_dir=args.output, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                         cpu=args.cpu, schedule="constant", fsdp=args.fsdp,
-                         fsdp_shard_frozen=args.fsdp_shard_frozen)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        output_dir=args.output,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+        cpu=args.cpu,
+        schedule="constant",
+        fsdp=args.fsdp,
+        fsdp_shard_frozen=args.fsdp_shard_frozen,
+    )
     result = train(task, task.dataset(), config)
     if launch_world()[0] != 0:
         return result
-    summary = {"steps": result.step, "final_loss": result.losses[-1] if result.losses else None,
-               "samples_per_s": result.samples_per_s, "peak_memory_gib": result.peak_memory_gib,
-               "metrics": result.metrics, "parallel": result.parallel}
+    summary = {
+        "steps": result.step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "samples_per_s": result.samples_per_s,
+        "peak_memory_gib": result.peak_memory_gib,
+        "metrics": result.metrics,
+        "parallel": result.parallel,
+    }
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "train.json").write_text(json.dumps(summary, indent=2))
     return result
@@ -68,19 +100,30 @@ def _train(task, args: argparse.Namespace):
 
 def train_control(argv: list[str]) -> int:
     """Train a zero-conv control branch; writes <output>/controlnet (a diffusers ControlNetModel folder)."""
-    from ..common_kernels.engine import launch_world
+    from ..common_kernels.training.engine import launch_world
     from .conditions import EXTRACTORS
     from .control import ControlConfig, ControlTask, save_control
     from .pairs import load_pairs
 
-    parser = argparse.ArgumentParser(prog="peftkit train-control", description=train_control.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-control", description=train_control.__doc__
+    )
     _common_args(parser)
-    parser.add_argument("--mode", choices=["full", "lora"], default="full",
-                        help="full: train the copied encoder; lora: an adapter on the copy (merged at save)")
-    parser.add_argument("--adapter", choices=["lora", "oft", "kron"], default="lora", help="core for --mode lora")
+    parser.add_argument(
+        "--mode",
+        choices=["full", "lora"],
+        default="full",
+        help="full: train the copied encoder; lora: an adapter on the copy (merged at save)",
+    )
+    parser.add_argument(
+        "--adapter", choices=["lora", "oft", "kron"], default="lora", help="core for --mode lora"
+    )
     parser.add_argument("--rank", type=int, default=8, help="rank (lora/kron) for --mode lora")
-    parser.add_argument("--condition-from", choices=sorted(EXTRACTORS),
-                        help="compute condition images from the training images instead of reading them")
+    parser.add_argument(
+        "--condition-from",
+        choices=sorted(EXTRACTORS),
+        help="compute condition images from the training images instead of reading them",
+    )
     parser.add_argument("--conditioning-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
 
@@ -91,17 +134,29 @@ def train_control(argv: list[str]) -> int:
         adapter = {"method": args.adapter, "targets": list(DEFAULT_TARGETS)}
         if args.adapter in ("lora", "kron"):
             adapter["r"] = args.rank
-    config = ControlConfig(mode=args.mode, adapter=adapter, conditioning_scale=args.conditioning_scale,
-                           condition_from=args.condition_from)
+    config = ControlConfig(
+        mode=args.mode,
+        adapter=adapter,
+        conditioning_scale=args.conditioning_scale,
+        condition_from=args.condition_from,
+    )
     examples = load_pairs(args.data, need_condition=args.condition_from is None)
     base = load_base(args.model)
     extractor = EXTRACTORS[args.condition_from] if args.condition_from else None
-    task = ControlTask(base, examples, config, resolution=args.resolution, extractor=extractor, seed=args.seed)
+    task = ControlTask(
+        base, examples, config, resolution=args.resolution, extractor=extractor, seed=args.seed
+    )
     _train(task, args)
     # Every process joins (FSDP gathers the sharded branch to save it); process 0 writes.
     writer = launch_world()[0] == 0
-    folder = save_control(task.controlnet, Path(args.output) / "controlnet", task.handle, config,
-                          base_model=args.model, write=writer)
+    folder = save_control(
+        task.controlnet,
+        Path(args.output) / "controlnet",
+        task.handle,
+        config,
+        base_model=args.model,
+        write=writer,
+    )
     if writer:
         print(f"saved control branch to {folder}")
     return 0
@@ -109,35 +164,55 @@ def train_control(argv: list[str]) -> int:
 
 def train_ip_adapter(argv: list[str]) -> int:
     """Train an IP-Adapter; writes <output>/ip-adapter.safetensors (diffusers load_ip_adapter layout)."""
-    from ..common_kernels.engine import launch_world
+    from ..common_kernels.training.engine import launch_world
     from .image_encoder import ImageEncoder
     from .ip_adapter import IPAdapterConfig, save_ip_adapter
     from .ip_adapter_task import IPAdapterTask
     from .pairs import load_pairs
 
-    parser = argparse.ArgumentParser(prog="peftkit train-ip-adapter", description=train_ip_adapter.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-ip-adapter", description=train_ip_adapter.__doc__
+    )
     _common_args(parser)
-    parser.add_argument("--image-encoder", required=True,
-                        help="CLIP vision model folder/hub id, or open_clip:<architecture>:<pretrained>")
+    parser.add_argument(
+        "--image-encoder",
+        required=True,
+        help="CLIP vision model folder/hub id, or open_clip:<architecture>:<pretrained>",
+    )
     parser.add_argument("--variant", choices=["basic", "plus"], default="basic")
-    parser.add_argument("--num-tokens", type=int, default=None, help="image tokens (basic: 4, plus: 16)")
+    parser.add_argument(
+        "--num-tokens", type=int, default=None, help="image tokens (basic: 4, plus: 16)"
+    )
     parser.add_argument("--resampler-dim", type=int, default=768)
     parser.add_argument("--resampler-heads", type=int, default=12)
-    parser.add_argument("--drop", type=float, default=0.05,
-                        help="probability of dropping the image, the text, and both (each)")
+    parser.add_argument(
+        "--drop",
+        type=float,
+        default=0.05,
+        help="probability of dropping the image, the text, and both (each)",
+    )
     parser.set_defaults(lr=1e-4)  # the paper's rate: only the small projection and K/V layers train
     args = parser.parse_args(argv)
 
     tokens = args.num_tokens or (4 if args.variant == "basic" else 16)
-    config = IPAdapterConfig(variant=args.variant, num_tokens=tokens, resampler_dim=args.resampler_dim,
-                             resampler_heads=args.resampler_heads, drop_image=args.drop, drop_text=args.drop,
-                             drop_both=args.drop, image_encoder=args.image_encoder)
+    config = IPAdapterConfig(
+        variant=args.variant,
+        num_tokens=tokens,
+        resampler_dim=args.resampler_dim,
+        resampler_heads=args.resampler_heads,
+        drop_image=args.drop,
+        drop_text=args.drop,
+        drop_both=args.drop,
+        image_encoder=args.image_encoder,
+    )
     examples = load_pairs(args.data, need_condition=False)
     base = load_base(args.model)
     encoder = ImageEncoder(args.image_encoder, args.variant)
     task = IPAdapterTask(base, examples, config, encoder, resolution=args.resolution)
     _train(task, args)
     if launch_world()[0] == 0:
-        path = save_ip_adapter(task.adapter, Path(args.output) / "ip-adapter.safetensors", base_model=args.model)
+        path = save_ip_adapter(
+            task.adapter, Path(args.output) / "ip-adapter.safetensors", base_model=args.model
+        )
         print(f"saved IP-Adapter to {path}")
     return 0

@@ -25,20 +25,35 @@ def _components(base: str | None) -> dict | None:
 
     loaded = load_base(base)
     components = {"unet": loaded.unet}
-    components.update({("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): e
-                       for i, e in enumerate(loaded.text_encoders)})
+    components.update(
+        {
+            ("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): e
+            for i, e in enumerate(loaded.text_encoders)
+        }
+    )
     return components
 
 
 def convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="peftkit convert", description="convert LoRA files between peftkit, "
-                                     "diffusers (load_lora_weights) and kohya/A1111 formats")
+    parser = argparse.ArgumentParser(
+        prog="peftkit convert",
+        description="convert LoRA files between peftkit, "
+        "diffusers (load_lora_weights) and kohya/A1111 formats",
+    )
     parser.add_argument("input", help="LoRA .safetensors file (format detected from its keys)")
-    parser.add_argument("output", help="output file; for --to peftkit with several components, a folder")
+    parser.add_argument(
+        "output", help="output file; for --to peftkit with several components, a folder"
+    )
     parser.add_argument("--to", required=True, choices=["peftkit", "diffusers", "kohya"])
-    parser.add_argument("--component", choices=list(formats.COMPONENTS),
-                        help="component of inputs that do not name one (peft state dicts, peftkit files)")
-    parser.add_argument("--base", help="diffusers pipeline folder or hub id: resolve kohya names exactly and check fit")
+    parser.add_argument(
+        "--component",
+        choices=list(formats.COMPONENTS),
+        help="component of inputs that do not name one (peft state dicts, peftkit files)",
+    )
+    parser.add_argument(
+        "--base",
+        help="diffusers pipeline folder or hub id: resolve kohya names exactly and check fit",
+    )
     args = parser.parse_args(argv)
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise PeftkitError("input and output are the same file: choose another output path")
@@ -52,13 +67,23 @@ def convert(argv: list[str]) -> int:
     if args.to == "diffusers":
         written.append(save_tensors(args.output, formats.diffusers_tensors(lora), {"format": "pt"}))
     elif args.to == "kohya":
-        written.append(save_tensors(args.output, formats.kohya_tensors(lora), {"ss_network_module": "networks.lora"}))
+        written.append(
+            save_tensors(
+                args.output, formats.kohya_tensors(lora), {"ss_network_module": "networks.lora"}
+            )
+        )
     else:
         for component, entries in lora.items():
-            target = Path(args.output) if len(lora) == 1 else Path(args.output) / f"{component}.safetensors"
+            target = (
+                Path(args.output)
+                if len(lora) == 1
+                else Path(args.output) / f"{component}.safetensors"
+            )
             written.append(save_tensors(target, *formats.peftkit_tensors(entries, component)))
     modules = sum(len(e) for e in lora.values())
     for path in written:
         print(f"wrote {path}")
-    print(f"{modules} LoRA modules ({', '.join(f'{c}: {len(e)}' for c, e in lora.items())}) -> {args.to}")
+    print(
+        f"{modules} LoRA modules ({', '.join(f'{c}: {len(e)}' for c, e in lora.items())}) -> {args.to}"
+    )
     return 0

@@ -33,8 +33,10 @@ def open_image(path: Path) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except Exception as err:  # PIL raises many types for damaged files
-        raise PeftkitError(f"cannot read image {path} ({type(err).__name__}: {err}): the file is damaged or not "
-                           "an image; replace it or remove it from the folder") from None
+        raise PeftkitError(
+            f"cannot read image {path} ({type(err).__name__}: {err}): the file is damaged or not "
+            "an image; replace it or remove it from the folder"
+        ) from None
 
 
 def square_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -42,7 +44,9 @@ def square_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    image = image.crop((left, top, left + side, top + side)).resize(
+        (resolution, resolution), Image.Resampling.BICUBIC
+    )
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
@@ -58,15 +62,25 @@ class ConceptDataset:
         if resolution < 8 or resolution % 8:
             raise PeftkitError(f"resolution must be a positive multiple of 8, got {resolution}")
         self.prompt, self.resolution = prompt, resolution
-        files = sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES + (CAPTION_SUFFIX,)
-                  and p.name != CLASS_MANIFEST]
+        files = sorted(
+            p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+        others = [
+            p.name
+            for p in files
+            if p.suffix.lower() not in IMAGE_SUFFIXES + (CAPTION_SUFFIX,)
+            and p.name != CLASS_MANIFEST
+        ]
         if others:
-            raise PeftkitError(f"{self.folder} holds files that are not images: {others[:5]}; expected "
-                               f"{', '.join(IMAGE_SUFFIXES)} images and optional .txt captions: move them out")
+            raise PeftkitError(
+                f"{self.folder} holds files that are not images: {others[:5]}; expected "
+                f"{', '.join(IMAGE_SUFFIXES)} images and optional .txt captions: move them out"
+            )
         self.paths = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.paths:
-            raise PeftkitError(f"no images found in {self.folder}: expected {', '.join(IMAGE_SUFFIXES)} files")
+            raise PeftkitError(
+                f"no images found in {self.folder}: expected {', '.join(IMAGE_SUFFIXES)} files"
+            )
         self.images = [open_image(p) for p in self.paths]
         self.captions = [self._caption(p) for p in self.paths]
 
@@ -82,18 +96,33 @@ class ConceptDataset:
         return torch.stack([square_pixels(im, self.resolution) for im in self.images])
 
 
-def class_images(base, folder: str | Path, prompt: str, count: int, resolution: int, seed: int = 0,
-                 steps: int = 25, batch_size: int = 4, device: str | torch.device = "cpu") -> ConceptDataset:
+def class_images(
+    base,
+    folder: str | Path,
+    prompt: str,
+    count: int,
+    resolution: int,
+    seed: int = 0,
+    steps: int = 25,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> ConceptDataset:
     """Class images for prior preservation: the `count` images in `folder`, generating the missing
     ones with `base` and `prompt`. Generated images are recorded in a manifest with their prompt, so
     a rerun reuses them and a different prompt is refused instead of mixing two classes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / CLASS_MANIFEST
-    record = json.loads(manifest.read_text()) if manifest.is_file() else {"prompt": prompt, "generated": []}
+    record = (
+        json.loads(manifest.read_text())
+        if manifest.is_file()
+        else {"prompt": prompt, "generated": []}
+    )
     if record["prompt"] != prompt:
-        raise PeftkitError(f"{folder} holds class images generated for {record['prompt']!r}, not {prompt!r}: "
-                           "use another --class-dir or delete that folder")
+        raise PeftkitError(
+            f"{folder} holds class images generated for {record['prompt']!r}, not {prompt!r}: "
+            "use another --class-dir or delete that folder"
+        )
     have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     missing = count - len(have)
     index = len(have)
@@ -103,8 +132,13 @@ def class_images(base, folder: str | Path, prompt: str, count: int, resolution: 
         n = min(batch_size, missing)
         generator = torch.Generator("cpu").manual_seed(seed * 100_003 + index)
         with torch.random.fork_rng(devices=[]):
-            images = base.pipe([prompt] * n, num_inference_steps=steps, height=resolution, width=resolution,
-                               generator=generator).images
+            images = base.pipe(
+                [prompt] * n,
+                num_inference_steps=steps,
+                height=resolution,
+                width=resolution,
+                generator=generator,
+            ).images
         for image in images:
             name = f"class-{index:05d}.png"
             image.save(folder / name)

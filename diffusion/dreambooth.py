@@ -15,9 +15,7 @@ encoder(s). The frozen VAE latents and text embeddings are computed once before 
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from ..common_kernels.inject import AdapterHandle, inject
 from ..common_kernels.kron import KronConfig
 from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.oft import OFTConfig
+from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
 from .objective import denoising_targets, prediction_loss, sample_latents
@@ -43,7 +42,11 @@ UNET_PRESETS = {
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
-    "unet_adapter.safetensors", "text_encoder_adapter.safetensors", "pytorch_lora_weights.safetensors", "concept.json")
+    "unet_adapter.safetensors",
+    "text_encoder_adapter.safetensors",
+    "pytorch_lora_weights.safetensors",
+    "concept.json",
+)
 
 
 @dataclass
@@ -72,27 +75,41 @@ class ConceptConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "kron", "oft"):
-            raise PeftkitError(f"ConceptConfig.method must be 'lora', 'kron' or 'oft', got {self.method!r}")
+            raise PeftkitError(
+                f"ConceptConfig.method must be 'lora', 'kron' or 'oft', got {self.method!r}"
+            )
         if not self.instance_prompt.strip():
-            raise PeftkitError("ConceptConfig.instance_prompt is empty: give a prompt with a rare identifier, "
-                               "e.g. 'a photo of sks dog'")
+            raise PeftkitError(
+                "ConceptConfig.instance_prompt is empty: give a prompt with a rare identifier, "
+                "e.g. 'a photo of sks dog'"
+            )
         for name in ("rank", "block_size", "resolution", "validation_steps"):
             if getattr(self, name) < 1:
                 raise PeftkitError(f"ConceptConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("text_encoder_rank", "num_class_images", "prior_weight", "min_snr_gamma", "offset_noise",
-                     "validation_every"):
+        for name in (
+            "text_encoder_rank",
+            "num_class_images",
+            "prior_weight",
+            "min_snr_gamma",
+            "offset_noise",
+            "validation_every",
+        ):
             if getattr(self, name) < 0:
                 raise PeftkitError(f"ConceptConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.resolution % 8:
-            raise PeftkitError(f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}")
+            raise PeftkitError(
+                f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}"
+            )
         if not self.targets:
-            raise PeftkitError(f"ConceptConfig.targets is empty: use presets {sorted(UNET_PRESETS)} or module patterns")
+            raise PeftkitError(
+                f"ConceptConfig.targets is empty: use presets {sorted(UNET_PRESETS)} or module patterns"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> "ConceptConfig":
+    def from_json(text: str) -> ConceptConfig:
         return ConceptConfig(**json.loads(text))
 
     def unet_adapter(self) -> AdapterConfig:
@@ -108,26 +125,6 @@ class ConceptConfig:
         if self.method == "kron":
             return KronConfig(targets=patterns, r=rank, alpha=self.alpha)
         return OFTConfig(targets=patterns, block_size=self.block_size)
-
-
-class RandomStream:
-    """A task's own random numbers (latent draws, noise, timesteps): the torch RNG state of one
-    device, swapped in while the task draws and kept between draws. A concept job therefore draws
-    the same numbers whether it trains alone or beside other jobs in one batch (multitenant.py),
-    and a checkpoint restores it like any other task state."""
-
-    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.state = torch.Generator(self.device).manual_seed(seed).get_state()
-
-    @contextlib.contextmanager
-    def drawing(self) -> Iterator[None]:
-        """Within the block the device's global RNG is this stream. Outside, nothing changes."""
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            torch.cuda.set_rng_state(self.state, self.device) if cuda else torch.set_rng_state(self.state)
-            yield
-            self.state = torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state()
 
 
 def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -155,17 +152,27 @@ class ConceptModel(nn.Module):
     """What trains and runs each step: the UNet, and the text encoders when they carry a LoRA
     (otherwise their outputs are cached and they stay out of the step)."""
 
-    def __init__(self, base: DiffusionBase, text_encoders: list[nn.Module], resolution: int) -> None:
+    def __init__(
+        self, base: DiffusionBase, text_encoders: list[nn.Module], resolution: int
+    ) -> None:
         super().__init__()
         self.unet, self.resolution = base.unet, resolution
         self.text_encoders = nn.ModuleList(text_encoders)
         self._base = [base]  # a list keeps the pipeline out of this module's parameters
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor | None,
-                extra: dict[str, torch.Tensor], ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        hidden: torch.Tensor | None,
+        extra: dict[str, torch.Tensor],
+        ids: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         base = self._base[0]
         if ids is not None:
-            hidden, extra = base.encode_ids(ids, list(self.text_encoders), resolution=self.resolution)
+            hidden, extra = base.encode_ids(
+                ids, list(self.text_encoders), resolution=self.resolution
+            )
         return base.predict(self.unet, noisy, t, hidden.to(noisy.dtype), extra)
 
 
@@ -176,39 +183,65 @@ class ConceptTask:
     forward (multitenant.py); `name` is the adapter's name in the UNet."""
 
     # Checked by the engine: a captured step would replay one step's draws forever.
-    graph_unsafe = ("its noise and timesteps come from the task's own random stream, swapped in on the "
-                    "host every step; use ConceptTrainer(cuda_graph=True) (one job is fine) or cuda_graph=False")
+    graph_unsafe = (
+        "its noise and timesteps come from the task's own random stream, swapped in on the "
+        "host every step; use ConceptTrainer(cuda_graph=True) (one job is fine) or cuda_graph=False"
+    )
 
-    def __init__(self, base: DiffusionBase, instances: ConceptDataset, config: ConceptConfig,
-                 classes: ConceptDataset | None = None, seed: int = 0, name: str = "concept") -> None:
+    def __init__(
+        self,
+        base: DiffusionBase,
+        instances: ConceptDataset,
+        config: ConceptConfig,
+        classes: ConceptDataset | None = None,
+        seed: int = 0,
+        name: str = "concept",
+    ) -> None:
         if config.class_prompt and classes is None:
-            raise PeftkitError("prior preservation needs class images: pass classes= (see data.class_images)")
-        self.base, self.instances, self.config, self.classes, self.seed = base, instances, config, classes, seed
+            raise PeftkitError(
+                "prior preservation needs class images: pass classes= (see data.class_images)"
+            )
+        self.base, self.instances, self.config, self.classes, self.seed = (
+            base,
+            instances,
+            config,
+            classes,
+            seed,
+        )
         self.rank, self.world = 0, 1  # set by prepare() under DDP
         self.scheduler = base.noise_scheduler()
         # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
-                self.unet_handle = inject(base.unet, config.unet_adapter(), name=name, base_model=base.source)
+                self.unet_handle = inject(
+                    base.unet, config.unet_adapter(), name=name, base_model=base.source
+                )
             except PeftkitError as err:
                 raise PeftkitError(f"{err} (presets: {sorted(UNET_PRESETS)})") from None
             self.text_handles: list[AdapterHandle] = []
             if config.text_encoder_rank:
-                self.text_handles = [inject(e, config.text_adapter(), name=name, base_model=base.source)
-                                     for e in base.text_encoders]
+                self.text_handles = [
+                    inject(e, config.text_adapter(), name=name, base_model=base.source)
+                    for e in base.text_encoders
+                ]
         if not self.text_handles:
             for encoder in base.text_encoders:
                 encoder.requires_grad_(False)
         base.vae.requires_grad_(False)
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-        self.model = ConceptModel(base, base.text_encoders if self.text_handles else [], config.resolution)
+        self.model = ConceptModel(
+            base, base.text_encoders if self.text_handles else [], config.resolution
+        )
 
     def dataset(self) -> list[dict[str, int]]:
         n_inst = len(self.instances)
         n_class = len(self.classes) if self.classes is not None else 0
-        return [{"instance": i % n_inst, "class": i % n_class if n_class else 0} for i in range(max(n_inst, n_class))]
+        return [
+            {"instance": i % n_inst, "class": i % n_class if n_class else 0}
+            for i in range(max(n_inst, n_class))
+        ]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         text = [p for h in self.text_handles for p in h.trainable_parameters()]
@@ -225,19 +258,27 @@ class ConceptTask:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "rng.stream" in state and hasattr(self, "stream"):
             self.stream.state = state["rng.stream"].to(torch.uint8)
-        for prefix, h in [("unet.", self.unet_handle)] + [(f"text{i}.", h) for i, h in enumerate(self.text_handles)]:
-            h.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        for prefix, h in [("unet.", self.unet_handle)] + [
+            (f"text{i}.", h) for i, h in enumerate(self.text_handles)
+        ]:
+            h.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
         from .pairs import encode_latents
 
         device = accelerator.device
-        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
         for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
             module.to(device)
             for p in module.parameters():
-                if not p.requires_grad:  # adapters stay fp32; the frozen base may run in half precision
+                if (
+                    not p.requires_grad
+                ):  # adapters stay fp32; the frozen base may run in half precision
                     p.data = p.data.to(frozen_dtype)
         sets = [self.instances] + ([self.classes] if self.classes is not None else [])
         self.latents = [encode_latents(self.base.vae, s.pixels()) for s in sets]
@@ -268,10 +309,15 @@ class ConceptTask:
         world, rank = self.world, self.rank
         keep = None
         if world > 1:
-            local = [batch["instance"].shape[0], batch["class"].shape[0] if self.classes is not None else 0]
+            local = [
+                batch["instance"].shape[0],
+                batch["class"].shape[0] if self.classes is not None else 0,
+            ]
             batch = {k: v.repeat(world) for k, v in batch.items()}
             offsets = [0, local[0] * world]
-            keep = torch.cat([torch.arange(o + rank * n, o + (rank + 1) * n) for o, n in zip(offsets, local)])
+            keep = torch.cat(
+                [torch.arange(o + rank * n, o + (rank + 1) * n) for o, n in zip(offsets, local)]
+            )
         rows = self._draw_all(batch)
         if keep is None:
             return rows
@@ -279,9 +325,14 @@ class ConceptTask:
         if self.text_handles:
             cond = {**rows.cond, "ids": [i[keep.cpu()] for i in rows.cond["ids"]]}
         else:
-            cond = {"hidden": rows.cond["hidden"][keep], "extra": {k: v[keep] for k, v in rows.cond["extra"].items()}}
+            cond = {
+                "hidden": rows.cond["hidden"][keep],
+                "extra": {k: v[keep] for k, v in rows.cond["extra"].items()},
+            }
         weight = None if rows.weight is None else rows.weight[keep]
-        return ConceptRows(rows.noisy[keep], rows.t[keep], cond, rows.target[keep], weight, rows.instances // world)
+        return ConceptRows(
+            rows.noisy[keep], rows.t[keep], cond, rows.target[keep], weight, rows.instances // world
+        )
 
     def _draw_all(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
         with self.stream.drawing():
@@ -289,21 +340,30 @@ class ConceptTask:
             if self.classes is not None:
                 parts.append(self._rows(1, batch["class"]))
             latents = torch.cat([p[0] for p in parts])
-            noisy, t, target, weight = denoising_targets(self.scheduler, latents, self.config.offset_noise,
-                                                         self.config.min_snr_gamma)
+            noisy, t, target, weight = denoising_targets(
+                self.scheduler, latents, self.config.offset_noise, self.config.min_snr_gamma
+            )
         if self.text_handles:
-            cond = {"hidden": None, "extra": {}, "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])]}
+            cond = {
+                "hidden": None,
+                "extra": {},
+                "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])],
+            }
         else:
-            cond = {"hidden": torch.cat([p[1]["hidden"] for p in parts]),
-                    "extra": {k: torch.cat([p[1]["extra"][k] for p in parts]) for k in parts[0][1]["extra"]}}
+            cond = {
+                "hidden": torch.cat([p[1]["hidden"] for p in parts]),
+                "extra": {
+                    k: torch.cat([p[1]["extra"][k] for p in parts]) for k in parts[0][1]["extra"]
+                },
+            }
         return ConceptRows(noisy, t, cond, target, weight, batch["instance"].shape[0])
 
     def score(self, rows: ConceptRows, pred: torch.Tensor) -> torch.Tensor:
         """DreamBooth's loss of `pred` for `rows`: instance mean (+ prior_weight x class mean)."""
         per_sample = prediction_loss(pred, rows.target, rows.weight)
-        loss = per_sample[:rows.instances].mean()
+        loss = per_sample[: rows.instances].mean()
         if self.classes is not None:
-            loss = loss + self.config.prior_weight * per_sample[rows.instances:].mean()
+            loss = loss + self.config.prior_weight * per_sample[rows.instances :].mean()
         return loss
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -336,7 +396,11 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
     folder = Path(output_dir) / "validation"
 
     def on_event(event: dict) -> None:
-        if event["kind"] != "step" or not config.validation_every or event["step"] % config.validation_every:
+        if (
+            event["kind"] != "step"
+            or not config.validation_every
+            or event["step"] % config.validation_every
+        ):
             return
         out = folder / f"step-{event['step']:07d}"
         out.mkdir(parents=True, exist_ok=True)
@@ -345,8 +409,13 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator("cpu").manual_seed(seed + i)
-                image = task.base.pipe(prompt, num_inference_steps=config.validation_steps, generator=generator,
-                                       height=config.resolution, width=config.resolution).images[0]
+                image = task.base.pipe(
+                    prompt,
+                    num_inference_steps=config.validation_steps,
+                    generator=generator,
+                    height=config.resolution,
+                    width=config.resolution,
+                ).images[0]
                 image.save(out / f"{i:02d}.png")
         task.model.train(was_training)
 
@@ -360,14 +429,21 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
     extra = {"instance_prompt": task.config.instance_prompt, "component": "unet"}
     written = [save_adapter(task.unet_handle, output_dir / UNET_FILE, extra)]
     # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
-    components = {"text_encoder" if i == 0 else f"text_encoder_{i + 1}": h for i, h in enumerate(task.text_handles)}
+    components = {
+        "text_encoder" if i == 0 else f"text_encoder_{i + 1}": h
+        for i, h in enumerate(task.text_handles)
+    }
     for component, handle in components.items():
         name = TEXT_FILE.replace("text_encoder", component)
         written.append(save_adapter(handle, output_dir / name, {**extra, "component": component}))
     if task.config.method == "lora":
         from .formats import save_diffusers_lora
 
-        written.append(save_diffusers_lora({"unet": task.unet_handle, **components}, output_dir / DIFFUSERS_FILE))
+        written.append(
+            save_diffusers_lora(
+                {"unet": task.unet_handle, **components}, output_dir / DIFFUSERS_FILE
+            )
+        )
     atomic_write(output_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
     return written
 
@@ -376,11 +452,17 @@ def _device(train_config) -> str:
     return "cuda" if torch.cuda.is_available() and not train_config.cpu else "cpu"
 
 
-def train_concept(base: DiffusionBase, instance_dir: str | Path, config: ConceptConfig, train_config,
-                  class_dir: str | Path | None = None, on_event=None):
+def train_concept(
+    base: DiffusionBase,
+    instance_dir: str | Path,
+    config: ConceptConfig,
+    train_config,
+    class_dir: str | Path | None = None,
+    on_event=None,
+):
     """The whole DreamBooth run: read the images, make or reuse class images, train (resuming from
     the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult)."""
-    from ..common_kernels.engine import launch_world, train
+    from ..common_kernels.training.engine import launch_world, train
     from .data import class_images
 
     instances = ConceptDataset(instance_dir, config.instance_prompt, config.resolution)
@@ -388,13 +470,30 @@ def train_concept(base: DiffusionBase, instance_dir: str | Path, config: Concept
     if config.class_prompt:
         if class_dir is None:
             if not train_config.output_dir:
-                raise PeftkitError("prior preservation needs a class image folder: pass class_dir or an output_dir")
+                raise PeftkitError(
+                    "prior preservation needs a class image folder: pass class_dir or an output_dir"
+                )
             class_dir = Path(train_config.output_dir) / "class_images"
-        classes = class_images(base, class_dir, config.class_prompt, config.num_class_images, config.resolution,
-                               seed=train_config.seed, device=_device(train_config))
+        classes = class_images(
+            base,
+            class_dir,
+            config.class_prompt,
+            config.num_class_images,
+            config.resolution,
+            seed=train_config.seed,
+            device=_device(train_config),
+        )
     task = ConceptTask(base, instances, config, classes, seed=train_config.seed)
-    callbacks = [c for c in (on_event, validation_images(task, train_config.output_dir or ".", train_config.seed)
-                             if config.validation_every and config.validation_prompts else None) if c]
+    callbacks = [
+        c
+        for c in (
+            on_event,
+            validation_images(task, train_config.output_dir or ".", train_config.seed)
+            if config.validation_every and config.validation_prompts
+            else None,
+        )
+        if c
+    ]
     result = train(task, task.dataset(), train_config, on_event=lambda e: [c(e) for c in callbacks])
     if train_config.output_dir and launch_world()[0] == 0:
         save_concept(task, train_config.output_dir)

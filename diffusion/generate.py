@@ -42,19 +42,23 @@ class ConceptRef:
     name: str | None = None
 
     @staticmethod
-    def parse(text: str) -> "ConceptRef":
-        """"path", "path:0.7" or "path:0.7:name"."""
+    def parse(text: str) -> ConceptRef:
+        """ "path", "path:0.7" or "path:0.7:name"."""
         parts = text.split(":")
         try:
             scale = float(parts[1]) if len(parts) > 1 else 1.0
         except ValueError:
-            raise PeftkitError(f"adapter {text!r}: the scale after ':' must be a number, e.g. out/dog:0.8") from None
+            raise PeftkitError(
+                f"adapter {text!r}: the scale after ':' must be a number, e.g. out/dog:0.8"
+            ) from None
         return ConceptRef(parts[0], scale, parts[2] if len(parts) > 2 else None)
 
 
 def _is_textual_inversion(path: Path) -> bool:
     tensors, metadata = read_tensors(path)
-    return "config" not in metadata and len(tensors) == 1 and next(iter(tensors.values())).dim() == 2
+    return (
+        "config" not in metadata and len(tensors) == 1 and next(iter(tensors.values())).dim() == 2
+    )
 
 
 def _components(base: DiffusionBase) -> dict:
@@ -77,10 +81,16 @@ def load_concepts(base: DiffusionBase, refs: list[ConceptRef]) -> list[str]:
                     base.pipe.load_textual_inversion([str(p) for p in embeds])
                     names.append(name)
                     continue
-                raise PeftkitError(f"{path} has no {UNET_FILE}: pass a train-concept output folder or a LoRA file")
+                raise PeftkitError(
+                    f"{path} has no {UNET_FILE}: pass a train-concept output folder or a LoRA file"
+                )
             load_adapter(base.unet, path / UNET_FILE, name=name, scale=ref.scale)
             for i, encoder in enumerate(base.text_encoders):
-                text = path / (TEXT_FILE if i == 0 else TEXT_FILE.replace("text_encoder", f"text_encoder_{i + 1}"))
+                text = path / (
+                    TEXT_FILE
+                    if i == 0
+                    else TEXT_FILE.replace("text_encoder", f"text_encoder_{i + 1}")
+                )
                 if text.is_file():
                     load_adapter(encoder, text, name=name, scale=ref.scale)
         elif _is_textual_inversion(path):
@@ -104,18 +114,30 @@ class ImagePrompts:
     one_per_call: bool
 
 
-def attach_image_prompts(base: DiffusionBase, control: str | None = None, control_image: str | None = None,
-                         control_scale: float = 1.0, ip_adapter: str | None = None, ip_image: str | None = None,
-                         ip_scale: float = 1.0, ip_encoder: str | None = None,
-                         guidance: float = 7.5) -> ImagePrompts | None:
+def attach_image_prompts(
+    base: DiffusionBase,
+    control: str | None = None,
+    control_image: str | None = None,
+    control_scale: float = 1.0,
+    ip_adapter: str | None = None,
+    ip_image: str | None = None,
+    ip_scale: float = 1.0,
+    ip_encoder: str | None = None,
+    guidance: float = 7.5,
+) -> ImagePrompts | None:
     """Attach a control branch (folder or hub id, with its condition image) and/or an IP-Adapter
     file (with its reference image) to `base`; None when neither is given."""
     from .data import open_image
 
-    for what, model, image in (("--control", control, control_image), ("--ip-adapter", ip_adapter, ip_image)):
+    for what, model, image in (
+        ("--control", control, control_image),
+        ("--ip-adapter", ip_adapter, ip_image),
+    ):
         if bool(model) != bool(image):
             flag = "--control-image" if what == "--control" else "--ip-image"
-            raise PeftkitError(f"{what} and {flag} go together: pass both (the model and the image it reads)")
+            raise PeftkitError(
+                f"{what} and {flag} go together: pass both (the model and the image it reads)"
+            )
     if not control and not ip_adapter:
         return None
     pipe, kwargs = base.pipe, {}
@@ -132,40 +154,91 @@ def attach_image_prompts(base: DiffusionBase, control: str | None = None, contro
     return ImagePrompts(pipe, kwargs, one_per_call=bool(ip_adapter))
 
 
-def _call(base: DiffusionBase, prompts: list[str], generators: list[torch.Generator], steps: int,
-          guidance: float, resolution: int, negative: str = "",
-          image_prompts: ImagePrompts | None = None) -> list[Image.Image]:
+def _call(
+    base: DiffusionBase,
+    prompts: list[str],
+    generators: list[torch.Generator],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative: str = "",
+    image_prompts: ImagePrompts | None = None,
+) -> list[Image.Image]:
     pipe, extra = (image_prompts.pipe, image_prompts.kwargs) if image_prompts else (base.pipe, {})
-    groups = ([[i] for i in range(len(prompts))] if image_prompts and image_prompts.one_per_call
-              else [list(range(len(prompts)))])
+    groups = (
+        [[i] for i in range(len(prompts))]
+        if image_prompts and image_prompts.one_per_call
+        else [list(range(len(prompts)))]
+    )
     images = []
     for rows in groups:
-        images += pipe([prompts[i] for i in rows], negative_prompt=[negative] * len(rows), num_inference_steps=steps,
-                       guidance_scale=guidance, generator=[generators[i] for i in rows], height=resolution,
-                       width=resolution, **extra).images
+        images += pipe(
+            [prompts[i] for i in rows],
+            negative_prompt=[negative] * len(rows),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[generators[i] for i in rows],
+            height=resolution,
+            width=resolution,
+            **extra,
+        ).images
     return images
 
 
-def generate_grid(base: DiffusionBase, prompts: list[str], seeds: list[int], out_dir: str | Path | None = None,
-                  steps: int = 30, guidance: float = 7.5, resolution: int = 512,
-                  image_prompts: ImagePrompts | None = None) -> list[list[Image.Image]]:
+def generate_grid(
+    base: DiffusionBase,
+    prompts: list[str],
+    seeds: list[int],
+    out_dir: str | Path | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    resolution: int = 512,
+    image_prompts: ImagePrompts | None = None,
+) -> list[list[Image.Image]]:
     """images[prompt][seed] with every loaded adapter active at its scale (and the control branch /
     IP-Adapter of `image_prompts`); saved as p<i>-s<seed>.png plus grid.png (rows = prompts,
     columns = seeds) when `out_dir` is given."""
-    rows = [_call(base, [p] * len(seeds), [torch.Generator("cpu").manual_seed(s) for s in seeds], steps, guidance,
-                  resolution, image_prompts=image_prompts) for p in prompts]
+    rows = [
+        _call(
+            base,
+            [p] * len(seeds),
+            [torch.Generator("cpu").manual_seed(s) for s in seeds],
+            steps,
+            guidance,
+            resolution,
+            image_prompts=image_prompts,
+        )
+        for p in prompts
+    ]
     if out_dir is not None:
-        _save(rows, prompts, prompts, [f"seed {s}" for s in seeds], Path(out_dir), [f"s{s}" for s in seeds])
+        _save(
+            rows,
+            prompts,
+            prompts,
+            [f"seed {s}" for s in seeds],
+            Path(out_dir),
+            [f"s{s}" for s in seeds],
+        )
     return rows
 
 
-def generate_mixed(base: DiffusionBase, prompts: list[str], adapters: list[str | None], seed: int = 0,
-                   out_dir: str | Path | None = None, steps: int = 30, guidance: float = 7.5,
-                   resolution: int = 512, image_prompts: ImagePrompts | None = None) -> list[Image.Image]:
+def generate_mixed(
+    base: DiffusionBase,
+    prompts: list[str],
+    adapters: list[str | None],
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    resolution: int = 512,
+    image_prompts: ImagePrompts | None = None,
+) -> list[Image.Image]:
     """One batch, row i drawn with adapter adapters[i] alone (None: the base model), all rows in
     the same UNet forwards through per-row routing. Row i equals a solo run of prompt i with seed+i."""
     if len(adapters) != len(prompts):
-        raise PeftkitError(f"{len(prompts)} prompts but {len(adapters)} adapter choices: give one per prompt")
+        raise PeftkitError(
+            f"{len(prompts)} prompts but {len(adapters)} adapter choices: give one per prompt"
+        )
     names = sorted({a for a in adapters if a is not None})
     ids = [names.index(a) if a is not None else -1 for a in adapters]
     # Classifier-free guidance runs the negative rows before the positive ones in one UNet batch.
@@ -178,20 +251,34 @@ def generate_mixed(base: DiffusionBase, prompts: list[str], adapters: list[str |
             if not held:
                 continue
             if not set(names) <= held:
-                raise PeftkitError(f"a mixed batch needs text-encoder adapters for all of {names} or none; the text "
-                                   f"encoder has {sorted(held)}: load concepts trained alike")
+                raise PeftkitError(
+                    f"a mixed batch needs text-encoder adapters for all of {names} or none; the text "
+                    f"encoder has {sorted(held)}: load concepts trained alike"
+                )
             stack.enter_context(routing(encoder, ids, names))
         if image_prompts and image_prompts.one_per_call:
-            raise PeftkitError("a mixed-adapter batch cannot take an IP-Adapter image (diffusers reads one image "
-                               "prompt per call): generate the IP-Adapter images without --mixed")
-        images = _call(base, prompts, generators, steps, guidance, resolution, image_prompts=image_prompts)
+            raise PeftkitError(
+                "a mixed-adapter batch cannot take an IP-Adapter image (diffusers reads one image "
+                "prompt per call): generate the IP-Adapter images without --mixed"
+            )
+        images = _call(
+            base, prompts, generators, steps, guidance, resolution, image_prompts=image_prompts
+        )
     if out_dir is not None:
-        _save([[im] for im in images], prompts, [f"[{a or 'base'}] {p}" for a, p in zip(adapters, prompts)], ["mixed"],
-              Path(out_dir), ["mixed"])
+        _save(
+            [[im] for im in images],
+            prompts,
+            [f"[{a or 'base'}] {p}" for a, p in zip(adapters, prompts)],
+            ["mixed"],
+            Path(out_dir),
+            ["mixed"],
+        )
     return images
 
 
-def contact_sheet(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+def contact_sheet(
+    rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]
+) -> Image.Image:
     """A labelled grid: one row per prompt, one column per seed."""
     w, h = rows[0][0].size
     pad = 14

@@ -17,43 +17,58 @@ class ImageEncoder:
         torch.Size([1, 768])
     """
 
-    def __init__(self, source: str, variant: str = "basic", device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, source: str, variant: str = "basic", device: str | torch.device = "cpu"
+    ) -> None:
         if not source:
-            raise PeftkitError("no image encoder given: pass --image-encoder with a CLIP vision model folder or hub "
-                               "id, or open_clip:<architecture>:<pretrained>")
+            raise PeftkitError(
+                "no image encoder given: pass --image-encoder with a CLIP vision model folder or hub "
+                "id, or open_clip:<architecture>:<pretrained>"
+            )
         self.source, self.variant, self.device = source, variant, torch.device(device)
         if source.startswith("open_clip:"):
             if variant == "plus":
-                raise PeftkitError("the plus variant reads CLIP patch tokens: use a transformers CLIP vision model "
-                                   "as image encoder, or the basic variant with open_clip")
+                raise PeftkitError(
+                    "the plus variant reads CLIP patch tokens: use a transformers CLIP vision model "
+                    "as image encoder, or the basic variant with open_clip"
+                )
             import open_clip
 
             _, arch, *tag = source.split(":", 2)
-            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag[0] if tag else None)
+            model, _, self.preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=tag[0] if tag else None
+            )
             self.model = model.eval().to(self.device)
             self.embed_dim = model.visual.output_dim
         else:
             from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-            self.model = CLIPVisionModelWithProjection.from_pretrained(source).eval().to(self.device)
+            self.model = (
+                CLIPVisionModelWithProjection.from_pretrained(source).eval().to(self.device)
+            )
             try:
                 self.processor = CLIPImageProcessor.from_pretrained(source)
-            except OSError:  # a bare model folder: CLIP's standard preprocessing at the model's size
+            except (
+                OSError
+            ):  # a bare model folder: CLIP's standard preprocessing at the model's size
                 size = self.model.config.image_size
-                self.processor = CLIPImageProcessor(size={"shortest_edge": size},
-                                                    crop_size={"height": size, "width": size})
+                self.processor = CLIPImageProcessor(
+                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                )
             cfg = self.model.config
             self.embed_dim = cfg.projection_dim if variant == "basic" else cfg.hidden_size
         self.model.requires_grad_(False)
 
-    def to(self, device: str | torch.device) -> "ImageEncoder":
+    def to(self, device: str | torch.device) -> ImageEncoder:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
 
     def pixels(self, images: list) -> torch.Tensor:
         if hasattr(self, "processor"):
-            return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+            return self.processor(
+                images=[im.convert("RGB") for im in images], return_tensors="pt"
+            ).pixel_values
         return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
 
     @torch.no_grad()

@@ -51,20 +51,26 @@ class IPAdapterConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in ("basic", "plus"):
-            raise PeftkitError(f"IPAdapterConfig.variant must be 'basic' or 'plus', got {self.variant!r}")
+            raise PeftkitError(
+                f"IPAdapterConfig.variant must be 'basic' or 'plus', got {self.variant!r}"
+            )
         for name in ("num_tokens", "resampler_dim", "resampler_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise PeftkitError(f"IPAdapterConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise PeftkitError(
+                    f"IPAdapterConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
         probs = (self.drop_image, self.drop_text, self.drop_both)
         if any(not 0 <= p < 1 for p in probs) or sum(probs) >= 1:
-            raise PeftkitError(f"IPAdapterConfig drop_image/drop_text/drop_both must be in [0, 1) with a sum < 1, "
-                               f"got {probs}")
+            raise PeftkitError(
+                f"IPAdapterConfig drop_image/drop_text/drop_both must be in [0, 1) with a sum < 1, "
+                f"got {probs}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
-    def from_json(text: str) -> "IPAdapterConfig":
+    def from_json(text: str) -> IPAdapterConfig:
         return IPAdapterConfig(**json.loads(text))
 
 
@@ -103,14 +109,26 @@ class PerceiverAttention(nn.Module):
 class Resampler(nn.Module):
     """plus projection: (B, L, D_img) patch tokens -> (B, Q, D_cross)."""
 
-    def __init__(self, embed_dim: int, cross_dim: int, dim: int, heads: int, num_queries: int) -> None:
+    def __init__(
+        self, embed_dim: int, cross_dim: int, dim: int, heads: int, num_queries: int
+    ) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embed_dim, dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads), nn.Sequential(
-                nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False))])
-            for _ in range(PLUS_DEPTH))
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim, heads),
+                    nn.Sequential(
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, 4 * dim, bias=False),
+                        nn.GELU(),
+                        nn.Linear(4 * dim, dim, bias=False),
+                    ),
+                ]
+            )
+            for _ in range(PLUS_DEPTH)
+        )
         self.proj_out = nn.Linear(dim, cross_dim)
         self.norm_out = nn.LayerNorm(cross_dim)
 
@@ -134,7 +152,15 @@ class DecoupledAttnProcessor(nn.Module):
         self.scale = 1.0
         self.tokens: torch.Tensor | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -155,12 +181,18 @@ class DecoupledAttnProcessor(nn.Module):
         head_dim = key.shape[-1] // attn.heads
         heads = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
         query = heads(query)
-        out = F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=attention_mask)
+        out = F.scaled_dot_product_attention(
+            query, heads(key), heads(value), attn_mask=attention_mask
+        )
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if self.tokens is not None and self.scale != 0:
             tokens = self.tokens.to(query.dtype)
-            image = F.scaled_dot_product_attention(query, heads(self.to_k_ip(tokens)), heads(self.to_v_ip(tokens)))
-            out = out + self.scale * image.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            image = F.scaled_dot_product_attention(
+                query, heads(self.to_k_ip(tokens)), heads(self.to_v_ip(tokens))
+            )
+            out = out + self.scale * image.transpose(1, 2).reshape(
+                batch, -1, attn.heads * head_dim
+            ).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if image_shape is not None:
             out = out.transpose(-1, -2).reshape(image_shape)
@@ -196,10 +228,13 @@ class IPAdapter(nn.Module):
         if config.variant == "basic":
             self.image_proj = ImageTokens(embed_dim, cross, config.num_tokens)
         else:
-            self.image_proj = Resampler(embed_dim, cross, config.resampler_dim, config.resampler_heads,
-                                        config.num_tokens)
+            self.image_proj = Resampler(
+                embed_dim, cross, config.resampler_dim, config.resampler_heads, config.num_tokens
+            )
         self.names = [name for name, _ in cross_attention_layers(unet)]
-        self.processors = nn.ModuleList(DecoupledAttnProcessor(h, cross) for _, h in cross_attention_layers(unet))
+        self.processors = nn.ModuleList(
+            DecoupledAttnProcessor(h, cross) for _, h in cross_attention_layers(unet)
+        )
 
     def install(self, unet) -> None:
         """Route the UNet's cross-attention layers through the decoupled processors."""
@@ -228,9 +263,11 @@ class IPAdapter(nn.Module):
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         bad = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
         if missing or unexpected or bad:
-            raise PeftkitError(f"IP-Adapter file {path} does not fit this UNet/image encoder (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}, wrong shape {bad[:3]}): use the base model and image "
-                               "encoder it was trained with")
+            raise PeftkitError(
+                f"IP-Adapter file {path} does not fit this UNet/image encoder (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, wrong shape {bad[:3]}): use the base model and image "
+                "encoder it was trained with"
+            )
         with torch.no_grad():
             for key, value in own.items():
                 value.copy_(tensors[key])
@@ -244,8 +281,14 @@ class IPAdapterUNet(nn.Module):
         self.unet, self.adapter = unet, adapter
         adapter.install(unet)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image_embeds: torch.Tensor,
-                extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image_embeds: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """`extra`: SDXL's added conditions (pooled text embedding, size ids); empty for SD 1.x/2.x."""
         self.adapter.set_tokens(self.adapter.image_proj(image_embeds))
         try:
@@ -256,12 +299,18 @@ class IPAdapterUNet(nn.Module):
             self.adapter.set_tokens(None)
 
 
-def save_ip_adapter(adapter: IPAdapter, path: str | os.PathLike, base_model: str | None = None) -> Path:
+def save_ip_adapter(
+    adapter: IPAdapter, path: str | os.PathLike, base_model: str | None = None
+) -> Path:
     """One safetensors file, atomically; metadata holds the peftkit config."""
     from .. import __version__
 
-    metadata = {"peftkit_version": __version__, "method": "ip_adapter", "config": adapter.config.to_json(),
-                "base_model": base_model or ""}
+    metadata = {
+        "peftkit_version": __version__,
+        "method": "ip_adapter",
+        "config": adapter.config.to_json(),
+        "base_model": base_model or "",
+    }
     return save_tensors(path, adapter.file_tensors(), metadata)
 
 
@@ -269,7 +318,9 @@ def load_ip_adapter(unet, path: str | os.PathLike) -> IPAdapter:
     """peftkit's processors from a saved file (not installed; wrap in IPAdapterUNet to use)."""
     tensors, metadata = read_tensors(path)
     if "config" not in metadata or metadata.get("method") != "ip_adapter":
-        raise PeftkitError(f"{path} is not a peftkit IP-Adapter file: load third-party files with attach_ip_adapter")
+        raise PeftkitError(
+            f"{path} is not a peftkit IP-Adapter file: load third-party files with attach_ip_adapter"
+        )
     config = IPAdapterConfig.from_json(metadata["config"])
     key = "image_proj.proj.weight" if config.variant == "basic" else "image_proj.proj_in.weight"
     adapter = IPAdapter(unet, config, embed_dim=tensors[key].shape[1])
@@ -294,8 +345,12 @@ class IPAdapterAttachment:
         return {"ip_adapter_image_embeds": [embeds[:, None].to(unet.device, unet.dtype)]}
 
 
-def attach_ip_adapter(pipe, path: str | os.PathLike, scale: float = 1.0,
-                      image_encoder: ImageEncoder | str | None = None) -> IPAdapterAttachment:
+def attach_ip_adapter(
+    pipe,
+    path: str | os.PathLike,
+    scale: float = 1.0,
+    image_encoder: ImageEncoder | str | None = None,
+) -> IPAdapterAttachment:
     """Load an IP-Adapter file into `pipe` (any Stable Diffusion pipeline with IPAdapterMixin, other
     adapters and a control branch may already be attached) at image-prompt scale `scale`.
 
@@ -305,14 +360,25 @@ def attach_ip_adapter(pipe, path: str | os.PathLike, scale: float = 1.0,
     """
     path = Path(path)
     tensors, metadata = read_tensors(path)
-    config = IPAdapterConfig.from_json(metadata["config"]) if metadata.get("method") == "ip_adapter" else None
+    config = (
+        IPAdapterConfig.from_json(metadata["config"])
+        if metadata.get("method") == "ip_adapter"
+        else None
+    )
     variant = "basic" if "image_proj.proj.weight" in tensors else "plus"
-    if variant == "basic" and tensors["image_proj.proj.weight"].shape[0] != 4 * pipe.unet.config.cross_attention_dim:
-        raise PeftkitError(f"{path} projects to {tensors['image_proj.proj.weight'].shape[0] // pipe.unet.config.cross_attention_dim}"
-                           " tokens but diffusers' load_ip_adapter reads 4: train the basic variant with num_tokens=4")
+    if (
+        variant == "basic"
+        and tensors["image_proj.proj.weight"].shape[0] != 4 * pipe.unet.config.cross_attention_dim
+    ):
+        raise PeftkitError(
+            f"{path} projects to {tensors['image_proj.proj.weight'].shape[0] // pipe.unet.config.cross_attention_dim}"
+            " tokens but diffusers' load_ip_adapter reads 4: train the basic variant with num_tokens=4"
+        )
     if not isinstance(image_encoder, ImageEncoder):
         source = image_encoder or (config.image_encoder if config else "")
         image_encoder = ImageEncoder(source, variant, device=pipe.unet.device)
-    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    pipe.load_ip_adapter(
+        str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None
+    )
     pipe.set_ip_adapter_scale(scale)
     return IPAdapterAttachment(pipe, image_encoder)

@@ -16,9 +16,17 @@ class IPAdapterTask:
     """Engine task: noise-prediction MSE with decoupled cross-attention on cached latents, text and
     image embeddings; image, text or both dropped per sample (the paper's 0.05 each)."""
 
-    def __init__(self, base, examples, config: IPAdapterConfig, encoder: ImageEncoder, resolution: int = 512) -> None:
+    def __init__(
+        self, base, examples, config: IPAdapterConfig, encoder: ImageEncoder, resolution: int = 512
+    ) -> None:
         """`base`: a DiffusionBase (diffusion.base.load_base), SD 1.x/2.x or SDXL."""
-        self.base, self.examples, self.config, self.encoder, self.resolution = base, examples, config, encoder, resolution
+        self.base, self.examples, self.config, self.encoder, self.resolution = (
+            base,
+            examples,
+            config,
+            encoder,
+            resolution,
+        )
         base.unet.requires_grad_(False)
         self.adapter = IPAdapter(base.unet, config, encoder.embed_dim)
         self.model = IPAdapterUNet(base.unet, self.adapter)
@@ -41,24 +49,34 @@ class IPAdapterTask:
         self.encoder.to(device)
         with torch.no_grad():
             self.mean, self.std = (t.to(device) for t in encode_latents(self.base.vae, pixels))
-            self.text, self.extra = self.base.encode_prompt([e.text for e in self.examples], self.resolution)
+            self.text, self.extra = self.base.encode_prompt(
+                [e.text for e in self.examples], self.resolution
+            )
             self.empty_text, self.empty_extra = self.base.encode_prompt([""], self.resolution)
             images = [open_image(e.image, e.where) for e in self.examples]
-            self.embeds = torch.cat([self.encoder.encode(images[i:i + 16]) for i in range(0, len(images), 16)])
+            self.embeds = torch.cat(
+                [self.encoder.encode(images[i : i + 16]) for i in range(0, len(images), 16)]
+            )
             self.negative = self.encoder.negative()
         if device.type != "cpu":
             for module in (*frozen, self.encoder):
                 module.to("cpu")
         if accelerator.mixed_precision in ("bf16", "fp16"):
-            self.base.unet.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
+            self.base.unet.to(
+                torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+            )
             self.adapter.float()  # trained weights stay fp32; autocast runs them in half precision
 
     def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
         idx = batch.to(self.mean.device)
         c = self.config
         # The whole global batch's draws, this process's slice kept (objective.process_denoising_targets).
-        r = torch.rand(idx.shape[0] * self.world, device=idx.device)[rows_of_process(idx.shape[0], self.rank, self.world)]
-        drop_image = (r < c.drop_image) | ((r >= c.drop_image + c.drop_text) & (r < c.drop_image + c.drop_text + c.drop_both))
+        r = torch.rand(idx.shape[0] * self.world, device=idx.device)[
+            rows_of_process(idx.shape[0], self.rank, self.world)
+        ]
+        drop_image = (r < c.drop_image) | (
+            (r >= c.drop_image + c.drop_text) & (r < c.drop_image + c.drop_text + c.drop_both)
+        )
         drop_text = (r >= c.drop_image) & (r < c.drop_image + c.drop_text + c.drop_both)
 
         def pick(drop: torch.Tensor, empty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -67,13 +85,18 @@ class IPAdapterTask:
         embeds = pick(drop_image, self.negative, self.embeds[idx])
         text = pick(drop_text, self.empty_text, self.text[idx])
         extra = {k: pick(drop_text, self.empty_extra[k], v[idx]) for k, v in self.extra.items()}
-        noisy, t, target, weight = process_denoising_targets(self.scheduler, self.mean, self.std, idx, self.rank,
-                                                             self.world)
+        noisy, t, target, weight = process_denoising_targets(
+            self.scheduler, self.mean, self.std, idx, self.rank, self.world
+        )
         return prediction_loss(model(noisy, t, text, embeds, extra), target, weight).mean()
 
     def evaluate(self, model) -> dict[str, float]:
         """The loss on up to 8 examples under fixed noise, timesteps and dropout."""
-        return {"loss": fixed_loss(lambda: self.loss(model, torch.arange(min(8, len(self.examples)))), self.mean.device)}
+        return {
+            "loss": fixed_loss(
+                lambda: self.loss(model, torch.arange(min(8, len(self.examples)))), self.mean.device
+            )
+        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.adapter.state_dict().items()}

@@ -22,18 +22,23 @@ class ClipEmbedder:
     """An open_clip model: `model` is an open_clip name ("ViT-B-32") with `pretrained` a tag or a
     local checkpoint file, or a folder holding open_clip_config.json and weights ("local-dir:")."""
 
-    def __init__(self, model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: str, pretrained: str | None = None, device: str | torch.device = "cpu"
+    ) -> None:
         import open_clip
 
         name = f"local-dir:{model}" if Path(model).is_dir() else model
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
-                                                                                   device=device)
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device
+            )
             self.tokenizer = open_clip.get_tokenizer(name)
         except (RuntimeError, OSError, ValueError) as err:
-            raise PeftkitError(f"cannot load open_clip model {model!r} (pretrained={pretrained!r}): {err}; pass a "
-                               "local checkpoint with --clip-pretrained /path/model.safetensors or a folder with "
-                               "open_clip_config.json") from None
+            raise PeftkitError(
+                f"cannot load open_clip model {model!r} (pretrained={pretrained!r}): {err}; pass a "
+                "local checkpoint with --clip-pretrained /path/model.safetensors or a folder with "
+                "open_clip_config.json"
+            ) from None
         self.model.eval()
         self.device = torch.device(device)
 
@@ -44,7 +49,9 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+        return F.normalize(
+            self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1
+        )
 
 
 class DinoEmbedder:
@@ -58,13 +65,17 @@ class DinoEmbedder:
             self.processor = AutoImageProcessor.from_pretrained(model)
             self.model = AutoModel.from_pretrained(model).to(device).eval()
         except (OSError, ValueError) as err:
-            raise PeftkitError(f"cannot load DINO model {model!r} ({err}): pass a local transformers folder "
-                               "(config.json, weights, preprocessor_config.json)") from None
+            raise PeftkitError(
+                f"cannot load DINO model {model!r} ({err}): pass a local transformers folder "
+                "(config.json, weights, preprocessor_config.json)"
+            ) from None
         self.device = torch.device(device)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+        inputs = self.processor(
+            images=[im.convert("RGB") for im in images], return_tensors="pt"
+        ).to(self.device)
         return F.normalize(self.model(**inputs).last_hidden_state[:, 0].float(), dim=-1)
 
 
@@ -73,16 +84,25 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
 
 
-def concept_scores(generated: list[Image.Image], prompts: list[str], references: list[Image.Image],
-                   clip: ClipEmbedder, dino: DinoEmbedder | None = None) -> dict[str, float]:
+def concept_scores(
+    generated: list[Image.Image],
+    prompts: list[str],
+    references: list[Image.Image],
+    clip: ClipEmbedder,
+    dino: DinoEmbedder | None = None,
+) -> dict[str, float]:
     """{"clip_i", "clip_t", and "dino" when a DINO model is given}; prompts[i] is generated[i]'s prompt."""
     if not generated or not references:
         raise PeftkitError("concept metrics need at least one generated and one reference image")
     if len(prompts) != len(generated):
-        raise PeftkitError(f"{len(generated)} generated images but {len(prompts)} prompts: give one prompt per image")
+        raise PeftkitError(
+            f"{len(generated)} generated images but {len(prompts)} prompts: give one prompt per image"
+        )
     gen = clip.images(generated)
-    scores = {"clip_i": pairwise_similarity(gen, clip.images(references)),
-              "clip_t": float((gen * clip.texts(prompts)).sum(-1).mean())}
+    scores = {
+        "clip_i": pairwise_similarity(gen, clip.images(references)),
+        "clip_t": float((gen * clip.texts(prompts)).sum(-1).mean()),
+    }
     if dino is not None:
         scores["dino"] = pairwise_similarity(dino.images(generated), dino.images(references))
     return scores

@@ -42,11 +42,20 @@ from pathlib import Path
 
 import torch
 
-from ..common_kernels.engine import (TrainConfig, TrainResult, apply_gradients, batches, build_optimizer,
-                                     evaluate_task, latest_checkpoint, load_checkpoint, save_checkpoint)
 from ..common_kernels.errors import PeftkitError
-from ..common_kernels.graphed_step import clone_batch, copy_batch
 from ..common_kernels.inject import adapted_layers, routing
+from ..common_kernels.training.engine import (
+    TrainConfig,
+    TrainResult,
+    apply_gradients,
+    batches,
+    build_optimizer,
+    evaluate_task,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ..common_kernels.training.graphed_step import clone_batch, copy_batch
 from .base import DiffusionBase
 from .data import ConceptDataset, class_images
 from .dreambooth import ConceptConfig, ConceptModel, ConceptRows, ConceptTask, save_concept
@@ -66,16 +75,24 @@ class ConceptJob:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
-            raise PeftkitError(f"job name {self.name!r} must be letters, digits, '_' or '-' (it names the adapter)")
-        refused = {"text_encoder_rank": (self.concept.text_encoder_rank, "text-encoder LoRA (all jobs share the "
-                                         "text encoder's cached outputs)"),
-                   "validation_every": (self.concept.validation_every, "validation images"),
-                   "grad_accum": (self.train.grad_accum - 1, "gradient accumulation"),
-                   "cuda_graph": (self.train.cuda_graph, "CUDA graphs")}
+            raise PeftkitError(
+                f"job name {self.name!r} must be letters, digits, '_' or '-' (it names the adapter)"
+            )
+        refused = {
+            "text_encoder_rank": (
+                self.concept.text_encoder_rank,
+                "text-encoder LoRA (all jobs share the text encoder's cached outputs)",
+            ),
+            "validation_every": (self.concept.validation_every, "validation images"),
+            "grad_accum": (self.train.grad_accum - 1, "gradient accumulation"),
+            "cuda_graph": (self.train.cuda_graph, "CUDA graphs"),
+        }
         for key, (value, what) in refused.items():
             if value:
-                raise PeftkitError(f"job {self.name!r}: {key} is set, but training jobs together has no {what}: "
-                                   "remove it, or train this job alone with peftkit train-concept")
+                raise PeftkitError(
+                    f"job {self.name!r}: {key} is set, but training jobs together has no {what}: "
+                    "remove it, or train this job alone with peftkit train-concept"
+                )
 
 
 def check_compatible(jobs: list[ConceptJob]) -> None:
@@ -85,19 +102,27 @@ def check_compatible(jobs: list[ConceptJob]) -> None:
     for job in jobs[1:]:
         a, b = first.concept, job.concept
         if b.method != a.method:
-            raise PeftkitError(f"job {job.name!r} uses method {b.method!r} but job {first.name!r} uses {a.method!r}: "
-                               "jobs trained together share one core; train the others in a second run")
+            raise PeftkitError(
+                f"job {job.name!r} uses method {b.method!r} but job {first.name!r} uses {a.method!r}: "
+                "jobs trained together share one core; train the others in a second run"
+            )
         if b.method != "oft" and b.rank != a.rank:
-            raise PeftkitError(f"job {job.name!r} has rank {b.rank} but job {first.name!r} has rank {a.rank}: jobs "
-                               "trained together share one rank (their adapters run as one batched matmul)")
+            raise PeftkitError(
+                f"job {job.name!r} has rank {b.rank} but job {first.name!r} has rank {a.rank}: jobs "
+                "trained together share one rank (their adapters run as one batched matmul)"
+            )
         if b.resolution != a.resolution:
-            raise PeftkitError(f"job {job.name!r} trains at resolution {b.resolution} but job {first.name!r} at "
-                               f"{a.resolution}: jobs trained together share one resolution")
+            raise PeftkitError(
+                f"job {job.name!r} trains at resolution {b.resolution} but job {first.name!r} at "
+                f"{a.resolution}: jobs trained together share one resolution"
+            )
     for key, what in ((lambda j: j.name, "name"), (lambda j: j.train.output_dir, "output folder")):
         seen = [key(j) for j in jobs if key(j) is not None]
         twice = sorted({str(v) for v in seen if seen.count(v) > 1})
         if twice:
-            raise PeftkitError(f"several jobs have the {what} {twice[0]!r}: give each job its own {what}")
+            raise PeftkitError(
+                f"several jobs have the {what} {twice[0]!r}: give each job its own {what}"
+            )
 
 
 @dataclass
@@ -112,9 +137,22 @@ class JobStatus:
 
 
 class _Running:
-    def __init__(self, job: ConceptJob, task: ConceptTask, params: list, optimizer, scheduler,
-                 result: TrainResult) -> None:
-        self.job, self.task, self.params, self.optimizer, self.scheduler = job, task, params, optimizer, scheduler
+    def __init__(
+        self,
+        job: ConceptJob,
+        task: ConceptTask,
+        params: list,
+        optimizer,
+        scheduler,
+        result: TrainResult,
+    ) -> None:
+        self.job, self.task, self.params, self.optimizer, self.scheduler = (
+            job,
+            task,
+            params,
+            optimizer,
+            scheduler,
+        )
         self.result = result
         self.data = batches(task.dataset(), job.train.batch_size, job.train.seed, result.step, None)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
@@ -129,7 +167,7 @@ class _RoutedGraph:
     the schedules update in place. A non-finite loss in any job skips every job's update on the
     device (fused AdamW's found_inf), and the trainer redoes that step eagerly without that job."""
 
-    def __init__(self, trainer: "ConceptTrainer", running: list[_Running], drawn: list) -> None:
+    def __init__(self, trainer: ConceptTrainer, running: list[_Running], drawn: list) -> None:
         self.names = [r.job.name for r in running]
         self.static = clone_batch(drawn)
         self.params = [p for r in running for p in r.params]
@@ -153,19 +191,29 @@ class _RoutedGraph:
                 self.found_inf.copy_((~torch.isfinite(values)).any().float())
             for r in running:
                 if r.job.train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(r.params, r.job.train.max_grad_norm, foreach=True)
+                    torch.nn.utils.clip_grad_norm_(
+                        r.params, r.job.train.max_grad_norm, foreach=True
+                    )
                 r.optimizer.step()
             return values
 
         # Routing is entered outside the capture (it copies the row ids to the device) and its
         # ids tensor kept: the captured kernels read that very memory at every replay.
         with trainer._routing(running, drawn):
-            self.ids = next((l.adapter_ids for l in adapted_layers(trainer.base.unet) if l.adapter_ids is not None),
-                            None)
+            self.ids = next(
+                (
+                    l.adapter_ids
+                    for l in adapted_layers(trainer.base.unet)
+                    if l.adapter_ids is not None
+                ),
+                None,
+            )
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                body(warmup=True)  # workspaces, autotuning and optimizer states, outside the capture
+                body(
+                    warmup=True
+                )  # workspaces, autotuning and optimizer states, outside the capture
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -192,21 +240,33 @@ class ConceptTrainer:
         'done'
     """
 
-    def __init__(self, base: DiffusionBase, mixed_precision: str = "no", cpu: bool = False,
-                 on_event: Callable[[dict], None] | None = None, cuda_graph: bool = False,
-                 draw_ahead: bool | None = None) -> None:
+    def __init__(
+        self,
+        base: DiffusionBase,
+        mixed_precision: str = "no",
+        cpu: bool = False,
+        on_event: Callable[[dict], None] | None = None,
+        cuda_graph: bool = False,
+        draw_ahead: bool | None = None,
+    ) -> None:
         from accelerate import Accelerator
 
         if mixed_precision not in ("no", "bf16"):
-            raise PeftkitError(f"mixed_precision must be 'no' or 'bf16' when training jobs together, got "
-                               f"{mixed_precision!r} (fp16 loss scaling would couple the jobs' optimizers)")
+            raise PeftkitError(
+                f"mixed_precision must be 'no' or 'bf16' when training jobs together, got "
+                f"{mixed_precision!r} (fp16 loss scaling would couple the jobs' optimizers)"
+            )
         self.base, self.mixed_precision = base, mixed_precision
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
         if self.accelerator.num_processes > 1:
-            raise PeftkitError("training jobs together runs in one process: start it without `accelerate launch`, "
-                               "or train each job alone with train-concept on several GPUs")
+            raise PeftkitError(
+                "training jobs together runs in one process: start it without `accelerate launch`, "
+                "or train each job alone with train-concept on several GPUs"
+            )
         if cuda_graph and self.accelerator.device.type != "cuda":
-            raise PeftkitError("cuda_graph=True needs a CUDA device: set cuda_graph=False to train on the CPU")
+            raise PeftkitError(
+                "cuda_graph=True needs a CUDA device: set cuda_graph=False to train on the CPU"
+            )
         self.cuda_graph = cuda_graph
         # Drawing ahead hides a job's ~1 ms of draw launches behind the previous step's GPU work;
         # only a graphed step leaves the host idle to do it (eager steps are busy launching).
@@ -227,29 +287,46 @@ class ConceptTrainer:
         output_dir when there is one."""
         with self._lock:
             if job.train.mixed_precision != self.mixed_precision:
-                raise PeftkitError(f"job {job.name!r} asks for mixed_precision {job.train.mixed_precision!r} but the "
-                                   f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision")
+                raise PeftkitError(
+                    f"job {job.name!r} asks for mixed_precision {job.train.mixed_precision!r} but the "
+                    f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision"
+                )
             check_compatible([r.job for r in self._running.values()] + [job])
-            instances = ConceptDataset(job.images, job.concept.instance_prompt, job.concept.resolution)
+            instances = ConceptDataset(
+                job.images, job.concept.instance_prompt, job.concept.resolution
+            )
             classes = self._class_images(job) if job.concept.class_prompt else None
-            task = ConceptTask(self.base, instances, job.concept, classes, seed=job.train.seed, name=job.name)
+            task = ConceptTask(
+                self.base, instances, job.concept, classes, seed=job.train.seed, name=job.name
+            )
             try:
                 task.prepare(self.accelerator)
                 params = [p for p in task.trainable_parameters() if p.requires_grad]
                 # Graphed steps take capturable AdamW with a tensor learning rate.
                 train = dataclasses.replace(job.train, cuda_graph=self.cuda_graph)
-                optimizer, scheduler = build_optimizer(params, train, self.accelerator, register=False)
+                optimizer, scheduler = build_optimizer(
+                    params, train, self.accelerator, register=False
+                )
                 result = TrainResult(step=0)
                 found = latest_checkpoint(job.train.output_dir) if resume else None
                 if found is not None:
-                    result.step = result.resumed_from = load_checkpoint(found, task, optimizer, scheduler)
+                    result.step = result.resumed_from = load_checkpoint(
+                        found, task, optimizer, scheduler
+                    )
             except BaseException:
                 task.unet_handle.unload()
                 raise
             self._running[job.name] = _Running(job, task, params, optimizer, scheduler, result)
             self._finished.pop(job.name, None)
-            self._emit({"kind": "join", "job": job.name, "step": result.step, "total": job.train.steps,
-                        "resumed_from": result.resumed_from})
+            self._emit(
+                {
+                    "kind": "join",
+                    "job": job.name,
+                    "step": result.step,
+                    "total": job.train.steps,
+                    "resumed_from": result.resumed_from,
+                }
+            )
 
     def check_joinable(self, job: ConceptJob) -> None:
         """Raise PeftkitError when `job` cannot train beside the running jobs (another core, rank or
@@ -261,7 +338,9 @@ class ConceptTrainer:
         """Stop job `name` now; with `save`, write its adapter files and a checkpoint to resume from."""
         with self._lock:
             if name not in self._running:
-                raise PeftkitError(f"no running job named {name!r}: running jobs are {sorted(self._running)}")
+                raise PeftkitError(
+                    f"no running job named {name!r}: running jobs are {sorted(self._running)}"
+                )
             return self._leave(self._running[name], "removed", save=save)
 
     def results(self) -> dict[str, JobStatus]:
@@ -337,9 +416,15 @@ class ConceptTrainer:
     def _losses(self, running: list[_Running], drawn: list) -> list:
         """The jobs' losses from one UNet call over all their rows; routing must be active."""
         sizes = [d.noisy.shape[0] for d in drawn]
-        cond = {"hidden": torch.cat([d.cond["hidden"] for d in drawn]),
-                "extra": {k: torch.cat([d.cond["extra"][k] for d in drawn]) for k in drawn[0].cond["extra"]}}
-        pred = self.model(torch.cat([d.noisy for d in drawn]), torch.cat([d.t for d in drawn]), **cond)
+        cond = {
+            "hidden": torch.cat([d.cond["hidden"] for d in drawn]),
+            "extra": {
+                k: torch.cat([d.cond["extra"][k] for d in drawn]) for k in drawn[0].cond["extra"]
+            },
+        }
+        pred = self.model(
+            torch.cat([d.noisy for d in drawn]), torch.cat([d.t for d in drawn]), **cond
+        )
         return [r.task.score(d, p) for r, d, p in zip(running, drawn, pred.split(sizes))]
 
     def _eager(self, running: list[_Running], drawn: list) -> list[float]:
@@ -369,33 +454,56 @@ class ConceptTrainer:
             result.skipped_steps += 1
             self._emit({"kind": "bad_step", "job": name, "step": result.step, "consecutive": r.bad})
             if r.bad >= config.max_bad_steps:
-                self._leave(r, "failed", error=f"the loss was NaN/inf for {r.bad} steps in a row at step "
-                            f"{result.step}: lower the learning rate or check the images")
+                self._leave(
+                    r,
+                    "failed",
+                    error=f"the loss was NaN/inf for {r.bad} steps in a row at step "
+                    f"{result.step}: lower the learning rate or check the images",
+                )
             return
         r.bad = 0
         if not stepped:
             # Under graphs the captured backward writes into these very .grad tensors: keep them.
-            apply_gradients(r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph)
+            apply_gradients(
+                r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph
+            )
         r.scheduler.step()
         result.step += 1
         result.losses.append(loss)
         r.samples += config.batch_size
-        self._emit({"kind": "step", "job": name, "step": result.step, "total": config.steps, "loss": loss,
-                    "lr": r.scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - r.started})
+        self._emit(
+            {
+                "kind": "step",
+                "job": name,
+                "step": result.step,
+                "total": config.steps,
+                "loss": loss,
+                "lr": r.scheduler.get_last_lr()[0],
+                "elapsed": time.perf_counter() - r.started,
+            }
+        )
         if config.eval_every and result.step % config.eval_every == 0:
             result.metrics = self._evaluate(r)
-        if config.output_dir and config.checkpoint_every and result.step % config.checkpoint_every == 0:
+        if (
+            config.output_dir
+            and config.checkpoint_every
+            and result.step % config.checkpoint_every == 0
+        ):
             path = self._checkpoint(r)
             self._emit({"kind": "checkpoint", "job": name, "step": result.step, "path": str(path)})
         if result.step >= config.steps:
             self._leave(r, "done")
 
-    def _leave(self, r: _Running, status: str, save: bool = True, error: str | None = None) -> JobStatus:
+    def _leave(
+        self, r: _Running, status: str, save: bool = True, error: str | None = None
+    ) -> JobStatus:
         config, result = r.job.train, r.result
         elapsed = time.perf_counter() - r.started
         result.samples_per_s = r.samples / elapsed if elapsed > 0 else 0.0
         if self.accelerator.device.type == "cuda":
-            result.peak_memory_gib = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+            result.peak_memory_gib = (
+                torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+            )
         if status == "done" and not (config.eval_every and result.step % config.eval_every == 0):
             result.metrics = self._evaluate(r)
         files: list[Path] = []
@@ -409,8 +517,16 @@ class ConceptTrainer:
         del self._running[r.job.name]
         done = JobStatus(r.job.name, status, result, files, error)
         self._finished[r.job.name] = done
-        self._emit({"kind": status, "job": r.job.name, "step": result.step, "metrics": result.metrics,
-                    "files": [str(f) for f in files], "error": error})
+        self._emit(
+            {
+                "kind": status,
+                "job": r.job.name,
+                "step": result.step,
+                "metrics": result.metrics,
+                "files": [str(f) for f in files],
+                "error": error,
+            }
+        )
         return done
 
     def _checkpoint(self, r: _Running) -> Path:
@@ -419,14 +535,21 @@ class ConceptTrainer:
         if r.ahead is not None:  # rows drawn ahead belong to the next step, not to this checkpoint
             r.task.stream.state = r.ahead[1]
         try:
-            return save_checkpoint(folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train)
+            return save_checkpoint(
+                folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train
+            )
         finally:
             r.task.stream.state = now
 
     def _evaluate(self, r: _Running) -> dict[str, float]:
         with self._solo(r):
-            return evaluate_task(r.task, self.model, self.accelerator, r.result.step,
-                                 lambda event: self._emit({**event, "job": r.job.name}))
+            return evaluate_task(
+                r.task,
+                self.model,
+                self.accelerator,
+                r.result.step,
+                lambda event: self._emit({**event, "job": r.job.name}),
+            )
 
     @contextlib.contextmanager
     def _solo(self, keep: _Running | None) -> Iterator[None]:
@@ -444,9 +567,18 @@ class ConceptTrainer:
         folder = job.class_dir
         if folder is None:
             if not job.train.output_dir:
-                raise PeftkitError(f"job {job.name!r}: prior preservation needs class_dir or an output_dir")
+                raise PeftkitError(
+                    f"job {job.name!r}: prior preservation needs class_dir or an output_dir"
+                )
             folder = Path(job.train.output_dir) / "class_images"
         # With every adapter off, missing class images come from the base model, as in a solo run.
         with self._solo(None):
-            return class_images(self.base, folder, job.concept.class_prompt, job.concept.num_class_images,
-                                job.concept.resolution, seed=job.train.seed, device=self.accelerator.device)
+            return class_images(
+                self.base,
+                folder,
+                job.concept.class_prompt,
+                job.concept.num_class_images,
+                job.concept.resolution,
+                seed=job.train.seed,
+                device=self.accelerator.device,
+            )

@@ -34,10 +34,33 @@ from typing import Any
 
 from ..common_kernels.errors import PeftkitError
 
-RUN_KEYS = {"model", "mixed_precision", "attention", "cpu", "cuda_graph", "output", "defaults", "jobs"}
+RUN_KEYS = {
+    "model",
+    "mixed_precision",
+    "attention",
+    "cpu",
+    "cuda_graph",
+    "output",
+    "defaults",
+    "jobs",
+}
 PATH_KEYS = {"images", "output", "class_dir"}
-TRAIN_KEYS = {"steps", "batch_size", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "seed",
-              "checkpoint_every", "keep_checkpoints", "optimizer", "max_bad_steps", "eval_every", "grad_accum"}
+TRAIN_KEYS = {
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "max_grad_norm",
+    "seed",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "optimizer",
+    "max_bad_steps",
+    "eval_every",
+    "grad_accum",
+}
 TRAIN_DEFAULTS = {"steps": 800, "batch_size": 1, "lr": 1e-4, "schedule": "constant"}
 REFUSED_KEYS = {"text_encoder_rank", "validation_every", "grad_accum"}
 UNUSED_KEYS = {"validation_prompts", "validation_steps"}
@@ -74,26 +97,38 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
 
 
 def _job(where: str, raw: Any, defaults: dict, folder: Path, output: str | None, run: dict):
-    from ..common_kernels.engine import TrainConfig
+    from ..common_kernels.training.engine import TrainConfig
     from .dreambooth import ConceptConfig
     from .multitenant import ConceptJob
 
     if not isinstance(raw, dict):
-        raise PeftkitError(f"{where}: a job is a mapping of keys (name, images, prompt, ...), got {raw!r}")
+        raise PeftkitError(
+            f"{where}: a job is a mapping of keys (name, images, prompt, ...), got {raw!r}"
+        )
     spec = {**defaults, **raw}
     concept_keys = _concept_keys()
     train_kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
-    allowed = ({"name", "prompt"} | PATH_KEYS | set(concept_keys) | TRAIN_KEYS) - REFUSED_KEYS - UNUSED_KEYS
+    allowed = (
+        ({"name", "prompt"} | PATH_KEYS | set(concept_keys) | TRAIN_KEYS)
+        - REFUSED_KEYS
+        - UNUSED_KEYS
+    )
     # Refused keys pass on to ConceptJob, whose message says why they cannot apply here.
     unknown = sorted(set(spec) - allowed - REFUSED_KEYS)
     if unknown:
-        raise PeftkitError(f"{where}: unknown key(s) {unknown}: allowed job keys are {sorted(allowed)}")
+        raise PeftkitError(
+            f"{where}: unknown key(s) {unknown}: allowed job keys are {sorted(allowed)}"
+        )
     for key in ("images", "prompt"):
         if not spec.get(key):
-            raise PeftkitError(f"{where}: '{key}' is missing: every job needs images (a folder) and a prompt")
+            raise PeftkitError(
+                f"{where}: '{key}' is missing: every job needs images (a folder) and a prompt"
+            )
     images = folder / str(spec["images"])
     if not images.is_dir():
-        raise PeftkitError(f"{where}: image folder {images} does not exist (paths are relative to {folder})")
+        raise PeftkitError(
+            f"{where}: image folder {images} does not exist (paths are relative to {folder})"
+        )
     name = str(spec.get("name") or images.name)
     where = f"{where} ({name!r})"
     if "output" in spec:
@@ -101,19 +136,31 @@ def _job(where: str, raw: Any, defaults: dict, folder: Path, output: str | None,
     elif output:
         out = folder / output / name
     else:
-        raise PeftkitError(f"{where}: no output folder: set 'output' in the job or at the top of the file")
-    concept = {k: _coerce(where, k, v, concept_keys[k]) for k, v in spec.items() if k in concept_keys}
+        raise PeftkitError(
+            f"{where}: no output folder: set 'output' in the job or at the top of the file"
+        )
+    concept = {
+        k: _coerce(where, k, v, concept_keys[k]) for k, v in spec.items() if k in concept_keys
+    }
     train = {k: _coerce(where, k, v, train_kinds[k]) for k, v in spec.items() if k in TRAIN_KEYS}
     if "method" in concept and concept["method"] not in ("lora", "kron", "oft"):
-        raise PeftkitError(f"{where}: unknown method (core) {concept['method']!r}: use lora, kron (LoKr) or oft")
+        raise PeftkitError(
+            f"{where}: unknown method (core) {concept['method']!r}: use lora, kron (LoKr) or oft"
+        )
     try:
-        return ConceptJob(name, images, ConceptConfig(instance_prompt=str(spec["prompt"]), **concept),
-                          TrainConfig(**{**TRAIN_DEFAULTS, **train}, output_dir=str(out), progress=False, **run),
-                          folder / str(spec["class_dir"]) if spec.get("class_dir") else None)
+        return ConceptJob(
+            name,
+            images,
+            ConceptConfig(instance_prompt=str(spec["prompt"]), **concept),
+            TrainConfig(**{**TRAIN_DEFAULTS, **train}, output_dir=str(out), progress=False, **run),
+            folder / str(spec["class_dir"]) if spec.get("class_dir") else None,
+        )
     except PeftkitError as err:
         raise PeftkitError(f"{where}: {err}") from None
     except TypeError as err:
-        raise PeftkitError(f"{where}: a value has the wrong type ({err}): check numbers and lists") from None
+        raise PeftkitError(
+            f"{where}: a value has the wrong type ({err}): check numbers and lists"
+        ) from None
 
 
 def load_jobs(path: str | Path) -> JobsFile:
@@ -130,21 +177,29 @@ def load_jobs(path: str | Path) -> JobsFile:
     except yaml.YAMLError as err:
         raise PeftkitError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list) or not doc["jobs"]:
-        raise PeftkitError(f"{path}: expected a mapping with a non-empty 'jobs' list (see peftkit train-concepts -h)")
+        raise PeftkitError(
+            f"{path}: expected a mapping with a non-empty 'jobs' list (see peftkit train-concepts -h)"
+        )
     unknown = sorted(set(doc) - RUN_KEYS)
     if unknown:
-        raise PeftkitError(f"{path}: unknown top-level key(s) {unknown}: allowed are {sorted(RUN_KEYS)} "
-                           "(job settings go under 'jobs' or 'defaults')")
+        raise PeftkitError(
+            f"{path}: unknown top-level key(s) {unknown}: allowed are {sorted(RUN_KEYS)} "
+            "(job settings go under 'jobs' or 'defaults')"
+        )
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise PeftkitError(f"{path}: 'defaults' must be a mapping of job keys")
     mixed_precision = str(doc.get("mixed_precision", "no"))
     if mixed_precision not in ("no", "bf16"):
-        raise PeftkitError(f"{path}: mixed_precision must be 'no' or 'bf16' when jobs train together, "
-                           f"got {mixed_precision!r}")
+        raise PeftkitError(
+            f"{path}: mixed_precision must be 'no' or 'bf16' when jobs train together, "
+            f"got {mixed_precision!r}"
+        )
     run = {"mixed_precision": mixed_precision, "cpu": bool(doc.get("cpu", False))}
-    jobs = [_job(f"{path}: job {i + 1}", raw, defaults, path.parent, doc.get("output"), run)
-            for i, raw in enumerate(doc["jobs"])]
+    jobs = [
+        _job(f"{path}: job {i + 1}", raw, defaults, path.parent, doc.get("output"), run)
+        for i, raw in enumerate(doc["jobs"])
+    ]
     try:
         check_compatible(jobs)
     except PeftkitError as err:
@@ -153,9 +208,14 @@ def load_jobs(path: str | Path) -> JobsFile:
     if graph not in (True, False, "auto"):
         raise PeftkitError(f"{path}: cuda_graph must be auto, true or false, got {graph!r}")
     model = doc.get("model")
-    return JobsFile(str(path.parent / model) if model and (path.parent / model).exists() else model,
-                    mixed_precision, str(doc.get("attention", "auto")), run["cpu"], jobs,
-                    graph)
+    return JobsFile(
+        str(path.parent / model) if model and (path.parent / model).exists() else model,
+        mixed_precision,
+        str(doc.get("attention", "auto")),
+        run["cpu"],
+        jobs,
+        graph,
+    )
 
 
 def train_concepts(argv: list[str]) -> int:
@@ -166,9 +226,12 @@ def train_concepts(argv: list[str]) -> int:
     from .cli import _summary
     from .multitenant import ConceptTrainer
 
-    parser = argparse.ArgumentParser(prog="peftkit train-concepts", description=train_concepts.__doc__,
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-concepts",
+        description=train_concepts.__doc__,
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--jobs", required=True, help="jobs.yaml describing the run and its jobs")
     parser.add_argument("--model", help="base pipeline (overrides the file's 'model')")
     parser.add_argument("--no-progress", action="store_true")
@@ -176,9 +239,15 @@ def train_concepts(argv: list[str]) -> int:
     spec = load_jobs(args.jobs)
     model = args.model or spec.model
     if not model:
-        raise PeftkitError(f"{args.jobs} names no base model: add 'model: <folder or hub id>' or pass --model")
-    bar = tqdm(total=sum(j.train.steps for j in spec.jobs), desc="train-concepts", unit="step",
-               disable=args.no_progress)
+        raise PeftkitError(
+            f"{args.jobs} names no base model: add 'model: <folder or hub id>' or pass --model"
+        )
+    bar = tqdm(
+        total=sum(j.train.steps for j in spec.jobs),
+        desc="train-concepts",
+        unit="step",
+        disable=args.no_progress,
+    )
 
     def on_event(event: dict) -> None:
         if event["kind"] == "step":
@@ -189,9 +258,18 @@ def train_concepts(argv: list[str]) -> int:
 
     import torch
 
-    graph = spec.cuda_graph if spec.cuda_graph != "auto" else (not spec.cpu and torch.cuda.is_available())
-    trainer = ConceptTrainer(load_base(model, attention=spec.attention), spec.mixed_precision, spec.cpu, on_event,
-                             cuda_graph=graph)
+    graph = (
+        spec.cuda_graph
+        if spec.cuda_graph != "auto"
+        else (not spec.cpu and torch.cuda.is_available())
+    )
+    trainer = ConceptTrainer(
+        load_base(model, attention=spec.attention),
+        spec.mixed_precision,
+        spec.cpu,
+        on_event,
+        cuda_graph=graph,
+    )
     for job in spec.jobs:
         trainer.add_job(job)
     statuses = trainer.run()

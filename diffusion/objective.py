@@ -36,23 +36,29 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return mean + std * torch.randn_like(std)
 
 
-def denoising_targets(scheduler, latents: torch.Tensor, offset_noise: float = 0.0, min_snr_gamma: float = 0.0
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def denoising_targets(
+    scheduler, latents: torch.Tensor, offset_noise: float = 0.0, min_snr_gamma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The random half of a step: (x_t, t, target, per-sample weight or None). Drawing it apart
     from the prediction lets several trainers share one UNet call (multitenant.py) and a CUDA
     graph replay the deterministic half."""
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise PeftkitError(f"prediction type {prediction_type!r} is not supported for training: use a pipeline "
-                           "whose scheduler predicts 'epsilon' or 'v_prediction'")
+        raise PeftkitError(
+            f"prediction type {prediction_type!r} is not supported for training: use a pipeline "
+            "whose scheduler predicts 'epsilon' or 'v_prediction'"
+        )
     b = latents.shape[0]
     noise = torch.randn_like(latents)
     if offset_noise:
-        noise = noise + offset_noise * torch.randn(b, latents.shape[1], 1, 1, device=latents.device,
-                                                   dtype=latents.dtype)
+        noise = noise + offset_noise * torch.randn(
+            b, latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype
+        )
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    target = scheduler.get_velocity(latents, noise, t) if prediction_type == "v_prediction" else noise
+    target = (
+        scheduler.get_velocity(latents, noise, t) if prediction_type == "v_prediction" else noise
+    )
     weight = None
     if min_snr_gamma:
         weight = min_snr_weights(snr(scheduler.alphas_cumprod, t), min_snr_gamma, prediction_type)
@@ -64,8 +70,14 @@ def rows_of_process(n: int, rank: int, world: int) -> slice:
     return slice(rank * n, (rank + 1) * n)
 
 
-def process_denoising_targets(scheduler, mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, rank: int = 0,
-                              world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def process_denoising_targets(
+    scheduler,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    idx: torch.Tensor,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`denoising_targets` of fresh latent draws for this process's rows `idx` of a global batch
     over `world` processes. Every process draws the numbers of all world x n rows from the same
     random state and keeps its slice, so N processes draw what one process with the global batch
@@ -76,14 +88,21 @@ def process_denoising_targets(scheduler, mean: torch.Tensor, std: torch.Tensor, 
     return noisy[keep], t[keep], target[keep], None if weight is None else weight[keep]
 
 
-def prediction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def prediction_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
     """Per-sample loss (B,) of a prediction against `denoising_targets`' target."""
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return loss if weight is None else loss * weight
 
 
-def denoising_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor,
-                   offset_noise: float = 0.0, min_snr_gamma: float = 0.0) -> torch.Tensor:
+def denoising_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    offset_noise: float = 0.0,
+    min_snr_gamma: float = 0.0,
+) -> torch.Tensor:
     """Per-sample loss (B,); `predict(x_t, t)` runs the UNet."""
     noisy, t, target, weight = denoising_targets(scheduler, latents, offset_noise, min_snr_gamma)
     return prediction_loss(predict(noisy, t), target, weight)

@@ -28,8 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from ..common_kernels.errors import PeftkitError
 from .data import IMAGE_SUFFIXES, square_pixels
 
-COLUMNS = {"image": "image", "condition": "condition", "conditioning_image": "condition", "text": "text",
-           "prompt": "text", "caption": "text"}
+COLUMNS = {
+    "image": "image",
+    "condition": "condition",
+    "conditioning_image": "condition",
+    "text": "text",
+    "prompt": "text",
+    "caption": "text",
+}
 
 
 @dataclass
@@ -49,19 +55,30 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise PeftkitError(f"{path}:{n}: not valid JSON ({err.msg}): write one JSON object per line, "
-                                   'e.g. {"image": "a.png", "condition": "a_edges.png", "text": "a cat"}') from None
+                raise PeftkitError(
+                    f"{path}:{n}: not valid JSON ({err.msg}): write one JSON object per line, "
+                    'e.g. {"image": "a.png", "condition": "a_edges.png", "text": "a cat"}'
+                ) from None
             if not isinstance(row, dict):
-                raise PeftkitError(f"{path}:{n}: expected a JSON object with keys image/condition/text, got {row!r}")
+                raise PeftkitError(
+                    f"{path}:{n}: expected a JSON object with keys image/condition/text, got {row!r}"
+                )
             rows.append((f"{path}:{n}", row))
     elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             for n, row in enumerate(csv.DictReader(f), start=2):
-                rows.append((f"{path}:{n}", {k.strip().lstrip("\ufeff"): v for k, v in row.items() if k is not None}))
+                rows.append(
+                    (
+                        f"{path}:{n}",
+                        {k.strip().lstrip("\ufeff"): v for k, v in row.items() if k is not None},
+                    )
+                )
     else:
         raise PeftkitError(f"manifest {path} must end in .jsonl or .csv")
     if not rows:
-        raise PeftkitError(f"manifest {path} has no rows: add one line per (image, condition, text) example")
+        raise PeftkitError(
+            f"manifest {path} has no rows: add one line per (image, condition, text) example"
+        )
     return rows
 
 
@@ -70,17 +87,27 @@ def _from_manifest(path: Path, need_condition: bool) -> list[PairExample]:
     for where, row in _manifest_rows(path):
         unknown = sorted(k for k in row if k not in COLUMNS)
         if unknown:
-            raise PeftkitError(f"{where}: unknown column(s) {unknown}: allowed columns are image, condition "
-                               "(or conditioning_image), text (or prompt, caption); rename or remove them")
+            raise PeftkitError(
+                f"{where}: unknown column(s) {unknown}: allowed columns are image, condition "
+                "(or conditioning_image), text (or prompt, caption); rename or remove them"
+            )
         fields = {COLUMNS[k]: v for k, v in row.items() if v not in (None, "")}
         if "image" not in fields:
-            raise PeftkitError(f"{where}: column 'image' is missing or empty: give the image path relative to "
-                               f"{path.parent}")
+            raise PeftkitError(
+                f"{where}: column 'image' is missing or empty: give the image path relative to "
+                f"{path.parent}"
+            )
         if need_condition and "condition" not in fields:
-            raise PeftkitError(f"{where}: column 'condition' is missing or empty: give the condition image path, "
-                               "or pass --condition-from canny|luminance|segment to compute it from the image")
+            raise PeftkitError(
+                f"{where}: column 'condition' is missing or empty: give the condition image path, "
+                "or pass --condition-from canny|luminance|segment to compute it from the image"
+            )
         condition = path.parent / fields["condition"] if "condition" in fields else None
-        examples.append(PairExample(path.parent / fields["image"], condition, str(fields.get("text", "")), where))
+        examples.append(
+            PairExample(
+                path.parent / fields["image"], condition, str(fields.get("text", "")), where
+            )
+        )
     return examples
 
 
@@ -89,18 +116,27 @@ def _from_folder(root: Path, need_condition: bool) -> list[PairExample]:
     if not images_dir.is_dir() and not need_condition:
         images_dir = root  # image/caption pairs may sit flat in the folder
     elif not images_dir.is_dir():
-        raise PeftkitError(f"{root} has no images/ folder and no metadata.jsonl/metadata.csv: put the images in "
-                           f"{images_dir} (and condition images of the same name in {cond_dir}) or write a manifest")
+        raise PeftkitError(
+            f"{root} has no images/ folder and no metadata.jsonl/metadata.csv: put the images in "
+            f"{images_dir} (and condition images of the same name in {cond_dir}) or write a manifest"
+        )
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise PeftkitError(f"no images found in {images_dir}: expected {', '.join(IMAGE_SUFFIXES)} files")
-    conditions = {p.stem: p for p in cond_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} \
-        if cond_dir.is_dir() else {}
+        raise PeftkitError(
+            f"no images found in {images_dir}: expected {', '.join(IMAGE_SUFFIXES)} files"
+        )
+    conditions = (
+        {p.stem: p for p in cond_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        if cond_dir.is_dir()
+        else {}
+    )
     examples = []
     for image in images:
         if need_condition and image.stem not in conditions:
-            raise PeftkitError(f"{image}: no condition image {cond_dir / image.stem}.* found: add it, or pass "
-                               "--condition-from canny|luminance|segment to compute conditions from the images")
+            raise PeftkitError(
+                f"{image}: no condition image {cond_dir / image.stem}.* found: add it, or pass "
+                "--condition-from canny|luminance|segment to compute conditions from the images"
+            )
         caption = image.with_suffix(".txt")
         text = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
         examples.append(PairExample(image, conditions.get(image.stem), text, str(image)))
@@ -111,17 +147,27 @@ def load_pairs(source: str | Path, need_condition: bool = True) -> list[PairExam
     """Examples from a manifest file or a folder (see the module docstring); all paths checked."""
     source = Path(source)
     if not source.exists():
-        raise PeftkitError(f"training data {source} does not exist: give a folder or a .jsonl/.csv manifest")
+        raise PeftkitError(
+            f"training data {source} does not exist: give a folder or a .jsonl/.csv manifest"
+        )
     if source.is_dir():
-        manifests = [source / n for n in ("metadata.jsonl", "metadata.csv") if (source / n).is_file()]
-        examples = _from_manifest(manifests[0], need_condition) if manifests else _from_folder(source, need_condition)
+        manifests = [
+            source / n for n in ("metadata.jsonl", "metadata.csv") if (source / n).is_file()
+        ]
+        examples = (
+            _from_manifest(manifests[0], need_condition)
+            if manifests
+            else _from_folder(source, need_condition)
+        )
     else:
         examples = _from_manifest(source, need_condition)
     for ex in examples:
         for column, path in (("image", ex.image), ("condition", ex.condition)):
             if path is not None and not path.is_file():
-                raise PeftkitError(f"{ex.where}: {column} file {path} does not exist: fix the path (relative paths "
-                                   "start at the manifest's folder)")
+                raise PeftkitError(
+                    f"{ex.where}: {column} file {path} does not exist: fix the path (relative paths "
+                    "start at the manifest's folder)"
+                )
     return examples
 
 
@@ -130,12 +176,17 @@ def open_image(path: Path, where: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise PeftkitError(f"{where}: cannot read image {path} ({err}): replace or remove the file") from None
+        raise PeftkitError(
+            f"{where}: cannot read image {path} ({err}): replace or remove the file"
+        ) from None
 
 
-def load_pixels(examples: list[PairExample], resolution: int,
-                extractor: Callable[[Image.Image], Image.Image] | None = None,
-                with_conditions: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_pixels(
+    examples: list[PairExample],
+    resolution: int,
+    extractor: Callable[[Image.Image], Image.Image] | None = None,
+    with_conditions: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images as (N, 3, R, R) in [0, 1] and, with `with_conditions`, their condition images likewise,
     cropped identically. A condition must have its image's size, or the crop would misalign them."""
     images, conditions = [], []
@@ -149,17 +200,22 @@ def load_pixels(examples: list[PairExample], resolution: int,
             if condition.size != image.size:
                 raise PeftkitError(
                     f"{ex.where}: condition {ex.condition} is {condition.size[0]}x{condition.size[1]} but image "
-                    f"{ex.image} is {image.size[0]}x{image.size[1]}: make the condition the same size as its image")
+                    f"{ex.image} is {image.size[0]}x{image.size[1]}: make the condition the same size as its image"
+                )
         elif extractor is not None:
             condition = extractor(image)
         else:
-            raise PeftkitError(f"{ex.where}: no condition image: give one, or choose a condition extractor")
+            raise PeftkitError(
+                f"{ex.where}: no condition image: give one, or choose a condition extractor"
+            )
         conditions.append(square_pixels(condition, resolution))
     return torch.stack(images), (torch.stack(conditions) if with_conditions else None)
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(
+    vae, pixels: torch.Tensor, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled mean and std of the VAE posterior for pixels in [0, 1]; a fresh latent sample is drawn
     from them every step (cheaper than re-encoding, and unlike caching one sample it keeps the noise)."""
     means, stds = [], []

@@ -29,10 +29,20 @@ from .data import ConceptDataset
 from .objective import denoising_loss, sample_latents
 
 TEMPLATES = {
-    "object": ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a bright photo of the {}",
-               "a cropped photo of a {}", "a good photo of a {}"],
-    "style": ["a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
-              "an artwork in the style of {}"],
+    "object": [
+        "a photo of a {}",
+        "a rendering of a {}",
+        "a close-up photo of a {}",
+        "a bright photo of the {}",
+        "a cropped photo of a {}",
+        "a good photo of a {}",
+    ],
+    "style": [
+        "a painting in the style of {}",
+        "a rendering in the style of {}",
+        "a picture in the style of {}",
+        "an artwork in the style of {}",
+    ],
 }
 SINGLE_FILE = "learned_embeds.safetensors"
 
@@ -52,13 +62,19 @@ class TIConfig:
         if isinstance(self.tokens, str):
             self.tokens = [self.tokens]
         if not self.tokens or any(not t.strip() or " " in t for t in self.tokens):
-            raise PeftkitError(f"TIConfig.tokens must be non-empty words without spaces, got {self.tokens!r}")
+            raise PeftkitError(
+                f"TIConfig.tokens must be non-empty words without spaces, got {self.tokens!r}"
+            )
         if self.num_vectors < 1:
             raise PeftkitError(f"TIConfig.num_vectors must be >= 1, got {self.num_vectors}")
         if self.templates not in TEMPLATES:
-            raise PeftkitError(f"TIConfig.templates must be one of {sorted(TEMPLATES)}, got {self.templates!r}")
+            raise PeftkitError(
+                f"TIConfig.templates must be one of {sorted(TEMPLATES)}, got {self.templates!r}"
+            )
         if self.resolution < 8 or self.resolution % 8:
-            raise PeftkitError(f"TIConfig.resolution must be a positive multiple of 8, got {self.resolution}")
+            raise PeftkitError(
+                f"TIConfig.resolution must be a positive multiple of 8, got {self.resolution}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -97,11 +113,15 @@ def add_tokens(tokenizer, text_encoder: nn.Module, config: TIConfig) -> NewToken
     names = [n for t in config.tokens for n in config.names(t)]
     taken = [n for n in names if n in vocab]
     if taken:
-        raise PeftkitError(f"token(s) {taken} are already in the tokenizer's vocabulary: pick rare new names "
-                           "such as '<my-concept>'")
+        raise PeftkitError(
+            f"token(s) {taken} are already in the tokenizer's vocabulary: pick rare new names "
+            "such as '<my-concept>'"
+        )
     init_ids = tokenizer(config.init_word, add_special_tokens=False).input_ids
     if not init_ids:
-        raise PeftkitError(f"init word {config.init_word!r} has no tokens: give a word describing the concept")
+        raise PeftkitError(
+            f"init word {config.init_word!r} has no tokens: give a word describing the concept"
+        )
     table = text_encoder.get_input_embeddings()
     init = table.weight[torch.tensor(init_ids)].detach().float().mean(0)
     tokenizer.add_tokens(names)
@@ -127,15 +147,19 @@ class TITask:
 
     def __init__(self, base: DiffusionBase, images: ConceptDataset, config: TIConfig) -> None:
         if base.kind != "sd":
-            raise PeftkitError("Textual Inversion supports SD 1.x/2.x pipelines; for SDXL train a concept LoRA "
-                               "with train-concept")
+            raise PeftkitError(
+                "Textual Inversion supports SD 1.x/2.x pipelines; for SDXL train a concept LoRA "
+                "with train-concept"
+            )
         self.base, self.images, self.config = base, images, config
         self.scheduler = base.noise_scheduler()
         for module in (base.unet, base.vae, base.pipe.text_encoder):
             module.requires_grad_(False)
         self.embedding = add_tokens(base.pipe.tokenizer, base.pipe.text_encoder, config)
-        prompts = [tpl.format(" ".join(config.placeholder(t) for t in config.tokens))
-                   for tpl in TEMPLATES[config.templates]]
+        prompts = [
+            tpl.format(" ".join(config.placeholder(t) for t in config.tokens))
+            for tpl in TEMPLATES[config.templates]
+        ]
         self.template_ids = base.tokenize(prompts)[0]
         self.model = TIModel(base)
 
@@ -172,7 +196,7 @@ class TITask:
 def embeddings(task: TITask) -> dict[str, torch.Tensor]:
     """token -> (num_vectors, dim) learned vectors."""
     rows, k = task.embedding.rows.detach().cpu(), task.config.num_vectors
-    return {token: rows[i * k:(i + 1) * k].clone() for i, token in enumerate(task.config.tokens)}
+    return {token: rows[i * k : (i + 1) * k].clone() for i, token in enumerate(task.config.tokens)}
 
 
 def save_embeddings(task: TITask, output_dir: str | Path) -> list[Path]:
@@ -183,6 +207,8 @@ def save_embeddings(task: TITask, output_dir: str | Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     learned = embeddings(task)
-    written = save_textual_inversion(output_dir / SINGLE_FILE if len(learned) == 1 else output_dir, learned)
+    written = save_textual_inversion(
+        output_dir / SINGLE_FILE if len(learned) == 1 else output_dir, learned
+    )
     atomic_write(output_dir / "ti.json", lambda tmp: Path(tmp).write_text(task.config.to_json()))
     return written

@@ -20,7 +20,9 @@ def test_help_lists_every_command_and_unknown_command_fails(capsys):
 
 def test_help_does_not_import_heavy_libraries():
     code = "import sys; from peftkit.apps.cli import main; main(['--help']); print(sorted(m for m in ('torch', 'diffusers', 'timm', 'gradio') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip().endswith("[]")
 
 

@@ -14,11 +14,23 @@ LoRA / OFT / LoKr on qkv, proj, fc1, fc2; methods.py composes them through one c
 from .adaptformer import AdaptFormerConfig
 from .backbones import create_backbone, vit_layout
 from .data import Preprocess, load_task
-from .methods import ViTMethodConfig, VisionAdapter, load_vision_adapter
+from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter
 from .ssf import SSFConfig
 from .train import ViTTrainConfig, evaluate_vit, train_vit
 from .vpt import VPTConfig
 
-__all__ = ["AdaptFormerConfig", "Preprocess", "SSFConfig", "VPTConfig", "ViTMethodConfig", "ViTTrainConfig",
-           "VisionAdapter", "create_backbone", "evaluate_vit", "load_task", "load_vision_adapter", "train_vit",
-           "vit_layout"]
+__all__ = [
+    "AdaptFormerConfig",
+    "Preprocess",
+    "SSFConfig",
+    "VPTConfig",
+    "ViTMethodConfig",
+    "ViTTrainConfig",
+    "VisionAdapter",
+    "create_backbone",
+    "evaluate_vit",
+    "load_task",
+    "load_vision_adapter",
+    "train_vit",
+    "vit_layout",
+]

@@ -43,8 +43,14 @@ class AdaptFormerConfig:
         return asdict(self)
 
 
-def adaptformer_branch(x: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor,
-                       up_b: torch.Tensor, scale: float) -> torch.Tensor:
+def adaptformer_branch(
+    x: torch.Tensor,
+    down_w: torch.Tensor,
+    down_b: torch.Tensor,
+    up_w: torch.Tensor,
+    up_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """s * (W_up ReLU(W_down x + b_down) + b_up): the term added to the MLP output."""
     return scale * F.linear(F.relu(F.linear(x, down_w, down_b)), up_w, up_b)
 
@@ -76,11 +82,14 @@ class AdaptFormer(HookedMethod):
 
     def __init__(self, model: nn.Module, layout: ViTLayout, config: AdaptFormerConfig) -> None:
         self.config = config
-        adapters = self._attach(model, nn.ModuleList(BottleneckAdapter(layout.embed_dim, config)
-                                                     for _ in layout.blocks))
+        adapters = self._attach(
+            model, nn.ModuleList(BottleneckAdapter(layout.embed_dim, config) for _ in layout.blocks)
+        )
 
         def hook(adapter):
             return lambda mod, args, out: out + adapter(args[0]).to(out.dtype)
 
-        self.hooks = [model.get_submodule(name).register_forward_hook(hook(a))
-                      for name, a in zip(layout.site_names("mlp"), adapters)]
+        self.hooks = [
+            model.get_submodule(name).register_forward_hook(hook(a))
+            for name, a in zip(layout.site_names("mlp"), adapters)
+        ]

@@ -28,9 +28,22 @@ from peftkit.common_kernels.errors import PeftkitError
 # The starter ViT pretrained by assets/recipes/train_starter_vit.py: config.json + model.safetensors.
 STARTER_VIT = Path(__file__).resolve().parent.parent / "assets" / "starter-vit"
 BLOCK_SITES = ("qkv", "proj", "fc1", "fc2", "norm1", "norm2", "mlp")
-_TIMM_SITES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-               "norm1": "norm1", "norm2": "norm2", "mlp": "mlp"}
-_CLIP_SITES = {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj", "norm1": "ln_1", "norm2": "ln_2", "mlp": "mlp"}
+_TIMM_SITES = {
+    "qkv": "attn.qkv",
+    "proj": "attn.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "mlp": "mlp",
+}
+_CLIP_SITES = {
+    "fc1": "mlp.c_fc",
+    "fc2": "mlp.c_proj",
+    "norm1": "ln_1",
+    "norm2": "ln_2",
+    "mlp": "mlp",
+}
 # open_clip's OPENAI_DATASET_MEAN/STD, the normalization its visual towers were trained with.
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,14 +52,14 @@ _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 class ViTLayout:
     """Where things are in a ViT classifier; dotted names are relative to the classifier."""
 
-    family: str                     # "timm" | "open_clip"
+    family: str  # "timm" | "open_clip"
     embed_dim: int
     patch_size: tuple[int, int]
-    num_prefix_tokens: int          # [CLS] (+ register/distillation tokens) before the patches
+    num_prefix_tokens: int  # [CLS] (+ register/distillation tokens) before the patches
     blocks: list[str]
-    entry: str                      # module whose output is the token sequence entering block 0
-    exit: str                       # module at the end of the token stack (see `exit_is_pre`)
-    exit_is_pre: bool               # True: tokens are the *input* of `exit`; False: its output
+    entry: str  # module whose output is the token sequence entering block 0
+    exit: str  # module at the end of the token stack (see `exit_is_pre`)
+    exit_is_pre: bool  # True: tokens are the *input* of `exit`; False: its output
     head: str
     block_sites: dict[str, str] = field(default_factory=dict)
     model_sites: dict[str, str] = field(default_factory=dict)  # "patch", "norm", "pre_norm"
@@ -57,9 +70,14 @@ class ViTLayout:
             return [self.model_sites[site]]
         if site not in self.block_sites:
             allowed = sorted(set(self.block_sites) | set(self.model_sites))
-            why = (" (open_clip's nn.MultiheadAttention calls its weights directly, so qkv/proj cannot be hooked)"
-                   if self.family == "open_clip" and site in ("qkv", "proj") else "")
-            raise PeftkitError(f"site {site!r} does not exist on this {self.family} ViT{why}: use any of {allowed}")
+            why = (
+                " (open_clip's nn.MultiheadAttention calls its weights directly, so qkv/proj cannot be hooked)"
+                if self.family == "open_clip" and site in ("qkv", "proj")
+                else ""
+            )
+            raise PeftkitError(
+                f"site {site!r} does not exist on this {self.family} ViT{why}: use any of {allowed}"
+            )
         return [f"{b}.{self.block_sites[site]}" for b in self.blocks]
 
 
@@ -69,26 +87,53 @@ def vit_layout(model: nn.Module) -> ViTLayout:
 
     if isinstance(model, tvit.VisionTransformer):
         if model.attn_pool is not None:
-            raise PeftkitError("timm ViTs with attention pooling (global_pool='map') are not supported: "
-                               "create the model with global_pool='token' or 'avg'")
+            raise PeftkitError(
+                "timm ViTs with attention pooling (global_pool='map') are not supported: "
+                "create the model with global_pool='token' or 'avg'"
+            )
         patch = tuple(model.patch_embed.patch_size)
-        model_sites = {"patch": "patch_embed.proj",
-                       "norm": "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm"}
+        model_sites = {
+            "patch": "patch_embed.proj",
+            "norm": "norm" if not isinstance(model.norm, nn.Identity) else "fc_norm",
+        }
         if not isinstance(model.norm_pre, nn.Identity):
             model_sites["pre_norm"] = "norm_pre"
-        return ViTLayout("timm", model.embed_dim, patch, model.num_prefix_tokens,
-                         [f"blocks.{i}" for i in range(len(model.blocks))], "norm_pre", "norm", True, "head",
-                         dict(_TIMM_SITES), model_sites)
+        return ViTLayout(
+            "timm",
+            model.embed_dim,
+            patch,
+            model.num_prefix_tokens,
+            [f"blocks.{i}" for i in range(len(model.blocks))],
+            "norm_pre",
+            "norm",
+            True,
+            "head",
+            dict(_TIMM_SITES),
+            model_sites,
+        )
     if isinstance(model, CLIPVisionClassifier):
         v = model.visual
         blocks = [f"visual.transformer.resblocks.{i}" for i in range(len(v.transformer.resblocks))]
         model_sites = {"patch": "visual.conv1", "norm": "visual.ln_post"}
         if not isinstance(v.ln_pre, nn.Identity):
             model_sites["pre_norm"] = "visual.ln_pre"
-        return ViTLayout("open_clip", v.conv1.out_channels, tuple(v.patch_size), 1, blocks, "visual.ln_pre",
-                         "visual.transformer", False, "head", dict(_CLIP_SITES), model_sites)
-    raise PeftkitError(f"{type(model).__name__} is not a supported ViT: use a timm VisionTransformer "
-                       "(vit_*, deit_*) or an open_clip visual tower wrapped by create_backbone(open_clip=...)")
+        return ViTLayout(
+            "open_clip",
+            v.conv1.out_channels,
+            tuple(v.patch_size),
+            1,
+            blocks,
+            "visual.ln_pre",
+            "visual.transformer",
+            False,
+            "head",
+            dict(_CLIP_SITES),
+            model_sites,
+        )
+    raise PeftkitError(
+        f"{type(model).__name__} is not a supported ViT: use a timm VisionTransformer "
+        "(vit_*, deit_*) or an open_clip visual tower wrapped by create_backbone(open_clip=...)"
+    )
 
 
 class CLIPVisionClassifier(nn.Module):
@@ -97,7 +142,11 @@ class CLIPVisionClassifier(nn.Module):
     def __init__(self, visual: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.visual = visual
-        width = visual.output_dim if getattr(visual, "proj", None) is not None else visual.conv1.out_channels
+        width = (
+            visual.output_dim
+            if getattr(visual, "proj", None) is not None
+            else visual.conv1.out_channels
+        )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,22 +156,34 @@ class CLIPVisionClassifier(nn.Module):
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the backbone's weights expect."""
     if isinstance(model, CLIPVisionClassifier):
-        return tuple(getattr(model.visual, "image_mean", None) or _CLIP_MEAN), \
-            tuple(getattr(model.visual, "image_std", None) or _CLIP_STD)
+        return tuple(getattr(model.visual, "image_mean", None) or _CLIP_MEAN), tuple(
+            getattr(model.visual, "image_std", None) or _CLIP_STD
+        )
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(
+        cfg.get("std", (0.229, 0.224, 0.225))
+    )
 
 
 def backbone_parameters(model: nn.Module) -> int:
     """Parameters of the plain ViT without its classification head (the '% of backbone' base)."""
     head = vit_layout(model).head
-    return sum(p.numel() for n, p in model.named_parameters()
-               if not n.startswith(head + ".") and not n.startswith("peftkit_"))
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not n.startswith(head + ".") and not n.startswith("peftkit_")
+    )
 
 
-def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained: bool = False,
-                    checkpoint: str | None = None, open_clip: str | None = None,
-                    open_clip_config: dict | None = None, **timm_kwargs) -> nn.Module:
+def create_backbone(
+    name: str | None = None,
+    num_classes: int = 1000,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    open_clip: str | None = None,
+    open_clip_config: dict | None = None,
+    **timm_kwargs,
+) -> nn.Module:
     """A ViT classifier with a fresh `num_classes` head.
 
     timm: `name` with `pretrained=True` (downloads from the hub), `checkpoint=<file.safetensors>`
@@ -137,7 +198,9 @@ def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained
     if open_clip or open_clip_config:
         return _open_clip(open_clip, open_clip_config, num_classes, pretrained, checkpoint)
     if not name:
-        raise PeftkitError("no backbone given: pass a timm model name (e.g. vit_base_patch16_224) or open_clip=...")
+        raise PeftkitError(
+            "no backbone given: pass a timm model name (e.g. vit_base_patch16_224) or open_clip=..."
+        )
     if name == "starter" or name.startswith("starter:"):
         folder = Path(name.partition(":")[2]) if ":" in name else STARTER_VIT
         return _starter(folder, num_classes, pretrained, checkpoint, timm_kwargs)
@@ -163,23 +226,41 @@ def create_backbone(name: str | None = None, num_classes: int = 1000, pretrained
         ) from None
 
 
-def _starter(folder: Path, num_classes: int, pretrained: bool, checkpoint: str | None, overrides: dict) -> nn.Module:
+def _starter(
+    folder: Path, num_classes: int, pretrained: bool, checkpoint: str | None, overrides: dict
+) -> nn.Module:
     import timm
 
     config_file = folder / "config.json"
     if not config_file.is_file() or not (folder / "model.safetensors").is_file():
-        raise PeftkitError(f"no starter ViT in {folder} (it needs config.json and model.safetensors): "
-                           "recreate it on a GPU with `python -m peftkit.assets.recipes.train_starter_vit`, or pass a "
-                           "timm model name such as vit_tiny_patch16_224")
+        raise PeftkitError(
+            f"no starter ViT in {folder} (it needs config.json and model.safetensors): "
+            "recreate it on a GPU with `python -m peftkit.assets.recipes.train_starter_vit`, or pass a "
+            "timm model name such as vit_tiny_patch16_224"
+        )
     config = json.loads(config_file.read_text())
-    changed = sorted(k for k, v in overrides.items() if k in config["model_kwargs"] and config["model_kwargs"][k] != v)
+    changed = sorted(
+        k
+        for k, v in overrides.items()
+        if k in config["model_kwargs"] and config["model_kwargs"][k] != v
+    )
     if changed:
-        raise PeftkitError(f"the starter ViT's {changed} are fixed by its weights ({config['model_kwargs']}): drop "
-                           "them from the model kwargs")
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=num_classes,
-                              **{**config["model_kwargs"], **overrides})
+        raise PeftkitError(
+            f"the starter ViT's {changed} are fixed by its weights ({config['model_kwargs']}): drop "
+            "them from the model kwargs"
+        )
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=False,
+        num_classes=num_classes,
+        **{**config["model_kwargs"], **overrides},
+    )
     # normalization() reads the mean/std the weights were trained with from here
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(config["mean"]), "std": tuple(config["std"])}
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+    }
     if checkpoint or pretrained:
         _load_local(model, checkpoint or str(folder / "model.safetensors"), head="head")
     return model
@@ -192,7 +273,9 @@ def _open_clip(name, config, num_classes, pretrained, checkpoint) -> nn.Module:
     if config:
         return CLIPVisionClassifier(VisionTransformer(**config), num_classes)
     if name not in oc.list_models():
-        raise PeftkitError(f"open_clip has no model {name!r}: known names include {oc.list_models()[:8]}")
+        raise PeftkitError(
+            f"open_clip has no model {name!r}: known names include {oc.list_models()[:8]}"
+        )
     tag = None
     if pretrained and not checkpoint:
         tags = oc.list_pretrained_tags_by_model(name)
@@ -206,7 +289,9 @@ def _open_clip(name, config, num_classes, pretrained, checkpoint) -> nn.Module:
             "path/to/open_clip_model.safetensors, or drop --pretrained to start from random weights"
         ) from None
     if not isinstance(clip.visual, VisionTransformer):
-        raise PeftkitError(f"open_clip model {name!r} has a {type(clip.visual).__name__} image tower, not a ViT")
+        raise PeftkitError(
+            f"open_clip model {name!r} has a {type(clip.visual).__name__} image tower, not a ViT"
+        )
     return CLIPVisionClassifier(clip.visual, num_classes)
 
 
@@ -214,14 +299,22 @@ def _load_local(model: nn.Module, path: str, head: str) -> None:
     from peftkit.common_kernels.adapter_file import read_tensors
 
     if Path(path).suffix != ".safetensors":
-        raise PeftkitError(f"checkpoint {path!r} must be a .safetensors file (pickled .bin/.pth files are not "
-                           "loaded for safety): convert it with safetensors.torch.save_file")
+        raise PeftkitError(
+            f"checkpoint {path!r} must be a .safetensors file (pickled .bin/.pth files are not "
+            "loaded for safety): convert it with safetensors.torch.save_file"
+        )
     state, _ = read_tensors(path)
     own = model.state_dict()
     # A checkpoint trained for another label set: keep the backbone, start a fresh head.
-    state = {k: v for k, v in state.items() if not (k.startswith(head + ".") and own.get(k, v).shape != v.shape)}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not (k.startswith(head + ".") and own.get(k, v).shape != v.shape)
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(head + ".")]
     if missing or unexpected:
-        raise PeftkitError(f"checkpoint {path!r} does not fit this model: missing {missing[:4]}, unexpected "
-                           f"{unexpected[:4]}; check that the model name matches the checkpoint")
+        raise PeftkitError(
+            f"checkpoint {path!r} does not fit this model: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}; check that the model name matches the checkpoint"
+        )

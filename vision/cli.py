@@ -1,8 +1,8 @@
 """`peftkit vit-train` and `peftkit vit-eval`: thin argparse layers over train_vit / evaluate_vit.
 
-    peftkit vit-train --data vtab:vtab-1k/dtd --model vit_base_patch16_224 --method vpt-deep --output runs/dtd
-    peftkit vit-train --sweep --method lora,ssf,vpt-deep --data builtin:counting,builtin:location --output runs/sweep
-    peftkit vit-eval --adapter runs/dtd/adapter.safetensors --data vtab:vtab-1k/dtd
+peftkit vit-train --data vtab:vtab-1k/dtd --model vit_base_patch16_224 --method vpt-deep --output runs/dtd
+peftkit vit-train --sweep --method lora,ssf,vpt-deep --data builtin:counting,builtin:location --output runs/sweep
+peftkit vit-eval --adapter runs/dtd/adapter.safetensors --data vtab:vtab-1k/dtd
 """
 
 from __future__ import annotations
@@ -14,20 +14,50 @@ from peftkit.common_kernels.errors import PeftkitError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftkit vit-train", description="fine-tune a ViT with an adapter "
-                                "(VTAB-1k protocol: train800val200 -> test top-1)")
-    p.add_argument("--data", required=True, help="vtab:<task dir>, folder:<root> or builtin:<counting|location|"
-                   "orientation|shape|color>; comma-separated with --sweep")
-    p.add_argument("--method", default="lora", help="linear, bitfit, full, vpt-shallow, vpt-deep, adaptformer, ssf, "
-                   "lora, oft, kron, combined with '+' (vpt-deep+lora); comma-separated with --sweep")
-    p.add_argument("--sweep", action="store_true", help="train every method on every task; write results.md/csv")
-    p.add_argument("--output", help="run folder: adapter, results.json, checkpoints (a rerun resumes)")
+    p = argparse.ArgumentParser(
+        prog="peftkit vit-train",
+        description="fine-tune a ViT with an adapter "
+        "(VTAB-1k protocol: train800val200 -> test top-1)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="vtab:<task dir>, folder:<root> or builtin:<counting|location|"
+        "orientation|shape|color>; comma-separated with --sweep",
+    )
+    p.add_argument(
+        "--method",
+        default="lora",
+        help="linear, bitfit, full, vpt-shallow, vpt-deep, adaptformer, ssf, "
+        "lora, oft, kron, combined with '+' (vpt-deep+lora); comma-separated with --sweep",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="train every method on every task; write results.md/csv",
+    )
+    p.add_argument(
+        "--output", help="run folder: adapter, results.json, checkpoints (a rerun resumes)"
+    )
     g = p.add_argument_group("backbone")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
-    g.add_argument("--open-clip", help="open_clip model name: use its visual tower instead of a timm ViT")
-    g.add_argument("--checkpoint", help="local .safetensors weights instead of downloading from the hub")
-    g.add_argument("--random-init", action="store_true", help="no pretrained weights (tests, from-scratch runs)")
-    g.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON of extra timm create_model arguments")
+    g.add_argument(
+        "--open-clip", help="open_clip model name: use its visual tower instead of a timm ViT"
+    )
+    g.add_argument(
+        "--checkpoint", help="local .safetensors weights instead of downloading from the hub"
+    )
+    g.add_argument(
+        "--random-init",
+        action="store_true",
+        help="no pretrained weights (tests, from-scratch runs)",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON of extra timm create_model arguments",
+    )
     g.add_argument("--img-size", type=int, help="input size (default: the model's)")
     m = p.add_argument_group("method options")
     m.add_argument("--vpt-length", type=int)
@@ -39,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, help="LoRA / LoKr alpha")
     m.add_argument("--block-size", type=int, help="OFT block size")
     m.add_argument("--factor", type=int, help="LoKr factor")
-    m.add_argument("--core-sites", type=lambda s: s.split(","), help="layers for LoRA/OFT/LoKr: qkv,proj,fc1,fc2")
+    m.add_argument(
+        "--core-sites",
+        type=lambda s: s.split(","),
+        help="layers for LoRA/OFT/LoKr: qkv,proj,fc1,fc2",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--protocol", choices=["tune", "final"], default="final")
     t.add_argument("--epochs", type=int, default=100)
@@ -54,8 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every-epochs", type=int, default=1)
     t.add_argument("--checkpoint-every-epochs", type=int, default=10)
     t.add_argument("--num-classes", type=int, help="default: max label of the training split + 1")
-    t.add_argument("--builtin-sizes", type=lambda s: tuple(int(v) for v in s.split(",")),
-                   help="train,eval sizes of built-in tasks (default VTAB-1k: 1000,1000 for final)")
+    t.add_argument(
+        "--builtin-sizes",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        help="train,eval sizes of built-in tasks (default VTAB-1k: 1000,1000 for final)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cpu", action="store_true")
     t.add_argument("--no-progress", action="store_true")
@@ -65,24 +102,58 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, data: str, method: str):
     from .train import ViTTrainConfig
 
-    options = {k: getattr(args, k) for k in ("vpt_length", "vpt_dropout", "bottleneck", "adapter_scale", "ssf_sites",
-                                             "r", "alpha", "block_size", "factor", "core_sites")}
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "vpt_length",
+            "vpt_dropout",
+            "bottleneck",
+            "adapter_scale",
+            "ssf_sites",
+            "r",
+            "alpha",
+            "block_size",
+            "factor",
+            "core_sites",
+        )
+    }
     return ViTTrainConfig(
-        data=data, model=args.model, pretrained=not args.random_init, checkpoint=args.checkpoint,
-        open_clip=args.open_clip, model_kwargs=args.model_kwargs, method=method,
-        method_options={k: v for k, v in options.items() if v is not None}, protocol=args.protocol,
-        img_size=args.img_size, num_classes=args.num_classes, builtin_sizes=args.builtin_sizes, epochs=args.epochs,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
-        label_smoothing=args.label_smoothing, eval_every_epochs=args.eval_every_epochs,
-        checkpoint_every_epochs=args.checkpoint_every_epochs, seed=args.seed, output_dir=args.output,
-        progress=not args.no_progress, cpu=args.cpu)
+        data=data,
+        model=args.model,
+        pretrained=not args.random_init,
+        checkpoint=args.checkpoint,
+        open_clip=args.open_clip,
+        model_kwargs=args.model_kwargs,
+        method=method,
+        method_options={k: v for k, v in options.items() if v is not None},
+        protocol=args.protocol,
+        img_size=args.img_size,
+        num_classes=args.num_classes,
+        builtin_sizes=args.builtin_sizes,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        grad_accum=args.grad_accum,
+        mixed_precision=args.mixed_precision,
+        label_smoothing=args.label_smoothing,
+        eval_every_epochs=args.eval_every_epochs,
+        checkpoint_every_epochs=args.checkpoint_every_epochs,
+        seed=args.seed,
+        output_dir=args.output,
+        progress=not args.no_progress,
+        cpu=args.cpu,
+    )
 
 
 def _summary(results: dict) -> str:
-    return (f"{results['method']} on {results['task']} ({'/'.join(results['splits'])}): top-1 {results['top1']:.2f}% | "
-            f"{results['trainable']:,} trainable params ({results['trainable_pct_of_backbone']:.3f}% of backbone) | "
-            f"{results['images_per_s']:.1f} img/s | peak {results['peak_memory_gib']:.2f} GiB")
+    return (
+        f"{results['method']} on {results['task']} ({'/'.join(results['splits'])}): top-1 {results['top1']:.2f}% | "
+        f"{results['trainable']:,} trainable params ({results['trainable_pct_of_backbone']:.3f}% of backbone) | "
+        f"{results['images_per_s']:.1f} img/s | peak {results['peak_memory_gib']:.2f} GiB"
+    )
 
 
 def vit_train(argv: list[str]) -> int:
@@ -93,7 +164,9 @@ def vit_train(argv: list[str]) -> int:
         from .sweep import run_sweep, write_table
 
         if not args.output:
-            raise PeftkitError("--sweep needs --output: every run and the results table are written there")
+            raise PeftkitError(
+                "--sweep needs --output: every run and the results table are written there"
+            )
         rows = run_sweep(_config(args, datas[0], methods[0]), methods, datas, args.output)
         for r in rows:
             print(_summary(r))
@@ -110,13 +183,24 @@ def vit_train(argv: list[str]) -> int:
 
 
 def vit_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="peftkit vit-eval", description="top-1 of a saved ViT adapter on a split")
+    p = argparse.ArgumentParser(
+        prog="peftkit vit-eval", description="top-1 of a saved ViT adapter on a split"
+    )
     p.add_argument("--adapter", required=True, help="adapter.safetensors written by vit-train")
     p.add_argument("--data", required=True, help="vtab:<task dir>, folder:<root> or builtin:<name>")
     p.add_argument("--split", default="test", choices=["test", "val200"])
-    p.add_argument("--checkpoint", help="local .safetensors backbone weights (default: the source recorded at training)")
-    p.add_argument("--pretrained", action="store_true", help="take the backbone weights from the hub")
-    p.add_argument("--random-init", action="store_true", help="rebuild the run's random-init backbone (seed from the adapter)")
+    p.add_argument(
+        "--checkpoint",
+        help="local .safetensors backbone weights (default: the source recorded at training)",
+    )
+    p.add_argument(
+        "--pretrained", action="store_true", help="take the backbone weights from the hub"
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="rebuild the run's random-init backbone (seed from the adapter)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--builtin-sizes", type=lambda s: tuple(int(v) for v in s.split(",")))
     p.add_argument("--json", help="also write the metrics to this JSON file")
@@ -124,10 +208,19 @@ def vit_eval(argv: list[str]) -> int:
     from .train import evaluate_vit
 
     pretrained = True if args.pretrained else False if args.random_init else None
-    metrics = evaluate_vit(args.adapter, args.data, args.split, pretrained=pretrained,
-                           checkpoint=args.checkpoint, batch_size=args.batch_size, builtin_sizes=args.builtin_sizes)
-    print(f"{metrics['method']} on {args.data} [{args.split}]: top-1 {metrics['top1']:.2f}% "
-          f"({metrics['eval_examples']} images)")
+    metrics = evaluate_vit(
+        args.adapter,
+        args.data,
+        args.split,
+        pretrained=pretrained,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        builtin_sizes=args.builtin_sizes,
+    )
+    print(
+        f"{metrics['method']} on {args.data} [{args.split}]: top-1 {metrics['top1']:.2f}% "
+        f"({metrics['eval_examples']} images)"
+    )
     if args.json:
         from pathlib import Path
 

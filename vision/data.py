@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 class Example:
     path: Path
     label: int
-    source: str          # "list.txt:12" (the line that named it) or the path itself
+    source: str  # "list.txt:12" (the line that named it) or the path itself
 
 
 class Preprocess:
@@ -54,7 +54,9 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[Example], transform: Preprocess, name: str) -> None:
         if not examples:
-            raise PeftkitError(f"split {name!r} is empty: it lists no images; check the file or folder")
+            raise PeftkitError(
+                f"split {name!r} is empty: it lists no images; check the file or folder"
+            )
         self.examples, self.transform, self.name = examples, transform, name
 
     def __len__(self) -> int:
@@ -66,8 +68,10 @@ class ImageListDataset(torch.utils.data.Dataset):
             with Image.open(ex.path) as im:
                 image = im.convert("RGB")
         except (OSError, ValueError) as err:
-            raise PeftkitError(f"cannot read image {str(ex.path)!r} (listed at {ex.source}): {err}; "
-                               "replace the file or remove its line") from None
+            raise PeftkitError(
+                f"cannot read image {str(ex.path)!r} (listed at {ex.source}): {err}; "
+                "replace the file or remove its line"
+            ) from None
         return self.transform(image), ex.label
 
     @property
@@ -78,8 +82,10 @@ class ImageListDataset(torch.utils.data.Dataset):
 def read_list(list_file: Path, root: Path) -> list[Example]:
     """Parse `path label` lines; every problem names the file and line."""
     if not list_file.is_file():
-        raise PeftkitError(f"split file {str(list_file)!r} does not exist: a VTAB-1k task folder holds "
-                           f"{', '.join(s + '.txt' for s in SPLITS)}")
+        raise PeftkitError(
+            f"split file {str(list_file)!r} does not exist: a VTAB-1k task folder holds "
+            f"{', '.join(s + '.txt' for s in SPLITS)}"
+        )
     examples = []
     for number, line in enumerate(list_file.read_text().splitlines(), start=1):
         if not line.strip():
@@ -96,14 +102,18 @@ def read_list(list_file: Path, root: Path) -> list[Example]:
             raise PeftkitError(f"{where}: label {label} is negative; labels are 0..num_classes-1")
         path = root / parts[0].strip()
         if not path.is_file():
-            raise PeftkitError(f"{where}: image {str(path)!r} does not exist; fix the path or remove the line")
+            raise PeftkitError(
+                f"{where}: image {str(path)!r} does not exist; fix the path or remove the line"
+            )
         examples.append(Example(path, label, where))
     if not examples:
         raise PeftkitError(f"split file {str(list_file)!r} is empty: it lists no images")
     return examples
 
 
-def read_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Example], list[str]]:
+def read_image_folder(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[Example], list[str]]:
     """`root/<class>/<image>` examples; class indices follow sorted folder names (or `classes`)."""
     if not root.is_dir():
         raise PeftkitError(f"image folder {str(root)!r} does not exist")
@@ -111,19 +121,30 @@ def read_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
     classes = classes or found
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise PeftkitError(f"{str(root)!r} has class folders {extra} that the training split does not have")
-    examples = [Example(p, k, str(p)) for k, c in enumerate(classes) if (root / c).is_dir()
-                for p in sorted((root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        raise PeftkitError(
+            f"{str(root)!r} has class folders {extra} that the training split does not have"
+        )
+    examples = [
+        Example(p, k, str(p))
+        for k, c in enumerate(classes)
+        if (root / c).is_dir()
+        for p in sorted((root / c).iterdir())
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     if not examples:
-        raise PeftkitError(f"no images found in {str(root)!r}: expected <class>/<image> with one of {IMAGE_EXTENSIONS}")
+        raise PeftkitError(
+            f"no images found in {str(root)!r}: expected <class>/<image> with one of {IMAGE_EXTENSIONS}"
+        )
     return examples, classes
 
 
 def check_labels(examples: list[Example], num_classes: int) -> None:
     for ex in examples:
         if ex.label >= num_classes:
-            raise PeftkitError(f"{ex.source}: label {ex.label} is out of range for {num_classes} classes "
-                               "(labels are 0..num_classes-1); fix the label or pass --num-classes")
+            raise PeftkitError(
+                f"{ex.source}: label {ex.label} is out of range for {num_classes} classes "
+                "(labels are 0..num_classes-1); fix the label or pass --num-classes"
+            )
 
 
 # ---- built-in tasks: deterministic numpy drawings, no download ----
@@ -132,7 +153,9 @@ _COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 240], [240, 220, 40]]
 
 
 def _canvas(rng: np.random.Generator, size: int) -> np.ndarray:
-    return (rng.integers(0, 40, size=(1, 1, 3)) + rng.integers(0, 25, size=(size, size, 3))).astype(np.uint8)
+    return (rng.integers(0, 40, size=(1, 1, 3)) + rng.integers(0, 25, size=(size, size, 3))).astype(
+        np.uint8
+    )
 
 
 def _disc(img: np.ndarray, cy: float, cx: float, r: float, color: np.ndarray) -> None:
@@ -165,12 +188,21 @@ def _draw(task: str, label: int, rng: np.random.Generator, size: int) -> np.ndar
     elif task == "shape":  # disc, square, triangle, cross
         c, h = rng.uniform(size * 0.35, size * 0.65, 2), size * rng.uniform(0.2, 0.28)
         dy, dx = yy - c[0], xx - c[1]
-        masks = [dy ** 2 + dx ** 2 <= h * h, (np.abs(dy) <= h * 0.85) & (np.abs(dx) <= h * 0.85),
-                 (dy <= h * 0.8) & (dy >= -h) & (np.abs(dx) <= (dy + h) * 0.6),
-                 ((np.abs(dy) <= h) & (np.abs(dx) <= h * 0.3)) | ((np.abs(dx) <= h) & (np.abs(dy) <= h * 0.3))]
+        masks = [
+            dy**2 + dx**2 <= h * h,
+            (np.abs(dy) <= h * 0.85) & (np.abs(dx) <= h * 0.85),
+            (dy <= h * 0.8) & (dy >= -h) & (np.abs(dx) <= (dy + h) * 0.6),
+            ((np.abs(dy) <= h) & (np.abs(dx) <= h * 0.3))
+            | ((np.abs(dx) <= h) & (np.abs(dy) <= h * 0.3)),
+        ]
         img[masks[label]] = color
     elif task == "color":  # colour of a disc at a random place
-        _disc(img, *rng.uniform(size * 0.25, size * 0.75, 2), size * rng.uniform(0.12, 0.2), _COLORS[label])
+        _disc(
+            img,
+            *rng.uniform(size * 0.25, size * 0.75, 2),
+            size * rng.uniform(0.12, 0.2),
+            _COLORS[label],
+        )
     return img
 
 
@@ -182,8 +214,15 @@ class BuiltinTask(torch.utils.data.Dataset):
     """Built-in task `name`, split `split`: image i is drawn from a generator seeded by
     (task, seed, offset + i), so train800val200 = train800 + val200 and test never overlaps."""
 
-    def __init__(self, name: str, split: str, transform: Preprocess, size: int | None = None,
-                 canvas: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        transform: Preprocess,
+        size: int | None = None,
+        canvas: int = 32,
+        seed: int = 0,
+    ) -> None:
         if name not in BUILTIN_TASKS:
             raise PeftkitError(f"no built-in task {name!r}: choose from {sorted(BUILTIN_TASKS)}")
         if split not in SPLITS:
@@ -192,7 +231,9 @@ class BuiltinTask(torch.utils.data.Dataset):
         self.name, self.split, self.transform, self.canvas = name, split, transform, canvas
         self.n = default if size is None else size
         if self.n < 1:
-            raise PeftkitError(f"built-in task {name!r} split {split!r} is empty: size must be >= 1")
+            raise PeftkitError(
+                f"built-in task {name!r} split {split!r} is empty: size must be >= 1"
+            )
         self.num_classes = BUILTIN_TASKS[name]
         self.seed = seed * 7919 + sorted(BUILTIN_TASKS).index(name)
 
@@ -200,7 +241,11 @@ class BuiltinTask(torch.utils.data.Dataset):
         return self.n
 
     def label(self, i: int) -> int:
-        return int(np.random.default_rng([self.seed, _SPLIT_OFFSET[self.split] + i, 1]).integers(self.num_classes))
+        return int(
+            np.random.default_rng([self.seed, _SPLIT_OFFSET[self.split] + i, 1]).integers(
+                self.num_classes
+            )
+        )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         label = self.label(i)
@@ -217,16 +262,24 @@ class TaskData:
     splits: tuple[str, str]
 
 
-def load_task(spec: str, protocol: str, transform: Preprocess, num_classes: int | None = None,
-              builtin_sizes: tuple[int, int] | None = None, seed: int = 0) -> TaskData:
+def load_task(
+    spec: str,
+    protocol: str,
+    transform: Preprocess,
+    num_classes: int | None = None,
+    builtin_sizes: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> TaskData:
     """Train and eval datasets of `spec` under `protocol` ("tune" or "final").
 
-        >>> data = load_task("builtin:counting", "final", Preprocess(224, (0.5,) * 3, (0.5,) * 3))
-        >>> len(data.train), len(data.eval), data.num_classes
-        (1000, 1000, 6)
+    >>> data = load_task("builtin:counting", "final", Preprocess(224, (0.5,) * 3, (0.5,) * 3))
+    >>> len(data.train), len(data.eval), data.num_classes
+    (1000, 1000, 6)
     """
     if protocol not in PROTOCOL_SPLITS:
-        raise PeftkitError(f"protocol {protocol!r} unknown: 'tune' (train800 -> val200) or 'final' (train800val200 -> test)")
+        raise PeftkitError(
+            f"protocol {protocol!r} unknown: 'tune' (train800 -> val200) or 'final' (train800val200 -> test)"
+        )
     kind, _, where = spec.partition(":")
     train_split, eval_split = PROTOCOL_SPLITS[protocol]
     if kind == "builtin":
@@ -238,12 +291,19 @@ def load_task(spec: str, protocol: str, transform: Preprocess, num_classes: int 
         root = Path(where)
         if not root.is_dir():
             raise PeftkitError(f"VTAB-1k task folder {where!r} does not exist")
-        train_ex, eval_ex = read_list(root / f"{train_split}.txt", root), read_list(root / f"{eval_split}.txt", root)
+        train_ex, eval_ex = (
+            read_list(root / f"{train_split}.txt", root),
+            read_list(root / f"{eval_split}.txt", root),
+        )
         n = num_classes or max(e.label for e in train_ex) + 1
         check_labels(train_ex + eval_ex, n)
-        return TaskData(ImageListDataset(train_ex, transform, f"{where}/{train_split}"),
-                        ImageListDataset(eval_ex, transform, f"{where}/{eval_split}"), n, root.name,
-                        (train_split, eval_split))
+        return TaskData(
+            ImageListDataset(train_ex, transform, f"{where}/{train_split}"),
+            ImageListDataset(eval_ex, transform, f"{where}/{eval_split}"),
+            n,
+            root.name,
+            (train_split, eval_split),
+        )
     if kind == "folder":
         root = Path(where)
         train_ex, classes = read_image_folder(root / "train")
@@ -256,7 +316,14 @@ def load_task(spec: str, protocol: str, transform: Preprocess, num_classes: int 
         eval_ex = read_image_folder(eval_dir, classes)[0]
         n = num_classes or len(classes)
         check_labels(train_ex + eval_ex, n)
-        return TaskData(ImageListDataset(train_ex, transform, str(root / "train")),
-                        ImageListDataset(eval_ex, transform, str(eval_dir)), n, root.name, ("train", eval_dir.name))
-    raise PeftkitError(f"data spec {spec!r} not understood: use vtab:<task dir>, folder:<root> or builtin:<name> "
-                       f"with name in {sorted(BUILTIN_TASKS)}")
+        return TaskData(
+            ImageListDataset(train_ex, transform, str(root / "train")),
+            ImageListDataset(eval_ex, transform, str(eval_dir)),
+            n,
+            root.name,
+            ("train", eval_dir.name),
+        )
+    raise PeftkitError(
+        f"data spec {spec!r} not understood: use vtab:<task dir>, folder:<root> or builtin:<name> "
+        f"with name in {sorted(BUILTIN_TASKS)}"
+    )

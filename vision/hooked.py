@@ -20,7 +20,9 @@ class HookedMethod:
 
     def _attach(self, model: nn.Module, module: nn.Module) -> nn.Module:
         if hasattr(model, self.attr):
-            raise PeftkitError(f"this model already has {self.label}: remove() it before adding another")
+            raise PeftkitError(
+                f"this model already has {self.label}: remove() it before adding another"
+            )
         ref = next(model.parameters())
         module = module.to(ref.device).train(model.training)
         setattr(model, self.attr, module)
@@ -39,13 +41,18 @@ class HookedMethod:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.module.state_dict()
-        bad = sorted(k for k in set(own) | set(state)
-                     if k not in own or k not in state or own[k].shape != state[k].shape)
+        bad = sorted(
+            k
+            for k in set(own) | set(state)
+            if k not in own or k not in state or own[k].shape != state[k].shape
+        )
         if bad:
             k = bad[0]
             shapes = [tuple(d[k].shape) if k in d else "missing" for d in (state, own)]
-            raise PeftkitError(f"{self.label} state does not fit this model: tensor {k!r} is {shapes[0]} in the "
-                               f"file but {shapes[1]} here ({self.mismatch_hint})")
+            raise PeftkitError(
+                f"{self.label} state does not fit this model: tensor {k!r} is {shapes[0]} in the "
+                f"file but {shapes[1]} here ({self.mismatch_hint})"
+            )
         self.module.load_state_dict(state)
 
     def remove(self) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from peftkit.common_kernels.adapter_file import atomic_write
 
@@ -19,10 +20,26 @@ from .train import ViTTrainConfig, train_vit
 
 # Task folder names of the public VTAB-1k releases, grouped as in the VTAB paper.
 VTAB_GROUPS = {
-    "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"],
+    "Natural": [
+        "cifar",
+        "caltech101",
+        "dtd",
+        "oxford_flowers102",
+        "oxford_iiit_pet",
+        "svhn",
+        "sun397",
+    ],
     "Specialized": ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"],
-    "Structured": ["clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-                   "smallnorb_azi", "smallnorb_ele"],
+    "Structured": [
+        "clevr_count",
+        "clevr_dist",
+        "dmlab",
+        "kitti",
+        "dsprites_loc",
+        "dsprites_ori",
+        "smallnorb_azi",
+        "smallnorb_ele",
+    ],
 }
 
 
@@ -30,20 +47,33 @@ def group_of(task: str) -> str:
     for group, names in VTAB_GROUPS.items():
         if task in names:
             return group
-    return "Built-in" if task in ("counting", "location", "orientation", "shape", "color") else "Other"
+    return (
+        "Built-in" if task in ("counting", "location", "orientation", "shape", "color") else "Other"
+    )
 
 
-def run_sweep(base: ViTTrainConfig, methods: list[str], datas: list[str], output_dir: str,
-              on_event: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    base: ViTTrainConfig,
+    methods: list[str],
+    datas: list[str],
+    output_dir: str,
+    on_event: Callable[[dict], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train every (method, data) pair into <output_dir>/<task>/<method>/ (each resumable) and write
     <output_dir>/results.md and results.csv. Returns the per-run results."""
     rows = []
     for data in datas:
         task = Path(data.partition(":")[2]).name
         for method in methods:
-            config = replace(base, data=data, method=method, output_dir=str(Path(output_dir) / task / method))
+            config = replace(
+                base, data=data, method=method, output_dir=str(Path(output_dir) / task / method)
+            )
             done = Path(config.output_dir) / "results.json"
-            results = json.loads(done.read_text()) if done.is_file() else train_vit(config, on_event=on_event)
+            results = (
+                json.loads(done.read_text())
+                if done.is_file()
+                else train_vit(config, on_event=on_event)
+            )
             rows.append(results)
             write_table(rows, output_dir)
     return rows
@@ -53,9 +83,18 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary: method, params (M), tasks by group, group means, means."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     order = [*VTAB_GROUPS, "Built-in", "Other"]
-    tasks.sort(key=lambda t: (order.index(group_of(t)), [*sum(VTAB_GROUPS.values(), []), t].index(t)))
+    tasks.sort(
+        key=lambda t: (order.index(group_of(t)), [*sum(VTAB_GROUPS.values(), []), t].index(t))
+    )
     groups = [g for g in order if any(group_of(t) == g for t in tasks)]
-    header = ["Method", "Params (M)", *tasks, *[f"{g} mean" for g in groups], "Mean (groups)", "Mean (tasks)"]
+    header = [
+        "Method",
+        "Params (M)",
+        *tasks,
+        *[f"{g} mean" for g in groups],
+        "Mean (groups)",
+        "Mean (tasks)",
+    ]
     body = []
     for method in dict.fromkeys(r["method"] for r in rows):
         acc = {r["task"]: r["top1"] for r in rows if r["method"] == method}
@@ -70,8 +109,13 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def write_table(rows: list[dict[str, Any]], output_dir: str) -> str:
     header, body = table(rows)
-    md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                   + ["| " + " | ".join(line) + " |" for line in body]) + "\n"
+    md = (
+        "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(line) + " |" for line in body]
+        )
+        + "\n"
+    )
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *body])
     out = Path(output_dir)

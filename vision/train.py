@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftkit.common_kernels.adapter_file import atomic_write
-from peftkit.common_kernels.engine import TrainConfig, launch_world, train
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.engine import TrainConfig, launch_world, train
 
 from .backbones import create_backbone, normalization
 from .data import Preprocess, load_task
-from .methods import ViTMethodConfig, VisionAdapter, load_vision_adapter, read_vision_adapter
+from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter, read_vision_adapter
 
 
 @dataclass
@@ -67,28 +68,50 @@ class ViTTrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or (self.steps is not None and self.steps < 1):
-            raise PeftkitError(f"ViTTrainConfig.epochs/steps must be >= 1, got epochs={self.epochs}, steps={self.steps}")
+            raise PeftkitError(
+                f"ViTTrainConfig.epochs/steps must be >= 1, got epochs={self.epochs}, steps={self.steps}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise PeftkitError(f"ViTTrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise PeftkitError(
+                f"ViTTrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
         if self.warmup_epochs < 0:
-            raise PeftkitError(f"ViTTrainConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            raise PeftkitError(
+                f"ViTTrainConfig.warmup_epochs must be >= 0, got {self.warmup_epochs}"
+            )
         ViTMethodConfig.parse(self.method, **self.method_options)
 
     def backbone_spec(self) -> dict[str, Any]:
-        return {"model": self.model, "open_clip": self.open_clip, "model_kwargs": self.model_kwargs,
-                "img_size": self.img_size}
+        return {
+            "model": self.model,
+            "open_clip": self.open_clip,
+            "model_kwargs": self.model_kwargs,
+            "img_size": self.img_size,
+        }
 
 
-def build_model(spec: dict[str, Any], num_classes: int, pretrained: bool, checkpoint: str | None) -> tuple[nn.Module, int]:
+def build_model(
+    spec: dict[str, Any], num_classes: int, pretrained: bool, checkpoint: str | None
+) -> tuple[nn.Module, int]:
     """The backbone of `spec` with a `num_classes` head, and its input size."""
     kwargs = dict(spec.get("model_kwargs") or {})
     if spec.get("open_clip") or kwargs.get("open_clip_config"):
-        model = create_backbone(num_classes=num_classes, pretrained=pretrained, checkpoint=checkpoint,
-                                open_clip=spec.get("open_clip"), open_clip_config=kwargs.get("open_clip_config"))
+        model = create_backbone(
+            num_classes=num_classes,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            open_clip=spec.get("open_clip"),
+            open_clip_config=kwargs.get("open_clip_config"),
+        )
         native = model.visual.image_size[0]
     else:
-        model = create_backbone(spec["model"], num_classes=num_classes, pretrained=pretrained, checkpoint=checkpoint,
-                                **kwargs)
+        model = create_backbone(
+            spec["model"],
+            num_classes=num_classes,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            **kwargs,
+        )
         native = model.patch_embed.img_size[0]
     return model, spec.get("img_size") or native
 
@@ -96,8 +119,14 @@ def build_model(spec: dict[str, Any], num_classes: int, pretrained: bool, checkp
 class ViTTask:
     """The engine's task: cross-entropy on (image, label) batches, top-1 on the eval split."""
 
-    def __init__(self, model: nn.Module, adapter: VisionAdapter, eval_set, eval_batch_size: int,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: VisionAdapter,
+        eval_set,
+        eval_batch_size: int,
+        label_smoothing: float = 0.0,
+    ) -> None:
         self.model, self.adapter, self.eval_set = model, adapter, eval_set
         self.eval_batch_size, self.label_smoothing = eval_batch_size, label_smoothing
         self.device = torch.device("cpu")
@@ -131,7 +160,9 @@ class ViTTask:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module, dataset, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over `dataset`."""
     was_training = model.training
     model.eval()
@@ -147,18 +178,30 @@ def evaluate_model(model: nn.Module, dataset, batch_size: int, device: torch.dev
     return {"top1": 100.0 * correct / total, "eval_loss": loss / total, "eval_examples": total}
 
 
-def train_vit(config: ViTTrainConfig, on_event: Callable[[dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def train_vit(
+    config: ViTTrainConfig,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
     """Train `config.method` on `config.data` and return (and write) the results."""
     spec = config.backbone_spec()
     probe, img_size = build_model(spec, 1, False, None)  # input size and normalization before data
     transform = Preprocess(img_size, *normalization(probe))
     del probe
-    data = load_task(config.data, config.protocol, transform, config.num_classes, config.builtin_sizes, config.seed)
+    data = load_task(
+        config.data,
+        config.protocol,
+        transform,
+        config.num_classes,
+        config.builtin_sizes,
+        config.seed,
+    )
     torch.manual_seed(config.seed)
     model, _ = build_model(spec, data.num_classes, config.pretrained, config.checkpoint)
     base_name = config.checkpoint or (config.open_clip or config.model)
-    adapter = VisionAdapter(model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name)
+    adapter = VisionAdapter(
+        model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name
+    )
     task = ViTTask(model, adapter, data.eval, config.eval_batch_size, config.label_smoothing)
 
     rank, world = launch_world()
@@ -166,58 +209,107 @@ def train_vit(config: ViTTrainConfig, on_event: Callable[[dict], None] | None = 
     per_epoch = max(1, len(data.train) // (config.batch_size * config.grad_accum * world))
     steps = config.steps or config.epochs * per_epoch
     engine = TrainConfig(
-        steps=steps, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-        warmup_steps=min(steps - 1, int(config.warmup_epochs * per_epoch)), schedule="cosine",
-        grad_accum=config.grad_accum, mixed_precision=config.mixed_precision, seed=config.seed,
-        output_dir=config.output_dir, checkpoint_every=config.checkpoint_every_epochs * per_epoch,
-        eval_every=config.eval_every_epochs * per_epoch, progress=config.progress, cpu=config.cpu)
+        steps=steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=min(steps - 1, int(config.warmup_epochs * per_epoch)),
+        schedule="cosine",
+        grad_accum=config.grad_accum,
+        mixed_precision=config.mixed_precision,
+        seed=config.seed,
+        output_dir=config.output_dir,
+        checkpoint_every=config.checkpoint_every_epochs * per_epoch,
+        eval_every=config.eval_every_epochs * per_epoch,
+        progress=config.progress,
+        cpu=config.cpu,
+    )
     start = time.perf_counter()
     result = train(task, data.train, engine, on_event=on_event, should_stop=should_stop)
     seconds = time.perf_counter() - start - task.eval_seconds
     done_steps = result.step - (result.resumed_from or 0)
     counts = adapter.parameter_counts()
     results = {
-        "method": adapter.config.name, "task": data.name, "data": config.data, "protocol": config.protocol,
-        "splits": list(data.splits), "num_classes": data.num_classes, "top1": result.metrics.get("top1"),
-        "eval_loss": result.metrics.get("eval_loss"), **counts, "steps": result.step, "steps_per_epoch": per_epoch,
-        "images_per_s": done_steps * config.batch_size * config.grad_accum * world / seconds if seconds > 0 else 0.0,
-        "peak_memory_gib": result.peak_memory_gib, "resumed_from": result.resumed_from,
-        "final_loss": result.losses[-1] if result.losses else None, "history": task.history,
-        "method_config": adapter.config.to_dict(), "config": asdict(config),
+        "method": adapter.config.name,
+        "task": data.name,
+        "data": config.data,
+        "protocol": config.protocol,
+        "splits": list(data.splits),
+        "num_classes": data.num_classes,
+        "top1": result.metrics.get("top1"),
+        "eval_loss": result.metrics.get("eval_loss"),
+        **counts,
+        "steps": result.step,
+        "steps_per_epoch": per_epoch,
+        "images_per_s": done_steps * config.batch_size * config.grad_accum * world / seconds
+        if seconds > 0
+        else 0.0,
+        "peak_memory_gib": result.peak_memory_gib,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "history": task.history,
+        "method_config": adapter.config.to_dict(),
+        "config": asdict(config),
     }
     if config.output_dir and rank == 0:
         out = Path(config.output_dir)
         weights = {"pretrained": config.pretrained, "checkpoint": config.checkpoint}
-        adapter.save(out / "adapter.safetensors", extra={"backbone": json.dumps(spec), "weights": json.dumps(weights),
-                                                         "num_classes": str(data.num_classes),
-                                                         "seed": str(config.seed)})
-        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        adapter.save(
+            out / "adapter.safetensors",
+            extra={
+                "backbone": json.dumps(spec),
+                "weights": json.dumps(weights),
+                "num_classes": str(data.num_classes),
+                "seed": str(config.seed),
+            },
+        )
+        atomic_write(
+            out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
+        )
     return results
 
 
-def evaluate_vit(adapter_path: str, data: str, split: str = "test", pretrained: bool | None = None,
-                 checkpoint: str | None = None, batch_size: int = 256, builtin_sizes: tuple[int, int] | None = None,
-                 device: str | None = None) -> dict[str, Any]:
+def evaluate_vit(
+    adapter_path: str,
+    data: str,
+    split: str = "test",
+    pretrained: bool | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 256,
+    builtin_sizes: tuple[int, int] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Top-1 of a saved adapter on `data`'s eval split ("test" = protocol final, "val200" = tune).
     The backbone and the source of its frozen weights (hub, local checkpoint or seeded random init)
     come from the adapter file; `pretrained` / `checkpoint` override the source (e.g. the same
     checkpoint at another path)."""
     _, _, meta = read_vision_adapter(adapter_path)
     if "backbone" not in meta:
-        raise PeftkitError(f"{adapter_path!r} has no backbone spec: it was not written by train_vit")
+        raise PeftkitError(
+            f"{adapter_path!r} has no backbone spec: it was not written by train_vit"
+        )
     spec, num_classes = json.loads(meta["backbone"]), int(meta["num_classes"])
     weights = json.loads(meta.get("weights", '{"pretrained": true, "checkpoint": null}'))
     checkpoint = checkpoint or (weights["checkpoint"] if pretrained is None else None)
     pretrained = weights["pretrained"] if pretrained is None else pretrained
-    torch.manual_seed(int(meta.get("seed", 0)))  # a random-init backbone is rebuilt exactly as in training
+    torch.manual_seed(
+        int(meta.get("seed", 0))
+    )  # a random-init backbone is rebuilt exactly as in training
     model, img_size = build_model(spec, num_classes, pretrained, checkpoint)
     protocol = {"test": "final", "val200": "tune"}.get(split)
     if protocol is None:
         raise PeftkitError(f"split {split!r} cannot be evaluated: use 'test' or 'val200'")
-    task = load_task(data, protocol, Preprocess(img_size, *normalization(model)), num_classes, builtin_sizes)
+    task = load_task(
+        data, protocol, Preprocess(img_size, *normalization(model)), num_classes, builtin_sizes
+    )
     adapter = load_vision_adapter(model, adapter_path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     metrics = evaluate_model(model, task.eval, batch_size, dev)
-    return {"adapter": adapter_path, "method": adapter.config.name, "data": data, "split": split, **metrics}
-
+    return {
+        "adapter": adapter_path,
+        "method": adapter.config.name,
+        "data": data,
+        "split": split,
+        **metrics,
+    }

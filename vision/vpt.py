@@ -63,11 +63,13 @@ def insert_prompts(tokens: torch.Tensor, prompts: torch.Tensor, n_prefix: int) -
 def replace_prompts(tokens: torch.Tensor, prompts: torch.Tensor, n_prefix: int) -> torch.Tensor:
     """Swap the p prompt tokens after the prefix for fresh ones (VPT-Deep)."""
     p = prompts.shape[0]
-    return insert_prompts(torch.cat([tokens[:, :n_prefix], tokens[:, n_prefix + p:]], dim=1), prompts, n_prefix)
+    return insert_prompts(
+        torch.cat([tokens[:, :n_prefix], tokens[:, n_prefix + p :]], dim=1), prompts, n_prefix
+    )
 
 
 def remove_prompts(tokens: torch.Tensor, p: int, n_prefix: int) -> torch.Tensor:
-    return torch.cat([tokens[:, :n_prefix], tokens[:, n_prefix + p:]], dim=1)
+    return torch.cat([tokens[:, :n_prefix], tokens[:, n_prefix + p :]], dim=1)
 
 
 class VisualPrompts(nn.Module):
@@ -77,7 +79,9 @@ class VisualPrompts(nn.Module):
         super().__init__()
         n = len(layout.blocks) if config.deep else 1
         bound = vpt_init_bound(layout.patch_size, layout.embed_dim)
-        self.prompts = nn.Parameter(torch.empty(n, config.length, layout.embed_dim).uniform_(-bound, bound))
+        self.prompts = nn.Parameter(
+            torch.empty(n, config.length, layout.embed_dim).uniform_(-bound, bound)
+        )
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, layer: int) -> torch.Tensor:
@@ -101,16 +105,26 @@ class VPT(HookedMethod):
         def deep(i):
             def pre(mod, args):
                 return (replace_prompts(args[0], module(i), n_prefix), *args[1:])
+
             return pre
 
         self.hooks = [model.get_submodule(layout.entry).register_forward_hook(enter)]
         if config.deep:
-            self.hooks += [model.get_submodule(b).register_forward_pre_hook(deep(i))
-                           for i, b in enumerate(layout.blocks) if i > 0]
+            self.hooks += [
+                model.get_submodule(b).register_forward_pre_hook(deep(i))
+                for i, b in enumerate(layout.blocks)
+                if i > 0
+            ]
         exit_module = model.get_submodule(layout.exit)
         if layout.exit_is_pre:
-            self.hooks.append(exit_module.register_forward_pre_hook(
-                lambda mod, args: (remove_prompts(args[0], p, n_prefix), *args[1:])))
+            self.hooks.append(
+                exit_module.register_forward_pre_hook(
+                    lambda mod, args: (remove_prompts(args[0], p, n_prefix), *args[1:])
+                )
+            )
         else:
-            self.hooks.append(exit_module.register_forward_hook(
-                lambda mod, args, out: remove_prompts(out, p, n_prefix)))
+            self.hooks.append(
+                exit_module.register_forward_hook(
+                    lambda mod, args, out: remove_prompts(out, p, n_prefix)
+                )
+            )

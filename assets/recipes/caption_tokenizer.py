@@ -17,13 +17,36 @@ from .shapes import caption_words
 
 # Words that are not in captions but that demos and users type ("a photo of sks toy"): whole
 # tokens, like in a real CLIP vocabulary. Rare identifiers ("sks") stay split into bytes.
-EXTRA_WORDS = ("toy", "dog", "cat", "style", "painting", "with", "and", "object", "thing", "shape", "shapes",
-               "color", "colored", "drawing", "sticker", "logo", "icon", "cartoon", "pattern")
+EXTRA_WORDS = (
+    "toy",
+    "dog",
+    "cat",
+    "style",
+    "painting",
+    "with",
+    "and",
+    "object",
+    "thing",
+    "shape",
+    "shapes",
+    "color",
+    "colored",
+    "drawing",
+    "sticker",
+    "logo",
+    "icon",
+    "cartoon",
+    "pattern",
+)
 
 
 def _byte_alphabet() -> list[str]:
     # GPT-2/CLIP's reversible byte -> printable unicode map: printable bytes map to themselves
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -66,13 +89,20 @@ def build_tokenizer(folder: Path, max_length: int):
 
     alphabet = _byte_alphabet()
     merges = learn_merges(sorted(set(caption_words()) | set(EXTRA_WORDS)))
-    vocab = {tok: i for i, tok in enumerate(alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate(
+            alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+        )
+    }
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
 
 
 def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -84,11 +114,12 @@ def encode_captions(tokenizer, captions: list[str]) -> torch.Tensor:
     length, bos, eos = tokenizer.model_max_length, tokenizer.bos_token_id, tokenizer.eos_token_id
     rows = []
     for c in captions:
-        row = [bos, *[t for w in c.split() for t in pieces[w]]][:length - 1] + [eos]
+        row = [bos, *[t for w in c.split() for t in pieces[w]]][: length - 1] + [eos]
         rows.append(row + [tokenizer.pad_token_id] * (length - len(row)))
     ids = torch.tensor(rows)
-    check = tokenizer(captions[:64], padding="max_length", max_length=length, truncation=True,
-                      return_tensors="pt").input_ids
+    check = tokenizer(
+        captions[:64], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
     if not torch.equal(ids[:64], check):
         raise RuntimeError("word-wise tokenization differs from the tokenizer's own: report this")
     return ids

@@ -31,11 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--minutes-sd", type=float, default=4.5, help="VAE + UNet budget")
     parser.add_argument("--minutes-vit", type=float, default=1.25)
-    parser.add_argument("--deadline-minutes", type=float, default=8.5, help="stop starting ViT eval runs after this")
-    parser.add_argument("--vit-epochs", type=int, default=15, help="fine-tuning epochs per ViT eval run")
+    parser.add_argument(
+        "--deadline-minutes", type=float, default=8.5, help="stop starting ViT eval runs after this"
+    )
+    parser.add_argument(
+        "--vit-epochs", type=int, default=15, help="fine-tuning epochs per ViT eval run"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="seeds per color x shape prompt")
-    parser.add_argument("--tiny", action="store_true", help="tiny models and a few steps (CPU smoke test)")
-    parser.add_argument("--install", action="store_true", help="also copy the finished folders into assets/")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and a few steps (CPU smoke test)"
+    )
+    parser.add_argument(
+        "--install", action="store_true", help="also copy the finished folders into assets/"
+    )
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -47,23 +55,48 @@ def main(argv: list[str] | None = None) -> int:
         sd_recipe = SDRecipe.tiny(steps=3, vae_steps=3)
         vit_recipe = ViTRecipe.tiny(steps=3)
     else:
-        sd_recipe, vit_recipe = SDRecipe(minutes=args.minutes_sd), ViTRecipe(minutes=args.minutes_vit)
+        sd_recipe, vit_recipe = (
+            SDRecipe(minutes=args.minutes_sd),
+            ViTRecipe(minutes=args.minutes_vit),
+        )
     summary: dict = {"device": str(device)}
-    summary["starter_sd"] = train_starter_sd(sd_recipe, sd_dir, device, out / "logs" / "starter-sd.log")
-    summary["starter_vit"] = train_starter_vit(vit_recipe, vit_dir, device, out / "logs" / "starter-vit.log")
+    summary["starter_sd"] = train_starter_sd(
+        sd_recipe, sd_dir, device, out / "logs" / "starter-sd.log"
+    )
+    summary["starter_vit"] = train_starter_vit(
+        vit_recipe, vit_dir, device, out / "logs" / "starter-vit.log"
+    )
     summary["training_seconds"] = time.perf_counter() - start
 
     if not args.skip_eval:
-        quick = dict(seeds=1, steps=2, classifier_steps=2, limit=3) if args.tiny else \
-            dict(seeds=args.seeds, classifier_steps=800)
-        summary["t2i"] = {k: v for k, v in evaluate_t2i(sd_dir, eval_dir, device, **quick).items() if k != "per_sample"}
+        quick = (
+            dict(seeds=1, steps=2, classifier_steps=2, limit=3)
+            if args.tiny
+            else dict(seeds=args.seeds, classifier_steps=800)
+        )
+        summary["t2i"] = {
+            k: v
+            for k, v in evaluate_t2i(sd_dir, eval_dir, device, **quick).items()
+            if k != "per_sample"
+        }
         print(t2i_markdown(summary["t2i"]), flush=True)
-        tasks = ["shape", "color"] if args.tiny else ["counting", "location", "orientation", "shape", "color"]
+        tasks = (
+            ["shape", "color"]
+            if args.tiny
+            else ["counting", "location", "orientation", "shape", "color"]
+        )
         methods = ["linear", "lora"] if args.tiny else list(VIT_METHODS)
         deadline = start + 60 * args.deadline_minutes
-        rows = evaluate_vit(vit_dir.resolve(), eval_dir / "vit", device, tasks, methods,
-                            epochs=1 if args.tiny else args.vit_epochs, builtin_sizes=(64, 32) if args.tiny else None,
-                            deadline=deadline)
+        rows = evaluate_vit(
+            vit_dir.resolve(),
+            eval_dir / "vit",
+            device,
+            tasks,
+            methods,
+            epochs=1 if args.tiny else args.vit_epochs,
+            builtin_sizes=(64, 32) if args.tiny else None,
+            deadline=deadline,
+        )
         summary["vit_runs"] = len(rows)
         summary["vit_table"] = (eval_dir / "vit" / "results.md").read_text() if rows else ""
         print(summary["vit_table"], flush=True)
@@ -81,17 +114,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary_markdown(s: dict) -> str:
     sd, vit = s["starter_sd"], s["starter_vit"]
-    lines = [f"# Starter models ({s['device']}{', ' + str(sd.get('gpu')) if sd.get('gpu') else ''})", "",
-             f"- starter-sd: {s.get('starter-sd_mb', 0):.1f} MB, parameters {sd['parameters']}; VAE {sd['vae_steps']} "
-             f"steps ({sd['vae_seconds']:.0f}s, PSNR {sd['vae_psnr_db']:.1f} dB), UNet+text {sd['unet_steps']} steps "
-             f"({sd['unet_seconds']:.0f}s, final loss {sd['unet_final_loss']:.4f})",
-             f"- starter-vit: {s.get('starter-vit_mb', 0):.1f} MB, {vit['parameters']} parameters; {vit['steps']} steps "
-             f"({vit['train_seconds']:.0f}s, final loss {vit['final_loss']:.3f}); held-out top-1 per head: "
-             + ", ".join(f"{k} {v:.1f}" for k, v in vit["held_out_top1"].items()),
-             f"- training {s['training_seconds']:.0f}s, total {s.get('total_seconds', 0):.0f}s", ""]
+    lines = [
+        f"# Starter models ({s['device']}{', ' + str(sd.get('gpu')) if sd.get('gpu') else ''})",
+        "",
+        f"- starter-sd: {s.get('starter-sd_mb', 0):.1f} MB, parameters {sd['parameters']}; VAE {sd['vae_steps']} "
+        f"steps ({sd['vae_seconds']:.0f}s, PSNR {sd['vae_psnr_db']:.1f} dB), UNet+text {sd['unet_steps']} steps "
+        f"({sd['unet_seconds']:.0f}s, final loss {sd['unet_final_loss']:.4f})",
+        f"- starter-vit: {s.get('starter-vit_mb', 0):.1f} MB, {vit['parameters']} parameters; {vit['steps']} steps "
+        f"({vit['train_seconds']:.0f}s, final loss {vit['final_loss']:.3f}); held-out top-1 per head: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in vit["held_out_top1"].items()),
+        f"- training {s['training_seconds']:.0f}s, total {s.get('total_seconds', 0):.0f}s",
+        "",
+    ]
     if "t2i" in s:
-        lines += [t2i_markdown(s["t2i"]), "Starter ViT fine-tuning on the built-in tasks (top-1 %, test split):", "",
-                  s.get("vit_table", "")]
+        lines += [
+            t2i_markdown(s["t2i"]),
+            "Starter ViT fine-tuning on the built-in tasks (top-1 %, test split):",
+            "",
+            s.get("vit_table", ""),
+        ]
     return "\n".join(lines) + "\n"
 
 

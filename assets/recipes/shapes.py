@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 
 COLORS = {
-    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.72, 0.20), "blue": (0.12, 0.25, 0.95),
-    "yellow": (0.96, 0.88, 0.10), "orange": (1.00, 0.52, 0.05), "purple": (0.55, 0.15, 0.75),
-    "white": (0.97, 0.97, 0.97), "black": (0.05, 0.05, 0.05),
+    "red": (0.90, 0.10, 0.10),
+    "green": (0.10, 0.72, 0.20),
+    "blue": (0.12, 0.25, 0.95),
+    "yellow": (0.96, 0.88, 0.10),
+    "orange": (1.00, 0.52, 0.05),
+    "purple": (0.55, 0.15, 0.75),
+    "white": (0.97, 0.97, 0.97),
+    "black": (0.05, 0.05, 0.05),
 }
 COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -32,8 +37,14 @@ PLURALS = {"cross": "crosses"}
 # the second tone covers at most a third of an object, so its color stays the dominant one
 TEXTURES = ("plain", "striped", "dotted")
 SIZES = ("small", "medium", "big")
-POSITIONS = ("anywhere", "in the top left", "in the top right", "in the bottom left", "in the bottom right",
-             "in the center")
+POSITIONS = (
+    "anywhere",
+    "in the top left",
+    "in the top right",
+    "in the bottom left",
+    "in the bottom right",
+    "in the center",
+)
 COUNT_WORDS = ("a", "two", "three", "four", "five", "six")
 PREFIXES = ("a photo of ", "a picture of ", "an image of ")
 IGNORE = -100  # label of a head that does not apply to a scene (cross-entropy's ignore_index)
@@ -53,11 +64,20 @@ class ShapeScenes:
     objects by a random angle (the `angle` label is then the bar's direction in 45-degree bins),
     `noise` adds per-pixel noise up to that amplitude, `supersample` anti-aliases edges."""
 
-    def __init__(self, size: int = 64, shapes: tuple[str, ...] = SHAPES, max_count: int = 4,
-                 rotate: bool = False, noise: float = 0.0, supersample: int = 2) -> None:
+    def __init__(
+        self,
+        size: int = 64,
+        shapes: tuple[str, ...] = SHAPES,
+        max_count: int = 4,
+        rotate: bool = False,
+        noise: float = 0.0,
+        supersample: int = 2,
+    ) -> None:
         unknown = set(shapes) - set(VIT_SHAPES)
         if unknown or not 1 <= max_count <= 6 or size < 16:
-            raise ValueError(f"shapes must come from {VIT_SHAPES} (got {sorted(unknown)}), max_count 1..6, size >= 16")
+            raise ValueError(
+                f"shapes must come from {VIT_SHAPES} (got {sorted(unknown)}), max_count 1..6, size >= 16"
+            )
         self.size, self.shapes, self.max_count = size, tuple(shapes), max_count
         self.rotate, self.noise, self.supersample = rotate, noise, supersample
         self.palette = torch.tensor(list(COLORS.values()))
@@ -71,13 +91,18 @@ class ShapeScenes:
         def uniform(lo, hi, *shape) -> torch.Tensor:
             return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
 
-        count = torch.where(torch.rand(n, generator=g) < 0.55, 1, 2 + ints(self.max_count - 1)) \
-            if self.max_count > 1 else torch.ones(n, dtype=torch.long)
+        count = (
+            torch.where(torch.rand(n, generator=g) < 0.55, 1, 2 + ints(self.max_count - 1))
+            if self.max_count > 1
+            else torch.ones(n, dtype=torch.long)
+        )
         color = ints(len(COLORS))
-        bg = (color + 1 + ints(len(COLORS) - 1)) % len(COLORS)   # any color but the object's
+        bg = (color + 1 + ints(len(COLORS) - 1)) % len(COLORS)  # any color but the object's
         texture = torch.where(torch.rand(n, generator=g) < 0.7, 0, 1 + ints(len(TEXTURES) - 1))
         single = count == 1
-        position = torch.where(single & (torch.rand(n, generator=g) < 0.5), 1 + ints(len(POSITIONS) - 1), 0)
+        position = torch.where(
+            single & (torch.rand(n, generator=g) < 0.5), 1 + ints(len(POSITIONS) - 1), 0
+        )
         # big objects do not fit a quadrant or a 3x3 grid cell
         size = torch.where(single & (position == 0), ints(3), ints(2))
         s = float(self.size)
@@ -94,19 +119,41 @@ class ShapeScenes:
         cx = (cells % 3 + 0.5) * cell + (torch.rand(n, 6, generator=g) * 2 - 1) * slack
         # single objects: anywhere, in a quadrant, or in the center
         free = (s - 2 * radius - 2).clamp(min=0)
-        anywhere = torch.stack([radius + 1 + free * torch.rand(n, generator=g),
-                                radius + 1 + free * torch.rand(n, generator=g)], 1)
-        quadrant = torch.tensor([[0.5, 0.5], [0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75], [0.5, 0.5]]) * s
+        anywhere = torch.stack(
+            [
+                radius + 1 + free * torch.rand(n, generator=g),
+                radius + 1 + free * torch.rand(n, generator=g),
+            ],
+            1,
+        )
+        quadrant = (
+            torch.tensor(
+                [[0.5, 0.5], [0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75], [0.5, 0.5]]
+            )
+            * s
+        )
         placed = quadrant[position] + (torch.rand(n, 2, generator=g) * 2 - 1) * s / 16
         one = torch.where((position == 0)[:, None], anywhere, placed)
         cy[:, 0] = torch.where(single, one[:, 0], cy[:, 0])
         cx[:, 0] = torch.where(single, one[:, 1], cx[:, 0])
         angle = uniform(0.0, math.pi) if self.rotate else torch.zeros(n)
-        return {"shape": ints(len(self.shapes)), "color": color, "bg": bg, "texture": texture, "count": count,
-                "size": size, "position": position, "radius": radius, "cy": cy, "cx": cx, "angle": angle,
-                "jitter": uniform(-0.05, 0.05, 2, 3), "noise": uniform(0.0, self.noise),
-                "say_bg": torch.rand(n, generator=g) >= 0.15,
-                "prefix": torch.where(torch.rand(n, generator=g) < 0.2, ints(len(PREFIXES)), -1)}
+        return {
+            "shape": ints(len(self.shapes)),
+            "color": color,
+            "bg": bg,
+            "texture": texture,
+            "count": count,
+            "size": size,
+            "position": position,
+            "radius": radius,
+            "cy": cy,
+            "cx": cx,
+            "angle": angle,
+            "jitter": uniform(-0.05, 0.05, 2, 3),
+            "noise": uniform(0.0, self.noise),
+            "say_bg": torch.rand(n, generator=g) >= 0.15,
+            "prefix": torch.where(torch.rand(n, generator=g) < 0.2, ints(len(PREFIXES)), -1),
+        }
 
     # ---- pixels (any device) ----
 
@@ -118,7 +165,7 @@ class ShapeScenes:
         dy = (yy - p["cy"].view(n, 6, 1, 1)) / r
         dx = (xx - p["cx"].view(n, 6, 1, 1)) / r
         cos, sin = torch.cos(p["angle"]).view(n, 1, 1, 1), torch.sin(p["angle"]).view(n, 1, 1, 1)
-        u, v = dx * cos + dy * sin, -dx * sin + dy * cos    # object frame; v points down
+        u, v = dx * cos + dy * sin, -dx * sin + dy * cos  # object frame; v points down
         inside = torch.zeros(n, 6, res, res, dtype=torch.bool, device=device)
         shape = p["shape"]
         for k, name in enumerate(self.shapes):
@@ -130,13 +177,21 @@ class ShapeScenes:
         res = self.size * self.supersample
         axis = torch.arange(res, device=device) // self.supersample
         yy, xx = axis.view(1, res, 1), axis.view(1, 1, res)
-        patterns = torch.cat([torch.zeros(1, res, res, dtype=torch.bool, device=device),
-                              (xx + yy) % 3 == 0,
-                              (xx % 5 - 2) ** 2 + (yy % 5 - 2) ** 2 <= 1])
+        patterns = torch.cat(
+            [
+                torch.zeros(1, res, res, dtype=torch.bool, device=device),
+                (xx + yy) % 3 == 0,
+                (xx % 5 - 2) ** 2 + (yy % 5 - 2) ** 2 <= 1,
+            ]
+        )
         return patterns[p["texture"]]
 
-    def render(self, p: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def render(
+        self,
+        p: dict[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Pixels of the scenes `p` (params on any device); `generator` (on `device`) draws the noise."""
         device = torch.device(device)
         p = {k: v.to(device) for k, v in p.items()}
@@ -147,7 +202,9 @@ class ShapeScenes:
         # a texture's second tone keeps the object's hue; a darker gray would be nearer purple than white
         dark, light = fg.mean(dim=1, keepdim=True) < 0.3, fg.min(dim=1, keepdim=True).values > 0.8
         shade = torch.where(dark, fg + 0.3, torch.where(light, fg * 0.8, fg * 0.65))
-        obj = torch.where(self._texture(p, device)[:, None], shade.view(n, 3, 1, 1), fg.view(n, 3, 1, 1))
+        obj = torch.where(
+            self._texture(p, device)[:, None], shade.view(n, 3, 1, 1), fg.view(n, 3, 1, 1)
+        )
         image = torch.where(self._masks(p, device)[:, None], obj, bg.view(n, 3, 1, 1))
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
@@ -173,7 +230,9 @@ class ShapeScenes:
 
     def captions(self, p: dict[str, torch.Tensor]) -> list[str]:
         rows = {k: v.tolist() for k, v in p.items() if v.dim() == 1}
-        return [caption({k: v[i] for k, v in rows.items()}, self.shapes) for i in range(len(p["shape"]))]
+        return [
+            caption({k: v[i] for k, v in rows.items()}, self.shapes) for i in range(len(p["shape"]))
+        ]
 
     def sample(self, n: int, seed: int, device: str | torch.device = "cpu") -> Scenes:
         """`n` scenes from `seed`: images on `device`, captions, labels (on the CPU)."""
@@ -200,7 +259,9 @@ _SHAPE_TESTS = {
     "square": lambda u, v: torch.maximum(u.abs(), v.abs()) <= 0.85,
     "triangle": lambda u, v: (v <= 0.75) & (v >= -1) & (u.abs() <= (v + 1) * 0.62),
     "star": _star,
-    "cross": lambda u, v: ((u.abs() <= 1) & (v.abs() <= 0.33)) | ((v.abs() <= 1) & (u.abs() <= 0.33)),
+    "cross": lambda u, v: (
+        ((u.abs() <= 1) & (v.abs() <= 0.33)) | ((v.abs() <= 1) & (u.abs() <= 0.33))
+    ),
     "diamond": lambda u, v: u.abs() + v.abs() <= 1.05,
     "bar": lambda u, v: (u.abs() <= 1.15) & (v.abs() <= 0.22),
 }
@@ -210,10 +271,12 @@ def caption(scene: dict[str, float], shapes: tuple[str, ...]) -> str:
     """The caption of one scene: count, size, texture, color, shape, position and background, with
     the background left out 15% of the time and a "a photo of" style prefix 20% of the time."""
     count, shape = int(scene["count"]), shapes[int(scene["shape"])]
-    words = [SIZES[int(scene["size"])] if int(scene["size"]) != 1 else "",
-             TEXTURES[int(scene["texture"])] if int(scene["texture"]) else "",
-             COLOR_NAMES[int(scene["color"])],
-             shape if count == 1 else PLURALS.get(shape, shape + "s")]
+    words = [
+        SIZES[int(scene["size"])] if int(scene["size"]) != 1 else "",
+        TEXTURES[int(scene["texture"])] if int(scene["texture"]) else "",
+        COLOR_NAMES[int(scene["color"])],
+        shape if count == 1 else PLURALS.get(shape, shape + "s"),
+    ]
     words = [w for w in words if w]
     text = " ".join([_article(words[0]) if count == 1 else COUNT_WORDS[count - 1], *words])
     if count == 1 and int(scene["position"]):
@@ -232,7 +295,18 @@ def _article(word: str) -> str:
 
 def caption_words() -> list[str]:
     """Every word a caption can use (for the tokenizer's vocabulary)."""
-    words = {"a", "an", "on", "background", "of", *COUNT_WORDS, *SIZES, *TEXTURES, *COLOR_NAMES, *VIT_SHAPES}
+    words = {
+        "a",
+        "an",
+        "on",
+        "background",
+        "of",
+        *COUNT_WORDS,
+        *SIZES,
+        *TEXTURES,
+        *COLOR_NAMES,
+        *VIT_SHAPES,
+    }
     words |= {PLURALS.get(s, s + "s") for s in VIT_SHAPES}
     for phrase in (*POSITIONS, *PREFIXES):
         words |= set(phrase.split())
@@ -245,7 +319,7 @@ def dominant_colors(images: torch.Tensor, border: int = 2) -> tuple[torch.Tensor
     the most common other color. Used by the tests and to score generated images."""
     palette = torch.tensor(list(COLORS.values()), device=images.device)
     n = images.shape[0]
-    dist = ((images.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)    # n, h, w, colors
+    dist = ((images.permute(0, 2, 3, 1)[..., None, :] - palette) ** 2).sum(-1)  # n, h, w, colors
     nearest = dist.argmin(-1)
     edge = torch.ones_like(nearest, dtype=torch.bool)
     edge[:, border:-border, border:-border] = False

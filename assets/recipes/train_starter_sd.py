@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from .caption_tokenizer import build_tokenizer, encode_captions
-from .recipe_run import Budget, RunLog, autocast, folder_megabytes, lr_factor, pick_device, save_folder
+from .recipe_run import (
+    Budget,
+    RunLog,
+    autocast,
+    folder_megabytes,
+    lr_factor,
+    pick_device,
+    save_folder,
+)
 from .shapes import SHAPES, ShapeScenes, take
 
 ASSETS = Path(__file__).resolve().parent.parent
@@ -42,8 +50,8 @@ class SDRecipe:
 
     size: int = 64
     minutes: float = 5.0
-    vae_share: float = 0.25           # fraction of the budget spent on the VAE
-    steps: int | None = None          # fixed UNet step count instead of the clock (tests)
+    vae_share: float = 0.25  # fraction of the budget spent on the VAE
+    steps: int | None = None  # fixed UNet step count instead of the clock (tests)
     vae_steps: int | None = None
     batch: int = 256
     vae_batch: int = 128
@@ -56,56 +64,121 @@ class SDRecipe:
     pool: int = 200_000
     seed: int = 0
     log_every: int = 100
-    unet: dict = field(default_factory=lambda: dict(
-        block_out_channels=(64, 128, 192), layers_per_block=1, attention_head_dim=4, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
-    vae: dict = field(default_factory=lambda: dict(block_out_channels=(32, 64, 64), layers_per_block=1,
-                                                   norm_num_groups=32, latent_channels=4))
-    text: dict = field(default_factory=lambda: dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                                    num_attention_heads=4, max_position_embeddings=32))
+    unet: dict = field(
+        default_factory=lambda: dict(
+            block_out_channels=(64, 128, 192),
+            layers_per_block=1,
+            attention_head_dim=4,
+            norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    )
+    vae: dict = field(
+        default_factory=lambda: dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            latent_channels=4,
+        )
+    )
+    text: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+        )
+    )
 
     @classmethod
-    def tiny(cls, **overrides) -> "SDRecipe":
+    def tiny(cls, **overrides) -> SDRecipe:
         """A few-hundred-KB model for CPU smoke tests."""
         base = dict(
-            size=32, batch=8, vae_batch=8, pool=256, warmup=2, log_every=1,
-            unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2, norm_num_groups=8,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-            vae=dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4),
-            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      max_position_embeddings=32))
+            size=32,
+            batch=8,
+            vae_batch=8,
+            pool=256,
+            warmup=2,
+            log_every=1,
+            unet=dict(
+                block_out_channels=(16, 32),
+                layers_per_block=1,
+                attention_head_dim=2,
+                norm_num_groups=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            ),
+            vae=dict(
+                block_out_channels=(8, 16, 16),
+                layers_per_block=1,
+                norm_num_groups=8,
+                latent_channels=4,
+            ),
+            text=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=32,
+            ),
+        )
         return cls(**{**base, **overrides})
 
 
 # ---- models ----
+
 
 def build_models(recipe: SDRecipe, tokenizer):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae_blocks = len(recipe.vae["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=recipe.size,
-                        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-                        up_block_types=("UpDecoderBlock2D",) * vae_blocks, **recipe.vae)
-    latent = recipe.size // 2 ** (vae_blocks - 1)   # the pipeline's vae_scale_factor rule
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                        **recipe.text))
-    unet = UNet2DConditionModel(sample_size=latent, in_channels=recipe.vae["latent_channels"],
-                                out_channels=recipe.vae["latent_channels"],
-                                cross_attention_dim=recipe.text["hidden_size"], **recipe.unet)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        sample_size=recipe.size,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        **recipe.vae,
+    )
+    latent = recipe.size // 2 ** (vae_blocks - 1)  # the pipeline's vae_scale_factor rule
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **recipe.text,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=recipe.vae["latent_channels"],
+        out_channels=recipe.vae["latent_channels"],
+        cross_attention_dim=recipe.text["hidden_size"],
+        **recipe.unet,
+    )
     # DDPM's linear betas end near zero signal (alpha_bar_T ~ 4e-5); SD's scaled_linear leaves
     # enough at t=T on 16x16 latents for the model to read the mean color from the noise instead of
     # the prompt. "trailing" spacing starts sampling at t=999.
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="trailing", prediction_type="epsilon")
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+    )
     return vae, text, unet, scheduler
 
 
 # ---- phase 1: VAE ----
+
 
 def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, log) -> dict:
     vae.to(device).train()
@@ -116,7 +189,9 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
     while not budget.done(step):
         for group in opt.param_groups:
             group["lr"] = recipe.vae_lr * lr_factor(step, budget.progress(step), recipe.warmup)
-        idx = torch.randint(0, len(pool["shape"]), (recipe.vae_batch,), device=device, generator=gen)
+        idx = torch.randint(
+            0, len(pool["shape"]), (recipe.vae_batch,), device=device, generator=gen
+        )
         x = scenes.render(take(pool, idx), device) * 2 - 1
         with autocast(device):
             posterior = vae.encode(x).latent_dist
@@ -130,8 +205,10 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
         step += 1
         if step % recipe.log_every == 0 or budget.done(step):
             recon = float(rec.detach())
-            log(f"vae step {step} recon {recon:.4f} kl {float(posterior.kl().detach().mean()):.1f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {budget.elapsed():.0f}s")
+            log(
+                f"vae step {step} recon {recon:.4f} kl {float(posterior.kl().detach().mean()):.1f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {budget.elapsed():.0f}s"
+            )
     vae.eval()
     with torch.no_grad(), autocast(device):
         idx = torch.arange(min(1024, len(pool["shape"])), device=device)
@@ -140,24 +217,46 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
         psnr = -10 * torch.log10(F.mse_loss(vae.decode(latents).sample.float().clamp(-1, 1), x) / 4)
     scale = 1.0 / float(latents.std())
     vae.register_to_config(scaling_factor=scale)
-    log(f"vae done: {step} steps, recon {recon:.4f}, PSNR {float(psnr):.1f} dB, scaling_factor {scale:.4f}")
-    return {"vae_steps": step, "vae_recon": recon, "vae_psnr_db": float(psnr), "scaling_factor": scale,
-            "vae_seconds": budget.elapsed()}
+    log(
+        f"vae done: {step} steps, recon {recon:.4f}, PSNR {float(psnr):.1f} dB, scaling_factor {scale:.4f}"
+    )
+    return {
+        "vae_steps": step,
+        "vae_recon": recon,
+        "vae_psnr_db": float(psnr),
+        "scaling_factor": scale,
+        "vae_seconds": budget.elapsed(),
+    }
 
 
 # ---- phase 2: UNet + text encoder ----
 
-def train_unet(unet, text, vae, tokenizer, scheduler, scenes: ShapeScenes, pool: dict, ids: torch.Tensor,
-               recipe: SDRecipe, device, log) -> dict:
+
+def train_unet(
+    unet,
+    text,
+    vae,
+    tokenizer,
+    scheduler,
+    scenes: ShapeScenes,
+    pool: dict,
+    ids: torch.Tensor,
+    recipe: SDRecipe,
+    device,
+    log,
+) -> dict:
     unet.to(device).train()
     text.to(device).train()
     vae.requires_grad_(False)
-    groups = [{"params": list(unet.parameters()), "lr": recipe.lr, "base": recipe.lr},
-              {"params": list(text.parameters()), "lr": recipe.text_lr, "base": recipe.text_lr}]
+    groups = [
+        {"params": list(unet.parameters()), "lr": recipe.lr, "base": recipe.lr},
+        {"params": list(text.parameters()), "lr": recipe.text_lr, "base": recipe.text_lr},
+    ]
     opt = torch.optim.AdamW(groups, weight_decay=1e-2, betas=(0.9, 0.99))
     alphas = scheduler.alphas_cumprod.to(device)
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids.to(device)
+    empty = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
     budget = Budget(recipe.minutes * (1 - recipe.vae_share), recipe.steps)
     gen = torch.Generator(device=device).manual_seed(recipe.seed + 1)
     step, avg, losses = 0, None, []
@@ -167,7 +266,9 @@ def train_unet(unet, text, vae, tokenizer, scheduler, scenes: ShapeScenes, pool:
         idx = torch.randint(0, len(pool["shape"]), (recipe.batch,), device=device, generator=gen)
         with torch.no_grad(), autocast(device):
             x = scenes.render(take(pool, idx), device) * 2 - 1
-            latents = vae.encode(x).latent_dist.sample(generator=gen).float() * vae.config.scaling_factor
+            latents = (
+                vae.encode(x).latent_dist.sample(generator=gen).float() * vae.config.scaling_factor
+            )
         drop = torch.rand(recipe.batch, device=device, generator=gen) < recipe.caption_dropout
         batch_ids = torch.where(drop[:, None], empty, ids[idx])
         noise = torch.randn(latents.shape, device=device, generator=gen)
@@ -187,28 +288,53 @@ def train_unet(unet, text, vae, tokenizer, scheduler, scenes: ShapeScenes, pool:
             value = float(loss.detach())
             avg = value if avg is None else 0.9 * avg + 0.1 * value
             losses.append(value)
-            log(f"unet step {step} loss {value:.4f} (avg {avg:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
-                f"{budget.elapsed():.0f}s {step * recipe.batch / max(budget.elapsed(), 1e-9):.0f} img/s")
-    return {"unet_steps": step, "unet_final_loss": avg, "unet_seconds": budget.elapsed(),
-            "unet_images_seen": step * recipe.batch}
+            log(
+                f"unet step {step} loss {value:.4f} (avg {avg:.4f}) lr {opt.param_groups[0]['lr']:.2e} "
+                f"{budget.elapsed():.0f}s {step * recipe.batch / max(budget.elapsed(), 1e-9):.0f} img/s"
+            )
+    return {
+        "unet_steps": step,
+        "unet_final_loss": avg,
+        "unet_seconds": budget.elapsed(),
+        "unet_images_seen": step * recipe.batch,
+    }
 
 
-def save_pipeline(dest: Path, vae, text, tokenizer, tokenizer_files: Path, unet, scheduler, recipe: SDRecipe,
-                  results: dict, log_path: Path) -> Path:
+def save_pipeline(
+    dest: Path,
+    vae,
+    text,
+    tokenizer,
+    tokenizer_files: Path,
+    unet,
+    scheduler,
+    recipe: SDRecipe,
+    results: dict,
+    log_path: Path,
+) -> Path:
     from diffusers import StableDiffusionPipeline
 
     def write(tmp: Path) -> None:
         # UNet and VAE in fp16 keep the folder under 30 MB; diffusers loads them as fp32. The text
         # encoder stays fp32 because transformers would keep fp16 weights in fp16.
-        pipe = StableDiffusionPipeline(vae=vae.to("cpu", torch.float16), text_encoder=text.to("cpu", torch.float32),
-                                       tokenizer=tokenizer, unet=unet.to("cpu", torch.float16), scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, image_encoder=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae.to("cpu", torch.float16),
+            text_encoder=text.to("cpu", torch.float32),
+            tokenizer=tokenizer,
+            unet=unet.to("cpu", torch.float16),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 writes only tokenizer.json; 4.x's slow CLIPTokenizer reads these two
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(tokenizer_files / name, tmp / "tokenizer" / name)
-        (tmp / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "results": results}, indent=2))
+        (tmp / "recipe.json").write_text(
+            json.dumps({"recipe": asdict(recipe), "results": results}, indent=2)
+        )
         if log_path.is_file():
             (tmp / "train_log.txt").write_text(log_path.read_text())
 
@@ -218,7 +344,9 @@ def save_pipeline(dest: Path, vae, text, tokenizer, tokenizer_files: Path, unet,
     return out
 
 
-def train_starter_sd(recipe: SDRecipe, out: Path, device: torch.device, log_path: Path | None = None) -> dict:
+def train_starter_sd(
+    recipe: SDRecipe, out: Path, device: torch.device, log_path: Path | None = None
+) -> dict:
     """Train both phases and write the pipeline folder `out`; returns the results (also in recipe.json)."""
     torch.manual_seed(recipe.seed)
     if device.type == "cuda":
@@ -235,18 +363,29 @@ def train_starter_sd(recipe: SDRecipe, out: Path, device: torch.device, log_path
     ids = encode_captions(tokenizer, scenes.captions(params)).to(device)
     pool = {k: v.to(device) for k, v in params.items()}
     vae, text, unet, scheduler = build_models(recipe, tokenizer)
-    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in
-             (("unet", unet), ("vae", vae), ("text_encoder", text))}
-    log(f"parameters: {sizes}; vocabulary {len(tokenizer)} tokens; data pool {recipe.pool} scenes "
-        f"({time.perf_counter() - start:.1f}s to build)")
-    results = {"parameters": sizes, "device": str(device),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    sizes = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text))
+    }
+    log(
+        f"parameters: {sizes}; vocabulary {len(tokenizer)} tokens; data pool {recipe.pool} scenes "
+        f"({time.perf_counter() - start:.1f}s to build)"
+    )
+    results = {
+        "parameters": sizes,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
     results.update(train_vae(vae, scenes, pool, recipe, device, log))
-    results.update(train_unet(unet, text, vae, tokenizer, scheduler, scenes, pool, ids, recipe, device, log))
+    results.update(
+        train_unet(unet, text, vae, tokenizer, scheduler, scenes, pool, ids, recipe, device, log)
+    )
     results["total_seconds"] = time.perf_counter() - start
     log(f"done in {results['total_seconds']:.0f}s; saving to {out}")
     log.close()
-    save_pipeline(out, vae, text, tokenizer, work / "tokenizer", unet, scheduler, recipe, results, log_path)
+    save_pipeline(
+        out, vae, text, tokenizer, work / "tokenizer", unet, scheduler, recipe, results, log_path
+    )
     shutil.rmtree(work, ignore_errors=True)
     results["folder_mb"] = folder_megabytes(out)
     print(f"saved {out} ({results['folder_mb']:.1f} MB)", flush=True)
@@ -255,19 +394,31 @@ def train_starter_sd(recipe: SDRecipe, out: Path, device: torch.device, log_path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ASSETS / "starter-sd"), help="pipeline folder to write")
-    parser.add_argument("--minutes", type=float, default=SDRecipe.minutes, help="wall-clock budget, both phases")
-    parser.add_argument("--steps", type=int, default=None, help="fixed UNet steps instead of the clock")
-    parser.add_argument("--vae-steps", type=int, default=None, help="fixed VAE steps instead of the clock")
+    parser.add_argument(
+        "--out", default=str(ASSETS / "starter-sd"), help="pipeline folder to write"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=SDRecipe.minutes, help="wall-clock budget, both phases"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="fixed UNet steps instead of the clock"
+    )
+    parser.add_argument(
+        "--vae-steps", type=int, default=None, help="fixed VAE steps instead of the clock"
+    )
     parser.add_argument("--batch", type=int, default=SDRecipe.batch)
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model at 32x32 (smoke test)")
     parser.add_argument("--log", default=None, help="also keep the training log here")
     args = parser.parse_args(argv)
-    settings = dict(minutes=args.minutes, steps=args.steps, vae_steps=args.vae_steps, seed=args.seed)
+    settings = dict(
+        minutes=args.minutes, steps=args.steps, vae_steps=args.vae_steps, seed=args.seed
+    )
     recipe = SDRecipe.tiny(**settings) if args.tiny else SDRecipe(batch=args.batch, **settings)
-    train_starter_sd(recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None)
+    train_starter_sd(
+        recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
+    )
     return 0
 
 

@@ -19,22 +19,40 @@ import numpy as np
 from PIL import Image
 
 TEAL, MAGENTA, YELLOW = (0.10, 0.70, 0.66), (0.85, 0.15, 0.60), (0.98, 0.85, 0.20)
-BACKGROUNDS = [(0.96, 0.93, 0.84), (0.90, 0.90, 0.88), (0.97, 0.88, 0.90), (0.93, 0.95, 0.86), (0.95, 0.91, 0.80)]
+BACKGROUNDS = [
+    (0.96, 0.93, 0.84),
+    (0.90, 0.90, 0.88),
+    (0.97, 0.88, 0.90),
+    (0.93, 0.95, 0.86),
+    (0.95, 0.91, 0.80),
+]
 # (center y, center x, radius, rotation in radians) per view, in units of the image side
-VIEWS = [(0.50, 0.50, 0.36, 0.0), (0.45, 0.56, 0.30, 0.35), (0.56, 0.44, 0.33, 0.8), (0.52, 0.52, 0.40, 1.3),
-         (0.47, 0.47, 0.28, 2.0)]
+VIEWS = [
+    (0.50, 0.50, 0.36, 0.0),
+    (0.45, 0.56, 0.30, 0.35),
+    (0.56, 0.44, 0.33, 0.8),
+    (0.52, 0.52, 0.40, 1.3),
+    (0.47, 0.47, 0.28, 2.0),
+]
 
 
-def draw_toy(size: int, cy: float, cx: float, radius: float, turn: float, background, supersample: int = 4) -> Image.Image:
+def draw_toy(
+    size: int, cy: float, cx: float, radius: float, turn: float, background, supersample: int = 4
+) -> Image.Image:
     """One view of the toy as an RGB image of `size` x `size` pixels (anti-aliased by supersampling)."""
     n = size * supersample
     axis = (np.arange(n) + 0.5) / n
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
     dy, dx = yy - cy, xx - cx
     r, theta = np.hypot(dy, dx) / radius, np.arctan2(dy, dx) + turn
-    petals = r <= 0.62 + 0.38 * np.abs(np.cos(3 * theta))   # six lobes
-    checks = ((np.floor((dx * np.cos(turn) + dy * np.sin(turn)) / radius * 4)
-               + np.floor((dy * np.cos(turn) - dx * np.sin(turn)) / radius * 4)) % 2) == 0
+    petals = r <= 0.62 + 0.38 * np.abs(np.cos(3 * theta))  # six lobes
+    checks = (
+        (
+            np.floor((dx * np.cos(turn) + dy * np.sin(turn)) / radius * 4)
+            + np.floor((dy * np.cos(turn) - dx * np.sin(turn)) / radius * 4)
+        )
+        % 2
+    ) == 0
     hub = r <= 0.25
     image = np.empty((n, n, 3))
     image[:] = background

@@ -12,11 +12,16 @@ from peftkit.apps.app import build_app, launch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="headless browser test needs the chromium and chromedriver binaries "
-                                       "(Debian: apt-get install chromium chromium-driver)")
-TINY_VIT = {"model": "vit_tiny_patch16_224", "pretrained": False,
-            "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="headless browser test needs the chromium and chromedriver binaries "
+    "(Debian: apt-get install chromium chromium-driver)",
+)
+TINY_VIT = {
+    "model": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1400,1800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -72,10 +82,13 @@ def test_train_from_the_page_until_the_progress_finishes(browser, url, tmp_path)
     browser.find_element(By.ID, "train-button").click()
     # the status is re-rendered on every update: look it up afresh each time
     WebDriverWait(browser, 120, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda d: any(w in d.find_element(By.ID, "train-status").text for w in ("done", "failed")))
+        lambda d: any(w in d.find_element(By.ID, "train-status").text for w in ("done", "failed"))
+    )
     status = browser.find_element(By.ID, "train-status").text
     assert "done" in status and "step 8/8" in status, status
-    WebDriverWait(browser, 30).until(lambda d: "unet_adapter" in d.find_element(By.ID, "adapter-files").text)
+    WebDriverWait(browser, 30).until(
+        lambda d: "unet_adapter" in d.find_element(By.ID, "adapter-files").text
+    )
     shot = tmp_path / "app-after-training.png"
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
@@ -94,12 +107,17 @@ def test_a_bad_upload_shows_a_message_in_the_page_not_a_traceback(browser, url, 
     paths.append(tmp_path / "broken.png")
     paths[-1].write_text("not a picture at all")
     browser.find_element(By.CSS_SELECTOR, "#concept-files input[type='file']").send_keys(
-        "\n".join(str(p) for p in paths))
-    WebDriverWait(browser, 30).until(lambda d: "broken" in d.find_element(By.ID, "concept-files").text)
+        "\n".join(str(p) for p in paths)
+    )
+    WebDriverWait(browser, 30).until(
+        lambda d: "broken" in d.find_element(By.ID, "concept-files").text
+    )
     browser.find_element(By.ID, "train-button").click()
-    WebDriverWait(browser, 30).until(lambda d: "is not an image" in d.find_element(By.ID, "train-status").text)
+    WebDriverWait(browser, 30).until(
+        lambda d: "is not an image" in d.find_element(By.ID, "train-status").text
+    )
     browser.save_screenshot(str(tmp_path / "app-bad-upload.png"))
     status = browser.find_element(By.ID, "train-status").text
     assert "not started" in status and "broken.png is not an image that can be read" in status
     page = browser.find_element(By.TAG_NAME, "body").text
-    assert "Traceback" not in page and "File \"" not in page
+    assert "Traceback" not in page and 'File "' not in page

@@ -18,8 +18,13 @@ def queue(tiny_sd_path):
 def _submit(queue, runner, steps, rank=4, images=SAMPLES):
     job = runner.track("concept")
     out = job.output_dir / "adapter"
-    queue.submit(job, lambda base: concept_job(job.id, images, "a photo of sks toy", "lora", steps, rank, out,
-                                                resolution=16), lambda: out)
+    queue.submit(
+        job,
+        lambda base: concept_job(
+            job.id, images, "a photo of sks toy", "lora", steps, rank, out, resolution=16
+        ),
+        lambda: out,
+    )
     return job
 
 
@@ -42,7 +47,9 @@ def test_cancel_leaves_saved_and_a_job_with_another_rank_waits_then_runs(queue, 
     other = _submit(queue, runner, steps=2, rank=8)
     while long.step < 2:
         assert not long.wait(0.05), long.message
-    assert other.snapshot()["status"] == "queued" and "waiting for the running jobs" in other.message
+    assert (
+        other.snapshot()["status"] == "queued" and "waiting for the running jobs" in other.message
+    )
     runner.cancel(long.id)
     assert long.wait(120) and other.wait(300)
     assert long.status == CANCELLED and (long.output_dir / "adapter" / UNET_FILE).is_file()
@@ -53,4 +60,8 @@ def test_a_job_with_a_bad_image_folder_fails_with_a_message(queue, tmp_path):
     runner = JobRunner(tmp_path, workers=1)
     job = _submit(queue, runner, steps=2, images=tmp_path / "nowhere")
     assert job.wait(120)
-    assert job.status == FAILED and "nowhere" in job.message and (job.output_dir / "error.log").is_file()
+    assert (
+        job.status == FAILED
+        and "nowhere" in job.message
+        and (job.output_dir / "error.log").is_file()
+    )

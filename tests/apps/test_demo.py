@@ -43,7 +43,7 @@ def test_color_similarity_is_one_for_same_colors_and_zero_for_disjoint_ones():
 def test_color_similarity_ranks_the_concept_above_starter_like_scenes():
     toys = _samples()
     scene = np.zeros((64, 64, 3), np.uint8)
-    scene[:] = (30, 64, 240)                      # "a red circle on a blue background"
+    scene[:] = (30, 64, 240)  # "a red circle on a blue background"
     yy, xx = np.mgrid[:64, :64]
     scene[(yy - 32) ** 2 + (xx - 32) ** 2 < 300] = (230, 25, 25)
     same = color_similarity(toys[:2], toys[2:])
@@ -52,10 +52,29 @@ def test_color_similarity_ranks_the_concept_above_starter_like_scenes():
 
 
 @pytest.mark.parametrize("method", ["lora", "lokr", "oft"])
-def test_demo_writes_a_before_after_grid_the_adapter_and_metrics(tiny_sd_path, tmp_path, capsys, method):
+def test_demo_writes_a_before_after_grid_the_adapter_and_metrics(
+    tiny_sd_path, tmp_path, capsys, method
+):
     out = tmp_path / "demo"
-    code = demo(["--base", str(tiny_sd_path), "--output", str(out), "--method", method, "--steps", "4",
-                 "--rank", "2", "--sample-steps", "2", "--device", "cpu", "--no-progress"])
+    code = demo(
+        [
+            "--base",
+            str(tiny_sd_path),
+            "--output",
+            str(out),
+            "--method",
+            method,
+            "--steps",
+            "4",
+            "--rank",
+            "2",
+            "--sample-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metric"] == "color" and metrics["steps"] == 4 and metrics["method"] == method
@@ -76,25 +95,73 @@ def test_demo_reports_clip_i_with_an_open_clip_model(tiny_sd_path, tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 16,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
     clip = tmp_path / "clip"
     clip.mkdir()
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**config).state_dict().items()},
-              clip / "open_clip_model.safetensors")
-    (clip / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in open_clip.CLIP(**config).state_dict().items()},
+        clip / "open_clip_model.safetensors",
+    )
+    (clip / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": config, "preprocess_cfg": {}})
+    )
     out = tmp_path / "demo"
-    assert demo(["--base", str(tiny_sd_path), "--output", str(out), "--steps", "2", "--sample-steps", "2",
-                 "--device", "cpu", "--no-progress", "--clip-model", str(clip)]) == 0
+    assert (
+        demo(
+            [
+                "--base",
+                str(tiny_sd_path),
+                "--output",
+                str(out),
+                "--steps",
+                "2",
+                "--sample-steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--clip-model",
+                str(clip),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["metric"] == "clip_i" and metrics["before"] == metrics["scores"]["before"]["clip_i"]
+    assert (
+        metrics["metric"] == "clip_i" and metrics["before"] == metrics["scores"]["before"]["clip_i"]
+    )
     assert -1.0 <= metrics["after"] <= 1.0 and 0.0 <= metrics["scores"]["after"]["color"] <= 1.0
 
 
 def test_demo_reports_missing_images_as_a_user_error(tiny_sd_path, tmp_path):
     with pytest.raises(PeftkitError, match="does not exist"):
-        demo(["--base", str(tiny_sd_path), "--images", str(tmp_path / "nope"), "--output", str(tmp_path)])
+        demo(
+            [
+                "--base",
+                str(tiny_sd_path),
+                "--images",
+                str(tmp_path / "nope"),
+                "--output",
+                str(tmp_path),
+            ]
+        )
 
 
 @pytest.mark.skipif(STARTER.is_dir(), reason="the starter model is installed")
@@ -103,11 +170,15 @@ def test_demo_without_the_starter_model_says_how_to_pass_another_base(tmp_path):
         demo(["--output", str(tmp_path), "--device", "cpu"])
 
 
-@pytest.mark.skipif(not STARTER.is_dir(), reason="the starter model (assets/starter-sd) is not installed")
+@pytest.mark.skipif(
+    not STARTER.is_dir(), reason="the starter model (assets/starter-sd) is not installed"
+)
 def test_demo_on_the_starter_model_brings_generated_images_closer_to_the_concept(tmp_path):
     out = tmp_path / "demo"
     assert demo(["--output", str(out), "--device", "cpu", "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"\nstarter demo: color similarity {metrics['before']:.4f} -> {metrics['after']:.4f} "
-          f"in {metrics['seconds']} s")
+    print(
+        f"\nstarter demo: color similarity {metrics['before']:.4f} -> {metrics['after']:.4f} "
+        f"in {metrics['seconds']} s"
+    )
     assert metrics["after"] > metrics["before"]

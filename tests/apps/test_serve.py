@@ -17,7 +17,9 @@ SETTINGS = dict(steps=2, guidance=3.0, width=16, height=16)
 def pipe(tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd_path, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -26,7 +28,9 @@ def pipe(tiny_sd_path):
 def adapter_dir(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     for i, name in enumerate(["dog", "cat", "owl"]):
-        handle = inject(pipe.unet, LoRAConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=2), name=name)
+        handle = inject(
+            pipe.unet, LoRAConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=2), name=name
+        )
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for p in handle.trainable_parameters():
@@ -47,10 +51,18 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_concurrent_requests_for_different_adapters_share_one_batch_and_match_solo_runs(pipe, adapter_dir):
-    batcher = Batcher(pipe, AdapterCache(pipe.unet, adapter_dir, max_bytes=2**30), max_batch=8, window_s=0.5)
-    requests = [Request("a dog", adapter="dog", seed=1, **SETTINGS), Request("a cat", adapter="cat", seed=2, **SETTINGS),
-                Request("plain", adapter=None, seed=3, **SETTINGS), Request("an owl", adapter="owl", scale=0.5, seed=4, **SETTINGS)]
+def test_concurrent_requests_for_different_adapters_share_one_batch_and_match_solo_runs(
+    pipe, adapter_dir
+):
+    batcher = Batcher(
+        pipe, AdapterCache(pipe.unet, adapter_dir, max_bytes=2**30), max_batch=8, window_s=0.5
+    )
+    requests = [
+        Request("a dog", adapter="dog", seed=1, **SETTINGS),
+        Request("a cat", adapter="cat", seed=2, **SETTINGS),
+        Request("plain", adapter=None, seed=3, **SETTINGS),
+        Request("an owl", adapter="owl", scale=0.5, seed=4, **SETTINGS),
+    ]
     futures = [None] * len(requests)
 
     def send(i):
@@ -67,8 +79,13 @@ def test_concurrent_requests_for_different_adapters_share_one_batch_and_match_so
     assert batcher.batches_run == 5
     for a, b in zip(together, alone):
         assert np.abs(pixels(a) - pixels(b)).max() <= 2
-    assert np.abs(pixels(together[0]) - pixels(batcher.submit(Request("a dog", seed=1, **SETTINGS)).result())).max() > 2, \
-        "the adapter must change the image"
+    assert (
+        np.abs(
+            pixels(together[0])
+            - pixels(batcher.submit(Request("a dog", seed=1, **SETTINGS)).result())
+        ).max()
+        > 2
+    ), "the adapter must change the image"
 
 
 def test_lru_cache_evicts_beyond_its_budget_and_restores_the_unet(pipe, adapter_dir):
@@ -84,7 +101,9 @@ def test_lru_cache_evicts_beyond_its_budget_and_restores_the_unet(pipe, adapter_
 def test_http_api_answers_and_rejects_unknown_adapters_and_bad_payloads(pipe, adapter_dir):
     from fastapi.testclient import TestClient
 
-    client = TestClient(create_app(Batcher(pipe, AdapterCache(pipe.unet, adapter_dir, 2**30), window_s=0.01)))
+    client = TestClient(
+        create_app(Batcher(pipe, AdapterCache(pipe.unet, adapter_dir, 2**30), window_s=0.01))
+    )
     assert client.get("/adapters").json()["available"] == ["cat", "dog", "owl"]
     ok = client.post("/generate", json={"prompt": "a dog", "adapter": "dog", **SETTINGS})
     assert ok.status_code == 200
@@ -94,4 +113,9 @@ def test_http_api_answers_and_rejects_unknown_adapters_and_bad_payloads(pipe, ad
     assert missing.status_code == 404 and "unknown adapter 'horse'" in missing.json()["detail"]
     assert client.post("/generate", json={"adapter": "dog"}).status_code == 422
     assert client.post("/generate", json={"prompt": "x", "width": 17}).status_code == 422
-    assert client.post("/generate", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post(
+            "/generate", content=b"not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )

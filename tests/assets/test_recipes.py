@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from peftkit.assets.recipes.shapes import COLOR_NAMES, PLURALS, SHAPES, VIT_SHAPES, ShapeScenes, dominant_colors
+from peftkit.assets.recipes.shapes import (
+    COLOR_NAMES,
+    PLURALS,
+    SHAPES,
+    VIT_SHAPES,
+    ShapeScenes,
+    dominant_colors,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +58,9 @@ def test_single_shapes_are_told_apart_by_their_pixels():
 
 
 def test_vit_labels_ignore_what_does_not_apply():
-    scenes = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True, noise=0.05).sample(64, seed=1)
+    scenes = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True, noise=0.05).sample(
+        64, seed=1
+    )
     labels = scenes.labels
     several = labels["count"] > 0
     assert (labels["position"][several] == -100).all() and (labels["position"][~several] >= 0).all()
@@ -66,10 +75,14 @@ def test_tokenizer_keeps_caption_words_whole_and_spells_out_rare_words(tmp_path)
     for word in ("circle", "crosses", "background", "yellow", "photo", "toy", "dog"):
         assert tok.tokenize(word) == [word + "</w>"]
     pieces = tok.tokenize("sks Zebra_42!")
-    assert "".join(pieces).replace("</w>", "") == "sks" + "zebra_42!" and tok.unk_token not in pieces
+    assert (
+        "".join(pieces).replace("</w>", "") == "sks" + "zebra_42!" and tok.unk_token not in pieces
+    )
     captions = ShapeScenes(size=32).sample(64, seed=2).captions
-    assert torch.equal(encode_captions(tok, captions),
-                       tok(captions, padding="max_length", max_length=32, return_tensors="pt").input_ids)
+    assert torch.equal(
+        encode_captions(tok, captions),
+        tok(captions, padding="max_length", max_length=32, return_tensors="pt").input_ids,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +102,13 @@ def test_sd_recipe_writes_a_pipeline_that_diffusers_and_load_base_load(starter_s
     pipe = StableDiffusionPipeline.from_pretrained(str(starter_sd))
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
-    image = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=4.0,
-                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    image = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     base = load_base(str(starter_sd))
     hidden, _ = base.encode_prompt(["a photo of sks toy"])
@@ -99,7 +117,9 @@ def test_sd_recipe_writes_a_pipeline_that_diffusers_and_load_base_load(starter_s
     assert recipe["results"]["unet_steps"] == 2 and recipe["results"]["scaling_factor"] > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(recipe["results"]["scaling_factor"])
     assert "unet step 2" in (starter_sd / "train_log.txt").read_text()
-    assert not list(starter_sd.parent.glob(".starter-sd*")), "the atomic save left its temporary folder"
+    assert not list(starter_sd.parent.glob(".starter-sd*")), (
+        "the atomic save left its temporary folder"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +153,25 @@ def test_vit_recipe_writes_a_backbone_that_create_backbone_loads(starter_vit):
 def test_evaluation_scores_both_models_and_writes_tables(starter_sd, starter_vit, tmp_path):
     from peftkit.assets.recipes.evaluate_starter import evaluate_t2i, evaluate_vit
 
-    t2i = evaluate_t2i(starter_sd, tmp_path, torch.device("cpu"), seeds=1, steps=2, classifier_steps=2, limit=2)
-    assert t2i["samples"] == 2 and 0 <= t2i["color_accuracy"] <= 100 and t2i["chance"]["color"] == 12.5
-    assert (tmp_path / "t2i_samples.png").is_file() and "| shape |" in (tmp_path / "t2i.md").read_text()
-    rows = evaluate_vit(starter_vit, tmp_path / "vit", torch.device("cpu"), ["color"], ["linear"], epochs=1,
-                        scratch=True, builtin_sizes=(32, 16))
+    t2i = evaluate_t2i(
+        starter_sd, tmp_path, torch.device("cpu"), seeds=1, steps=2, classifier_steps=2, limit=2
+    )
+    assert (
+        t2i["samples"] == 2 and 0 <= t2i["color_accuracy"] <= 100 and t2i["chance"]["color"] == 12.5
+    )
+    assert (tmp_path / "t2i_samples.png").is_file() and "| shape |" in (
+        tmp_path / "t2i.md"
+    ).read_text()
+    rows = evaluate_vit(
+        starter_vit,
+        tmp_path / "vit",
+        torch.device("cpu"),
+        ["color"],
+        ["linear"],
+        epochs=1,
+        scratch=True,
+        builtin_sizes=(32, 16),
+    )
     assert [r["method"] for r in rows] == ["linear", "full (random init)"]
     table = (tmp_path / "vit" / "results.md").read_text()
     assert "| linear |" in table and "| full (random init) |" in table

@@ -26,8 +26,10 @@ def base64():
 @pytest.fixture
 def inputs64():
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(5, 16, dtype=torch.float64, generator=g),
-            torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g))
+    return (
+        torch.randn(5, 16, dtype=torch.float64, generator=g),
+        torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g),
+    )
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import (KronConfig, LoRAConfig, OFTConfig, PeftkitError, inject, load_adapter,
-                                    read_adapter_config, save_adapter)
+from peftkit.common_kernels import (
+    KronConfig,
+    LoRAConfig,
+    OFTConfig,
+    PeftkitError,
+    inject,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 
 
 def tiny(width=8):
@@ -14,8 +22,14 @@ def tiny(width=8):
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(targets=["0", "2"], r=2), OFTConfig(targets=["0", "2"], block_size=4),
-                                    KronConfig(targets=["0", "2"], r=2)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(targets=["0", "2"], r=2),
+        OFTConfig(targets=["0", "2"], block_size=4),
+        KronConfig(targets=["0", "2"], r=2),
+    ],
+)
 def test_save_load_round_trip_gives_the_same_outputs(tmp_path, config):
     model = tiny()
     handle = inject(copy.deepcopy(model), config, base_model="tiny-mlp")
@@ -30,14 +44,21 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path, config):
     assert loaded.config == config and loaded.base_model == "tiny-mlp"
     assert torch.allclose(loaded_model(x), handle.model(x))
     cfg, meta = read_adapter_config(path)
-    assert cfg == config and meta["method"] == config.method and meta["base_fingerprint"] == handle.fingerprint()
+    assert (
+        cfg == config
+        and meta["method"] == config.method
+        and meta["base_fingerprint"] == handle.fingerprint()
+    )
 
 
 def test_loading_onto_other_shapes_names_the_first_mismatched_module(tmp_path):
     handle = inject(tiny(8), LoRAConfig(targets=["0", "2"], r=2), base_model="tiny-8")
     path = save_adapter(handle, tmp_path / "a.safetensors")
     other = tiny(16)
-    with pytest.raises(PeftkitError, match=r"module '0' has weight shape \(16, 8\) here but \(8, 8\) in base 'tiny-8'"):
+    with pytest.raises(
+        PeftkitError,
+        match=r"module '0' has weight shape \(16, 8\) here but \(8, 8\) in base 'tiny-8'",
+    ):
         load_adapter(other, path)
     from peftkit.common_kernels import adapted_layers
 

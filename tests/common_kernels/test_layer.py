@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import (AdaptedLayer, KronConfig, LoRAConfig, OFTConfig, PeftkitError, inject, routing)
+from peftkit.common_kernels import (
+    AdaptedLayer,
+    KronConfig,
+    LoRAConfig,
+    OFTConfig,
+    PeftkitError,
+    inject,
+    routing,
+)
 
 from .conftest import TwoLayer, rel
 
@@ -84,9 +92,9 @@ def test_mixed_batch_equals_each_row_alone(model32, inputs32):
             h.disable()
         if k >= 0:
             handles[k].enable()
-        alone = model32(inputs32[0][row:row + 1], inputs32[1][row:row + 1])
+        alone = model32(inputs32[0][row : row + 1], inputs32[1][row : row + 1])
         for a, b in zip(mixed, alone):
-            assert rel(a[row:row + 1], b) < 1e-6
+            assert rel(a[row : row + 1], b) < 1e-6
 
 
 def test_routing_rejects_unknown_names_and_bad_ids(model32, inputs32):
@@ -131,9 +139,16 @@ def test_no_match_error_lists_module_names(model32):
 
 def test_regex_and_type_targets():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1), nn.Linear(4, 4))
-    assert set(inject(copy.deepcopy(model), LoRAConfig(targets=["re:[02]"], r=1)).layers) == {"0", "2"}
-    assert set(inject(copy.deepcopy(model), LoRAConfig(target_types=["Conv2d"], r=1)).layers) == {"1"}
-    assert set(inject(copy.deepcopy(model), LoRAConfig(target_types=["Linear"], exclude=["2"], r=1)).layers) == {"0"}
+    assert set(inject(copy.deepcopy(model), LoRAConfig(targets=["re:[02]"], r=1)).layers) == {
+        "0",
+        "2",
+    }
+    assert set(inject(copy.deepcopy(model), LoRAConfig(target_types=["Conv2d"], r=1)).layers) == {
+        "1"
+    }
+    assert set(
+        inject(copy.deepcopy(model), LoRAConfig(target_types=["Linear"], exclude=["2"], r=1)).layers
+    ) == {"0"}
 
 
 def test_bf16_base_keeps_fp32_adapter_params():
@@ -144,7 +159,9 @@ def test_bf16_base_keeps_fp32_adapter_params():
     y = model(torch.randn(3, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in handle.trainable_parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 for p in handle.trainable_parameters()
+    )
 
 
 def test_config_round_trips_through_json():
@@ -176,11 +193,15 @@ def test_grouped_lora_routing_equals_separate_forwards_and_trains_each_adapter()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 6))
     names = ["a", "b", "c", "d"]
-    handles = [inject(model, LoRAConfig(targets=["0", "2"], r=2 if n != "d" else 3), name=n) for n in names]
+    handles = [
+        inject(model, LoRAConfig(targets=["0", "2"], r=2 if n != "d" else 3), name=n) for n in names
+    ]
     for h in handles:
         randomize(h)
     x = torch.randn(7, 5, 12)
-    assert_routed_equals_rows_alone(model, handles, [0, 1, 2, -1, 3, 1, 0], x, out_tol=1e-6, grad_tol=1e-5)
+    assert_routed_equals_rows_alone(
+        model, handles, [0, 1, 2, -1, 3, 1, 0], x, out_tol=1e-6, grad_tol=1e-5
+    )
 
 
 def assert_routed_equals_rows_alone(model, handles, ids, x, out_tol, grad_tol):
@@ -199,8 +220,8 @@ def assert_routed_equals_rows_alone(model, handles, ids, x, out_tol, grad_tol):
             h.disable()
         if k >= 0:
             handles[k].enable()
-        alone = model(x[row:row + 1])
-        assert rel(mixed[row:row + 1], alone) < out_tol
+        alone = model(x[row : row + 1])
+        assert rel(mixed[row : row + 1], alone) < out_tol
         total = total + alone.square().sum()
     for h in handles:
         h.enable()
@@ -232,25 +253,34 @@ def test_remove_adapters_restores_everything_without_the_handles(model32):
     assert all(p.requires_grad for p in model32.parameters())
 
 
-@pytest.mark.parametrize("ids, segmented", [
-    ([0, 0, 1, 1, 2, 2], True),      # equal runs in routing order: one batched GEMM, no gather
-    ([0, 1, 1, 2, 2, 2], True),      # unequal runs: one GEMM per run
-    ([2, 2, 0, 0, 1, 1], True),      # runs out of order: merged weights gathered
-    ([0, 0, -1, -1, 1, 1], True),    # a run with no adapter takes the base weight
-    ([0, 1, 2, 0, 1, 2], True),      # classifier-free guidance's two halves
-    ([0, 1, 0, 1, 0, 1], False),     # many short runs: the factored grouped pass instead
-])
+@pytest.mark.parametrize(
+    "ids, segmented",
+    [
+        ([0, 0, 1, 1, 2, 2], True),  # equal runs in routing order: one batched GEMM, no gather
+        ([0, 1, 1, 2, 2, 2], True),  # unequal runs: one GEMM per run
+        ([2, 2, 0, 0, 1, 1], True),  # runs out of order: merged weights gathered
+        ([0, 0, -1, -1, 1, 1], True),  # a run with no adapter takes the base weight
+        ([0, 1, 2, 0, 1, 2], True),  # classifier-free guidance's two halves
+        ([0, 1, 0, 1, 0, 1], False),  # many short runs: the factored grouped pass instead
+    ],
+)
 def test_weight_space_routing_by_runs_equals_each_row_alone(monkeypatch, ids, segmented):
     from peftkit.common_kernels.layer import AdaptedLayer
 
     calls = []
     original = AdaptedLayer._segmented_forward
-    monkeypatch.setattr(AdaptedLayer, "_segmented_forward",
-                        lambda self, x, deltas: calls.append(1) or original(self, x, deltas))
+    monkeypatch.setattr(
+        AdaptedLayer,
+        "_segmented_forward",
+        lambda self, x, deltas: calls.append(1) or original(self, x, deltas),
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6, bias=False)).double()
     names = ["a", "b", "c"]
-    handles = [inject(model, LoRAConfig(targets=["0", "2"], r=2, alpha=3, apply="weight"), name=n) for n in names]
+    handles = [
+        inject(model, LoRAConfig(targets=["0", "2"], r=2, alpha=3, apply="weight"), name=n)
+        for n in names
+    ]
     for h in handles:
         randomize(h)
     handles[1].set_scale(0.5)

@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import LoRAConfig, PeftkitError, inject, lora_conv_delta, lora_linear_delta
+from peftkit.common_kernels import (
+    LoRAConfig,
+    PeftkitError,
+    inject,
+    lora_conv_delta,
+    lora_linear_delta,
+)
 
 from .conftest import peft_model, peft_params, rel
 
@@ -14,8 +20,12 @@ def test_lora_matches_peft_on_linear_and_conv_in_float64(base64, inputs64):
     from peft import LoraConfig
 
     for rslora in (False, True):
-        theirs = peft_model(base64, LoraConfig(r=4, lora_alpha=8, target_modules=["lin", "conv"], use_rslora=rslora))
-        state = peft_params(theirs, {"lora_A.default.weight": "A", "lora_B.default.weight": "B"}, nn.init.normal_)
+        theirs = peft_model(
+            base64, LoraConfig(r=4, lora_alpha=8, target_modules=["lin", "conv"], use_rslora=rslora)
+        )
+        state = peft_params(
+            theirs, {"lora_A.default.weight": "A", "lora_B.default.weight": "B"}, nn.init.normal_
+        )
         ours = copy.deepcopy(base64)
         handle = inject(ours, LoRAConfig(targets=["lin", "conv"], r=4, alpha=8, rslora=rslora))
         handle.load_state_dict(state)
@@ -34,7 +44,9 @@ def test_lora_matches_explicit_formula(base64, inputs64, apply):
     W, b = base64.lin.weight, base64.lin.bias
     expected = x @ W.T + b + 2.0 * x @ (B @ A).T
     Ac, Bc = handle.layers["conv"].deltas["default"].A, handle.layers["conv"].deltas["default"].B
-    kernel = base64.conv.weight + 2.0 * (Bc.flatten(1) @ Ac.flatten(1)).reshape(base64.conv.weight.shape)
+    kernel = base64.conv.weight + 2.0 * (Bc.flatten(1) @ Ac.flatten(1)).reshape(
+        base64.conv.weight.shape
+    )
     expected_conv = torch.nn.functional.conv2d(img, kernel, base64.conv.bias, padding=1)
     y, yc = ours(x, img)
     assert rel(y, expected) < 1e-12
@@ -61,7 +73,9 @@ def test_lora_gradcheck():
     img = torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     Ac = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     Bc = torch.randn(3, 2, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, A, B: lora_conv_delta(x, A, B, 0.7, geo), (img, Ac, Bc))
+    assert torch.autograd.gradcheck(
+        lambda x, A, B: lora_conv_delta(x, A, B, 0.7, geo), (img, Ac, Bc)
+    )
 
 
 def test_lora_scaling_rules():

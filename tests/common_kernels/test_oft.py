@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import OFTConfig, PeftkitError, cayley, inject, oft_rotation, rotate_input, skew
+from peftkit.common_kernels import (
+    OFTConfig,
+    PeftkitError,
+    cayley,
+    inject,
+    oft_rotation,
+    rotate_input,
+    skew,
+)
 
 from .conftest import peft_model, peft_params, rel
 
@@ -13,9 +21,19 @@ def test_oft_matches_peft_exact_cayley_in_float64(base64, inputs64):
     from peft import OFTConfig as PeftOFT
 
     for block_size in (4, 8):
-        theirs = peft_model(base64, PeftOFT(r=0, oft_block_size=block_size, target_modules=["lin"],
-                                            use_cayley_neumann=False, coft=False))
-        state = peft_params(theirs, {"oft_R.default.weight": "Q"}, lambda p: nn.init.normal_(p, std=0.3))
+        theirs = peft_model(
+            base64,
+            PeftOFT(
+                r=0,
+                oft_block_size=block_size,
+                target_modules=["lin"],
+                use_cayley_neumann=False,
+                coft=False,
+            ),
+        )
+        state = peft_params(
+            theirs, {"oft_R.default.weight": "Q"}, lambda p: nn.init.normal_(p, std=0.3)
+        )
         ours = copy.deepcopy(base64)
         inject(ours, OFTConfig(targets=["lin"], block_size=block_size)).load_state_dict(state)
         assert rel(ours(*inputs64)[0], theirs(*inputs64)[0]) < 1e-6
@@ -63,14 +81,18 @@ def test_oft_gradcheck():
     vec = torch.randn(2, 6, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v, x: rotate_input(x, oft_rotation(v, 4, 2)), (vec, x))
-    assert torch.autograd.gradcheck(lambda v, x: rotate_input(x, oft_rotation(v, 4, 2, coft_eps=0.5)), (vec, x))
+    assert torch.autograd.gradcheck(
+        lambda v, x: rotate_input(x, oft_rotation(v, 4, 2, coft_eps=0.5)), (vec, x)
+    )
 
 
 def test_coft_keeps_each_block_within_radius():
     vec = torch.randn(4, 6, dtype=torch.float64) * 10
     eps = 0.2
     R = oft_rotation(vec, 4, 4, coft_eps=eps)
-    Q_limited = torch.linalg.solve(R + torch.eye(4, dtype=torch.float64), R - torch.eye(4, dtype=torch.float64))
+    Q_limited = torch.linalg.solve(
+        R + torch.eye(4, dtype=torch.float64), R - torch.eye(4, dtype=torch.float64)
+    )
     assert torch.all(torch.linalg.matrix_norm(Q_limited) <= eps / 2 + 1e-9)
 
 
@@ -88,7 +110,9 @@ def test_cayley_is_orthogonal_and_skew_is_skew():
     S = skew(torch.randn(3, 10, dtype=torch.float64), 5)
     assert torch.allclose(S, -S.transpose(1, 2))
     R = cayley(S)
-    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(5, dtype=torch.float64).expand(3, 5, 5), atol=1e-12)
+    assert torch.allclose(
+        R @ R.transpose(1, 2), torch.eye(5, dtype=torch.float64).expand(3, 5, 5), atol=1e-12
+    )
 
 
 def test_oft_bad_block_size_is_explained():
@@ -101,25 +125,33 @@ def test_oft_bad_block_size_is_explained():
 def test_batched_rotations_equal_per_layer_rotations_with_gradients():
     """The model-level hook builds all layers' R at once; outputs and gradients must not change."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    model = nn.Sequential(
+        nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8)
+    ).double()
     handle = inject(model, OFTConfig(targets=["0", "2", "4"], block_size=4, coft=True, eps=0.5))
     for p in handle.trainable_parameters():
         nn.init.normal_(p, std=0.4)
     handle.set_scale(0.8)
     x = torch.randn(6, 16, dtype=torch.float64)
     seen = []
-    model[2].register_forward_hook(lambda m, i, o: seen.append(m.deltas["default"]._batched is not None))
+    model[2].register_forward_hook(
+        lambda m, i, o: seen.append(m.deltas["default"]._batched is not None)
+    )
     batched = model(x)
     batched.square().sum().backward()
     grads = [p.grad.clone() for p in handle.trainable_parameters()]
     for p in handle.trainable_parameters():
         p.grad = None
-    assert all(handle.layers[n].deltas["default"]._batched is None for n in handle.layers), "cache not released"
+    assert all(handle.layers[n].deltas["default"]._batched is None for n in handle.layers), (
+        "cache not released"
+    )
     y = x
-    for module in model:   # calling layers one by one bypasses the model-level hook
+    for module in model:  # calling layers one by one bypasses the model-level hook
         y = module(y)
     y.square().sum().backward()
-    assert seen == [True, False], "the whole-model call must use the batched rotations, the layer calls not"
+    assert seen == [True, False], (
+        "the whole-model call must use the batched rotations, the layer calls not"
+    )
     assert rel(batched, y) < 1e-12
     for g, p in zip(grads, handle.trainable_parameters()):
         assert rel(g, p.grad) < 1e-10

@@ -4,7 +4,7 @@ processes under torch.distributed.run (what `accelerate launch` starts)."""
 import sys
 from pathlib import Path
 
-from peftkit.common_kernels import TrainConfig
+from peftkit.common_kernels.training import TrainConfig
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.dreambooth import ConceptConfig, train_concept
 
@@ -13,7 +13,9 @@ SAMPLES = Path(__file__).resolve().parents[2] / "assets" / "samples" / "concept"
 
 def main(out: str, batch_size: int) -> None:
     config = ConceptConfig(instance_prompt="a photo of sks toy", rank=4, resolution=32)
-    train = TrainConfig(steps=3, batch_size=batch_size, lr=1e-3, cpu=True, progress=False, output_dir=out)
+    train = TrainConfig(
+        steps=3, batch_size=batch_size, lr=1e-3, cpu=True, progress=False, output_dir=out
+    )
     train_concept(load_base("starter"), SAMPLES, config, train)
 
 

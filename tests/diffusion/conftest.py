@@ -17,7 +17,7 @@ def write_concept_images(folder, count=4, size=16, seed=0):
     for i in range(count):
         pixels = np.full((size, size, 3), 30, dtype=np.uint8)
         x, y = rng.integers(0, size // 4, 2)
-        pixels[y:y + size // 2, x:x + size // 2] = (220, 180, 40)
+        pixels[y : y + size // 2, x : x + size // 2] = (220, 180, 40)
         pixels = np.clip(pixels + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i}.png")
     (folder / "img0.txt").write_text("a photo of sks toy on a table")
@@ -29,9 +29,11 @@ def concept_dir(tmp_path_factory):
     return write_concept_images(tmp_path_factory.mktemp("concept") / "images")
 
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +44,13 @@ def clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-clip")
     torch.manual_seed(0)
     model = open_clip.CLIP(**TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        folder / "open_clip_model.safetensors",
+    )
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}})
+    )
     return folder
 
 
@@ -51,25 +58,61 @@ def clip_dir(tmp_path_factory):
 def tiny_sdxl_path(tiny_sd_path, tmp_path_factory):
     """A tiny StableDiffusionXLPipeline (two text encoders, pooled + size conditioning) saved to disk;
     tokenizer and VAE are borrowed from the tiny SD pipeline."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path / "tokenizer")
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=1)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
     # Two transformer layers in one block and per-block head counts: the key layouts SDXL files use.
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32)
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        norm_num_groups=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL.from_pretrained(tiny_sd_path / "vae"), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear",
-                                                                          beta_start=0.00085, beta_end=0.012))
+        vae=AutoencoderKL.from_pretrained(tiny_sd_path / "vae"),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        ),
+    )
     out = tmp_path_factory.mktemp("tiny-sdxl") / "pipeline"
     pipe.save_pretrained(out)
     return out
@@ -82,8 +125,15 @@ def clip_path(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip")
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=24)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=24,
+    )
     CLIPVisionModelWithProjection(config).save_pretrained(path)
     return str(path)
 
@@ -99,7 +149,7 @@ def write_box_pairs(root, conditions=True):
     rng = np.random.default_rng(0)
     for i in range(4):
         a = np.full((16, 16, 3), 20, np.uint8)
-        a[3 + i:12, 2:9 + i] = rng.integers(60, 255, 3)
+        a[3 + i : 12, 2 : 9 + i] = rng.integers(60, 255, 3)
         Image.fromarray(a).save(root / "images" / f"{i}.png")
         if conditions:
             canny(Image.fromarray(a)).save(root / "conditions" / f"{i}.png")

@@ -34,7 +34,9 @@ def test_sdpa_is_the_default_without_xformers(tiny_sd_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     base = load_base(str(tiny_sd_path))
-    assert set_attention_backend(base.unet, "auto") == ("xformers" if xformers_available() else "sdpa")
+    assert set_attention_backend(base.unet, "auto") == (
+        "xformers" if xformers_available() else "sdpa"
+    )
     if not xformers_available():
         assert all(isinstance(p, AttnProcessor2_0) for p in base.unet.attn_processors.values())
         with pytest.raises(PeftkitError, match="xformers"):

@@ -11,9 +11,14 @@ from .conftest import write_concept_images
 def test_captions_come_from_txt_files_else_the_prompt(concept_dir):
     data = ConceptDataset(concept_dir, "a photo of sks toy", resolution=16)
     assert len(data) == 4
-    assert data.captions[0] == "a photo of sks toy on a table" and data.captions[1] == "a photo of sks toy"
+    assert (
+        data.captions[0] == "a photo of sks toy on a table"
+        and data.captions[1] == "a photo of sks toy"
+    )
     pixels = data.pixels()
-    assert pixels.shape == (4, 3, 16, 16) and 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    assert (
+        pixels.shape == (4, 3, 16, 16) and 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    )
 
 
 def test_empty_folder_is_reported(tmp_path):
@@ -49,7 +54,9 @@ class _FakePipe:
         from PIL import Image
 
         self.calls += len(prompts)
-        return type("Out", (), {"images": [Image.new("RGB", (16, 16), (9, 9, 9)) for _ in prompts]})()
+        return type(
+            "Out", (), {"images": [Image.new("RGB", (16, 16), (9, 9, 9)) for _ in prompts]}
+        )()
 
 
 def test_class_images_are_generated_once_then_reused(tmp_path):

@@ -17,12 +17,32 @@ def test_two_processes_train_the_concept_one_process_trains_with_the_global_batc
     """Each process must draw the noise and timesteps of the whole global batch and keep its own
     rows: drawing only its own would repeat the other process's noise and differ by order 1."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", str(SCRIPT), str(tmp_path / "two"), "2"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(SCRIPT),
+            str(tmp_path / "two"),
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     a, _ = read_tensors(tmp_path / "one" / UNET_FILE)
     b, _ = read_tensors(tmp_path / "two" / UNET_FILE)

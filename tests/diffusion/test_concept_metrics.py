@@ -15,14 +15,25 @@ def dino_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-dino")
     torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(folder)
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=16,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 
 def _image(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    )
 
 
 def test_identical_images_score_one_and_others_less(clip_dir, dino_dir):
@@ -30,7 +41,9 @@ def test_identical_images_score_one_and_others_less(clip_dir, dino_dir):
     refs = [_image(0)]
     same = concept_scores([_image(0)], ["a photo of sks toy"], refs, clip, dino)
     other = concept_scores([_image(1)], ["a photo of sks toy"], refs, clip, dino)
-    assert same["clip_i"] == pytest.approx(1.0, abs=1e-5) and same["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert same["clip_i"] == pytest.approx(1.0, abs=1e-5) and same["dino"] == pytest.approx(
+        1.0, abs=1e-5
+    )
     assert other["clip_i"] < 1.0 and other["dino"] < 1.0
     assert -1.0 <= same["clip_t"] <= 1.0
 

@@ -25,7 +25,9 @@ def test_canny_of_a_flat_image_is_black():
 
 
 def test_luminance_stretches_to_full_range_and_keeps_size():
-    image = Image.fromarray(np.linspace(60, 120, 16 * 24).reshape(16, 24).astype(np.uint8)).convert("RGB")
+    image = Image.fromarray(np.linspace(60, 120, 16 * 24).reshape(16, 24).astype(np.uint8)).convert(
+        "RGB"
+    )
     out = luminance(image)
     a = np.asarray(out)
     assert out.size == (24, 16) and out.mode == "RGB"

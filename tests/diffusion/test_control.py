@@ -6,17 +6,25 @@ import pytest
 import torch
 from PIL import Image
 
-from peftkit.common_kernels.engine import TrainConfig, train
 from peftkit.common_kernels.errors import PeftkitError
-from peftkit.diffusion.control import (ControlConfig, ControlTask, attach_control, conditioning_channels, load_control,
-                                       save_control)
+from peftkit.common_kernels.training.engine import TrainConfig, train
 from peftkit.diffusion.base import load_base
+from peftkit.diffusion.control import (
+    ControlConfig,
+    ControlTask,
+    attach_control,
+    conditioning_channels,
+    load_control,
+    save_control,
+)
 from peftkit.diffusion.control_cli import train_control
 from peftkit.diffusion.pairs import load_pairs, load_pixels
 
 from .conftest import write_box_pairs
 
-CPU = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1)
+CPU = SimpleNamespace(
+    device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,12 @@ def _inputs(pipe, seed=0):
     size = pipe.unet.config.sample_size
     dim = pipe.unet.config.cross_attention_dim
     px = size * pipe.vae_scale_factor
-    return (torch.randn(2, 4, size, size, generator=g), torch.tensor([10, 700]), torch.randn(2, 7, dim, generator=g),
-            torch.rand(2, 3, px, px, generator=g))
+    return (
+        torch.randn(2, 4, size, size, generator=g),
+        torch.tensor([10, 700]),
+        torch.randn(2, 7, dim, generator=g),
+        torch.rand(2, 3, px, px, generator=g),
+    )
 
 
 def _task(base, pair_folder, mode="full", **kw):
@@ -55,13 +67,17 @@ def _randomize(task):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_zero_conv_branch_leaves_unet_output_exactly_unchanged_at_init(base, pipe, pair_folder, mode):
+def test_zero_conv_branch_leaves_unet_output_exactly_unchanged_at_init(
+    base, pipe, pair_folder, mode
+):
     task = _task(base, pair_folder, mode)
     x, t, text, _ = _inputs(pipe)
     with torch.no_grad():
         base = pipe.unet(x, t, text).sample
         for seed in (1, 2):
-            condition = torch.rand(2, 3, *_inputs(pipe)[3].shape[-2:], generator=torch.Generator().manual_seed(seed))
+            condition = torch.rand(
+                2, 3, *_inputs(pipe)[3].shape[-2:], generator=torch.Generator().manual_seed(seed)
+            )
             assert torch.equal(task.model(x, t, text, condition), base)
 
 
@@ -72,23 +88,37 @@ def test_conditioning_encoder_downsamples_pixels_to_latents():
         conditioning_channels(6)
 
 
-def test_lora_variant_trains_only_adapter_conditioning_encoder_and_zero_convs(base, pipe, pair_folder):
+def test_lora_variant_trains_only_adapter_conditioning_encoder_and_zero_convs(
+    base, pipe, pair_folder
+):
     task = _task(base, pair_folder, "lora")
     names = [n for n, p in task.controlnet.named_parameters() if p.requires_grad]
     assert any(".deltas.control." in n for n in names)
-    assert all(".deltas." in n or n.startswith(("controlnet_cond_embedding", "controlnet_down_blocks",
-                                                 "controlnet_mid_block")) for n in names)
+    assert all(
+        ".deltas." in n
+        or n.startswith(
+            ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+        )
+        for n in names
+    )
     full = _task(base, pair_folder, "full")
-    assert sum(p.numel() for p in task.trainable_parameters()) < sum(p.numel() for p in full.trainable_parameters())
+    assert sum(p.numel() for p in task.trainable_parameters()) < sum(
+        p.numel() for p in full.trainable_parameters()
+    )
 
 
-def test_training_lowers_the_loss_and_makes_the_output_depend_on_the_condition(base, pipe, pair_folder):
+def test_training_lowers_the_loss_and_makes_the_output_depend_on_the_condition(
+    base, pipe, pair_folder
+):
     torch.manual_seed(0)
     task = _task(base, pair_folder, "full")
     task.prepare(CPU)
     before = task.evaluate(task.model)["loss"]
-    result = train(task, task.dataset(), TrainConfig(steps=12, batch_size=4, lr=2e-3, schedule="constant",
-                                                      progress=False, cpu=True))
+    result = train(
+        task,
+        task.dataset(),
+        TrainConfig(steps=12, batch_size=4, lr=2e-3, schedule="constant", progress=False, cpu=True),
+    )
     assert result.metrics["loss"] < before
     x, t, text, condition = _inputs(pipe)
     with torch.no_grad():
@@ -98,7 +128,9 @@ def test_training_lowers_the_loss_and_makes_the_output_depend_on_the_condition(b
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_saved_folder_loads_in_diffusers_with_the_same_residuals(base, pipe, pair_folder, tmp_path, mode):
+def test_saved_folder_loads_in_diffusers_with_the_same_residuals(
+    base, pipe, pair_folder, tmp_path, mode
+):
     task = _task(base, pair_folder, mode)
     _randomize(task)
     folder = save_control(task.controlnet, tmp_path / "cn", task.handle, task.config)
@@ -116,15 +148,24 @@ def test_saved_folder_loads_in_diffusers_with_the_same_residuals(base, pipe, pai
     assert not list(tmp_path.glob(".cn.*"))
 
 
-def test_attached_branch_runs_in_the_diffusers_controlnet_pipeline(base, pipe, pair_folder, tmp_path):
+def test_attached_branch_runs_in_the_diffusers_controlnet_pipeline(
+    base, pipe, pair_folder, tmp_path
+):
     task = _task(base, pair_folder, "full")
     _randomize(task)
     folder = save_control(task.controlnet, tmp_path / "cn", None, task.config)
     att = attach_control(pipe, folder, scale=0.5)
     cond = Image.open(pair_folder / "conditions" / "0.png")
     px = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    out = att.pipe("a box", num_inference_steps=2, height=px, width=px, output_type="np",
-                   generator=torch.Generator().manual_seed(0), **att.kwargs(cond))
+    out = att.pipe(
+        "a box",
+        num_inference_steps=2,
+        height=px,
+        width=px,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **att.kwargs(cond),
+    )
     assert out.images.shape == (1, px, px, 3) and np.isfinite(out.images).all()
 
 
@@ -139,15 +180,21 @@ def test_missing_condition_image_names_the_file_and_the_fix(pair_folder, tmp_pat
 def test_condition_size_mismatch_names_both_sizes(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     Image.new("RGB", (16, 12)).save(tmp_path / "a_c.png")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "condition": "a_c.png", "text": "x"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"image": "a.png", "condition": "a_c.png", "text": "x"}) + "\n"
+    )
     with pytest.raises(PeftkitError, match=r"m\.jsonl:1: .*16x12.*16x16.*same size"):
         load_pixels(load_pairs(tmp_path / "m.jsonl"), 16)
 
 
 def test_manifest_errors_name_file_line_and_column(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
-    (tmp_path / "typo.jsonl").write_text('{"image": "a.png", "condition": "a.png"}\n{"imgae": "a.png"}\n')
-    with pytest.raises(PeftkitError, match=r"typo\.jsonl:2: unknown column\(s\) \['imgae'\].*allowed columns"):
+    (tmp_path / "typo.jsonl").write_text(
+        '{"image": "a.png", "condition": "a.png"}\n{"imgae": "a.png"}\n'
+    )
+    with pytest.raises(
+        PeftkitError, match=r"typo\.jsonl:2: unknown column\(s\) \['imgae'\].*allowed columns"
+    ):
         load_pairs(tmp_path / "typo.jsonl")
     (tmp_path / "nocond.csv").write_text("image,text\na.png,a cat\n")
     with pytest.raises(PeftkitError, match=r"nocond\.csv:2: column 'condition' is missing"):
@@ -173,9 +220,32 @@ def test_train_control_command_writes_a_controlnet_folder(tiny_sd_path, pair_fol
     (tmp_path / "images").mkdir()
     for p in (pair_folder / "images").glob("*.png"):
         (tmp_path / "images" / p.name).write_bytes(p.read_bytes())
-    code = train_control(["--model", str(tiny_sd_path), "--data", str(tmp_path), "--output", str(tmp_path / "out"),
-                          "--condition-from", "canny", "--mode", "lora", "--adapter", "oft", "--steps", "2",
-                          "--batch-size", "2", "--resolution", "16", "--lr", "1e-3", "--cpu", "--no-progress"])
+    code = train_control(
+        [
+            "--model",
+            str(tiny_sd_path),
+            "--data",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+            "--condition-from",
+            "canny",
+            "--mode",
+            "lora",
+            "--adapter",
+            "oft",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--resolution",
+            "16",
+            "--lr",
+            "1e-3",
+            "--cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     loaded = load_control(tmp_path / "out" / "controlnet")
     assert type(loaded).__name__ == "ControlNetModel"

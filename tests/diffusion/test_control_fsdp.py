@@ -27,12 +27,47 @@ def images(tmp_path_factory):
 
 
 def _train(tiny_sd_path, images, out, processes, batch_size, steps, *extra):
-    command = ["-m", "peftkit.apps.cli", "train-control", "--model", str(tiny_sd_path), "--data", str(images),
-               "--output", str(out), "--condition-from", "canny", "--mode", "full", "--steps", str(steps),
-               "--batch-size", str(batch_size), "--resolution", "16", "--lr", "1e-3", "--cpu", "--no-progress", *extra]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29537"]
-    done = subprocess.run([sys.executable, *(launcher if processes > 1 else []), *command], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        "-m",
+        "peftkit.apps.cli",
+        "train-control",
+        "--model",
+        str(tiny_sd_path),
+        "--data",
+        str(images),
+        "--output",
+        str(out),
+        "--condition-from",
+        "canny",
+        "--mode",
+        "full",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--resolution",
+        "16",
+        "--lr",
+        "1e-3",
+        "--cpu",
+        "--no-progress",
+        *extra,
+    ]
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        "29537",
+    ]
+    done = subprocess.run(
+        [sys.executable, *(launcher if processes > 1 else []), *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "train.json").read_text())
 
@@ -41,7 +76,9 @@ def _assert_same_branch(a_dir, b_dir):
     a, _ = read_tensors(a_dir / WEIGHTS)
     b, _ = read_tensors(b_dir / WEIGHTS)
     assert a.keys() == b.keys()
-    assert float(a["controlnet_down_blocks.0.weight"].norm()) > 0  # zero convs start at zero: it trained
+    assert (
+        float(a["controlnet_down_blocks.0.weight"].norm()) > 0
+    )  # zero convs start at zero: it trained
     for key in a:
         scale = float(a[key].float().norm())
         if scale > 0:
@@ -64,9 +101,42 @@ def test_two_fsdp_processes_train_the_branch_one_process_trains(tiny_sd_path, im
 
 
 def test_fsdp_refuses_an_adapter_on_the_copy(tiny_sd_path, images, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
-               "-m", "peftkit.apps.cli", "train-control", "--model", str(tiny_sd_path), "--data", str(images),
-               "--output", str(tmp_path / "out"), "--condition-from", "canny", "--mode", "lora", "--steps", "1",
-               "--batch-size", "1", "--resolution", "16", "--cpu", "--no-progress", "--fsdp"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29538",
+        "-m",
+        "peftkit.apps.cli",
+        "train-control",
+        "--model",
+        str(tiny_sd_path),
+        "--data",
+        str(images),
+        "--output",
+        str(tmp_path / "out"),
+        "--condition-from",
+        "canny",
+        "--mode",
+        "lora",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--resolution",
+        "16",
+        "--cpu",
+        "--no-progress",
+        "--fsdp",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode != 0 and "launch without --fsdp" in done.stderr

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peftkit.common_kernels.adapter_file import load_adapter, read_tensors
-from peftkit.common_kernels.engine import TrainConfig, train
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.engine import TrainConfig, train
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.data import ConceptDataset
 from peftkit.diffusion.dreambooth import UNET_FILE, ConceptConfig, ConceptTask, train_concept
@@ -16,22 +16,43 @@ from peftkit.diffusion.objective import min_snr_weights, snr
 
 
 def _config(**kw):
-    defaults = {"instance_prompt": "a photo of sks toy", "resolution": 16, "rank": 4, "block_size": 8}
+    defaults = {
+        "instance_prompt": "a photo of sks toy",
+        "resolution": 16,
+        "rank": 4,
+        "block_size": 8,
+    }
     return ConceptConfig(**{**defaults, **kw})
 
 
 def _run(tiny_sd_path, concept_dir, out=None, steps=6, **kw):
-    tc = TrainConfig(**{"steps": steps, "batch_size": 2, "lr": 1e-2, "progress": False, "schedule": "constant",
-                        "output_dir": str(out) if out else None, **kw.pop("train", {})})
+    tc = TrainConfig(
+        **{
+            "steps": steps,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "progress": False,
+            "schedule": "constant",
+            "output_dir": str(out) if out else None,
+            **kw.pop("train", {}),
+        }
+    )
     return train_concept(load_base(str(tiny_sd_path)), concept_dir, _config(**kw), tc)
 
 
-@pytest.mark.parametrize("method,lr,gain", [("lora", 3e-2, 0.9), ("kron", 3e-2, 1.0), ("oft", 1e-1, 1.0)])
+@pytest.mark.parametrize(
+    "method,lr,gain", [("lora", 3e-2, 0.9), ("kron", 3e-2, 1.0), ("oft", 1e-1, 1.0)]
+)
 def test_training_lowers_the_instance_loss(tiny_sd_path, concept_dir, method, lr, gain):
     base = load_base(str(tiny_sd_path))
-    task = ConceptTask(base, ConceptDataset(concept_dir, "a photo of sks toy", 16), _config(method=method))
-    result = train(task, task.dataset(), TrainConfig(steps=10, batch_size=4, lr=lr, progress=False,
-                                                     schedule="constant"))
+    task = ConceptTask(
+        base, ConceptDataset(concept_dir, "a photo of sks toy", 16), _config(method=method)
+    )
+    result = train(
+        task,
+        task.dataset(),
+        TrainConfig(steps=10, batch_size=4, lr=lr, progress=False, schedule="constant"),
+    )
     trained = task.fixed_loss()
     task.unet_handle.disable()
     untrained = task.fixed_loss()
@@ -54,7 +75,9 @@ def test_saved_adapter_reloads_to_the_same_unet_output(tiny_sd_path, concept_dir
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd_path, safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(str(tmp_path))
     with torch.no_grad():
         plain = pipe.unet(x, t, encoder_hidden_states=hidden).sample
@@ -65,7 +88,9 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tiny_sd_path, concept_d
     kw = {"class_prompt": None, "offset_noise": 0.1, "min_snr_gamma": 5.0}
     _run(tiny_sd_path, concept_dir, tmp_path / "whole", steps=6, **kw)
     _run(tiny_sd_path, concept_dir, tmp_path / "cut", steps=3, train={"checkpoint_every": 3}, **kw)
-    _, result = _run(tiny_sd_path, concept_dir, tmp_path / "cut", steps=6, train={"checkpoint_every": 3}, **kw)
+    _, result = _run(
+        tiny_sd_path, concept_dir, tmp_path / "cut", steps=6, train={"checkpoint_every": 3}, **kw
+    )
     assert result.resumed_from == 3
     whole, _ = read_tensors(tmp_path / "whole" / UNET_FILE)
     cut, _ = read_tensors(tmp_path / "cut" / UNET_FILE)
@@ -74,15 +99,26 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tiny_sd_path, concept_d
         torch.testing.assert_close(cut[key], whole[key], rtol=1e-5, atol=1e-7)
 
 
-def test_prior_preservation_generates_caches_and_reuses_class_images(tiny_sd_path, concept_dir, tmp_path):
-    kw = {"class_prompt": "a photo of toy", "num_class_images": 2, "text_encoder_rank": 2,
-          "gradient_checkpointing": True, "validation_prompts": ["sks toy"], "validation_every": 2,
-          "validation_steps": 2}
+def test_prior_preservation_generates_caches_and_reuses_class_images(
+    tiny_sd_path, concept_dir, tmp_path
+):
+    kw = {
+        "class_prompt": "a photo of toy",
+        "num_class_images": 2,
+        "text_encoder_rank": 2,
+        "gradient_checkpointing": True,
+        "validation_prompts": ["sks toy"],
+        "validation_every": 2,
+        "validation_steps": 2,
+    }
     task, result = _run(tiny_sd_path, concept_dir, tmp_path, steps=2, **kw)
     class_dir = tmp_path / "class_images"
     stamp = {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")}
     assert len(stamp) == 2
-    assert json.loads((class_dir / "peftkit_class_images.json").read_text())["prompt"] == "a photo of toy"
+    assert (
+        json.loads((class_dir / "peftkit_class_images.json").read_text())["prompt"]
+        == "a photo of toy"
+    )
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in task.trainable_parameters())
     assert len(task.text_handles) == 1 and (tmp_path / "text_encoder_adapter.safetensors").is_file()
     assert len(list((tmp_path / "validation" / "step-0000002").glob("*.png"))) == 1
@@ -102,10 +138,14 @@ def test_whole_step_cuda_graphs_are_refused_with_the_alternative(tiny_sd_path, c
         _run(tiny_sd_path, concept_dir, steps=1, train={"cuda_graph": True, "cpu": True})
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_saved_checkpoints(tiny_sd_path, concept_dir, tmp_path):
+def test_nan_loss_stops_with_a_message_and_keeps_saved_checkpoints(
+    tiny_sd_path, concept_dir, tmp_path
+):
     base = load_base(str(tiny_sd_path))
     task = ConceptTask(base, ConceptDataset(concept_dir, "x", 16), _config())
-    config = TrainConfig(steps=3, batch_size=2, progress=False, output_dir=str(tmp_path), checkpoint_every=1)
+    config = TrainConfig(
+        steps=3, batch_size=2, progress=False, output_dir=str(tmp_path), checkpoint_every=1
+    )
     train(task, task.dataset(), config)
     good = sorted((tmp_path / "checkpoints").glob("step-*"))
     task.loss = lambda model, batch: torch.tensor(float("nan"), requires_grad=True)
@@ -118,8 +158,12 @@ def test_min_snr_weights_follow_the_paper():
     alphas = torch.tensor([0.99, 0.5, 0.01])
     s = snr(alphas, torch.arange(3))
     torch.testing.assert_close(s, torch.tensor([99.0, 1.0, 0.01 / 0.99]))
-    torch.testing.assert_close(min_snr_weights(s, 5.0, "epsilon"), torch.tensor([5.0 / 99.0, 1.0, 1.0]))
-    torch.testing.assert_close(min_snr_weights(s, 5.0, "v_prediction"), torch.clamp(s, max=5.0) / (s + 1))
+    torch.testing.assert_close(
+        min_snr_weights(s, 5.0, "epsilon"), torch.tensor([5.0 / 99.0, 1.0, 1.0])
+    )
+    torch.testing.assert_close(
+        min_snr_weights(s, 5.0, "v_prediction"), torch.clamp(s, max=5.0) / (s + 1)
+    )
 
 
 def test_config_round_trips_through_json():
@@ -129,12 +173,22 @@ def test_config_round_trips_through_json():
         _config(method="dora")
 
 
-def test_sdxl_concept_trains_with_pooled_and_size_conditioning(tiny_sdxl_path, concept_dir, tmp_path):
+def test_sdxl_concept_trains_with_pooled_and_size_conditioning(
+    tiny_sdxl_path, concept_dir, tmp_path
+):
     base = load_base(str(tiny_sdxl_path))
     assert base.kind == "sdxl"
     hidden, extra = base.encode_prompt(["sks toy"], resolution=16)
-    assert hidden.shape == (1, 16, 64) and extra["text_embeds"].shape == (1, 32) and extra["time_ids"].shape == (1, 6)
-    task, result = train_concept(base, concept_dir, _config(text_encoder_rank=2),
-                                 TrainConfig(steps=2, batch_size=2, lr=1e-2, progress=False, output_dir=str(tmp_path)))
+    assert (
+        hidden.shape == (1, 16, 64)
+        and extra["text_embeds"].shape == (1, 32)
+        and extra["time_ids"].shape == (1, 6)
+    )
+    task, result = train_concept(
+        base,
+        concept_dir,
+        _config(text_encoder_rank=2),
+        TrainConfig(steps=2, batch_size=2, lr=1e-2, progress=False, output_dir=str(tmp_path)),
+    )
     assert len(task.text_handles) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "text_encoder_2_adapter.safetensors").is_file()

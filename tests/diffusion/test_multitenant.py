@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from peftkit.common_kernels.adapter_file import read_tensors
-from peftkit.common_kernels.engine import TrainConfig
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.inject import adapted_layers, routing
+from peftkit.common_kernels.training.engine import TrainConfig
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.data import ConceptDataset
 from peftkit.diffusion.dreambooth import UNET_FILE, ConceptConfig, ConceptTask, train_concept
@@ -36,8 +36,18 @@ def folders(tmp_path_factory):
 
 def _job(folders, i, out, **train):
     concept = ConceptConfig(instance_prompt=f"a photo of sks{'abc'[i]} toy", resolution=16, rank=4)
-    config = TrainConfig(**{"steps": 4, "batch_size": 2, "lr": 1e-2, "schedule": "constant", "seed": i,
-                            "progress": False, "output_dir": str(out), **train})
+    config = TrainConfig(
+        **{
+            "steps": 4,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "schedule": "constant",
+            "seed": i,
+            "progress": False,
+            "output_dir": str(out),
+            **train,
+        }
+    )
     return ConceptJob(f"job{i}", folders[i], concept, config)
 
 
@@ -74,7 +84,10 @@ jobs:
         alone = _alone(tiny_sd_path, job, tmp_path / "alone" / job.name)
         _assert_same_adapter(read_tensors(out / UNET_FILE)[0], alone)
         written = {p.name for p in (tmp_path / "alone" / job.name).iterdir()}
-        assert written <= {p.name for p in out.iterdir()} and "pytorch_lora_weights.safetensors" in written
+        assert (
+            written <= {p.name for p in out.iterdir()}
+            and "pytorch_lora_weights.safetensors" in written
+        )
         assert json.loads((out / "train.json").read_text())["steps"] == job.train.steps
 
 
@@ -93,7 +106,9 @@ def test_one_job_in_the_trainer_is_bit_identical_to_train_concept(tiny_sd_path, 
 def test_jobs_join_and_leave_between_steps_and_resume(tiny_sd_path, folders, tmp_path, draw_ahead):
     # With draw_ahead the leaving job has its next rows drawn: its checkpoint must not count them.
     events = []
-    trainer = ConceptTrainer(load_base(str(tiny_sd_path)), on_event=events.append, draw_ahead=draw_ahead)
+    trainer = ConceptTrainer(
+        load_base(str(tiny_sd_path)), on_event=events.append, draw_ahead=draw_ahead
+    )
     first = _job(folders, 0, tmp_path / "first", steps=4, checkpoint_every=10)
     late = _job(folders, 1, tmp_path / "late", steps=3)
     trainer.add_job(first)
@@ -106,17 +121,23 @@ def test_jobs_join_and_leave_between_steps_and_resume(tiny_sd_path, folders, tmp
     assert all("job0" not in layer.deltas for layer in adapted_layers(trainer.base.unet))
     assert trainer.run()["job1"].status == "done"
     assert {e["kind"] for e in events} >= {"join", "step", "removed", "done"}
-    _assert_same_adapter(read_tensors(tmp_path / "late" / UNET_FILE)[0],
-                         _alone(tiny_sd_path, late, tmp_path / "late-alone"))
+    _assert_same_adapter(
+        read_tensors(tmp_path / "late" / UNET_FILE)[0],
+        _alone(tiny_sd_path, late, tmp_path / "late-alone"),
+    )
     # The leaving job saved its adapter after 3 steps and a checkpoint; rejoining resumes there.
     short = dataclasses.replace(first, train=dataclasses.replace(first.train, steps=3))
-    _assert_same_adapter(read_tensors(tmp_path / "first" / UNET_FILE)[0],
-                         _alone(tiny_sd_path, short, tmp_path / "first-3"))
+    _assert_same_adapter(
+        read_tensors(tmp_path / "first" / UNET_FILE)[0],
+        _alone(tiny_sd_path, short, tmp_path / "first-3"),
+    )
     trainer.add_job(first)
     assert trainer.results()["job0"].result.resumed_from == 3
     assert trainer.run()["job0"].result.step == 4
-    _assert_same_adapter(read_tensors(tmp_path / "first" / UNET_FILE)[0],
-                         _alone(tiny_sd_path, first, tmp_path / "first-4"))
+    _assert_same_adapter(
+        read_tensors(tmp_path / "first" / UNET_FILE)[0],
+        _alone(tiny_sd_path, first, tmp_path / "first-4"),
+    )
     with pytest.raises(PeftkitError, match="no running job named 'job0'"):
         trainer.remove_job("job0")
 
@@ -129,9 +150,13 @@ def test_a_job_with_nan_losses_fails_alone_and_the_others_train_on(tiny_sd_path,
     broken.score = lambda rows, pred: pred.sum() * float("nan")
     statuses = trainer.run()
     assert statuses["job1"].status == "failed" and "NaN" in statuses["job1"].error
-    assert statuses["job1"].result.skipped_steps == 2 and not (tmp_path / "bad" / UNET_FILE).exists()
+    assert (
+        statuses["job1"].result.skipped_steps == 2 and not (tmp_path / "bad" / UNET_FILE).exists()
+    )
     assert statuses["job0"].status == "done" and len(statuses["job0"].result.losses) == 3
-    assert all(torch.isfinite(p).all() for p in read_tensors(tmp_path / "good" / UNET_FILE)[0].values())
+    assert all(
+        torch.isfinite(p).all() for p in read_tensors(tmp_path / "good" / UNET_FILE)[0].values()
+    )
 
 
 def test_cuda_graph_steps_need_a_gpu(tiny_sd_path):
@@ -141,11 +166,17 @@ def test_cuda_graph_steps_need_a_gpu(tiny_sd_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "kron", "oft"])
-def test_a_mixed_batch_of_three_adapters_equals_three_separate_forwards(tiny_sd_path, folders, method):
+def test_a_mixed_batch_of_three_adapters_equals_three_separate_forwards(
+    tiny_sd_path, folders, method
+):
     base = load_base(str(tiny_sd_path))
-    config = ConceptConfig(instance_prompt="sks toy", resolution=16, rank=4, block_size=8, method=method)
-    tasks = [ConceptTask(base, ConceptDataset(folders[i], "sks toy", 16), config, seed=i, name=f"c{i}")
-             for i in range(3)]
+    config = ConceptConfig(
+        instance_prompt="sks toy", resolution=16, rank=4, block_size=8, method=method
+    )
+    tasks = [
+        ConceptTask(base, ConceptDataset(folders[i], "sks toy", 16), config, seed=i, name=f"c{i}")
+        for i in range(3)
+    ]
     torch.manual_seed(0)
     with torch.no_grad():
         for task in tasks:
@@ -172,26 +203,52 @@ def _write_jobs(tmp_path, folders, body, header="output: out\n"):
 
 
 BAD_JOBS = {
-    "missing folder": ("jobs:\n  - {{images: nowhere, prompt: p}}\n", r"image folder .*nowhere does not exist"),
-    "unknown core": ("jobs:\n  - {{images: {a}, prompt: p, method: dora}}\n", r"unknown method \(core\) 'dora'"),
-    "mixed cores": ("jobs:\n  - {{images: {a}, prompt: p}}\n  - {{images: {b}, prompt: q, method: kron}}\n",
-                    r"job 'concept1' uses method 'kron' but job 'concept0' uses 'lora'"),
-    "mixed ranks": ("jobs:\n  - {{images: {a}, prompt: p, rank: 4}}\n  - {{images: {b}, prompt: q, rank: 8}}\n",
-                    r"job 'concept1' has rank 8 but job 'concept0' has rank 4"),
-    "unknown key": ("jobs:\n  - {{images: {a}, prompt: p, learning_rate: 1}}\n",
-                    r"job 1: unknown key\(s\) \['learning_rate'\]: allowed job keys are \['alpha', 'batch_size'"),
+    "missing folder": (
+        "jobs:\n  - {{images: nowhere, prompt: p}}\n",
+        r"image folder .*nowhere does not exist",
+    ),
+    "unknown core": (
+        "jobs:\n  - {{images: {a}, prompt: p, method: dora}}\n",
+        r"unknown method \(core\) 'dora'",
+    ),
+    "mixed cores": (
+        "jobs:\n  - {{images: {a}, prompt: p}}\n  - {{images: {b}, prompt: q, method: kron}}\n",
+        r"job 'concept1' uses method 'kron' but job 'concept0' uses 'lora'",
+    ),
+    "mixed ranks": (
+        "jobs:\n  - {{images: {a}, prompt: p, rank: 4}}\n  - {{images: {b}, prompt: q, rank: 8}}\n",
+        r"job 'concept1' has rank 8 but job 'concept0' has rank 4",
+    ),
+    "unknown key": (
+        "jobs:\n  - {{images: {a}, prompt: p, learning_rate: 1}}\n",
+        r"job 1: unknown key\(s\) \['learning_rate'\]: allowed job keys are \['alpha', 'batch_size'",
+    ),
     "no prompt": ("jobs:\n  - {{images: {a}}}\n", r"job 1: 'prompt' is missing"),
-    "text encoder": ("jobs:\n  - {{images: {a}, prompt: p, text_encoder_rank: 4}}\n", r"text_encoder_rank is set"),
-    "same name": ("jobs:\n  - {{images: {a}, prompt: p, name: x}}\n  - {{images: {b}, prompt: q, name: x}}\n",
-                  r"several jobs have the name 'x'"),
-    "bad number": ("jobs:\n  - {{images: {a}, prompt: p, lr: fast}}\n", r"lr must be a number, got 'fast'"),
-    "bad value": ("jobs:\n  - {{images: {a}, prompt: p, steps: 0}}\n",
-                  r"job 1 \('concept0'\): TrainConfig.steps must be >= 1"),
+    "text encoder": (
+        "jobs:\n  - {{images: {a}, prompt: p, text_encoder_rank: 4}}\n",
+        r"text_encoder_rank is set",
+    ),
+    "same name": (
+        "jobs:\n  - {{images: {a}, prompt: p, name: x}}\n  - {{images: {b}, prompt: q, name: x}}\n",
+        r"several jobs have the name 'x'",
+    ),
+    "bad number": (
+        "jobs:\n  - {{images: {a}, prompt: p, lr: fast}}\n",
+        r"lr must be a number, got 'fast'",
+    ),
+    "bad value": (
+        "jobs:\n  - {{images: {a}, prompt: p, steps: 0}}\n",
+        r"job 1 \('concept0'\): TrainConfig.steps must be >= 1",
+    ),
     "no jobs": ("jobs: []\n", r"non-empty 'jobs' list"),
-    "fp16": ("mixed_precision: fp16\njobs:\n  - {{images: {a}, prompt: p}}\n",
-             r"mixed_precision must be 'no' or 'bf16'"),
-    "bad graph": ("cuda_graph: sometimes\njobs:\n  - {{images: {a}, prompt: p}}\n",
-                  r"cuda_graph must be auto, true or false, got 'sometimes'"),
+    "fp16": (
+        "mixed_precision: fp16\njobs:\n  - {{images: {a}, prompt: p}}\n",
+        r"mixed_precision must be 'no' or 'bf16'",
+    ),
+    "bad graph": (
+        "cuda_graph: sometimes\njobs:\n  - {{images: {a}, prompt: p}}\n",
+        r"cuda_graph must be auto, true or false, got 'sometimes'",
+    ),
 }
 
 
@@ -203,15 +260,27 @@ def test_bad_jobs_files_name_the_job_and_the_fix(tmp_path, folders, case):
 
 
 def test_a_good_jobs_file_reads_numbers_lists_and_defaults(tmp_path, folders):
-    path = _write_jobs(tmp_path, folders, "defaults: {{rank: 8, lr: 1e-4}}\njobs:\n"
-                       "  - {{images: {a}, prompt: p, targets: 'attn, ff', output: mine}}\n"
-                       "  - {{images: {b}, prompt: q}}\n")
+    path = _write_jobs(
+        tmp_path,
+        folders,
+        "defaults: {{rank: 8, lr: 1e-4}}\njobs:\n"
+        "  - {{images: {a}, prompt: p, targets: 'attn, ff', output: mine}}\n"
+        "  - {{images: {b}, prompt: q}}\n",
+    )
     spec = load_jobs(path)
     first, second = spec.jobs
-    assert first.train.lr == 1e-4 and first.concept.rank == 8 and first.concept.targets == ["attn", "ff"]
+    assert (
+        first.train.lr == 1e-4
+        and first.concept.rank == 8
+        and first.concept.targets == ["attn", "ff"]
+    )
     assert first.train.output_dir == str(tmp_path / "mine")
     assert second.train.output_dir == str(tmp_path / "out" / "concept1")
-    assert (second.train.steps, second.train.batch_size, second.train.schedule) == (800, 1, "constant")
+    assert (second.train.steps, second.train.batch_size, second.train.schedule) == (
+        800,
+        1,
+        "constant",
+    )
     assert spec.cuda_graph == "auto"  # graphed steps wherever training runs on a GPU
     with pytest.raises(PeftkitError, match="no base model"):
         train_concepts(["--jobs", str(path), "--no-progress"])

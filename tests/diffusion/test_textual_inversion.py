@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from peftkit.common_kernels.engine import TrainConfig, train
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.engine import TrainConfig, train
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.data import ConceptDataset
 from peftkit.diffusion.textual_inversion import TIConfig, TITask, save_embeddings
@@ -12,7 +12,9 @@ from peftkit.diffusion.textual_inversion import TIConfig, TITask, save_embedding
 
 def _task(tiny_sd_path, concept_dir, **kw):
     config = TIConfig(**{"tokens": ["<toy>"], "init_word": "toy", "resolution": 16, **kw})
-    return TITask(load_base(str(tiny_sd_path)), ConceptDataset(concept_dir, "a photo of <toy>", 16), config)
+    return TITask(
+        load_base(str(tiny_sd_path)), ConceptDataset(concept_dir, "a photo of <toy>", 16), config
+    )
 
 
 def test_only_new_rows_train_and_diffusers_loads_the_file(tiny_sd_path, concept_dir, tmp_path):
@@ -26,11 +28,15 @@ def test_only_new_rows_train_and_diffusers_loads_the_file(tiny_sd_path, concept_
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd_path, safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_textual_inversion(str(path))
     prompt = pipe.maybe_convert_prompt("a photo of <toy>", pipe.tokenizer)
     assert prompt == "a photo of <toy> <toy>_1"
-    theirs_ids = pipe.tokenizer(prompt, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    theirs_ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=16, return_tensors="pt"
+    ).input_ids
     ours_ids = task.base.tokenize([prompt])[0]
     with torch.no_grad():
         theirs = pipe.text_encoder(theirs_ids)[0]

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from peftkit.vision.backbones import create_backbone
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-TINY_CLIP = dict(image_size=16, patch_size=4, width=32, layers=2, heads=2, mlp_ratio=4.0, output_dim=24)
+TINY_CLIP = dict(
+    image_size=16, patch_size=4, width=32, layers=2, heads=2, mlp_ratio=4.0, output_dim=24
+)
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +21,9 @@ def _two_threads():
 
 def tiny_vit(num_classes: int = 5, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_backbone("vit_tiny_patch16_224", num_classes=num_classes, **{**TINY, **overrides}).eval()
+    return create_backbone(
+        "vit_tiny_patch16_224", num_classes=num_classes, **{**TINY, **overrides}
+    ).eval()
 
 
 def tiny_clip(num_classes: int = 5, seed: int = 0) -> torch.nn.Module:
@@ -63,11 +67,19 @@ def reference_vit(model, x, op=plain_op, mlp_extra=None, tokens=None):
         h = op(f"{n}.norm1", get(f"{n}.norm1"), t)
         B, N, C = h.shape
         heads = blk.attn.num_heads
-        q, k, v = op(f"{n}.attn.qkv", get(f"{n}.attn.qkv"), h).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            op(f"{n}.attn.qkv", get(f"{n}.attn.qkv"), h)
+            .reshape(B, N, 3, heads, C // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         attn = torch.softmax(q @ k.transpose(-1, -2) / (C // heads) ** 0.5, dim=-1)
-        t = t + op(f"{n}.attn.proj", get(f"{n}.attn.proj"), (attn @ v).transpose(1, 2).reshape(B, N, C))
+        t = t + op(
+            f"{n}.attn.proj", get(f"{n}.attn.proj"), (attn @ v).transpose(1, 2).reshape(B, N, C)
+        )
         h = op(f"{n}.norm2", get(f"{n}.norm2"), t)
-        m = op(f"{n}.mlp.fc2", get(f"{n}.mlp.fc2"), F.gelu(op(f"{n}.mlp.fc1", get(f"{n}.mlp.fc1"), h)))
+        m = op(
+            f"{n}.mlp.fc2", get(f"{n}.mlp.fc2"), F.gelu(op(f"{n}.mlp.fc1", get(f"{n}.mlp.fc1"), h))
+        )
         t = t + m + (mlp_extra(i, h) if mlp_extra is not None else 0)
     if tokens is not None:
         t = tokens(len(model.blocks), t)
@@ -85,5 +97,10 @@ def kit():
     """The helpers above, for tests (pytest's importlib mode cannot import conftest by name)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(tiny_vit=tiny_vit, tiny_clip=tiny_clip, reference_vit=reference_vit, TINY=TINY,
-                           TINY_CLIP=TINY_CLIP)
+    return SimpleNamespace(
+        tiny_vit=tiny_vit,
+        tiny_clip=tiny_clip,
+        reference_vit=reference_vit,
+        TINY=TINY,
+        TINY_CLIP=TINY_CLIP,
+    )

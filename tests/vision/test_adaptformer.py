@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.vision.adaptformer import AdaptFormerConfig
-from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 
 
 def test_adaptformer_starts_exactly_at_the_base_output(images, kit):
@@ -32,7 +32,9 @@ def test_adaptformer_forward_matches_float64_formula(images, kit):
         return 0.3 * (F.relu(h @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
 
     x = images.double()
-    torch.testing.assert_close(model(x), kit.reference_vit(model, x, mlp_extra=extra), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        model(x), kit.reference_vit(model, x, mlp_extra=extra), rtol=0, atol=1e-12
+    )
 
 
 def test_adaptformer_parameter_count_and_unload(images, kit):

@@ -10,7 +10,9 @@ def test_local_safetensors_checkpoint_loads_and_drops_a_head_of_another_size(tmp
     source = kit.tiny_vit(num_classes=7, seed=3)
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    model = create_backbone("vit_tiny_patch16_224", num_classes=5, checkpoint=str(path), **kit.TINY).eval()
+    model = create_backbone(
+        "vit_tiny_patch16_224", num_classes=5, checkpoint=str(path), **kit.TINY
+    ).eval()
     assert torch.equal(model.forward_features(images), source.forward_features(images))
     assert model.head.out_features == 5
 
@@ -48,7 +50,9 @@ def test_layouts_of_timm_and_open_clip(kit):
     assert timm_layout.patch_size == (4, 4) and timm_layout.num_prefix_tokens == 1
     clip = kit.tiny_clip()
     clip_layout = vit_layout(clip)
-    assert clip_layout.site_names("fc2") == [f"visual.transformer.resblocks.{i}.mlp.c_proj" for i in range(2)]
+    assert clip_layout.site_names("fc2") == [
+        f"visual.transformer.resblocks.{i}.mlp.c_proj" for i in range(2)
+    ]
     assert normalization(clip)[0][0] == pytest.approx(0.4815, abs=1e-4)
     with pytest.raises(PeftkitError, match="not a supported ViT"):
         vit_layout(torch.nn.Linear(2, 2))

@@ -4,11 +4,19 @@ import pytest
 import torch
 
 from peftkit.common_kernels.errors import PeftkitError
-from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 from peftkit.vision.vpt import VPTConfig
 
-SITES = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
-         "blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+SITES = [
+    "blocks.0.attn.qkv",
+    "blocks.0.attn.proj",
+    "blocks.0.mlp.fc1",
+    "blocks.0.mlp.fc2",
+    "blocks.1.attn.qkv",
+    "blocks.1.attn.proj",
+    "blocks.1.mlp.fc1",
+    "blocks.1.mlp.fc2",
+]
 
 
 def _adapted(kit, spec, **options):
@@ -20,7 +28,7 @@ def _adapted(kit, spec, **options):
 def _randomize(adapter):
     torch.manual_seed(3)
     with torch.no_grad():
-        for name, p in adapter.core.named_parameters():
+        for _name, p in adapter.core.named_parameters():
             p.normal_(0, 0.2)
 
 
@@ -42,17 +50,20 @@ def _delta_op(kit, adapter, kind):
         W, b = module.base.weight, module.base.bias
         if kind == "lora":  # y = W x + b + (alpha / r) B A x
             return x @ W.T + b + d.scaling * (x @ d.A.T @ d.B.T)
-        if kind == "oft":   # y = W (R x) + b, R = blockdiag((I + Q_i)(I - Q_i)^-1)
+        if kind == "oft":  # y = W (R x) + b, R = blockdiag((I + Q_i)(I - Q_i)^-1)
             Q = _skew(d.Q, d.block_size)
             eye = torch.eye(d.block_size, dtype=x.dtype)
             R = torch.block_diag(*[(eye + q) @ torch.linalg.inv(eye - q) for q in Q])
             return (x @ R.T) @ W.T + b
         W2 = d.W2a @ d.W2b if hasattr(d, "W2a") else d.W2  # y = W x + b + s (W1 ⊗ W2) x
         return x @ (W + d.scaling * torch.kron(d.W1, W2)).T + b
+
     return op
 
 
-@pytest.mark.parametrize("spec,options", [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2})])
+@pytest.mark.parametrize(
+    "spec,options", [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2})]
+)
 def test_core_starts_at_base_then_matches_float64_formula(images, kit, spec, options):
     base = kit.tiny_vit()(images)
     model, adapter = _adapted(kit, spec, **options)
@@ -61,12 +72,15 @@ def test_core_starts_at_base_then_matches_float64_formula(images, kit, spec, opt
     _randomize(adapter)
     model.double()
     x = images.double()
-    torch.testing.assert_close(model(x), kit.reference_vit(model, x, op=_delta_op(kit, adapter, spec)),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        model(x), kit.reference_vit(model, x, op=_delta_op(kit, adapter, spec)), rtol=0, atol=1e-10
+    )
 
 
-@pytest.mark.parametrize("spec,options", [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2}),
-                                          ("ssf+lora", {"r": 2})])
+@pytest.mark.parametrize(
+    "spec,options",
+    [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2}), ("ssf+lora", {"r": 2})],
+)
 def test_merged_model_is_a_plain_vit_with_the_same_output(images, kit, spec, options):
     plain = kit.tiny_vit()
     names = sorted(n for n, _ in plain.named_parameters())
@@ -83,7 +97,9 @@ def test_merged_model_is_a_plain_vit_with_the_same_output(images, kit, spec, opt
 def test_lora_parameter_count_and_sites(kit):
     _, adapter = _adapted(kit, "lora", r=2, core_sites=["qkv", "fc2"])
     d, r, depth = 32, 2, 2
-    assert adapter.parameter_counts()["trainable_without_head"] == depth * (r * (d + 3 * d) + r * (4 * d + d))
+    assert adapter.parameter_counts()["trainable_without_head"] == depth * (
+        r * (d + 3 * d) + r * (4 * d + d)
+    )
 
 
 def test_vpt_composes_with_lora_and_starts_at_vpt_alone(images, kit):
@@ -107,8 +123,9 @@ def test_open_clip_cores_wrap_the_mlp_and_merge(images, kit):
     with torch.no_grad():
         base = model(images)
     adapter = VisionAdapter(model, ViTMethodConfig.parse("lora", r=2, core_sites=["fc1", "fc2"]))
-    assert sorted(adapter.core.layers) == [f"visual.transformer.resblocks.{i}.mlp.{n}" for i in range(2)
-                                           for n in ("c_fc", "c_proj")]
+    assert sorted(adapter.core.layers) == [
+        f"visual.transformer.resblocks.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")
+    ]
     with torch.no_grad():
         torch.testing.assert_close(model(images), base, rtol=0, atol=0)
         _randomize(adapter)

@@ -12,7 +12,9 @@ PRE = Preprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 def _vtab(root, n_classes=3, lists=None):
     (root / "images").mkdir(parents=True)
     for i in range(6):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(
+            root / "images" / f"{i}.png"
+        )
     lines = [f"images/{i}.png {i % n_classes}" for i in range(6)]
     lists = lists or {}
     for split in ("train800", "val200", "train800val200", "test"):
@@ -49,8 +51,14 @@ def test_label_out_of_range_names_file_and_line(tmp_path):
         load_task(f"vtab:{root}", "final", PRE)
 
 
-@pytest.mark.parametrize("line,message", [("images/0.png cat", "not an integer"), ("images/0.png -1", "negative"),
-                                          ("images/0.png", "expected 'relative/path label'")])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("images/0.png cat", "not an integer"),
+        ("images/0.png -1", "negative"),
+        ("images/0.png", "expected 'relative/path label'"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     root = _vtab(tmp_path / "t", lists={"train800val200": f"images/1.png 1\n{line}"})
     with pytest.raises(PeftkitError, match=rf"train800val200\.txt:2: .*{message}"):
@@ -77,7 +85,9 @@ def test_image_folder_uses_sorted_class_folders_and_train_plus_val_for_final(tmp
         for c in ("cat", "dog"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.jpg")
+                Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / split / c / f"{i}.jpg"
+                )
     data = load_task(f"folder:{tmp_path}", "final", PRE)
     assert (len(data.train), len(data.eval), data.num_classes) == (6, 2, 2)
     assert [data.eval[i][1] for i in range(2)] == [0, 1]
@@ -101,7 +111,9 @@ def test_builtin_tasks_are_deterministic_and_splits_nest():
     assert torch.equal(val[2][0], b[802][0]) and val[2][1] == b[802][1]
     test = BuiltinTask("counting", "test", PRE, size=20)
     assert not torch.equal(test[0][0], a[0][0])
-    labels = [BuiltinTask(n, "test", PRE, size=200).label(i) for n in ("location",) for i in range(200)]
+    labels = [
+        BuiltinTask(n, "test", PRE, size=200).label(i) for n in ("location",) for i in range(200)
+    ]
     assert set(labels) == {0, 1, 2, 3}
 
 

@@ -5,11 +5,11 @@ import pytest
 import timm
 import torch
 
-from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 
 D, L, MLP, P, CLASSES = 768, 12, 3072, 16, 100
 HEAD = D * CLASSES + CLASSES
-PER_BLOCK_BIASES = D + 3 * D + D + D + MLP + D   # norm1, qkv, proj, norm2, fc1, fc2
+PER_BLOCK_BIASES = D + 3 * D + D + D + MLP + D  # norm1, qkv, proj, norm2, fc1, fc2
 LINEARS = [(D, 3 * D), (D, D), (D, MLP), (MLP, D)]  # (in, out) of qkv, proj, fc1, fc2
 
 FORMULAS = {
@@ -37,8 +37,13 @@ def _lokr_count() -> int:
     return L * total
 
 
-OPTIONS = {"adaptformer": {"bottleneck": 8}, "adaptformer-64": {"bottleneck": 64}, "lora": {"r": 8},
-           "oft": {"block_size": 32}, "kron": {"r": 8}}
+OPTIONS = {
+    "adaptformer": {"bottleneck": 8},
+    "adaptformer-64": {"bottleneck": 64},
+    "lora": {"r": 8},
+    "oft": {"block_size": 32},
+    "kron": {"r": 8},
+}
 
 
 @pytest.mark.parametrize("method", [*FORMULAS, "kron"])
@@ -51,8 +56,10 @@ def test_vit_b16_trainable_parameters_equal_the_formula(method):
     adapter = VisionAdapter(model, ViTMethodConfig.parse(spec, **OPTIONS.get(method, {})))
     counts = adapter.parameter_counts()
     want = backbone if method == "full" else _lokr_count() if method == "kron" else FORMULAS[method]
-    print(f"\n{method:15s} trainable {counts['trainable']:>11,d} (without head {counts['trainable_without_head']:>11,d}) "
-          f"= {counts['trainable_pct_of_backbone']:.3f}% of ViT-B/16")
+    print(
+        f"\n{method:15s} trainable {counts['trainable']:>11,d} (without head {counts['trainable_without_head']:>11,d}) "
+        f"= {counts['trainable_pct_of_backbone']:.3f}% of ViT-B/16"
+    )
     assert counts["trainable_without_head"] == want
     assert counts["trainable"] == want + HEAD
     assert sum(p.numel() for p in adapter.trainable_parameters() if p.requires_grad) == want + HEAD

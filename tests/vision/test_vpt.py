@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peftkit.common_kernels.errors import PeftkitError
-from peftkit.vision.methods import ViTMethodConfig, VisionAdapter
+from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
 from peftkit.vision.vpt import VPTConfig, vpt_init_bound
 
 P = 3
@@ -12,7 +12,10 @@ P = 3
 
 def _block_inputs(model, x):
     seen = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in model.blocks]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+        for b in model.blocks
+    ]
     out = model(x)
     for h in hooks:
         h.remove()
@@ -31,13 +34,13 @@ def test_prompt_tokens_sit_after_cls_and_are_replaced_per_block_when_deep(images
     for t in seen:
         assert t.shape == (3, 1 + P + n_patches, 32)
     first = seen[0]
-    assert torch.equal(first[:, 0], plain[0][:, 0])               # [CLS] (+ its position embedding) first
-    assert torch.equal(first[:, 1:1 + P], prompts[0].expand(3, -1, -1))
-    assert torch.equal(first[:, 1 + P:], plain[0][:, 1:])          # patches follow, untouched
+    assert torch.equal(first[:, 0], plain[0][:, 0])  # [CLS] (+ its position embedding) first
+    assert torch.equal(first[:, 1 : 1 + P], prompts[0].expand(3, -1, -1))
+    assert torch.equal(first[:, 1 + P :], plain[0][:, 1:])  # patches follow, untouched
     if deep:
-        assert torch.equal(seen[1][:, 1:1 + P], prompts[1].expand(3, -1, -1))
+        assert torch.equal(seen[1][:, 1 : 1 + P], prompts[1].expand(3, -1, -1))
     else:  # shallow: block 1 sees block 0's prompt outputs, not the prompts
-        assert not torch.allclose(seen[1][:, 1:1 + P], prompts[0].expand(3, -1, -1))
+        assert not torch.allclose(seen[1][:, 1 : 1 + P], prompts[0].expand(3, -1, -1))
     adapter.unload()
     assert not hasattr(model, "peftkit_vpt")
 
@@ -49,17 +52,21 @@ def test_vpt_forward_matches_float64_formula(images, deep, kit):
     model.double()
     prompts = model.peftkit_vpt.prompts.detach()
 
-    def tokens(i, t):  # Eq. 4-7: insert after [CLS]; deep replaces them before every block; dropped at the end
+    def tokens(
+        i, t
+    ):  # Eq. 4-7: insert after [CLS]; deep replaces them before every block; dropped at the end
         if i == 0:
             return torch.cat([t[:, :1], prompts[0].expand(len(t), -1, -1), t[:, 1:]], 1)
         if i == len(model.blocks):
-            return torch.cat([t[:, :1], t[:, 1 + P:]], 1)
+            return torch.cat([t[:, :1], t[:, 1 + P :]], 1)
         if deep:
-            return torch.cat([t[:, :1], prompts[i].expand(len(t), -1, -1), t[:, 1 + P:]], 1)
+            return torch.cat([t[:, :1], prompts[i].expand(len(t), -1, -1), t[:, 1 + P :]], 1)
         return t
 
     x = images.double()
-    torch.testing.assert_close(model(x), kit.reference_vit(model, x, tokens=tokens), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        model(x), kit.reference_vit(model, x, tokens=tokens), rtol=0, atol=1e-12
+    )
 
 
 def test_vpt_init_is_the_official_uniform_bound(kit):
@@ -90,7 +97,9 @@ def test_prompts_are_dropped_before_the_final_norm_so_pooling_sees_cls_and_patch
 def test_vpt_on_open_clip_tower_counts_tokens(images, kit):
     model = kit.tiny_clip()
     seen = []
-    model.visual.transformer.resblocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    model.visual.transformer.resblocks[1].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].shape)
+    )
     out_plain = model(images)
     adapter = VisionAdapter(model, ViTMethodConfig(vpt=VPTConfig(length=P, deep=True)))
     model(images)

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import LoRAConfig, PeftkitError, TrainConfig, inject, train
-from peftkit.common_kernels.engine import latest_checkpoint, lr_factor
+from peftkit.common_kernels import LoRAConfig, PeftkitError, inject
+from peftkit.common_kernels.training import TrainConfig, train
+from peftkit.common_kernels.training.engine import latest_checkpoint, lr_factor
 
 
 class Regression:
@@ -41,8 +42,15 @@ def dataset(n=64):
 
 
 def cfg(tmp_path=None, **kw):
-    base = dict(steps=40, batch_size=8, lr=0.02, warmup_steps=2, progress=False, cpu=True,
-                output_dir=str(tmp_path) if tmp_path else None)
+    base = dict(
+        steps=40,
+        batch_size=8,
+        lr=0.02,
+        warmup_steps=2,
+        progress=False,
+        cpu=True,
+        output_dir=str(tmp_path) if tmp_path else None,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -64,11 +72,18 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path
             raise Killed
 
     with pytest.raises(Killed):
-        train(Regression(), dataset(), cfg(tmp_path, checkpoint_every=10, grad_accum=2), on_event=kill_at_25)
+        train(
+            Regression(),
+            dataset(),
+            cfg(tmp_path, checkpoint_every=10, grad_accum=2),
+            on_event=kill_at_25,
+        )
     assert latest_checkpoint(tmp_path).name == "step-0000020"
     resumed = Regression()
     events = []
-    result = train(resumed, dataset(), cfg(tmp_path, checkpoint_every=10, grad_accum=2), on_event=events.append)
+    result = train(
+        resumed, dataset(), cfg(tmp_path, checkpoint_every=10, grad_accum=2), on_event=events.append
+    )
     assert result.resumed_from == 20 and events[0]["kind"] == "resume"
     for key, value in full.state_dict().items():
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
@@ -99,8 +114,13 @@ def test_bad_config_and_empty_data_are_explained():
 
 def test_a_stop_request_saves_a_checkpoint(tmp_path):
     steps = []
-    result = train(Regression(), dataset(), cfg(tmp_path), on_event=lambda e: steps.append(e.get("step")),
-                   should_stop=lambda: len(steps) >= 7)
+    result = train(
+        Regression(),
+        dataset(),
+        cfg(tmp_path),
+        on_event=lambda e: steps.append(e.get("step")),
+        should_stop=lambda: len(steps) >= 7,
+    )
     assert result.step == 7
     assert latest_checkpoint(tmp_path).name == "step-0000007"
 
@@ -111,12 +131,14 @@ def test_cuda_graph_mode_explains_what_it_needs():
 
 
 def test_graphed_step_rejects_changing_batch_shapes():
-    from peftkit.common_kernels.graphed_step import copy_batch
+    from peftkit.common_kernels.training.graphed_step import copy_batch
 
     static = {"x": torch.zeros(2, 3), "tag": "a"}
     copy_batch(static, {"x": torch.ones(2, 3), "tag": "a"})
     assert torch.equal(static["x"], torch.ones(2, 3))
-    with pytest.raises(PeftkitError, match=r"fixed batch shapes.*batch\['x'\] changed from \(2, 3\) to \(1, 3\)"):
+    with pytest.raises(
+        PeftkitError, match=r"fixed batch shapes.*batch\['x'\] changed from \(2, 3\) to \(1, 3\)"
+    ):
         copy_batch(static, {"x": torch.ones(1, 3), "tag": "a"})
     with pytest.raises(PeftkitError, match="batch of tensors only"):
         copy_batch(static, {"x": torch.ones(2, 3), "tag": "b"})

@@ -13,10 +13,24 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     """Two CPU processes (gloo, launched by torchrun as `accelerate launch` does on GPUs) with
     batch 4 each against one process with batch 8."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one.json"), "8"], check=True, env=env,
-                   capture_output=True)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-              str(SCRIPT), str(tmp_path / "two.json"), "4"]
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one.json"), "8"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(SCRIPT),
+        str(tmp_path / "two.json"),
+        "4",
+    ]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     one = json.loads((tmp_path / "one.json").read_text())

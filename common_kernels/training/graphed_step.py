@@ -11,25 +11,34 @@ and never re-run). NaN/inf losses skip the update on the device (fused AdamW's `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import PeftkitError
-from .oft import cusolver_linalg
+from ..errors import PeftkitError
+from ..oft import cusolver_linalg
 
 WARMUP_STEPS = 3
 
 
-def graph_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device):
+def graph_optimizer(
+    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+):
     """Fused, capturable AdamW with a tensor learning rate, so schedules update it in place."""
-    return torch.optim.AdamW(params, lr=torch.tensor(lr, device=device), weight_decay=weight_decay,
-                             fused=True, capturable=True)
+    return torch.optim.AdamW(
+        params,
+        lr=torch.tensor(lr, device=device),
+        weight_decay=weight_decay,
+        fused=True,
+        capturable=True,
+    )
 
 
-def check_graphable(device: torch.device, num_processes: int, grad_accum: int, mixed_precision: str,
-                    optimizer: str) -> None:
+def check_graphable(
+    device: torch.device, num_processes: int, grad_accum: int, mixed_precision: str, optimizer: str
+) -> None:
     problems = []
     if device.type != "cuda":
         problems.append("a CUDA device")
@@ -42,8 +51,10 @@ def check_graphable(device: torch.device, num_processes: int, grad_accum: int, m
     if optimizer != "adamw":
         problems.append("optimizer 'adamw'")
     if problems:
-        raise PeftkitError("cuda_graph=True needs " + ", ".join(problems) + ": change those settings or set "
-                           "cuda_graph=False")
+        raise PeftkitError(
+            "cuda_graph=True needs " + ", ".join(problems) + ": change those settings or set "
+            "cuda_graph=False"
+        )
 
 
 def copy_batch(static: Any, batch: Any, path: str = "batch") -> None:
@@ -52,9 +63,11 @@ def copy_batch(static: Any, batch: Any, path: str = "batch") -> None:
     if torch.is_tensor(static):
         if not torch.is_tensor(batch) or batch.shape != static.shape or batch.dtype != static.dtype:
             got = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
-            raise PeftkitError(f"cuda_graph=True needs fixed batch shapes, but {path} changed from "
-                               f"{tuple(static.shape)} to {got}: use a fixed resolution and batch size, "
-                               "or set cuda_graph=False")
+            raise PeftkitError(
+                f"cuda_graph=True needs fixed batch shapes, but {path} changed from "
+                f"{tuple(static.shape)} to {got}: use a fixed resolution and batch size, "
+                "or set cuda_graph=False"
+            )
         static.copy_(batch, non_blocking=True)
     elif dataclasses.is_dataclass(static):
         for f in dataclasses.fields(static):
@@ -66,8 +79,10 @@ def copy_batch(static: Any, batch: Any, path: str = "batch") -> None:
         for i, (s, b) in enumerate(zip(static, batch)):
             copy_batch(s, b, f"{path}[{i}]")
     elif static != batch:
-        raise PeftkitError(f"cuda_graph=True needs a batch of tensors only, but {path} is a "
-                           f"{type(static).__name__} that changes between steps: precompute it as a tensor")
+        raise PeftkitError(
+            f"cuda_graph=True needs a batch of tensors only, but {path} is a "
+            f"{type(static).__name__} that changes between steps: precompute it as a tensor"
+        )
 
 
 def clone_batch(batch: Any) -> Any:
@@ -75,8 +90,14 @@ def clone_batch(batch: Any) -> Any:
     if torch.is_tensor(batch):
         return batch.clone()
     if dataclasses.is_dataclass(batch):
-        return dataclasses.replace(batch, **{f.name: clone_batch(getattr(batch, f.name))
-                                             for f in dataclasses.fields(batch) if f.init})
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: clone_batch(getattr(batch, f.name))
+                for f in dataclasses.fields(batch)
+                if f.init
+            },
+        )
     if isinstance(batch, dict):
         return {k: clone_batch(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
@@ -87,8 +108,14 @@ def clone_batch(batch: Any) -> Any:
 class GraphedStep:
     """Call with each batch; returns the step's loss as a device tensor (read it to sync)."""
 
-    def __init__(self, loss_fn: Callable[[Any], torch.Tensor], params: list[nn.Parameter],
-                 optimizer: torch.optim.Optimizer, max_grad_norm: float | None, autocast) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[[Any], torch.Tensor],
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None,
+        autocast,
+    ) -> None:
         self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
         self.max_grad_norm, self.autocast = max_grad_norm, autocast
         # 0-dim, like the capturable optimizer's step counters it is subtracted from.

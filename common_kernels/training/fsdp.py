@@ -25,7 +25,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import PeftkitError
+from ..errors import PeftkitError
 
 
 def fsdp_requested(flag: bool) -> bool:
@@ -33,15 +33,19 @@ def fsdp_requested(flag: bool) -> bool:
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
 
 
-def shard(task, model: nn.Module, device: torch.device, world: int, shard_frozen: bool = False) -> nn.Module:
+def shard(
+    task, model: nn.Module, device: torch.device, world: int, shard_frozen: bool = False
+) -> nn.Module:
     """Shard `model` (the task's model, on `device`) over the `world` processes of the launch."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     blocks = getattr(task, "fsdp_blocks", None)
     if blocks is None:
-        raise PeftkitError(f"{type(task).__name__} cannot train under FSDP (it names no sharding blocks): "
-                           "launch it without --fsdp / --use_fsdp, which trains it with DDP")
+        raise PeftkitError(
+            f"{type(task).__name__} cannot train under FSDP (it names no sharding blocks): "
+            "launch it without --fsdp / --use_fsdp, which trains it with DDP"
+        )
     units = blocks()
     whole: set[nn.Parameter] = set()
     if not shard_frozen and hasattr(task, "fsdp_frozen"):
@@ -73,8 +77,12 @@ def like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     # src_data_rank=None: every process read the same file, so each cuts its shard locally, no scatter.
-    return distribute_tensor(full.to(device=reference.device, dtype=reference.dtype), reference.device_mesh,
-                             reference.placements, src_data_rank=None)
+    return distribute_tensor(
+        full.to(device=reference.device, dtype=reference.dtype),
+        reference.device_mesh,
+        reference.placements,
+        src_data_rank=None,
+    )
 
 
 @torch.no_grad()

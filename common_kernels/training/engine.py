@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter_file import read_tensors, save_tensors
-from .errors import PeftkitError
+from ..adapter_file import read_tensors, save_tensors
+from ..errors import PeftkitError
 from .fsdp import fsdp_requested, full_tensors, like, shard
 from .graphed_step import GraphedStep, check_graphable, graph_optimizer
 
@@ -55,8 +55,12 @@ class TrainConfig:
     progress: bool = True
     cpu: bool = False
     cuda_graph: bool = False
-    fsdp: bool = False  # with several processes: shard the model, gradients and AdamW states (fsdp.py)
-    fsdp_shard_frozen: bool = False  # under FSDP also shard the task's frozen modules (else whole on each)
+    fsdp: bool = (
+        False  # with several processes: shard the model, gradients and AdamW states (fsdp.py)
+    )
+    fsdp_shard_frozen: bool = (
+        False  # under FSDP also shard the task's frozen modules (else whole on each)
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -65,11 +69,17 @@ class TrainConfig:
         if self.lr <= 0:
             raise PeftkitError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.schedule not in ("cosine", "constant", "linear"):
-            raise PeftkitError(f"TrainConfig.schedule must be 'cosine', 'constant' or 'linear', got {self.schedule!r}")
+            raise PeftkitError(
+                f"TrainConfig.schedule must be 'cosine', 'constant' or 'linear', got {self.schedule!r}"
+            )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise PeftkitError(f"TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+            raise PeftkitError(
+                f"TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
         if self.optimizer not in ("adamw", "adamw8bit"):
-            raise PeftkitError(f"TrainConfig.optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}")
+            raise PeftkitError(
+                f"TrainConfig.optimizer must be 'adamw' or 'adamw8bit', got {self.optimizer!r}"
+            )
 
 
 class Task(Protocol):
@@ -109,8 +119,15 @@ def launch_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable | None,
-            rank: int = 0, world: int = 1) -> Iterator[Any]:
+def batches(
+    dataset,
+    batch_size: int,
+    seed: int,
+    start: int,
+    collate: Callable | None,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[Any]:
     """Endless batches in a seeded order; batch `start` is the first yielded, so a resumed run sees
     exactly the batches the uninterrupted one would have. With `world` processes each global batch
     of batch_size * world rows is split by rank, so N processes see what one process with the
@@ -127,14 +144,17 @@ def batches(dataset, batch_size: int, seed: int, start: int, collate: Callable |
     index = start
     while True:
         epoch, pos = divmod(index, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        ).tolist()
         rows = [order[i % n] for i in range(pos * total, (pos + 1) * total)]
-        yield collate([dataset[i] for i in rows[rank * batch_size:(rank + 1) * batch_size]])
+        yield collate([dataset[i] for i in rows[rank * batch_size : (rank + 1) * batch_size]])
         index += 1
 
 
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig, accelerator,
-                    register: bool = True) -> tuple[Any, Any]:
+def build_optimizer(
+    params: list[nn.Parameter], config: TrainConfig, accelerator, register: bool = True
+) -> tuple[Any, Any]:
     """The optimizer and LR schedule the loop steps for `params`. Trainers that update several
     parameter sets from one backward (multi-tenant concept training) build one pair per set, with
     register=False when sets come and go: accelerate keeps every optimizer it prepares, and their
@@ -148,8 +168,13 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig, accelerator
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
 
-def apply_gradients(params: list[nn.Parameter], optimizer, config: TrainConfig, accelerator,
-                    set_to_none: bool = True) -> None:
+def apply_gradients(
+    params: list[nn.Parameter],
+    optimizer,
+    config: TrainConfig,
+    accelerator,
+    set_to_none: bool = True,
+) -> None:
     """Clip the gradient norm of `params` alone, take the optimizer step, clear the gradients. The
     norm covers exactly the parameters the optimizer owns, so parameter sets stepped side by side
     are clipped as each would be trained alone."""
@@ -164,16 +189,23 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise PeftkitError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
-                               "or use optimizer='adamw'") from None
+            raise PeftkitError(
+                "optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
+                "or use optimizer='adamw'"
+            ) from None
         return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
     # Fused AdamW on the GPU: one kernel per step instead of ~10 multi-tensor launches per parameter
     # chunk; with several jobs stepping side by side (multitenant.py) those launches were the step.
-    fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+    fused = bool(params) and all(
+        p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    return torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
+    )
 
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest; never pickle ----
+
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
@@ -210,8 +242,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"rng.cuda.{i}"] = s
     py = random.getstate()
     np_state = np.random.get_state()
-    return tensors, {"python": [py[0], list(py[1]), py[2]],
-                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
 
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -240,8 +274,15 @@ def _load_task_state(task: Task, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(tensors[f"param.{i}"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler, config: TrainConfig,
-                    write: bool = True) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    task: Task,
+    optimizer,
+    scheduler,
+    config: TrainConfig,
+    write: bool = True,
+) -> Path:
     """Write checkpoint `step-N/` atomically: into a temporary folder, then one rename. Sharded
     (FSDP) state is gathered whole first, which every process must join; only `write` ones write."""
     final = ckpt_dir / f"step-{step:07d}"
@@ -254,13 +295,24 @@ def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng_tensors, rng_meta = _rng_state()
-    save_tensors(tmp / "state.safetensors", {**task_state, **opt_tensors, **rng_tensors}, {"step": str(step)})
-    meta = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta,
-            "config": asdict(config)}
+    save_tensors(
+        tmp / "state.safetensors", {**task_state, **opt_tensors, **rng_tensors}, {"step": str(step)}
+    )
+    meta = {
+        "step": step,
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_meta,
+        "config": asdict(config),
+    }
     (tmp / "trainer.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = sorted(ckpt_dir.glob("step-*"))[:-config.keep_checkpoints] if config.keep_checkpoints > 0 else []
+    old = (
+        sorted(ckpt_dir.glob("step-*"))[: -config.keep_checkpoints]
+        if config.keep_checkpoints > 0
+        else []
+    )
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return final
@@ -269,7 +321,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, task: Task, optimizer, scheduler,
 def latest_checkpoint(output_dir: str | os.PathLike | None) -> Path | None:
     if not output_dir:
         return None
-    done = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if (p / "trainer.json").exists())
+    done = sorted(
+        p
+        for p in (Path(output_dir) / "checkpoints").glob("step-*")
+        if (p / "trainer.json").exists()
+    )
     return done[-1] if done else None
 
 
@@ -280,7 +336,9 @@ def load_checkpoint(path: Path, task: Task, optimizer, scheduler) -> int:
     lr_tensors = [g["lr"] if torch.is_tensor(g["lr"]) else None for g in optimizer.param_groups]
     state = _unflatten_optimizer(tensors, meta["optimizer"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for idx, slots in state["state"].items():  # whole tensors back into shards where params are sharded
+    for idx, slots in state[
+        "state"
+    ].items():  # whole tensors back into shards where params are sharded
         for key, value in slots.items():
             if torch.is_tensor(value) and value.shape == params[idx].shape:
                 slots[key] = like(params[idx], value)
@@ -294,15 +352,21 @@ def load_checkpoint(path: Path, task: Task, optimizer, scheduler) -> int:
     return int(meta["step"])
 
 
-def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], None] | None = None,
-          collate: Callable | None = None, resume: bool = True,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+def train(
+    task: Task,
+    dataset,
+    config: TrainConfig,
+    on_event: Callable[[Event], None] | None = None,
+    collate: Callable | None = None,
+    resume: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Run `config.steps` optimizer steps of `task` on `dataset`; resume from the newest
     checkpoint in `config.output_dir` when there is one.
 
     Example:
         >>> import torch
-        >>> from peftkit.common_kernels.engine import TrainConfig, train
+        >>> from peftkit.common_kernels.training.engine import TrainConfig, train
         >>> class Fit:
         ...     def __init__(self):
         ...         self.model = torch.nn.Linear(2, 1)
@@ -333,7 +397,13 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if fsdp:
         if config.cuda_graph:
             raise PeftkitError("cuda_graph=True and FSDP cannot be combined: drop one of them")
-        model = shard(task, task.model, accelerator.device, accelerator.num_processes, config.fsdp_shard_frozen)
+        model = shard(
+            task,
+            task.model,
+            accelerator.device,
+            accelerator.num_processes,
+            config.fsdp_shard_frozen,
+        )
         params = [p for p in task.trainable_parameters() if p.requires_grad]  # now the sharded ones
     else:
         model = accelerator.prepare(task.model)
@@ -342,26 +412,50 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
     if config.cuda_graph:
         if getattr(task, "graph_unsafe", None):
             raise PeftkitError(f"cuda_graph=True cannot train this task: {task.graph_unsafe}")
-        check_graphable(accelerator.device, accelerator.num_processes, config.grad_accum, config.mixed_precision,
-                        config.optimizer)
+        check_graphable(
+            accelerator.device,
+            accelerator.num_processes,
+            config.grad_accum,
+            config.mixed_precision,
+            config.optimizer,
+        )
     optimizer, scheduler = build_optimizer(params, config, accelerator)
     graphed = None
     if config.cuda_graph:
-        graphed = GraphedStep(lambda batch: task.loss(model, batch), params, optimizer, config.max_grad_norm,
-                              accelerator.autocast)
+        graphed = GraphedStep(
+            lambda batch: task.loss(model, batch),
+            params,
+            optimizer,
+            config.max_grad_norm,
+            accelerator.autocast,
+        )
 
     world = accelerator.num_processes
-    result = TrainResult(step=0, parallel="single" if world == 1 else f"{'fsdp' if fsdp else 'ddp'} x{world}")
+    result = TrainResult(
+        step=0, parallel="single" if world == 1 else f"{'fsdp' if fsdp else 'ddp'} x{world}"
+    )
     ckpt_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
     found = latest_checkpoint(config.output_dir) if resume else None
     if found is not None:
         result.step = result.resumed_from = load_checkpoint(found, task, optimizer, scheduler)
         emit({"kind": "resume", "step": result.step, "path": str(found)})
 
-    data = batches(dataset, config.batch_size, config.seed, result.step * config.grad_accum, collate,
-                   rank=accelerator.process_index, world=accelerator.num_processes)
-    bar = tqdm(total=config.steps, initial=result.step, desc="train", unit="step",
-               disable=not (config.progress and accelerator.is_main_process))
+    data = batches(
+        dataset,
+        config.batch_size,
+        config.seed,
+        result.step * config.grad_accum,
+        collate,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+    )
+    bar = tqdm(
+        total=config.steps,
+        initial=result.step,
+        desc="train",
+        unit="step",
+        disable=not (config.progress and accelerator.is_main_process),
+    )
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -371,7 +465,11 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         if should_stop is not None and should_stop():
             path = None
             if ckpt_dir is not None and saves and result.step > (result.resumed_from or 0):
-                path = str(save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes))
+                path = str(
+                    save_checkpoint(
+                        ckpt_dir, result.step, task, optimizer, scheduler, config, writes
+                    )
+                )
             emit({"kind": "stopped", "step": result.step, "path": path})
             break
         total = 0.0
@@ -407,7 +505,9 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
             if bad >= config.max_bad_steps:
                 where = ""
                 if ckpt_dir is not None and saves:
-                    saved = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes)
+                    saved = save_checkpoint(
+                        ckpt_dir, result.step, task, optimizer, scheduler, config, writes
+                    )
                     where = f"; the last good state is saved in {saved}"
                 raise PeftkitError(
                     f"the loss was NaN/inf for {bad} steps in a row at step {result.step}{where}: lower the "
@@ -424,26 +524,44 @@ def train(task: Task, dataset, config: TrainConfig, on_event: Callable[[Event], 
         result.losses.append(total)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
-        emit({"kind": "step", "step": result.step, "total": config.steps, "loss": total,
-              "lr": scheduler.get_last_lr()[0], "elapsed": time.perf_counter() - t0})
+        emit(
+            {
+                "kind": "step",
+                "step": result.step,
+                "total": config.steps,
+                "loss": total,
+                "lr": scheduler.get_last_lr()[0],
+                "elapsed": time.perf_counter() - t0,
+            }
+        )
         if config.eval_every and result.step % config.eval_every == 0 and hasattr(task, "evaluate"):
             result.metrics = evaluate_task(task, model, accelerator, result.step, emit)
-        if (ckpt_dir is not None and config.checkpoint_every and result.step % config.checkpoint_every == 0
-                and saves):
-            path = save_checkpoint(ckpt_dir, result.step, task, optimizer, scheduler, config, writes)
+        if (
+            ckpt_dir is not None
+            and config.checkpoint_every
+            and result.step % config.checkpoint_every == 0
+            and saves
+        ):
+            path = save_checkpoint(
+                ckpt_dir, result.step, task, optimizer, scheduler, config, writes
+            )
             emit({"kind": "checkpoint", "step": result.step, "path": str(path)})
     bar.close()
     elapsed = time.perf_counter() - t0
     result.samples_per_s = samples / elapsed if elapsed > 0 else 0.0
     if device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    if hasattr(task, "evaluate") and not (config.eval_every and result.step % config.eval_every == 0):
+    if hasattr(task, "evaluate") and not (
+        config.eval_every and result.step % config.eval_every == 0
+    ):
         result.metrics = evaluate_task(task, model, accelerator, result.step, emit)
     emit({"kind": "done", "step": result.step, "metrics": result.metrics})
     return result
 
 
-def evaluate_task(task, model, accelerator, step: int, emit: Callable[[Event], None]) -> dict[str, float]:
+def evaluate_task(
+    task, model, accelerator, step: int, emit: Callable[[Event], None]
+) -> dict[str, float]:
     """`task.evaluate` in eval mode, without gradients, under the run's autocast; emits an "eval" event."""
     model.eval()
     with torch.no_grad(), accelerator.autocast():

@@ -5,13 +5,16 @@ import sys
 
 import torch
 
-from peftkit.common_kernels import LoRAConfig, TrainConfig, inject, train
+from peftkit.common_kernels import LoRAConfig, inject
+from peftkit.common_kernels.training import TrainConfig, train
 
 
 class Task:
     def __init__(self):
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+        )
         self.handle = inject(self.model, LoRAConfig(targets=["0", "2"], r=2))
 
     def trainable_parameters(self):
@@ -27,7 +30,9 @@ def main(out: str, batch_size: int) -> None:
     x = torch.randn(64, 8, generator=g)
     data = [(x[i], torch.stack([x[i].sum(), x[i][0]])) for i in range(64)]
     task = Task()
-    train(task, data, TrainConfig(steps=12, batch_size=batch_size, lr=0.05, cpu=True, progress=False))
+    train(
+        task, data, TrainConfig(steps=12, batch_size=batch_size, lr=0.05, cpu=True, progress=False)
+    )
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
