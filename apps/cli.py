@@ -79,12 +79,18 @@ def info(argv: list[str]) -> int:
 
     argparse.ArgumentParser(prog="peftkit info", description=COMMANDS["info"][2]).parse_args(argv)
     from peftkit import __version__
-    from peftkit.common_kernels import method_names
+    from peftkit.common_kernels import core, core_names
 
     print(f"peftkit {__version__}")
-    print("adapter cores: " + ", ".join(method_names()))
-    print("vision methods: vpt, adaptformer, ssf, lora, oft, kron, bitfit, linear, full")
-    print("diffusion: dreambooth (lora/kron/oft), textual inversion")
+    print("adapter cores:")
+    for name in core_names():
+        entry = core(name)
+        aliases = f" (also {', '.join(entry.aliases)})" if entry.aliases else ""
+        print(f"  {name}{aliases}: {entry.summary}")
+    print(
+        "vision methods: vpt-shallow, vpt-deep, adaptformer, ssf, bitfit, linear, full + the cores"
+    )
+    print("diffusion: dreambooth with any core, textual inversion, control branch, IP-Adapter")
     for pkg in (
         "torch",
         "diffusers",

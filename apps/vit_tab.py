@@ -19,18 +19,6 @@ from ..common_kernels.errors import PeftkitError
 from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
 
 BUILTIN = ("counting", "location", "orientation", "shape", "color")
-METHODS = (
-    "linear",
-    "bitfit",
-    "full",
-    "vpt-shallow",
-    "vpt-deep",
-    "adaptformer",
-    "ssf",
-    "lora",
-    "oft",
-    "kron",
-)
 STARTER = {"model": "starter", "pretrained": True}
 # Without the starter ViT: a small random-init ViT, so the tab still runs offline (accuracies are then low).
 FALLBACK_VIT = {
@@ -71,7 +59,7 @@ class ViTTuner:
     ):
         from ..vision.train import ViTTrainConfig
 
-        options = {"r": rank} if any(m in method.split("+") for m in ("lora", "kron")) else {}
+        options = {"r": rank}  # cores without a rank ignore it
         return ViTTrainConfig(
             data=data,
             model=self.backbone["model"],
@@ -121,8 +109,10 @@ class ViTTuner:
             raise PeftkitError(
                 f"choose a built-in task ({', '.join(BUILTIN)}) or give a VTAB-1k folder"
             )
-        if method not in METHODS:
-            raise PeftkitError(f"method must be one of {', '.join(METHODS)}")
+        from ..vision.methods import method_names
+
+        if method not in method_names():
+            raise PeftkitError(f"method must be one of {', '.join(method_names())}")
 
         def run(job: Job) -> dict[str, Any]:
             from ..vision.train import train_vit
@@ -205,6 +195,8 @@ def curves(snap: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def build_tab(t: ViTTuner) -> None:
     """The ViT tuner tab's components and events (call inside a gr.Blocks)."""
+    from ..vision.methods import method_names
+
     weights = t.backbone.get("checkpoint") or (
         "pretrained" if t.backbone.get("pretrained") else "random init"
     )
@@ -218,7 +210,7 @@ def build_tab(t: ViTTuner) -> None:
             folder = gr.Textbox(
                 "", label="or a VTAB-1k task folder on the server (overrides the built-in task)"
             )
-            method = gr.Dropdown(list(METHODS), value="lora", label="method")
+            method = gr.Dropdown(list(method_names()), value="lora", label="method")
             with gr.Row():
                 steps = gr.Slider(1, 5000, 200, step=1, label="steps")
                 rank = gr.Slider(1, 64, 8, step=1, label="rank (LoRA / LoKr)")

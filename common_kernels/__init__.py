@@ -1,14 +1,16 @@
-"""peftkit.common_kernels: adapter cores (LoRA, OFT, Kronecker), injection and adapter files;
-the shared training machinery lives in `peftkit.common_kernels.training`. Knows nothing of diffusers, timm or open_clip."""
+"""peftkit.common_kernels: adapter cores (see `core_names()`), injection and adapter
+files; the training machinery lives in `peftkit.common_kernels.training`. Knows nothing of
+diffusers, timm or open_clip."""
 
 from .adapter_file import load_adapter, read_adapter_config, save_adapter
-from .config import AdapterConfig, method_names
+from .config import AdapterConfig
 from .errors import PeftkitError
 from .inject import AdapterHandle, adapted_layers, find_targets, inject, remove_adapters, routing
 from .kron import KronConfig, factorize, kron_delta_weight, kron_linear_delta
 from .layer import AdaptedLayer
 from .lora import LoRAConfig, lora_conv_delta, lora_delta_weight, lora_linear_delta
 from .oft import OFTConfig, cayley, oft_rotation, rotate_input, rotate_weight, skew
+from .registry import Core, core, core_names, register_core
 
 __all__ = [
     "AdaptedLayer",
@@ -29,7 +31,10 @@ __all__ = [
     "lora_conv_delta",
     "lora_delta_weight",
     "lora_linear_delta",
-    "method_names",
+    "core",
+    "core_names",
+    "Core",
+    "register_core",
     "oft_rotation",
     "read_adapter_config",
     "remove_adapters",

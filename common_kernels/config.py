@@ -1,7 +1,7 @@
 """Adapter configs: one dataclass per method, validated on creation, round-tripping through JSON.
 
-Every method config inherits the targeting fields from `AdapterConfig`; `register_config` maps the
-method name stored in files back to the class.
+Every method config inherits the targeting fields from `AdapterConfig`; the core registry
+(registry.py) maps the method name stored in files back to the class.
 """
 
 from __future__ import annotations
@@ -11,13 +11,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .errors import PeftkitError
-
-_CONFIGS: dict[str, type[AdapterConfig]] = {}
-
-
-def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    _CONFIGS[cls.method] = cls
-    return cls
 
 
 @dataclass
@@ -61,12 +54,12 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
         data = dict(data)
+        from .registry import core  # registry imports this module
+
         method = data.pop("method", None)
-        if method not in _CONFIGS:
-            raise PeftkitError(
-                f"unknown adapter method {method!r}: known methods are {sorted(_CONFIGS)}"
-            )
-        cls = _CONFIGS[method]
+        if not isinstance(method, str):
+            raise PeftkitError(f"adapter config names no method (got {method!r})")
+        cls = core(method).config
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -93,7 +86,3 @@ def check_positive(cls_name: str, name: str, value: float, allow_zero: bool = Fa
 def check_probability(cls_name: str, name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise PeftkitError(f"{cls_name}.{name} must be in [0, 1), got {value}")
-
-
-def method_names() -> list[str]:
-    return sorted(_CONFIGS)

@@ -2,7 +2,7 @@
 
 Two kinds of core. Additive cores (LoRA, Kronecker) contribute s * Delta x; the layer applies them
 either factored (y = base(x) + s Delta x, fewest FLOPs) or in weight space (y = base_op(x, W + s Delta),
-fewest kernels), by the core's `apply` setting. Rotation cores (OFT) act on the input
+fewest kernels), by the core's `apply_mode` (its config's `apply`). Rotation cores (OFT) act on the input
 (side "input": y = base(R x), for Linear) or on the kernel (side "weight": y = conv(x, W R), for
 Conv2d). Every core can merge into the base weight and back.
 """
@@ -83,12 +83,12 @@ class Delta(nn.Module):
 
     additive: bool = True
     side: str = "output"
-    apply: str = "factored"
+    apply_mode: str = "factored"
 
     def uses_weight_space(self, x: torch.Tensor) -> bool:
         """Weight space on CUDA under "auto": there kernel launches, not FLOPs, bound adapter cost
         (bench/NOTES.md); on CPUs arithmetic does, so factored wins."""
-        return self.apply == "weight" or (self.apply == "auto" and x.is_cuda)
+        return self.apply_mode == "weight" or (self.apply_mode == "auto" and x.is_cuda)
 
     def __init__(self, geometry: Geometry) -> None:
         super().__init__()

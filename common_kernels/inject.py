@@ -20,16 +20,8 @@ from torch import nn
 from .config import AdapterConfig
 from .delta import Delta
 from .errors import PeftkitError
-from .kron import KronConfig, KronDelta
 from .layer import AdaptedLayer, RunPlan
-from .lora import LoRAConfig, LoRADelta
-from .oft import OFTConfig, OFTDelta
-
-_DELTAS: dict[type[AdapterConfig], type[Delta]] = {
-    LoRAConfig: LoRADelta,
-    OFTConfig: OFTDelta,
-    KronConfig: KronDelta,
-}
+from .registry import core_of
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -208,7 +200,7 @@ class AdapterHandle:
 def _batch_hooks(handle: AdapterHandle) -> list:
     """Cores whose per-layer state depends on parameters alone (OFT's rotations) may build it for
     all layers at once, before the model's forward, through a `prepare_all` hook."""
-    delta_cls = _DELTAS[type(handle.config)]
+    delta_cls = core_of(handle.config).delta
     if not hasattr(delta_cls, "prepare_all"):
         return []
 
@@ -252,8 +244,7 @@ def inject(
         >>> handle.num_parameters()
         52
     """
-    if type(config) not in _DELTAS:
-        raise PeftkitError(f"no adapter core for config type {type(config).__name__}")
+    delta_cls = core_of(config).delta
     targets = find_targets(model, config)
     if not hasattr(model, "_peftkit_requires_grad"):
         model._peftkit_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -267,7 +258,7 @@ def inject(
         parent, child = _parent(model, tname)
         module = getattr(parent, child)
         layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, tname)
-        delta = _DELTAS[type(config)](layer.geometry, config, tname)
+        delta = delta_cls(layer.geometry, config, tname)
         layer.add(name, delta, scale)
         if layer is not module:
             setattr(parent, child, layer)

@@ -25,17 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig, check_positive, register_config
+from .config import AdapterConfig, check_positive
 from .delta import Delta, Geometry
 from .errors import PeftkitError
+from .registry import register_core
 
 
-@register_config
 @dataclass
 class KronConfig(AdapterConfig):
     """LoKr settings. `alpha=None` means alpha = r (scaling 1)."""
 
-    method = "kron"
     r: int = 8
     alpha: float | None = None
     factor: int = -1
@@ -144,7 +143,7 @@ class KronDelta(Delta):
         # Zero the first factor of the chosen side: the product, and so the delta, starts at 0.
         zero = w1_parts[0] if config.init == "w1_zero" else w2_parts[-1]
         nn.init.zeros_(zero)
-        self.apply = config.apply
+        self.apply_mode = config.apply
 
         self._batched: torch.Tensor | None = None
 
@@ -168,7 +167,7 @@ class KronDelta(Delta):
         Layers that will run factored (apply="factored", or "auto" off CUDA) are skipped."""
         groups: dict[tuple, list[KronDelta]] = {}
         for d in deltas:
-            if d.apply == "factored" or (d.apply == "auto" and not d.scale.is_cuda):
+            if d.apply_mode == "factored" or (d.apply_mode == "auto" and not d.scale.is_cuda):
                 continue
             key = (
                 d.geometry.weight_shape,
@@ -232,3 +231,12 @@ class KronDelta(Delta):
 
     def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight - self.delta_weight(scale, weight.dtype)
+
+
+register_core(
+    "kron",
+    KronConfig,
+    KronDelta,
+    aliases=("lokr",),
+    summary="Kronecker update W + s W1 (x) W2 (LoKr)",
+)

@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig, check_positive, check_probability, register_config
+from .config import AdapterConfig, check_positive, check_probability
 from .delta import Delta, Geometry
 from .errors import PeftkitError
+from .registry import register_core
 
 
-@register_config
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA settings. `alpha=None` means alpha = r (scaling 1, or sqrt(r) with rsLoRA)."""
 
-    method = "lora"
     r: int = 8
     alpha: float | None = None
     rslora: bool = False
@@ -115,7 +114,7 @@ class LoRADelta(Delta):
             nn.init.normal_(self.A, std=1.0 / r)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Input dropout only exists in the factored form.
-        self.apply = "factored" if config.dropout > 0 else config.apply
+        self.apply_mode = "factored" if config.dropout > 0 else config.apply
 
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # Scaled in the factors' precision, then cast once: each elementwise kernel here is paid
@@ -183,3 +182,8 @@ def _scales(deltas: list[LoRADelta]) -> torch.Tensor:
     ):  # one alpha/r, the usual case: one multiply instead of K
         return torch.stack([d.scale for d in deltas]) * deltas[0].scaling
     return torch.stack([d.scale * d.scaling for d in deltas])
+
+
+register_core(
+    "lora", LoRAConfig, LoRADelta, aliases=(), summary="low-rank update W + (alpha/r) B A"
+)

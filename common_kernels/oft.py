@@ -21,17 +21,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import AdapterConfig, check_positive, register_config
+from .config import AdapterConfig, check_positive
 from .delta import Delta, Geometry
 from .errors import PeftkitError
+from .registry import register_core
 
 
-@register_config
 @dataclass
 class OFTConfig(AdapterConfig):
     """OFT settings: give `block_size` (default 32) or `n_blocks`, not both."""
 
-    method = "oft"
     block_size: int = 32
     n_blocks: int = 0
     coft: bool = False
@@ -244,3 +243,12 @@ class OFTDelta(Delta):
     def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         # R is orthogonal, so W R R^T = W up to rounding.
         return rotate_weight(weight, self.rotation(scale).transpose(1, 2).to(weight.dtype))
+
+
+register_core(
+    "oft",
+    OFTConfig,
+    OFTDelta,
+    aliases=(),
+    summary="orthogonal fine-tuning: W R, R block-diagonal Cayley",
+)

@@ -113,7 +113,11 @@ def train_concept(argv: list[str]) -> int:
         required=True,
         help="instance prompt with a rare identifier: 'a photo of sks dog'",
     )
-    parser.add_argument("--method", choices=["lora", "kron", "oft"], default="lora")
+    from ..common_kernels.registry import core_names
+
+    parser.add_argument(
+        "--method", choices=core_names(aliases=True), default="lora", help="adapter core"
+    )
     parser.add_argument("--rank", type=int, default=4, help="LoRA/LoKr rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
     parser.add_argument("--block-size", type=int, default=32, help="OFT block size")

@@ -100,6 +100,7 @@ def _train(task, args: argparse.Namespace):
 
 def train_control(argv: list[str]) -> int:
     """Train a zero-conv control branch; writes <output>/controlnet (a diffusers ControlNetModel folder)."""
+    from ..common_kernels.registry import core, core_names
     from ..common_kernels.training.engine import launch_world
     from .conditions import EXTRACTORS
     from .control import ControlConfig, ControlTask, save_control
@@ -116,7 +117,7 @@ def train_control(argv: list[str]) -> int:
         help="full: train the copied encoder; lora: an adapter on the copy (merged at save)",
     )
     parser.add_argument(
-        "--adapter", choices=["lora", "oft", "kron"], default="lora", help="core for --mode lora"
+        "--adapter", choices=core_names(aliases=True), default="lora", help="core for --mode lora"
     )
     parser.add_argument("--rank", type=int, default=8, help="rank (lora/kron) for --mode lora")
     parser.add_argument(
@@ -131,9 +132,7 @@ def train_control(argv: list[str]) -> int:
     if args.mode == "lora":
         from .control import DEFAULT_TARGETS
 
-        adapter = {"method": args.adapter, "targets": list(DEFAULT_TARGETS)}
-        if args.adapter in ("lora", "kron"):
-            adapter["r"] = args.rank
+        adapter = core(args.adapter).make_config(list(DEFAULT_TARGETS), rank=args.rank).to_dict()
     config = ControlConfig(
         mode=args.mode,
         adapter=adapter,

@@ -26,9 +26,8 @@ from ..common_kernels.adapter_file import atomic_write, save_adapter
 from ..common_kernels.config import AdapterConfig
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
-from ..common_kernels.kron import KronConfig
 from ..common_kernels.lora import LoRAConfig
-from ..common_kernels.oft import OFTConfig
+from ..common_kernels.registry import core
 from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
@@ -74,10 +73,7 @@ class ConceptConfig:
     validation_steps: int = 25
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "kron", "oft"):
-            raise PeftkitError(
-                f"ConceptConfig.method must be 'lora', 'kron' or 'oft', got {self.method!r}"
-            )
+        self.method = core(self.method).name  # aliases (lokr) name the canonical core
         if not self.instance_prompt.strip():
             raise PeftkitError(
                 "ConceptConfig.instance_prompt is empty: give a prompt with a rare identifier, "
@@ -120,11 +116,9 @@ class ConceptConfig:
         return LoRAConfig(targets=TEXT_TARGETS, target_types=["Linear"], r=self.text_encoder_rank)
 
     def _core(self, patterns: list[str], rank: int) -> AdapterConfig:
-        if self.method == "lora":
-            return LoRAConfig(targets=patterns, r=rank, alpha=self.alpha)
-        if self.method == "kron":
-            return KronConfig(targets=patterns, r=rank, alpha=self.alpha)
-        return OFTConfig(targets=patterns, block_size=self.block_size)
+        return core(self.method).make_config(
+            patterns, rank=rank, alpha=self.alpha, block_size=self.block_size
+        )
 
 
 def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:

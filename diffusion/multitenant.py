@@ -44,6 +44,7 @@ import torch
 
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import adapted_layers, routing
+from ..common_kernels.registry import core
 from ..common_kernels.training.engine import (
     TrainConfig,
     TrainResult,
@@ -106,7 +107,7 @@ def check_compatible(jobs: list[ConceptJob]) -> None:
                 f"job {job.name!r} uses method {b.method!r} but job {first.name!r} uses {a.method!r}: "
                 "jobs trained together share one core; train the others in a second run"
             )
-        if b.method != "oft" and b.rank != a.rank:
+        if core(b.method).uses_rank and b.rank != a.rank:
             raise PeftkitError(
                 f"job {job.name!r} has rank {b.rank} but job {first.name!r} has rank {a.rank}: jobs "
                 "trained together share one rank (their adapters run as one batched matmul)"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.registry import core_names
 
 RUN_KEYS = {
     "model",
@@ -143,9 +144,10 @@ def _job(where: str, raw: Any, defaults: dict, folder: Path, output: str | None,
         k: _coerce(where, k, v, concept_keys[k]) for k, v in spec.items() if k in concept_keys
     }
     train = {k: _coerce(where, k, v, train_kinds[k]) for k, v in spec.items() if k in TRAIN_KEYS}
-    if "method" in concept and concept["method"] not in ("lora", "kron", "oft"):
+    if "method" in concept and concept["method"] not in core_names(aliases=True):
         raise PeftkitError(
-            f"{where}: unknown method (core) {concept['method']!r}: use lora, kron (LoKr) or oft"
+            f"{where}: unknown method (core) {concept['method']!r}: use one of "
+            + ", ".join(core_names(aliases=True))
         )
     try:
         return ConceptJob(

@@ -25,6 +25,7 @@ from torch import nn
 from peftkit.common_kernels import AdapterConfig, inject
 from peftkit.common_kernels.adapter_file import read_tensors, save_tensors
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.registry import core, core_names
 
 from .adaptformer import AdaptFormer, AdaptFormerConfig
 from .backbones import backbone_parameters, vit_layout
@@ -32,19 +33,13 @@ from .baselines import BASE_TUNING, backbone_trainable, head_parameters
 from .ssf import SSF, SSFConfig
 from .vpt import VPT, VPTConfig
 
-CORES = ("lora", "oft", "kron")
-METHOD_NAMES = (
-    "linear",
-    "bitfit",
-    "full",
-    "vpt-shallow",
-    "vpt-deep",
-    "adaptformer",
-    "ssf",
-    "lora",
-    "oft",
-    "kron",
-)
+TARGET_FIELDS = ("targets", "target_types", "exclude")  # set per backbone by `core_config`
+OWN_METHODS = ("linear", "bitfit", "full", "vpt-shallow", "vpt-deep", "adaptformer", "ssf")
+
+
+def method_names() -> tuple[str, ...]:
+    """Every name `parse` accepts: the vision methods, then each adapter core and its aliases."""
+    return (*OWN_METHODS, *core_names(aliases=True))
 
 
 @dataclass
@@ -72,9 +67,10 @@ class ViTMethodConfig:
                 f"ViTMethodConfig.base_tuning must be one of {list(BASE_TUNING)}, got {self.base_tuning!r}"
             )
         if self.core is not None:
-            if self.core.get("method") not in CORES:
+            if self.core.get("method") not in core_names(aliases=True):
                 raise PeftkitError(
-                    f"ViTMethodConfig.core['method'] must be one of {list(CORES)}, got {self.core.get('method')!r}"
+                    f"ViTMethodConfig.core['method'] must be one of {core_names(aliases=True)}, "
+                    f"got {self.core.get('method')!r}"
                 )
             self.core_config(["validate"])
         if not self.core_sites:
@@ -106,10 +102,10 @@ class ViTMethodConfig:
         """Build from 'vpt-deep+lora'-style names; `options` fill method fields (vpt_length,
         vpt_dropout, bottleneck, adapter_scale, ssf_sites, r, alpha, block_size, factor, core_sites...)."""
         names = [n.strip() for n in spec.split("+") if n.strip()]
-        unknown = [n for n in names if n not in METHOD_NAMES]
+        unknown = [n for n in names if n not in method_names()]
         if unknown or not names:
             raise PeftkitError(
-                f"unknown method(s) {unknown or spec!r}: combine any of {list(METHOD_NAMES)} with '+'"
+                f"unknown method(s) {unknown or spec!r}: combine any of {list(method_names())} with '+'"
             )
         o = {k: v for k, v in options.items() if v is not None}
         kw: dict[str, Any] = {}
@@ -126,15 +122,10 @@ class ViTMethodConfig:
                 )
             elif n == "ssf":
                 kw["ssf"] = SSFConfig(**({"sites": o["ssf_sites"]} if "ssf_sites" in o else {}))
-            elif n in CORES:
-                core: dict[str, Any] = {"method": n}
-                if n in ("lora", "kron"):
-                    core.update(r=o.get("r", 8), alpha=o.get("alpha"))
-                if n == "oft":
-                    core.update(block_size=o.get("block_size", 32))
-                if n == "kron":
-                    core.update(factor=o.get("factor", -1))
-                kw["core"] = core
+            elif n in core_names(aliases=True):
+                options = {"rank": 8, "block_size": 32, **o}
+                made = core(n).make_config([], **options).to_dict()
+                kw["core"] = {k: made[k] for k in sorted(made) if k not in TARGET_FIELDS}
             elif n in ("bitfit", "full"):
                 kw["base_tuning"] = n
         if "core_sites" in o:

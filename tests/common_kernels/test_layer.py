@@ -170,7 +170,7 @@ def test_config_round_trips_through_json():
     for make in CONFIGS.values():
         config = make()
         assert AdapterConfig.from_json(config.to_json()) == config
-    with pytest.raises(PeftkitError, match="unknown adapter method"):
+    with pytest.raises(PeftkitError, match="unknown adapter core"):
         AdapterConfig.from_dict({"method": "nope"})
 
 

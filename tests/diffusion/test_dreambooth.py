@@ -169,8 +169,8 @@ def test_min_snr_weights_follow_the_paper():
 def test_config_round_trips_through_json():
     config = _config(targets=["attn", "ff"], text_encoder_rank=2, class_prompt="a toy")
     assert ConceptConfig.from_json(config.to_json()) == config
-    with pytest.raises(PeftkitError, match="method"):
-        _config(method="dora")
+    with pytest.raises(PeftkitError, match="unknown adapter core .nope."):
+        _config(method="nope")
 
 
 def test_sdxl_concept_trains_with_pooled_and_size_conditioning(
