@@ -182,12 +182,6 @@ class ConceptTask:
     stream) then `score` (the loss of a prediction for them), so several tasks can share one UNet
     forward (multitenant.py); `name` is the adapter's name in the UNet."""
 
-    # Checked by the engine: a captured step would replay one step's draws forever.
-    graph_unsafe = (
-        "its noise and timesteps come from the task's own random stream, swapped in on the "
-        "host every step; use ConceptTrainer(cuda_graph=True) (one job is fine) or cuda_graph=False"
-    )
-
     def __init__(
         self,
         base: DiffusionBase,
@@ -289,6 +283,20 @@ class ConceptTask:
             self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
         self.stream = RandomStream(self.seed, device)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if device.type == "cuda":
+            self.release_encoders()
+
+    def release_encoders(self) -> None:
+        """Move the VAE (and text encoders without a LoRA) off the GPU once their outputs are
+        cached: training reads only the caches, and validation images bring them back."""
+        for module in self.encoders():
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+    def encoders(self) -> list[nn.Module]:
+        """The frozen modules whose outputs are cached: the VAE, and the text encoders unless a
+        LoRA trains them."""
+        return [self.base.vae] + ([] if self.text_handles else list(self.base.text_encoders))
 
     def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which]
@@ -366,9 +374,21 @@ class ConceptTask:
             loss = loss + self.config.prior_weight * per_sample[rows.instances :].mean()
         return loss
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = self.draw(batch)
+    def drawn_loss(self, model: nn.Module, rows: ConceptRows) -> torch.Tensor:
+        """The loss of drawn rows: a pure function of tensors, which the engine can capture."""
         return self.score(rows, model(rows.noisy, rows.t, **rows.cond))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.drawn_loss(model, self.draw(batch))
+
+    @property
+    def graph_unsafe(self) -> str | None:
+        """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
+        if self.text_handles:
+            return "a text-encoder LoRA re-encodes token ids gathered on the host every step"
+        if self.config.gradient_checkpointing:
+            return "gradient checkpointing saves and restores the RNG state on the host"
+        return None
 
     def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:
         """Instance loss under fixed noise and timesteps (each image `repeats` times, since one
@@ -406,6 +426,10 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
         out.mkdir(parents=True, exist_ok=True)
         was_training = task.model.training
         task.model.eval()
+        device = task.base.unet.device
+        encoders = task.encoders()
+        for module in encoders:
+            module.to(device)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator("cpu").manual_seed(seed + i)
@@ -417,6 +441,8 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
                     width=config.resolution,
                 ).images[0]
                 image.save(out / f"{i:02d}.png")
+        if device.type == "cuda":
+            task.release_encoders()
         task.model.train(was_training)
 
     return on_event
