@@ -153,7 +153,13 @@ def latest_checkpoint(output_dir: str | os.PathLike | None) -> Path | None:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of checkpoint `path`; PeftkitError naming the damaged file."""
-    tensors, _ = read_tensors(path / "state.safetensors")
+    try:
+        tensors, _ = read_tensors(path / "state.safetensors")
+    except PeftkitError:
+        raise PeftkitError(
+            f"checkpoint {path} has a damaged state.safetensors (truncated or unreadable): delete "
+            "that folder to resume from an older checkpoint, or train into a new output folder"
+        ) from None
     try:
         meta = json.loads((path / "trainer.json").read_text())
         int(meta["step"]), meta["optimizer"], meta["scheduler"], meta["rng"]
@@ -219,7 +225,8 @@ def resume(output_dir, task, optimizer, scheduler, notice=print) -> tuple[int, P
             read = read_checkpoint(path)
         except PeftkitError as err:
             first_error = first_error or err
-            notice(f"skipping checkpoint {path}: {err}")
+            if path != found[-1]:
+                notice(f"resume: {path.name} is damaged, falling back to an older checkpoint")
             continue
         return load_checkpoint(path, task, optimizer, scheduler, read), path
     if first_error is not None:

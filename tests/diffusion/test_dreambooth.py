@@ -218,3 +218,10 @@ def test_sdxl_concept_trains_with_pooled_and_size_conditioning(
     )
     assert len(task.text_handles) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "text_encoder_2_adapter.safetensors").is_file()
+
+
+def test_resuming_with_another_rank_names_the_changed_setting(tiny_sd_path, concept_dir, tmp_path):
+    _run(tiny_sd_path, concept_dir, tmp_path, steps=1, train={"checkpoint_every": 1})
+    with pytest.raises(PeftkitError, match=r"trained with other settings: rank 4 -> 8;") as err:
+        _run(tiny_sd_path, concept_dir, tmp_path, steps=2, rank=8)
+    assert "another base model" not in str(err.value)
