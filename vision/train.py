@@ -56,7 +56,8 @@ class ViTTrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 10.0
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # bf16 on a GPU that supports it, else "no"
+    cuda_graph: bool | str = "auto"  # each step one CUDA graph on a single GPU when possible
     label_smoothing: float = 0.0
     eval_every_epochs: int = 1
     checkpoint_every_epochs: int = 10
@@ -217,6 +218,7 @@ def train_vit(
         schedule="cosine",
         grad_accum=config.grad_accum,
         mixed_precision=config.mixed_precision,
+        cuda_graph=config.cuda_graph,
         seed=config.seed,
         output_dir=config.output_dir,
         checkpoint_every=config.checkpoint_every_epochs * per_epoch,

@@ -6,14 +6,34 @@ multi-concept trainer choose alike; a run that cannot be captured says why in on
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import PeftkitError
+
+
+def add_speed_args(parser) -> None:
+    """The flags every training command shares for its fast path (parser: a parser or group)."""
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "bf16", "fp16"],
+        default="auto",
+        help="auto (default): bf16 on a GPU that supports it (frozen weights in bf16 too), else fp32",
+    )
+    parser.add_argument(
+        "--no-cuda-graph",
+        "--eager",
+        dest="cuda_graph",
+        action="store_const",
+        const=False,
+        default="auto",
+        help="run eager steps; by default each step is replayed as one CUDA graph on a single GPU "
+        "when the run allows it (else one line says why not)",
+    )
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
     """ "auto" is bf16 on a CUDA device that supports it (the frozen base then runs in bf16 too),
     else "no"; any other value stands."""
+    import torch
+
     if requested != "auto":
         return requested
     if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -23,6 +43,8 @@ def resolve_precision(requested: str, device_type: str) -> str:
 
 def default_device_type(cpu: bool) -> str:
     """The device type a run will train on, known before accelerate starts."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
 
 
