@@ -17,7 +17,7 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
 - its own AdamW state, LR schedule, step count and gradient clipping (one global clip norm would
   couple the jobs).
 
-On a GPU, `cuda_graph=True` replays each step's routed forward, scoring, backward, clipping and
+On a GPU, `cuda_graph="auto"` (or True) replays each step's routed forward, scoring, backward, clipping and
 AdamW steps as one CUDA graph (captured once per set of jobs; only each job's draws stay eager,
 and those for the next step are made while the GPU replays this one), so a step costs about its
 GPU time instead of thousands of kernel launches.
@@ -161,9 +161,8 @@ class _Running(Run):
 
     def checkpoint(self) -> Path:
         now = self.task.stream.state
-        if (
-            self.ahead is not None
-        ):  # rows drawn ahead belong to the next step, not to this checkpoint
+        # Rows drawn ahead belong to the next step, not to this checkpoint.
+        if self.ahead is not None:
             self.task.stream.state = self.ahead[1]
         try:
             return super().checkpoint()
@@ -175,7 +174,8 @@ class ConceptTrainer:
     """Trains the jobs added to it, all in every step, over `base`'s one frozen UNet. Jobs join
     (`add_job`) and leave (`remove_job`, or on reaching their steps) between steps; a leaving job
     saves what train-concept writes into its output_dir. Thread-safe: calls wait for a running step.
-    `draw_ahead` (default: on with `cuda_graph`) draws each job's next rows while the current step
+    `mixed_precision` "auto" is bf16 on a GPU that has it (jobs asking "auto" take the trainer's);
+    `cuda_graph` "auto" captures steps on a GPU. `draw_ahead` (default: on with graphs) draws each job's next rows while the current step
     runs; jobs end with the same adapters either way.
 
     Example:
@@ -189,7 +189,7 @@ class ConceptTrainer:
     def __init__(
         self,
         base: DiffusionBase,
-        mixed_precision: str = "auto",
+        mixed_precision: str = "no",
         cpu: bool = False,
         on_event: Callable[[dict], None] | None = None,
         cuda_graph: bool | str = "auto",
@@ -210,12 +210,10 @@ class ConceptTrainer:
                 "training jobs together runs in one process: start it without `accelerate launch`, "
                 "or train each job alone with train-concept on several GPUs"
             )
-        self.cuda_graph, why = graph_plan(cuda_graph, self.accelerator.device.type)
-        if why:
-            print(why)
+        self.cuda_graph, _ = graph_plan(cuda_graph, self.accelerator.device.type)
         # Drawing ahead hides a job's ~1 ms of draw launches behind the previous step's GPU work;
         # only a graphed step leaves the host idle to do it (eager steps are busy launching).
-        self.draw_ahead = cuda_graph if draw_ahead is None else draw_ahead
+        self.draw_ahead = self.cuda_graph if draw_ahead is None else draw_ahead
         self._graph: GraphedStep | None = None
         self._graph_names: list[str] = []
         # Text encoders stay frozen here, so the resolution their conditioning needs is never read.
@@ -232,8 +230,8 @@ class ConceptTrainer:
         cache its latents and prompt embeddings, and resume from the newest checkpoint in its
         output_dir when there is one."""
         with self._lock:
-            asked = resolve_precision(job.train.mixed_precision, self.accelerator.device.type)
-            if asked != self.mixed_precision:
+            asked = job.train.mixed_precision  # "auto" takes the trainer's
+            if asked not in ("auto", self.mixed_precision):
                 raise PeftkitError(
                     f"job {job.name!r} asks for mixed_precision {job.train.mixed_precision!r} but the "
                     f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision"

@@ -25,6 +25,7 @@ from torch import nn
 
 from peftkit.common_kernels.adapter_file import atomic_write
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.data_cache import cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, launch_world, train
 
 from .backbones import create_backbone, normalization
@@ -136,6 +137,8 @@ class ViTTask:
 
     def prepare(self, accelerator) -> None:
         self.device = accelerator.device
+        # Decoded once, like the training split: every evaluation then reads tensors.
+        self.eval_set = cache_dataset(self.eval_set, self.device) or self.eval_set
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter.trainable_parameters()
@@ -167,9 +170,8 @@ def evaluate_model(
     """Top-1 accuracy (%) and mean cross-entropy over `dataset`."""
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     correct, total, loss = 0, 0, 0.0
-    for images, labels in loader:
+    for images, labels in eval_batches(dataset, batch_size, device):
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()
         correct += int((logits.argmax(-1) == labels).sum())

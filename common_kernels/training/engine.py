@@ -16,7 +16,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import PeftkitError
 from .checkpoint import latest_checkpoint
+from .data_cache import batches, training_batches
 from .fast_path import default_device_type, fallback_line, graph_plan, resolve_precision
 from .fsdp import fsdp_requested, shard
 from .graphed_step import GraphedStep
@@ -59,47 +60,6 @@ def launch_world() -> tuple[int, int]:
     """(rank, number of processes) of this launch, as `accelerate launch`/torchrun set them:
     known before the engine starts, for sizing epochs and choosing who writes the final files."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def batch_rows(n: int, batch_size: int, seed: int, index: int, rank: int = 0, world: int = 1):
-    """The dataset rows of batch `index` for process `rank`: the seeded order every loader shares.
-    Each global batch of batch_size * world rows is split by rank, so N processes see what one
-    process with the global batch would. A short final batch of an epoch is dropped; a dataset
-    smaller than one global batch is repeated to fill it."""
-    total = batch_size * world
-    per_epoch = max(1, n // total)
-    epoch, pos = divmod(index, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    rows = order[torch.arange(pos * total, (pos + 1) * total) % n]
-    return rows[rank * batch_size : (rank + 1) * batch_size]
-
-
-def batches(
-    dataset,
-    batch_size: int,
-    seed: int,
-    start: int,
-    collate: Callable | None,
-    rank: int = 0,
-    world: int = 1,
-) -> Iterator[Any]:
-    """Endless batches in a seeded order (`batch_rows`); batch `start` is the first yielded, so a
-    resumed run sees exactly the batches the uninterrupted one would have. A dataset with a
-    `batch(rows)` method (data_cache.py) gathers its rows itself instead of item by item."""
-    from torch.utils.data import default_collate
-
-    n = len(dataset)
-    if n == 0:
-        raise PeftkitError("the training set is empty: add examples or check the data path")
-    collate = collate or default_collate
-    index = start
-    while True:
-        rows = batch_rows(n, batch_size, seed, index, rank, world)
-        if hasattr(dataset, "batch"):
-            yield dataset.batch(rows)
-        else:
-            yield collate([dataset[i] for i in rows.tolist()])
-        index += 1
 
 
 def train(
@@ -202,14 +162,16 @@ def train(
         graph = GraphedStep(
             step_loss, [(params, run.optimizer, config.max_grad_norm)], accelerator.autocast
         )
-    data = batches(
+    data = training_batches(
         dataset,
         config.batch_size,
         config.seed,
         run.result.step * config.grad_accum,
         collate,
-        rank=accelerator.process_index,
-        world=world,
+        accelerator.process_index,
+        world,
+        device,
+        say,
     )
     bar = tqdm(
         total=config.steps,
@@ -229,14 +191,24 @@ def train(
             path = run.save_progress()
             emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
             break
+        inputs = step_inputs(next(data))
         if graph is not None:
-            total = float(graph.launch(step_inputs(next(data)))[0])
+            try:
+                total = float(graph.launch(inputs)[0])
+            except RuntimeError as err:
+                if graph.graph is not None:
+                    raise
+                # Something in the step does not survive capture: fall back, never fail the run.
+                graph.abandon()
+                graph, run.graphed = None, False
+                say(fallback_line(f"capturing the step failed ({str(err).splitlines()[0]})"))
+        if graph is not None:
             finite = np.isfinite(total)
             if not finite:
                 graph.skip_pending()
         else:
             total, finite = _eager_step(
-                task, model, accelerator, config, data, step_inputs, step_loss, fsdp
+                model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
             )
         if not finite:
             error = run.skip()
@@ -281,12 +253,12 @@ def timing_line(timing: dict[str, float], steps: int) -> str:
     )
 
 
-def _eager_step(task, model, accelerator, config, data, step_inputs, step_loss, fsdp):
-    """One optimizer step's forward and backward passes over `grad_accum` micro-batches:
-    (mean loss, all finite). The update itself is the run's (Run.advance)."""
+def _eager_step(model, accelerator, config, first, data, step_inputs, step_loss, fsdp):
+    """One optimizer step's forward and backward passes over `grad_accum` micro-batches, the
+    first of them `first`: (mean loss, all finite). The update itself is the run's (Run.advance)."""
     total = 0.0
     for micro in range(config.grad_accum):
-        inputs = step_inputs(next(data))
+        inputs = first if micro == 0 else step_inputs(next(data))
         sync = micro == config.grad_accum - 1
         if fsdp:
             model.set_requires_gradient_sync(sync)

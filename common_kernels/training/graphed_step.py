@@ -168,3 +168,9 @@ class GraphedStep:
         """After a non-finite step nothing was updated: clear the flag and the gradients it left."""
         self.found_inf.zero_()
         torch._foreach_zero_(self.grads)
+
+    def abandon(self) -> None:
+        """Leave the graphed path (a failed capture): the optimizers step eagerly from here on."""
+        for _, optimizer, _ in self.groups:
+            optimizer.__dict__.pop("found_inf", None)
+        torch._foreach_zero_(self.grads)
