@@ -105,6 +105,9 @@ def _summary(output: str, result) -> None:
 
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    import time
+
+    started = time.perf_counter()
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
@@ -171,7 +174,9 @@ def train_concept(argv: list[str]) -> int:
     )
     train_config = _train_config(args)
     base = load_base(args.model, attention=args.attention)
-    task, result = run(base, args.images, config, train_config, class_dir=args.class_dir)
+    task, result = run(
+        base, args.images, config, train_config, class_dir=args.class_dir, started=started
+    )
     print(task.unet_handle.report())
     _summary(args.output, result)
     return 0

@@ -485,9 +485,11 @@ def train_concept(
     train_config,
     class_dir: str | Path | None = None,
     on_event=None,
+    started: float | None = None,
 ):
     """The whole DreamBooth run: read the images, make or reuse class images, train (resuming from
-    the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult)."""
+    the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult).
+    `started`: the time.perf_counter() the command began at, for the printed set-up time."""
     from ..common_kernels.training.engine import launch_world, train
     from .data import class_images
 
@@ -520,7 +522,13 @@ def train_concept(
         )
         if c
     ]
-    result = train(task, task.dataset(), train_config, on_event=lambda e: [c(e) for c in callbacks])
+    result = train(
+        task,
+        task.dataset(),
+        train_config,
+        on_event=lambda e: [c(e) for c in callbacks],
+        started=started,
+    )
     if train_config.output_dir and launch_world()[0] == 0:
         save_concept(task, train_config.output_dir)
     return task, result

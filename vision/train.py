@@ -187,6 +187,7 @@ def train_vit(
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train `config.method` on `config.data` and return (and write) the results."""
+    entered = time.perf_counter()
     spec = config.backbone_spec()
     probe, img_size = build_model(spec, 1, False, None)  # input size and normalization before data
     transform = Preprocess(img_size, *normalization(probe))
@@ -229,7 +230,9 @@ def train_vit(
         cpu=config.cpu,
     )
     start = time.perf_counter()
-    result = train(task, data.train, engine, on_event=on_event, should_stop=should_stop)
+    result = train(
+        task, data.train, engine, on_event=on_event, should_stop=should_stop, started=entered
+    )
     seconds = time.perf_counter() - start - task.eval_seconds
     done_steps = result.step - (result.resumed_from or 0)
     counts = adapter.parameter_counts()
@@ -249,6 +252,7 @@ def train_vit(
         if seconds > 0
         else 0.0,
         "peak_memory_gib": result.peak_memory_gib,
+        "timing": result.timing,
         "resumed_from": result.resumed_from,
         "final_loss": result.losses[-1] if result.losses else None,
         "history": task.history,

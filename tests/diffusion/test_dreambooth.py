@@ -225,3 +225,15 @@ def test_resuming_with_another_rank_names_the_changed_setting(tiny_sd_path, conc
     with pytest.raises(PeftkitError, match=r"trained with other settings: rank 4 -> 8;") as err:
         _run(tiny_sd_path, concept_dir, tmp_path, steps=2, rank=8)
     assert "another base model" not in str(err.value)
+
+
+def test_cached_encoders_are_the_vae_and_the_text_encoders_without_a_lora(
+    tiny_sd_path, concept_dir
+):
+    # These leave the GPU once latents and embeddings are cached (prepare on a CUDA device).
+    base = load_base(str(tiny_sd_path))
+    data = ConceptDataset(concept_dir, "x", 16)
+    plain = ConceptTask(base, data, _config(), name="plain")
+    assert plain.encoders() == [base.vae, *base.text_encoders]
+    text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
+    assert text.encoders() == [base.vae]
