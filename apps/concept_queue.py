@@ -92,6 +92,7 @@ class ConceptQueue:
                         self._load_base(),
                         cpu=self.device == "cpu",
                         on_event=self._event,
+                        mixed_precision="auto",
                         cuda_graph=self.device.startswith("cuda"),
                     )
                 concept = make(self._trainer.base)

@@ -18,6 +18,8 @@ from ..common_kernels.errors import PeftkitError
 
 
 def _training_args(parser: argparse.ArgumentParser) -> None:
+    from ..common_kernels.training.fast_path import add_speed_args
+
     parser.add_argument(
         "--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'"
     )
@@ -33,12 +35,13 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    add_speed_args(parser)
     parser.add_argument(
         "--optimizer",
         choices=["auto", "adamw", "adamw8bit"],
         default="auto",
-        help="auto: 8-bit AdamW when bitsandbytes is installed and a GPU is used",
+        help="auto: AdamW (the captured step needs it); 8-bit AdamW with --no-cuda-graph when "
+        "bitsandbytes is installed and a GPU is used",
     )
     parser.add_argument(
         "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)"
@@ -64,6 +67,7 @@ def _train_config(args: argparse.Namespace):
             importlib.util.find_spec("bitsandbytes") is not None
             and torch.cuda.is_available()
             and not args.cpu
+            and args.cuda_graph is False
         )
         optimizer = "adamw8bit" if usable else "adamw"
     return TrainConfig(
@@ -73,6 +77,7 @@ def _train_config(args: argparse.Namespace):
         grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision,
+        cuda_graph=args.cuda_graph,
         seed=args.seed,
         output_dir=args.output,
         checkpoint_every=args.checkpoint_every,
@@ -100,6 +105,9 @@ def _summary(output: str, result) -> None:
 
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    import time
+
+    started = time.perf_counter()
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
@@ -170,7 +178,9 @@ def train_concept(argv: list[str]) -> int:
     )
     train_config = _train_config(args)
     base = load_base(args.model, attention=args.attention)
-    task, result = run(base, args.images, config, train_config, class_dir=args.class_dir)
+    task, result = run(
+        base, args.images, config, train_config, class_dir=args.class_dir, started=started
+    )
     print(task.unet_handle.report())
     _summary(args.output, result)
     return 0

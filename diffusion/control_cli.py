@@ -29,6 +29,8 @@ def _resolution(text: str) -> int:
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
+    from ..common_kernels.training.fast_path import add_speed_args
+
     parser.add_argument(
         "--model", required=True, help="base Stable Diffusion pipeline: folder or hub id"
     )
@@ -44,7 +46,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    add_speed_args(parser)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -73,6 +75,7 @@ def _train(task, args: argparse.Namespace):
         grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision,
+        cuda_graph=args.cuda_graph,
         seed=args.seed,
         output_dir=args.output,
         checkpoint_every=args.checkpoint_every,

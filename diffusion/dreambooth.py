@@ -176,12 +176,6 @@ class ConceptTask:
     stream) then `score` (the loss of a prediction for them), so several tasks can share one UNet
     forward (multitenant.py); `name` is the adapter's name in the UNet."""
 
-    # Checked by the engine: a captured step would replay one step's draws forever.
-    graph_unsafe = (
-        "its noise and timesteps come from the task's own random stream, swapped in on the "
-        "host every step; use ConceptTrainer(cuda_graph=True) (one job is fine) or cuda_graph=False"
-    )
-
     def __init__(
         self,
         base: DiffusionBase,
@@ -283,6 +277,20 @@ class ConceptTask:
             self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
         self.stream = RandomStream(self.seed, device)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if device.type == "cuda":
+            self.release_encoders()
+
+    def release_encoders(self) -> None:
+        """Move the VAE (and text encoders without a LoRA) off the GPU once their outputs are
+        cached: training reads only the caches, and validation images bring them back."""
+        for module in self.encoders():
+            module.to("cpu")
+        torch.cuda.empty_cache()
+
+    def encoders(self) -> list[nn.Module]:
+        """The frozen modules whose outputs are cached: the VAE, and the text encoders unless a
+        LoRA trains them."""
+        return [self.base.vae] + ([] if self.text_handles else list(self.base.text_encoders))
 
     def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which]
@@ -360,9 +368,21 @@ class ConceptTask:
             loss = loss + self.config.prior_weight * per_sample[rows.instances :].mean()
         return loss
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = self.draw(batch)
+    def drawn_loss(self, model: nn.Module, rows: ConceptRows) -> torch.Tensor:
+        """The loss of drawn rows: a pure function of tensors, which the engine can capture."""
         return self.score(rows, model(rows.noisy, rows.t, **rows.cond))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.drawn_loss(model, self.draw(batch))
+
+    @property
+    def graph_unsafe(self) -> str | None:
+        """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
+        if self.text_handles:
+            return "a text-encoder LoRA re-encodes token ids gathered on the host every step"
+        if self.config.gradient_checkpointing:
+            return "gradient checkpointing saves and restores the RNG state on the host"
+        return None
 
     def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:
         """Instance loss under fixed noise and timesteps (each image `repeats` times, since one
@@ -400,6 +420,10 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
         out.mkdir(parents=True, exist_ok=True)
         was_training = task.model.training
         task.model.eval()
+        device = task.base.unet.device
+        encoders = task.encoders()
+        for module in encoders:
+            module.to(device)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator("cpu").manual_seed(seed + i)
@@ -411,6 +435,8 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
                     width=config.resolution,
                 ).images[0]
                 image.save(out / f"{i:02d}.png")
+        if device.type == "cuda":
+            task.release_encoders()
         task.model.train(was_training)
 
     return on_event
@@ -453,9 +479,11 @@ def train_concept(
     train_config,
     class_dir: str | Path | None = None,
     on_event=None,
+    started: float | None = None,
 ):
     """The whole DreamBooth run: read the images, make or reuse class images, train (resuming from
-    the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult)."""
+    the newest checkpoint in train_config.output_dir), save. Returns (task, TrainResult).
+    `started`: the time.perf_counter() the command began at, for the printed set-up time."""
     from ..common_kernels.training.engine import launch_world, train
     from .data import class_images
 
@@ -488,7 +516,13 @@ def train_concept(
         )
         if c
     ]
-    result = train(task, task.dataset(), train_config, on_event=lambda e: [c(e) for c in callbacks])
+    result = train(
+        task,
+        task.dataset(),
+        train_config,
+        on_event=lambda e: [c(e) for c in callbacks],
+        started=started,
+    )
     if train_config.output_dir and launch_world()[0] == 0:
         save_concept(task, train_config.output_dir)
     return task, result

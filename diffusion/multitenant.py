@@ -17,7 +17,7 @@ Each job ends with the adapter `train_concept` gives it alone, to floating-point
 - its own AdamW state, LR schedule, step count and gradient clipping (one global clip norm would
   couple the jobs).
 
-On a GPU, `cuda_graph=True` replays each step's routed forward, scoring, backward, clipping and
+On a GPU, `cuda_graph="auto"` (or True) replays each step's routed forward, scoring, backward, clipping and
 AdamW steps as one CUDA graph (captured once per set of jobs; only each job's draws stay eager,
 and those for the next step are made while the GPU replays this one), so a step costs about its
 GPU time instead of thousands of kernel launches.
@@ -31,11 +31,9 @@ GPU time instead of thousands of kernel launches.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +43,10 @@ import torch
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import adapted_layers, routing
 from ..common_kernels.registry import core
-from ..common_kernels.training.engine import (
-    TrainConfig,
-    TrainResult,
-    apply_gradients,
-    batches,
-    build_optimizer,
-    evaluate_task,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ..common_kernels.training.graphed_step import clone_batch, copy_batch
+from ..common_kernels.training.engine import TrainConfig, TrainResult, batches
+from ..common_kernels.training.fast_path import default_device_type, graph_plan, resolve_precision
+from ..common_kernels.training.graphed_step import GraphedStep
+from ..common_kernels.training.run import Run
 from .base import DiffusionBase
 from .data import ConceptDataset, class_images
 from .dreambooth import ConceptConfig, ConceptModel, ConceptRows, ConceptTask, save_concept
@@ -86,7 +76,7 @@ class ConceptJob:
             ),
             "validation_every": (self.concept.validation_every, "validation images"),
             "grad_accum": (self.train.grad_accum - 1, "gradient accumulation"),
-            "cuda_graph": (self.train.cuda_graph, "CUDA graphs"),
+            "cuda_graph": (self.train.cuda_graph is True, "per-job CUDA graphs (the trainer's)"),
         }
         for key, (value, what) in refused.items():
             if value:
@@ -137,100 +127,56 @@ class JobStatus:
     error: str | None = None
 
 
-class _Running:
-    def __init__(
-        self,
-        job: ConceptJob,
-        task: ConceptTask,
-        params: list,
-        optimizer,
-        scheduler,
-        result: TrainResult,
-    ) -> None:
-        self.job, self.task, self.params, self.optimizer, self.scheduler = (
-            job,
+class _Running(Run):
+    """A job in the trainer: the engine's bookkeeping of one parameter set (run.py), plus the
+    job's data order and the rows it drew ahead. Its events carry the job's name; it evaluates
+    with the other jobs' adapters off, and its checkpoints leave out rows drawn ahead."""
+
+    def __init__(self, trainer: ConceptTrainer, job: ConceptJob, task: ConceptTask, params) -> None:
+        super().__init__(
             task,
             params,
-            optimizer,
-            scheduler,
+            job.train,
+            trainer.accelerator,
+            trainer.model,
+            lambda event: trainer._emit({**event, "job": job.name}),
+            graphed=trainer.cuda_graph,
+            register=False,
         )
-        self.result = result
-        self.data = batches(task.dataset(), job.train.batch_size, job.train.seed, result.step, None)
-        self.bad, self.samples, self.started = 0, 0, time.perf_counter()
+        self.trainer, self.job = trainer, job
         # The next step's rows, drawn while this step ran, and the random stream from before them.
         self.ahead: tuple[ConceptRows, torch.Tensor] | None = None
 
+    def start_data(self) -> None:
+        self.data = batches(
+            self.task.dataset(),
+            self.job.train.batch_size,
+            self.job.train.seed,
+            self.result.step,
+            None,
+        )
 
-class _RoutedGraph:
-    """One step of a set of jobs - the routed UNet forward, the jobs' scoring, the backward, each
-    job's gradient clipping and AdamW step - captured as one CUDA graph. Each step copies the
-    jobs' freshly drawn rows into the captured inputs and replays; the learning rates are tensors
-    the schedules update in place. A non-finite loss in any job skips every job's update on the
-    device (fused AdamW's found_inf), and the trainer redoes that step eagerly without that job."""
+    def evaluate(self) -> None:
+        with self.trainer._solo(self):
+            super().evaluate()
 
-    def __init__(self, trainer: ConceptTrainer, running: list[_Running], drawn: list) -> None:
-        self.names = [r.job.name for r in running]
-        self.static = clone_batch(drawn)
-        self.params = [p for r in running for p in r.params]
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in self.params]
-        self.found_inf = torch.zeros((), device=trainer.accelerator.device)
-        for r in running:
-            r.optimizer.found_inf = self.found_inf
-
-        def body(warmup: bool = False) -> torch.Tensor:
-            torch._foreach_zero_(self.grads)
-            with trainer.accelerator.autocast():
-                losses = trainer._losses(running, self.static)
-            sum(losses).backward()
-            values = torch.stack([loss.detach().float() for loss in losses])
-            if warmup:  # allocates the optimizer states, updates nothing
-                self.found_inf.fill_(1.0)
-            else:
-                self.found_inf.copy_((~torch.isfinite(values)).any().float())
-            for r in running:
-                if r.job.train.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(
-                        r.params, r.job.train.max_grad_norm, foreach=True
-                    )
-                r.optimizer.step()
-            return values
-
-        # Routing is entered outside the capture (it copies the row ids to the device) and its
-        # ids tensor kept: the captured kernels read that very memory at every replay.
-        with trainer._routing(running, drawn):
-            self.ids = next(
-                (
-                    l.adapter_ids
-                    for l in adapted_layers(trainer.base.unet)
-                    if l.adapter_ids is not None
-                ),
-                None,
-            )
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                body(
-                    warmup=True
-                )  # workspaces, autotuning and optimizer states, outside the capture
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.losses = body()
-
-    def launch(self, drawn: list) -> None:
-        """Queue the step on the GPU and return at once; `self.losses` holds the jobs' losses after."""
-        copy_batch(self.static, drawn, "drawn rows")
-        self.graph.replay()
+    def checkpoint(self) -> Path:
+        now = self.task.stream.state
+        # Rows drawn ahead belong to the next step, not to this checkpoint.
+        if self.ahead is not None:
+            self.task.stream.state = self.ahead[1]
+        try:
+            return super().checkpoint()
+        finally:
+            self.task.stream.state = now
 
 
 class ConceptTrainer:
     """Trains the jobs added to it, all in every step, over `base`'s one frozen UNet. Jobs join
     (`add_job`) and leave (`remove_job`, or on reaching their steps) between steps; a leaving job
     saves what train-concept writes into its output_dir. Thread-safe: calls wait for a running step.
-    `draw_ahead` (default: on with `cuda_graph`) draws each job's next rows while the current step
+    `mixed_precision` "auto" is bf16 on a GPU that has it (jobs asking "auto" take the trainer's);
+    `cuda_graph` "auto" captures steps on a GPU. `draw_ahead` (default: on with graphs) draws each job's next rows while the current step
     runs; jobs end with the same adapters either way.
 
     Example:
@@ -247,32 +193,30 @@ class ConceptTrainer:
         mixed_precision: str = "no",
         cpu: bool = False,
         on_event: Callable[[dict], None] | None = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool | str = "auto",
         draw_ahead: bool | None = None,
     ) -> None:
         from accelerate import Accelerator
 
-        if mixed_precision not in ("no", "bf16"):
+        if mixed_precision not in ("auto", "no", "bf16"):
             raise PeftkitError(
-                f"mixed_precision must be 'no' or 'bf16' when training jobs together, got "
-                f"{mixed_precision!r} (fp16 loss scaling would couple the jobs' optimizers)"
+                f"mixed_precision must be 'no' or 'bf16' (or 'auto') when training jobs together, "
+                f"got {mixed_precision!r} (fp16 loss scaling would couple the jobs' optimizers)"
             )
-        self.base, self.mixed_precision = base, mixed_precision
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        self.mixed_precision = resolve_precision(mixed_precision, default_device_type(cpu))
+        self.base = base
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=cpu)
         if self.accelerator.num_processes > 1:
             raise PeftkitError(
                 "training jobs together runs in one process: start it without `accelerate launch`, "
                 "or train each job alone with train-concept on several GPUs"
             )
-        if cuda_graph and self.accelerator.device.type != "cuda":
-            raise PeftkitError(
-                "cuda_graph=True needs a CUDA device: set cuda_graph=False to train on the CPU"
-            )
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, _ = graph_plan(cuda_graph, self.accelerator.device.type)
         # Drawing ahead hides a job's ~1 ms of draw launches behind the previous step's GPU work;
         # only a graphed step leaves the host idle to do it (eager steps are busy launching).
-        self.draw_ahead = cuda_graph if draw_ahead is None else draw_ahead
-        self._graph: _RoutedGraph | None = None
+        self.draw_ahead = self.cuda_graph if draw_ahead is None else draw_ahead
+        self._graph: GraphedStep | None = None
+        self._graph_names: list[str] = []
         # Text encoders stay frozen here, so the resolution their conditioning needs is never read.
         self.model = self.accelerator.prepare(ConceptModel(base, [], resolution=0))
         self.model.train()
@@ -287,7 +231,8 @@ class ConceptTrainer:
         cache its latents and prompt embeddings, and resume from the newest checkpoint in its
         output_dir when there is one."""
         with self._lock:
-            if job.train.mixed_precision != self.mixed_precision:
+            asked = job.train.mixed_precision  # "auto" takes the trainer's
+            if asked not in ("auto", self.mixed_precision):
                 raise PeftkitError(
                     f"job {job.name!r} asks for mixed_precision {job.train.mixed_precision!r} but the "
                     f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision"
@@ -303,29 +248,22 @@ class ConceptTrainer:
             try:
                 task.prepare(self.accelerator)
                 params = [p for p in task.trainable_parameters() if p.requires_grad]
-                # Graphed steps take capturable AdamW with a tensor learning rate.
-                train = dataclasses.replace(job.train, cuda_graph=self.cuda_graph)
-                optimizer, scheduler = build_optimizer(
-                    params, train, self.accelerator, register=False
-                )
-                result = TrainResult(step=0)
-                found = latest_checkpoint(job.train.output_dir) if resume else None
-                if found is not None:
-                    result.step = result.resumed_from = load_checkpoint(
-                        found, task, optimizer, scheduler
-                    )
+                run = _Running(self, job, task, params)
+                if resume:
+                    run.resume()
+                run.start_data()
             except BaseException:
                 task.unet_handle.unload()
                 raise
-            self._running[job.name] = _Running(job, task, params, optimizer, scheduler, result)
+            self._running[job.name] = run
             self._finished.pop(job.name, None)
             self._emit(
                 {
                     "kind": "join",
                     "job": job.name,
-                    "step": result.step,
+                    "step": run.result.step,
                     "total": job.train.steps,
-                    "resumed_from": result.resumed_from,
+                    "resumed_from": run.result.resumed_from,
                 }
             )
 
@@ -366,21 +304,14 @@ class ConceptTrainer:
             drawn = [self._draw(r) for r in running]
             values = None
             if self.cuda_graph:
-                names = [r.job.name for r in running]
-                if self._graph is None or self._graph.names != names:
-                    self._graph = None  # frees the old graph's memory before capturing the new one
-                    self._graph = _RoutedGraph(self, running, drawn)
-                self._graph.launch(drawn)
+                losses = self._graphed(running, drawn).launch(drawn)
                 if self.draw_ahead:
                     self._draw_next(running)
-                values = self._graph.losses.tolist()
+                values = losses.tolist()
                 if not all(math.isfinite(v) for v in values):
                     # Nothing was updated (found_inf); a bad job's NaN can reach other jobs'
                     # gradients through masked routes, so redo the step eagerly without it.
-                    self._graph.found_inf.zero_()
-                    for r in running:
-                        for p in r.params:
-                            p.grad.zero_()
+                    self._graph.skip_pending()
                     values = None
             stepped = values is not None  # the graph took the optimizer steps
             if values is None:
@@ -390,6 +321,29 @@ class ConceptTrainer:
             for r, value in zip(running, values):
                 self._advance(r, value, math.isfinite(value), stepped)
             return {r.job.name: v for r, v in zip(running, values)}
+
+    def _graphed(self, running: list[_Running], drawn: list) -> GraphedStep:
+        """The captured step of this set of jobs: each job's clipping and AdamW step after one
+        routed forward and backward (captured again when jobs join or leave)."""
+        names = [r.job.name for r in running]
+        if self._graph is None or self._graph_names != names:
+            self._graph = None  # frees the old graph's memory before capturing the new one
+            self._graph_names = names
+            self._graph = GraphedStep(
+                lambda rows: self._losses(running, rows),
+                [(r.params, r.optimizer, r.job.train.max_grad_norm) for r in running],
+                self.accelerator.autocast,
+                context=lambda: self._routed(running, drawn),
+                warmups=1,
+            )
+        return self._graph
+
+    @contextlib.contextmanager
+    def _routed(self, running: list[_Running], drawn: list) -> Iterator[torch.Tensor | None]:
+        """Routing for a capture; yields the device tensor of row ids the captured kernels read."""
+        with self._routing(running, drawn):
+            layers = adapted_layers(self.base.unet)
+            yield next((l.adapter_ids for l in layers if l.adapter_ids is not None), None)
 
     def _draw(self, r: _Running) -> ConceptRows:
         """`r`'s rows for this step: drawn ahead during the last step, or now."""
@@ -448,71 +402,27 @@ class ConceptTrainer:
         return self.results()
 
     def _advance(self, r: _Running, loss: float, finite: bool, stepped: bool = False) -> None:
-        config, result, name = r.job.train, r.result, r.job.name
         if not finite:
-            r.optimizer.zero_grad(set_to_none=not self.cuda_graph)
-            r.bad += 1
-            result.skipped_steps += 1
-            self._emit({"kind": "bad_step", "job": name, "step": result.step, "consecutive": r.bad})
-            if r.bad >= config.max_bad_steps:
+            error = r.skip()
+            if error:
                 self._leave(
-                    r,
-                    "failed",
-                    error=f"the loss was NaN/inf for {r.bad} steps in a row at step "
-                    f"{result.step}: lower the learning rate or check the images",
+                    r, "failed", error=f"{error}: lower the learning rate or check the images"
                 )
             return
-        r.bad = 0
-        if not stepped:
-            # Under graphs the captured backward writes into these very .grad tensors: keep them.
-            apply_gradients(
-                r.params, r.optimizer, config, self.accelerator, set_to_none=not self.cuda_graph
-            )
-        r.scheduler.step()
-        result.step += 1
-        result.losses.append(loss)
-        r.samples += config.batch_size
-        self._emit(
-            {
-                "kind": "step",
-                "job": name,
-                "step": result.step,
-                "total": config.steps,
-                "loss": loss,
-                "lr": r.scheduler.get_last_lr()[0],
-                "elapsed": time.perf_counter() - r.started,
-            }
-        )
-        if config.eval_every and result.step % config.eval_every == 0:
-            result.metrics = self._evaluate(r)
-        if (
-            config.output_dir
-            and config.checkpoint_every
-            and result.step % config.checkpoint_every == 0
-        ):
-            path = self._checkpoint(r)
-            self._emit({"kind": "checkpoint", "job": name, "step": result.step, "path": str(path)})
-        if result.step >= config.steps:
+        r.advance(loss, r.job.train.batch_size, stepped)
+        if r.done:
             self._leave(r, "done")
 
     def _leave(
         self, r: _Running, status: str, save: bool = True, error: str | None = None
     ) -> JobStatus:
-        config, result = r.job.train, r.result
-        elapsed = time.perf_counter() - r.started
-        result.samples_per_s = r.samples / elapsed if elapsed > 0 else 0.0
-        if self.accelerator.device.type == "cuda":
-            result.peak_memory_gib = (
-                torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
-            )
-        if status == "done" and not (config.eval_every and result.step % config.eval_every == 0):
-            result.metrics = self._evaluate(r)
+        result = r.finish(evaluate=status == "done")
         files: list[Path] = []
-        if save and config.output_dir:
-            if status != "done" and result.step > (result.resumed_from or 0):
-                files.append(self._checkpoint(r))
+        if save and r.job.train.output_dir:
+            if status != "done":
+                files += [p for p in [r.save_progress()] if p is not None]
             if status != "failed":
-                files += save_concept(r.task, config.output_dir)
+                files += save_concept(r.task, r.job.train.output_dir)
         self._graph = None
         r.task.unet_handle.unload()
         del self._running[r.job.name]
@@ -529,28 +439,6 @@ class ConceptTrainer:
             }
         )
         return done
-
-    def _checkpoint(self, r: _Running) -> Path:
-        folder = Path(r.job.train.output_dir) / "checkpoints"
-        now = r.task.stream.state
-        if r.ahead is not None:  # rows drawn ahead belong to the next step, not to this checkpoint
-            r.task.stream.state = r.ahead[1]
-        try:
-            return save_checkpoint(
-                folder, r.result.step, r.task, r.optimizer, r.scheduler, r.job.train
-            )
-        finally:
-            r.task.stream.state = now
-
-    def _evaluate(self, r: _Running) -> dict[str, float]:
-        with self._solo(r):
-            return evaluate_task(
-                r.task,
-                self.model,
-                self.accelerator,
-                r.result.step,
-                lambda event: self._emit({**event, "job": r.job.name}),
-            )
 
     @contextlib.contextmanager
     def _solo(self, keep: _Running | None) -> Iterator[None]:

@@ -2,7 +2,7 @@
 frozen UNet (multitenant.py), each job's folder ending with what train-concept writes.
 
     model: ./sd15                  # base pipeline for every job (--model overrides)
-    mixed_precision: bf16          # no | bf16, for the whole run
+    mixed_precision: auto          # auto (bf16 on a GPU that has it) | no | bf16, for the whole run
     attention: auto                # auto | sdpa | xformers;  cpu: true trains on the CPU
     cuda_graph: auto               # auto (on when training on a GPU) | true | false: each step as one CUDA graph
     output: out                    # a job's output defaults to out/<name>
@@ -191,10 +191,10 @@ def load_jobs(path: str | Path) -> JobsFile:
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise PeftkitError(f"{path}: 'defaults' must be a mapping of job keys")
-    mixed_precision = str(doc.get("mixed_precision", "no"))
-    if mixed_precision not in ("no", "bf16"):
+    mixed_precision = str(doc.get("mixed_precision", "auto"))
+    if mixed_precision not in ("auto", "no", "bf16"):
         raise PeftkitError(
-            f"{path}: mixed_precision must be 'no' or 'bf16' when jobs train together, "
+            f"{path}: mixed_precision must be 'no' or 'bf16' (or auto) when jobs train together, "
             f"got {mixed_precision!r}"
         )
     run = {"mixed_precision": mixed_precision, "cpu": bool(doc.get("cpu", False))}
@@ -258,19 +258,12 @@ def train_concepts(argv: list[str]) -> int:
         elif event["kind"] == "join" and event["step"]:
             bar.update(event["step"])
 
-    import torch
-
-    graph = (
-        spec.cuda_graph
-        if spec.cuda_graph != "auto"
-        else (not spec.cpu and torch.cuda.is_available())
-    )
     trainer = ConceptTrainer(
         load_base(model, attention=spec.attention),
         spec.mixed_precision,
         spec.cpu,
         on_event,
-        cuda_graph=graph,
+        cuda_graph=spec.cuda_graph,
     )
     for job in spec.jobs:
         trainer.add_job(job)

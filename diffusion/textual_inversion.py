@@ -184,11 +184,13 @@ class TITask:
         for module in (self.base.unet, self.base.vae, self.base.pipe.text_encoder):
             module.to(accelerator.device)
         self.latents = encode_latents(self.base.vae, self.images.pixels())
+        # On the device, so a step gathers its prompts there and can be captured as a CUDA graph.
+        self.template_ids = self.template_ids.to(accelerator.device)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mean, std = self.latents
         index = batch["image"].to(mean.device)
-        ids = self.template_ids[batch["template"].cpu()].to(mean.device)
+        ids = self.template_ids[batch["template"].to(self.template_ids.device)]
         latents = sample_latents(mean[index], std[index])
         return denoising_loss(lambda x, t: model(x, t, ids), self.scheduler, latents).mean()
 

@@ -14,6 +14,8 @@ from peftkit.common_kernels.errors import PeftkitError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from peftkit.common_kernels.training.fast_path import add_speed_args
+
     p = argparse.ArgumentParser(
         prog="peftkit vit-train",
         description="fine-tune a ViT with an adapter "
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--warmup-epochs", type=float, default=10.0)
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    add_speed_args(t)
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--eval-every-epochs", type=int, default=1)
     t.add_argument("--checkpoint-every-epochs", type=int, default=10)
@@ -138,6 +140,7 @@ def _config(args: argparse.Namespace, data: str, method: str):
         warmup_epochs=args.warmup_epochs,
         grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision,
+        cuda_graph=args.cuda_graph,
         label_smoothing=args.label_smoothing,
         eval_every_epochs=args.eval_every_epochs,
         checkpoint_every_epochs=args.checkpoint_every_epochs,

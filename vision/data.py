@@ -36,20 +36,45 @@ class Example:
 
 
 class Preprocess:
-    """Resize to size x size (bicubic), scale to [0, 1], normalize; no augmentation (VTAB)."""
+    """Resize to size x size (bicubic), scale to [0, 1], normalize; no augmentation (VTAB).
+    In two steps: `decode` (the uint8 image a data cache keeps) and `normalize` (any batch of
+    them, on any device)."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def decode(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() / 255.0
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.decode(image))
 
 
-class ImageListDataset(torch.utils.data.Dataset):
+class Cacheable:
+    """What a data cache needs (common_kernels/training/data_cache.py): `raw(i)` -> (uint8 image,
+    label) and `finish` turning a batch of them into what the items collate to."""
+
+    transform: Preprocess
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        pixels, label = self.raw(i)
+        return self.transform.normalize(pixels), label
+
+    def finish(
+        self, fields: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = fields
+        return self.transform.normalize(pixels), labels
+
+
+class ImageListDataset(Cacheable, torch.utils.data.Dataset):
     """(image tensor, label) pairs from a list of examples; unreadable images fail naming their source."""
 
     def __init__(self, examples: list[Example], transform: Preprocess, name: str) -> None:
@@ -62,7 +87,7 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def raw(self, i: int) -> tuple[torch.Tensor, int]:
         ex = self.examples[i]
         try:
             with Image.open(ex.path) as im:
@@ -72,7 +97,7 @@ class ImageListDataset(torch.utils.data.Dataset):
                 f"cannot read image {str(ex.path)!r} (listed at {ex.source}): {err}; "
                 "replace the file or remove its line"
             ) from None
-        return self.transform(image), ex.label
+        return self.transform.decode(image), ex.label
 
     @property
     def labels(self) -> list[int]:
@@ -210,7 +235,7 @@ BUILTIN_TASKS = {"counting": 6, "location": 4, "orientation": 4, "shape": 4, "co
 _SPLIT_OFFSET = {"train800": 0, "val200": 800, "train800val200": 0, "test": 10_000_000}
 
 
-class BuiltinTask(torch.utils.data.Dataset):
+class BuiltinTask(Cacheable, torch.utils.data.Dataset):
     """Built-in task `name`, split `split`: image i is drawn from a generator seeded by
     (task, seed, offset + i), so train800val200 = train800 + val200 and test never overlaps."""
 
@@ -247,10 +272,12 @@ class BuiltinTask(torch.utils.data.Dataset):
             )
         )
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def raw(self, i: int) -> tuple[torch.Tensor, int]:
         label = self.label(i)
         rng = np.random.default_rng([self.seed, _SPLIT_OFFSET[self.split] + i, 2])
-        return self.transform(Image.fromarray(_draw(self.name, label, rng, self.canvas))), label
+        return self.transform.decode(
+            Image.fromarray(_draw(self.name, label, rng, self.canvas))
+        ), label
 
 
 @dataclass

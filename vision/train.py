@@ -25,6 +25,7 @@ from torch import nn
 
 from peftkit.common_kernels.adapter_file import atomic_write
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.data_cache import cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, launch_world, train
 
 from .backbones import create_backbone, normalization
@@ -56,7 +57,8 @@ class ViTTrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 10.0
     grad_accum: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"  # bf16 on a GPU that supports it, else "no"
+    cuda_graph: bool | str = "auto"  # each step one CUDA graph on a single GPU when possible
     label_smoothing: float = 0.0
     eval_every_epochs: int = 1
     checkpoint_every_epochs: int = 10
@@ -135,6 +137,8 @@ class ViTTask:
 
     def prepare(self, accelerator) -> None:
         self.device = accelerator.device
+        # Decoded once, like the training split: every evaluation then reads tensors.
+        self.eval_set = cache_dataset(self.eval_set, self.device) or self.eval_set
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter.trainable_parameters()
@@ -166,9 +170,8 @@ def evaluate_model(
     """Top-1 accuracy (%) and mean cross-entropy over `dataset`."""
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     correct, total, loss = 0, 0, 0.0
-    for images, labels in loader:
+    for images, labels in eval_batches(dataset, batch_size, device):
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()
         correct += int((logits.argmax(-1) == labels).sum())
@@ -184,6 +187,7 @@ def train_vit(
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train `config.method` on `config.data` and return (and write) the results."""
+    entered = time.perf_counter()
     spec = config.backbone_spec()
     probe, img_size = build_model(spec, 1, False, None)  # input size and normalization before data
     transform = Preprocess(img_size, *normalization(probe))
@@ -217,6 +221,7 @@ def train_vit(
         schedule="cosine",
         grad_accum=config.grad_accum,
         mixed_precision=config.mixed_precision,
+        cuda_graph=config.cuda_graph,
         seed=config.seed,
         output_dir=config.output_dir,
         checkpoint_every=config.checkpoint_every_epochs * per_epoch,
@@ -225,7 +230,9 @@ def train_vit(
         cpu=config.cpu,
     )
     start = time.perf_counter()
-    result = train(task, data.train, engine, on_event=on_event, should_stop=should_stop)
+    result = train(
+        task, data.train, engine, on_event=on_event, should_stop=should_stop, started=entered
+    )
     seconds = time.perf_counter() - start - task.eval_seconds
     done_steps = result.step - (result.resumed_from or 0)
     counts = adapter.parameter_counts()
@@ -245,6 +252,7 @@ def train_vit(
         if seconds > 0
         else 0.0,
         "peak_memory_gib": result.peak_memory_gib,
+        "timing": result.timing,
         "resumed_from": result.resumed_from,
         "final_loss": result.losses[-1] if result.losses else None,
         "history": task.history,

@@ -2,15 +2,17 @@
 
 At the shapes adapters train at, a step is bound by kernel launches, not arithmetic: an SD1.5 UNet
 step with LoRA issues thousands of small kernels (bench/NOTES.md). Captured once and replayed, the
-step costs its GPU time alone. Requirements, checked with clear errors: one CUDA device, fixed
-batch shapes, no gradient accumulation, bf16 or fp32 (fp16's loss scaler syncs with the host),
-and a loss that is a pure function of the batch tensors (host-side work in `loss` is captured once
-and never re-run). NaN/inf losses skip the update on the device (fused AdamW's `found_inf`).
+step costs its GPU time alone. Requirements (fast_path.graph_plan): one CUDA device, fixed batch
+shapes, no gradient accumulation, bf16 or fp32 (fp16's loss scaler syncs with the host), and a
+loss that is a pure function of the batch tensors (host-side work in `loss` is captured once and
+never re-run; a task's own random draws happen outside, in its `draw`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,27 +36,6 @@ def graph_optimizer(
         fused=True,
         capturable=True,
     )
-
-
-def check_graphable(
-    device: torch.device, num_processes: int, grad_accum: int, mixed_precision: str, optimizer: str
-) -> None:
-    problems = []
-    if device.type != "cuda":
-        problems.append("a CUDA device")
-    if num_processes > 1:
-        problems.append("a single process (DDP all-reduces are not captured here)")
-    if grad_accum != 1:
-        problems.append("grad_accum=1")
-    if mixed_precision == "fp16":
-        problems.append("mixed_precision 'bf16' or 'no' (fp16 loss scaling syncs with the host)")
-    if optimizer != "adamw":
-        problems.append("optimizer 'adamw'")
-    if problems:
-        raise PeftkitError(
-            "cuda_graph=True needs " + ", ".join(problems) + ": change those settings or set "
-            "cuda_graph=False"
-        )
 
 
 def copy_batch(static: Any, batch: Any, path: str = "batch") -> None:
@@ -106,54 +87,90 @@ def clone_batch(batch: Any) -> Any:
 
 
 class GraphedStep:
-    """Call with each batch; returns the step's loss as a device tensor (read it to sync)."""
+    """A step captured once and replayed: `launch(inputs)` copies `inputs` into the captured ones,
+    replays, and returns the device tensor of losses (one per group; read it to sync).
+
+    `loss_fn(inputs)` returns one loss per group of (parameters, optimizer, clip norm): several
+    adapters trained from one backward (multitenant.py) each clip and step their own. A non-finite
+    loss in any group skips every update on the device (fused AdamW's `found_inf`). `context` is
+    entered around warm-up and capture (routing copies its row ids to the device there); what it
+    yields is kept, since captured kernels read that memory at every replay. Warm-ups run the step
+    without updating (found_inf set), to allocate optimizer state and autotune outside the capture.
+    """
 
     def __init__(
         self,
-        loss_fn: Callable[[Any], torch.Tensor],
-        params: list[nn.Parameter],
-        optimizer: torch.optim.Optimizer,
-        max_grad_norm: float | None,
+        loss_fn: Callable[[Any], torch.Tensor | list[torch.Tensor]],
+        groups: list[tuple[list[nn.Parameter], torch.optim.Optimizer, float | None]],
         autocast,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        warmups: int = WARMUP_STEPS,
     ) -> None:
-        self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
-        self.max_grad_norm, self.autocast = max_grad_norm, autocast
+        self.loss_fn, self.groups, self.autocast = loss_fn, groups, autocast
+        self.context, self.warmups = context, warmups
+        self.params = [p for params, _, _ in groups for p in params]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
         # 0-dim, like the capturable optimizer's step counters it is subtracted from.
-        self.found_inf = torch.zeros((), device=params[0].device)
-        optimizer.found_inf = self.found_inf
-        self.static = None
+        self.found_inf = torch.zeros((), device=self.params[0].device)
+        for _, optimizer, _ in groups:
+            optimizer.found_inf = self.found_inf
+        self.static: Any = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss: torch.Tensor | None = None
-        self.calls = 0
+        self.losses: torch.Tensor | None = None
+        self.capture_seconds = 0.0
 
-    def _body(self) -> torch.Tensor:
+    def _body(self, warmup: bool) -> torch.Tensor:
+        torch._foreach_zero_(self.grads)
         with self.autocast():
-            loss = self.loss_fn(self.static)
-        loss.backward()
-        self.found_inf.copy_((~torch.isfinite(loss.detach().float())).float().reshape(()))
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        return loss.detach()
+            losses = self.loss_fn(self.static)
+        losses = list(losses) if isinstance(losses, (list, tuple)) else [losses]
+        sum(losses).backward()
+        values = torch.stack([loss.detach().float().reshape(()) for loss in losses])
+        if warmup:
+            self.found_inf.fill_(1.0)
+        else:
+            self.found_inf.copy_((~torch.isfinite(values)).any().float())
+        for params, optimizer, max_grad_norm in self.groups:
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            optimizer.step()
+        return values
 
-    def __call__(self, batch: Any) -> torch.Tensor:
-        if self.static is None:
-            self.static = clone_batch(batch)
-        copy_batch(self.static, batch)
-        self.calls += 1
-        if self.calls <= WARMUP_STEPS:
-            # Eager warm-up on a side stream allocates grads and optimizer state before capture.
+    def _capture(self, inputs: Any) -> None:
+        start = time.perf_counter()
+        self.static = clone_batch(inputs)
+        with self.context() as held:
+            self.held = held
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), cusolver_linalg():
-                loss = self._body()
+                for _ in range(self.warmups):
+                    self._body(warmup=True)
             torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             # Compiled code resolves its linalg library when it runs: keep it capturable.
             with torch.cuda.graph(self.graph), cusolver_linalg():
-                self.loss = self._body()
+                self.losses = self._body(warmup=False)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+
+    def launch(self, inputs: Any) -> torch.Tensor:
+        if self.graph is None:
+            self._capture(inputs)
+        copy_batch(self.static, inputs)
         self.graph.replay()
-        return self.loss
+        return self.losses
+
+    def skip_pending(self) -> None:
+        """After a non-finite step nothing was updated: clear the flag and the gradients it left."""
+        self.found_inf.zero_()
+        torch._foreach_zero_(self.grads)
+
+    def abandon(self) -> None:
+        """Leave the graphed path (a failed capture): the optimizers step eagerly from here on."""
+        for _, optimizer, _ in self.groups:
+            optimizer.__dict__.pop("found_inf", None)
+        torch._foreach_zero_(self.grads)

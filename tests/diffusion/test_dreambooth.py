@@ -2,6 +2,7 @@
 prior preservation, text-encoder LoRA, and the objective's math."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,10 +133,35 @@ def test_unknown_target_module_names_the_presets(tiny_sd_path, concept_dir):
         ConceptTask(base, ConceptDataset(concept_dir, "x", 16), _config(targets=["no_such_proj"]))
 
 
-def test_whole_step_cuda_graphs_are_refused_with_the_alternative(tiny_sd_path, concept_dir):
-    # A captured step would replay one step's noise forever; the multitenant trainer graphs it right.
-    with pytest.raises(PeftkitError, match="cannot train this task.*ConceptTrainer"):
+def test_concept_steps_are_capturable_unless_a_feature_works_on_the_host(tiny_sd_path, concept_dir):
+    # The noise is drawn eagerly (task.draw) and only drawn_loss is captured, so a plain concept
+    # run takes the graphed path on a GPU; features that need the host each step say which.
+    base = load_base(str(tiny_sd_path))
+    data = ConceptDataset(concept_dir, "x", 16)
+    assert ConceptTask(base, data, _config(), name="plain").graph_unsafe is None
+    text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
+    assert "text-encoder LoRA" in text.graph_unsafe
+    checkpointed = ConceptTask(base, data, _config(gradient_checkpointing=True), name="ckpt")
+    assert "gradient checkpointing" in checkpointed.graph_unsafe
+    with pytest.raises(PeftkitError, match="cuda_graph=True needs a CUDA device"):
         _run(tiny_sd_path, concept_dir, steps=1, train={"cuda_graph": True, "cpu": True})
+
+
+def test_drawn_loss_of_the_drawn_rows_is_the_step_loss(tiny_sd_path, concept_dir):
+    base = load_base(str(tiny_sd_path))
+    task = ConceptTask(base, ConceptDataset(concept_dir, "x", 16), _config(), seed=3)
+    task.prepare(
+        SimpleNamespace(
+            device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1
+        )
+    )
+    batch = {"instance": torch.tensor([0, 1]), "class": torch.tensor([0, 0])}
+    state = task.stream.state
+    with torch.no_grad():
+        whole = task.loss(task.model, batch)
+        task.stream.state = state
+        split = task.drawn_loss(task.model, task.draw(batch))
+    assert torch.equal(whole, split) and whole > 0
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_saved_checkpoints(
@@ -148,7 +174,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_saved_checkpoints(
     )
     train(task, task.dataset(), config)
     good = sorted((tmp_path / "checkpoints").glob("step-*"))
-    task.loss = lambda model, batch: torch.tensor(float("nan"), requires_grad=True)
+    task.score = lambda rows, pred: pred.sum() * float("nan")
     with pytest.raises(PeftkitError, match="NaN"):
         train(task, task.dataset(), TrainConfig(**{**config.__dict__, "steps": 6}))
     assert all(p.is_dir() for p in good[-1:])
@@ -192,3 +218,22 @@ def test_sdxl_concept_trains_with_pooled_and_size_conditioning(
     )
     assert len(task.text_handles) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "text_encoder_2_adapter.safetensors").is_file()
+
+
+def test_resuming_with_another_rank_names_the_changed_setting(tiny_sd_path, concept_dir, tmp_path):
+    _run(tiny_sd_path, concept_dir, tmp_path, steps=1, train={"checkpoint_every": 1})
+    with pytest.raises(PeftkitError, match=r"trained with other settings: rank 4 -> 8;") as err:
+        _run(tiny_sd_path, concept_dir, tmp_path, steps=2, rank=8)
+    assert "another base model" not in str(err.value)
+
+
+def test_cached_encoders_are_the_vae_and_the_text_encoders_without_a_lora(
+    tiny_sd_path, concept_dir
+):
+    # These leave the GPU once latents and embeddings are cached (prepare on a CUDA device).
+    base = load_base(str(tiny_sd_path))
+    data = ConceptDataset(concept_dir, "x", 16)
+    plain = ConceptTask(base, data, _config(), name="plain")
+    assert plain.encoders() == [base.vae, *base.text_encoders]
+    text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
+    assert text.encoders() == [base.vae]

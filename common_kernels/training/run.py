@@ -1,0 +1,150 @@
+"""One parameter set in training: its optimizer and schedule, step count, losses and metrics, NaN
+guard, eval and checkpoint cadence, resume and end. The engine drives one; the multi-concept
+trainer (diffusion/multitenant.py) one per job, all from one backward: each concern lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import resume, save_checkpoint
+from .optim import apply_gradients, build_optimizer
+from .train_config import TrainConfig, TrainResult
+
+Event = dict
+
+
+class Run:
+    """`emit` receives this run's events (resume, step, bad_step, eval, checkpoint). Under FSDP
+    every process `saves` (gathering shards) and only `writes` ones write files."""
+
+    def __init__(
+        self,
+        task,
+        params: list[nn.Parameter],
+        config: TrainConfig,
+        accelerator,
+        model: nn.Module,
+        emit: Callable[[Event], None],
+        graphed: bool = False,
+        register: bool = True,
+        saves: bool = True,
+        writes: bool = True,
+    ) -> None:
+        self.task, self.params, self.config, self.accelerator, self.model = (
+            task,
+            params,
+            config,
+            accelerator,
+            model,
+        )
+        self.emit, self.graphed, self.saves, self.writes = emit, graphed, saves, writes
+        self.optimizer, self.scheduler = build_optimizer(
+            params, config, accelerator, register=register, graphed=graphed
+        )
+        self.result = TrainResult(step=0)
+        self.bad, self.samples, self.started = 0, 0, time.perf_counter()
+        out = config.output_dir
+        self.ckpt_dir = Path(out) / "checkpoints" if out else None
+
+    def resume(self, notice: Callable[[str], None] = print) -> None:
+        """Continue from the newest readable checkpoint in the output folder, if any."""
+        found = resume(self.config.output_dir, self.task, self.optimizer, self.scheduler, notice)
+        if found is not None:
+            self.result.step = self.result.resumed_from = found[0]
+            self.emit({"kind": "resume", "step": found[0], "path": str(found[1])})
+
+    @property
+    def done(self) -> bool:
+        return self.result.step >= self.config.steps
+
+    def skip(self) -> str | None:
+        """Count a step whose loss was NaN/inf (nothing is updated); returns the error once
+        max_bad_steps came in a row."""
+        # Captured kernels write into the very .grad tensors: under graphs zero them in place.
+        self.optimizer.zero_grad(set_to_none=not self.graphed)
+        self.bad += 1
+        self.result.skipped_steps += 1
+        self.emit({"kind": "bad_step", "step": self.result.step, "consecutive": self.bad})
+        if self.bad < self.config.max_bad_steps:
+            return None
+        return f"the loss was NaN/inf for {self.bad} steps in a row at step {self.result.step}"
+
+    def advance(self, loss: float, samples: int, stepped: bool = False) -> None:
+        """Finish a good step: the update (unless a captured graph `stepped` already), the
+        schedule, the step event, then evaluation and checkpoint when their cadence comes."""
+        self.bad = 0
+        if not stepped:
+            # A captured backward writes into the very .grad tensors: keep them under graphs.
+            apply_gradients(
+                self.params, self.optimizer, self.config, self.accelerator, not self.graphed
+            )
+        self.scheduler.step()
+        result, config = self.result, self.config
+        result.step += 1
+        result.losses.append(loss)
+        self.samples += samples
+        self.emit(
+            {
+                "kind": "step",
+                "step": result.step,
+                "total": config.steps,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "elapsed": time.perf_counter() - self.started,
+            }
+        )
+        if self._due(config.eval_every):
+            self.evaluate()
+        if self.ckpt_dir is not None and self._due(config.checkpoint_every) and self.saves:
+            path = self.checkpoint()
+            self.emit({"kind": "checkpoint", "step": result.step, "path": str(path)})
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and self.result.step % every == 0
+
+    def evaluate(self) -> None:
+        if not hasattr(self.task, "evaluate"):
+            return
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = self.task.evaluate(self.accelerator.unwrap_model(self.model))
+        self.model.train()
+        self.result.metrics = metrics
+        self.emit({"kind": "eval", "step": self.result.step, "metrics": metrics})
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.ckpt_dir,
+            self.result.step,
+            self.task,
+            self.optimizer,
+            self.scheduler,
+            self.config,
+            self.writes,
+        )
+
+    def save_progress(self) -> Path | None:
+        """A checkpoint of the steps taken since the run (re)started, if any: for stops and failures."""
+        if self.ckpt_dir is None or not self.saves:
+            return None
+        if self.result.step <= (self.result.resumed_from or 0):
+            return None
+        return self.checkpoint()
+
+    def finish(self, evaluate: bool = True) -> TrainResult:
+        """Throughput, peak memory and (unless the last step just did) a final evaluation."""
+        result = self.result
+        elapsed = time.perf_counter() - self.started
+        result.samples_per_s = self.samples / elapsed if elapsed > 0 else 0.0
+        device = self.accelerator.device
+        if device.type == "cuda":
+            result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if evaluate and not self._due(self.config.eval_every):
+            self.evaluate()
+        return result
