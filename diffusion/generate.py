@@ -164,6 +164,12 @@ def _call(
     negative: str = "",
     image_prompts: ImagePrompts | None = None,
 ) -> list[Image.Image]:
+    if steps < 1:  # 0 divides by zero in the scheduler; negative ones return plain noise
+        raise PeftkitError(f"steps must be at least 1, got {steps}")
+    if resolution < 8 or resolution % 8:
+        raise PeftkitError(
+            f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}"
+        )
     pipe, extra = (image_prompts.pipe, image_prompts.kwargs) if image_prompts else (base.pipe, {})
     groups = (
         [[i] for i in range(len(prompts))]
