@@ -220,6 +220,11 @@ def serve(argv: list[str]) -> int:
     ).pipe
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    if args.max_steps >= pipe.scheduler.config.num_train_timesteps:
+        raise PeftkitError(
+            f"--max-steps {args.max_steps} is not below the scheduler's "
+            f"{pipe.scheduler.config.num_train_timesteps} training timesteps: lower it"
+        )
     native = Limits.for_pipe(pipe, args.max_steps)
     limits = Limits(args.max_pixels or native.max_pixels, args.max_steps, args.max_work)
     cache = AdapterCache(pipe.unet, args.adapters, int(args.cache_mb * 2**20))

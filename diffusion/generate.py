@@ -171,6 +171,11 @@ def _call(
             f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}"
         )
     pipe, extra = (image_prompts.pipe, image_prompts.kwargs) if image_prompts else (base.pipe, {})
+    timesteps = pipe.scheduler.config.get("num_train_timesteps", steps + 1)
+    if steps >= timesteps:
+        raise PeftkitError(
+            f"steps must be below the scheduler's {timesteps} timesteps, got {steps}"
+        )
     groups = (
         [[i] for i in range(len(prompts))]
         if image_prompts and image_prompts.one_per_call
