@@ -25,7 +25,12 @@ import torch
 import uvicorn
 
 from peftkit.common_kernels import PeftkitError
-from peftkit.common_kernels.args import non_negative_int, positive_float, positive_int
+from peftkit.common_kernels.args import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 from .batcher import (
     AdapterCache,
@@ -167,7 +172,7 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--port", type=non_negative_int, default=7861)
     parser.add_argument("--max-batch", type=positive_int, default=8)
     parser.add_argument(
-        "--window-ms", type=positive_float, default=20.0, help="how long to gather a batch"
+        "--window-ms", type=non_negative_float, default=20.0, help="how long to gather a batch"
     )
     parser.add_argument(
         "--cache-mb", type=positive_float, default=1024.0, help="memory budget for loaded adapters"
