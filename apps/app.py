@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..common_kernels.args import existing_dir, non_negative_int, positive_int
+
 # Set before gradio is imported: the app works offline and phones nowhere.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -31,10 +33,12 @@ def build_app(
     output_dir: str | Path = "peftkit-app",
     workers: int = 1,
     max_pending: int = 8,
+    data_roots: list[str | Path] = (),
 ):
     """The gr.Blocks of both tabs over one JobRunner (`workers` jobs at a time, `max_pending` more
     waiting); every job writes under `output_dir`. `vit` is a backbone spec (model, model_kwargs,
-    pretrained, checkpoint), default: the starter ViT. The runner is `blocks.peftkit_runner`."""
+    pretrained, checkpoint), default: the starter ViT. Server folders typed into the page must lie
+    inside `data_roots` (none by default). The runner is `blocks.peftkit_runner`."""
     import gradio as gr
 
     from .demo import pick_device
@@ -49,7 +53,7 @@ def build_app(
     root.mkdir(parents=True, exist_ok=True)
     runner = JobRunner(root, workers=workers, max_pending=max_pending)
     personalizer = Personalizer(base, device, runner, root)
-    tuner = ViTTuner(vit or default_vit(), device, runner)
+    tuner = ViTTuner(vit or default_vit(), device, runner, data_roots)
     with gr.Blocks(title="peftkit") as blocks:
         gr.Markdown(f"# peftkit\nBase model `{base}` on `{device}`; results are saved in `{root}`.")
         with gr.Tab("Personalize"):
@@ -98,11 +102,28 @@ def app(argv: list[str]) -> int:
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the app"
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=non_negative_int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--workers", type=int, default=1, help="training jobs run at the same time")
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="training jobs run at the same time"
+    )
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        type=existing_dir,
+        default=[],
+        help="a server folder whose task folders the ViT tab may read (repeatable; default: none, "
+        "only the built-in tasks)",
+    )
     args = parser.parse_args(argv)
-    blocks = build_app(args.base, args.vit, args.device, args.output, workers=args.workers)
+    blocks = build_app(
+        args.base,
+        args.vit,
+        args.device,
+        args.output,
+        workers=args.workers,
+        data_roots=args.data_root,
+    )
     try:
         launch(blocks, args.host, args.port, args.share)
     finally:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -117,14 +118,24 @@ def info(argv: list[str]) -> int:
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: peftkit <command> [options]", "", "commands:"]
+    lines = ["usage: peftkit [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {n:{width}s}  {h}" for n, (_, _, h) in COMMANDS.items()]
     lines += ["", "run 'peftkit <command> --help' for a command's options"]
+    lines += ["--debug (anywhere): show the Python traceback of an error instead of one line"]
     return "\n".join(lines)
+
+
+def _os_message(err: OSError) -> str:
+    where = f" {str(err.filename)!r}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: free some space and run again"
+    return f"{err.strerror or err}{where}: check the path and its permissions"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -134,16 +145,31 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[argv[0]]
     from peftkit.common_kernels.errors import PeftkitError
 
+    prefix = f"peftkit {argv[0]}: error:"
     try:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    except PeftkitError as err:
-        print(f"peftkit {argv[0]}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(
             f"peftkit {argv[0]}: interrupted; checkpoints written so far are kept", file=sys.stderr
         )
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        # Exit code 2 for what the user can fix (as argparse does), 1 for our own failures.
+        if isinstance(err, PeftkitError):
+            print(f"{prefix} {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError):
+            print(f"{prefix} {_os_message(err)}", file=sys.stderr)
+            return 2
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(
+            f"{prefix} unexpected {type(err).__name__}: {first} "
+            "(please report it; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

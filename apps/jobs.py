@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 import traceback
@@ -135,6 +136,22 @@ def error_message(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+def in_range(label: str, value: float, low: float, high: float) -> float:
+    """`value` when finite and within [low, high], else a PeftkitError naming the field: the
+    page's sliders bound what a browser sends, this bounds what any API client sends."""
+    if not math.isfinite(value) or not low <= value <= high:
+        raise PeftkitError(f"{label} must be between {low:g} and {high:g}, got {value:g}")
+    return value
+
+
+def whole_number(value) -> int:
+    """A whole number from the page (sliders send floats), or a PeftkitError for NaN/inf/text."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PeftkitError(f"expected a whole number, got {value!r}") from None
+
+
 def progress_markdown(snap: dict[str, Any]) -> str:
     """A job snapshot as the page shows it: a progress bar and one status line."""
     pct = int(round(100 * snap["progress"]))
@@ -198,7 +215,10 @@ class JobRunner:
             job.result = fn(job)
         except Exception as err:  # every failure becomes a message on the page
             (job.output_dir / "error.log").write_text(traceback.format_exc())
-            job.finish(FAILED, error_message(err))
+            if job.should_stop():  # stopped mid-evaluation or mid-loading: that is a cancel
+                job.finish(CANCELLED, f"cancelled at step {job.step}")
+            else:
+                job.finish(FAILED, error_message(err))
             return
         if job.should_stop():
             job.finish(

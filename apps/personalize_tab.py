@@ -25,10 +25,20 @@ from ..common_kernels.errors import PeftkitError
 from ..diffusion.multitenant import ConceptJob
 from .concept_queue import ConceptQueue
 from .demo import INSTANCE_PROMPT, SAMPLES, concept_job, native_resolution, open_base
-from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
+from .jobs import (
+    FINISHED,
+    Job,
+    JobRunner,
+    in_range,
+    progress_markdown,
+    refused_markdown,
+    whole_number,
+)
 
 METHODS = {"LoRA": "lora", "LoKr": "lokr", "OFT": "oft", "Textual Inversion": "ti"}
 MIN_IMAGES, MAX_IMAGES, MAX_BYTES, MAX_PIXELS = 3, 20, 10 * 2**20, 4096 * 4096
+# Bounds of the page's inputs, enforced again on the server for API clients.
+MAX_STEPS, MAX_RANK, MAX_LR, MAX_SAMPLE_STEPS, MAX_GUIDANCE, MAX_SCALE = 2000, 64, 1.0, 100, 30, 2
 ADAPTER_FILES = (
     "unet_adapter.safetensors",
     "pytorch_lora_weights.safetensors",
@@ -39,42 +49,60 @@ INFO = "concept_info.json"
 
 def validate_uploads(paths: list[str], folder: Path) -> list[Path]:
     """Check 3-20 uploaded files are readable images under the size caps and store them as PNGs in
-    `folder`; raise a PeftkitError naming the first problem."""
+    `folder`; raise a PeftkitError naming the first problem, leaving no `folder` behind."""
     if not MIN_IMAGES <= len(paths) <= MAX_IMAGES:
         raise PeftkitError(
             f"upload {MIN_IMAGES} to {MAX_IMAGES} images of your concept; got {len(paths)}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for i, path in enumerate(paths):
-        name = Path(path).name
-        if os.path.getsize(path) > MAX_BYTES:
-            raise PeftkitError(
-                f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image"
-            )
-        try:
-            with Image.open(path) as image:
-                image.verify()  # checks the file structure; a verified image must be reopened to decode
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise PeftkitError(
-                        f"{name} has {image.width}x{image.height} pixels: the limit is 4096x4096"
-                    )
-                rgb = image.convert("RGB")
-        except PeftkitError:
-            raise
-        except Exception as err:  # PIL raises many types for files that are not images
-            raise PeftkitError(
-                f"{name} is not an image that can be read ({type(err).__name__}): upload PNG, "
-                "JPEG or WebP files"
-            ) from None
-        if min(rgb.size) < 16:
-            raise PeftkitError(
-                f"{name} is only {rgb.width}x{rgb.height} pixels: use images of at least 16x16"
-            )
-        saved.append(folder / f"image-{i:02d}.png")
-        rgb.save(saved[-1])
-    return saved
+    try:
+        return [_store_image(path, folder / f"image-{i:02d}.png") for i, path in enumerate(paths)]
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def discard_uploads(paths: list[str]) -> None:
+    """Delete Gradio's temporary copies of uploaded files (kept or rejected, they are no longer
+    needed), touching nothing outside Gradio's upload folder."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder()).resolve()
+    for path in paths or []:
+        file = Path(path).resolve()
+        if file.is_relative_to(cache) and file.is_file():
+            file.unlink(missing_ok=True)
+            if file.parent != cache and not any(file.parent.iterdir()):
+                file.parent.rmdir()
+
+
+def _store_image(path: str, target: Path) -> Path:
+    """One upload checked (size, decodable, pixels) and stored at `target` as a PNG."""
+    name = Path(path).name
+    if os.path.getsize(path) > MAX_BYTES:
+        raise PeftkitError(f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image")
+    try:
+        with Image.open(path) as image:
+            image.verify()  # checks the file structure; a verified image must be reopened to decode
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise PeftkitError(
+                    f"{name} has {image.width}x{image.height} pixels: the limit is 4096x4096"
+                )
+            rgb = image.convert("RGB")
+    except PeftkitError:
+        raise
+    except Exception as err:  # PIL raises many types for files that are not images
+        raise PeftkitError(
+            f"{name} is not an image that can be read ({type(err).__name__}): upload PNG, "
+            "JPEG or WebP files"
+        ) from None
+    if min(rgb.size) < 16:
+        raise PeftkitError(
+            f"{name} is only {rgb.width}x{rgb.height} pixels: use images of at least 16x16"
+        )
+    rgb.save(target)
+    return target
 
 
 class Personalizer:
@@ -94,7 +122,10 @@ class Personalizer:
     def images_folder(self, files: list[str] | None, use_samples: bool) -> Path:
         if files:
             folder = self.root / "uploads" / uuid.uuid4().hex[:12]
-            validate_uploads(list(files), folder)
+            try:
+                validate_uploads(list(files), folder)
+            finally:
+                discard_uploads(list(files))
             return folder
         if use_samples:
             return SAMPLES
@@ -113,6 +144,9 @@ class Personalizer:
         class_word: str,
     ) -> Job:
         """Queue a training job; the adapter lands in <job folder>/adapter/."""
+        in_range("steps", steps, 1, MAX_STEPS)
+        in_range("rank", rank, 1, MAX_RANK)
+        in_range("learning rate", lr, 0, MAX_LR)
         if not identifier.strip() or " " in identifier.strip() or not class_word.strip():
             raise PeftkitError("give a one-word identifier (e.g. sks) and a class word (e.g. toy)")
         method = METHODS.get(method, method)
@@ -235,6 +269,11 @@ class Personalizer:
 
         if not prompt.strip():
             raise PeftkitError("the prompt is empty: describe the image, e.g. 'a photo of sks toy'")
+        in_range("seed", seed, 0, 2**63 - 1)
+        in_range("sampler steps", steps, 1, MAX_SAMPLE_STEPS)
+        in_range("guidance", guidance, 0, MAX_GUIDANCE)
+        for _, scale in adapters:
+            in_range("adapter scale", scale, 0, MAX_SCALE)
         with self._lock:
             tokens = {t: p for path, _ in adapters for t, p in self._ti_of(path).items()}
             if self._gen is None or any(
@@ -320,9 +359,11 @@ def build_tab(p: Personalizer) -> None:
                 class_word = gr.Textbox("toy", label="class word")
             method = gr.Dropdown(list(METHODS), value="LoRA", label="method")
             with gr.Row():
-                steps = gr.Slider(1, 2000, 300, step=1, label="steps", elem_id="steps")
-                rank = gr.Slider(1, 64, 8, step=1, label="rank (LoRA / LoKr)")
-                lr = gr.Number(0, label="learning rate (0: method default)")
+                steps = gr.Slider(1, MAX_STEPS, 300, step=1, label="steps", elem_id="steps")
+                rank = gr.Slider(1, MAX_RANK, 8, step=1, label="rank (LoRA / LoKr)")
+                lr = gr.Number(
+                    0, label="learning rate (0: method default)", minimum=0, maximum=MAX_LR
+                )
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_btn = gr.Button("Cancel", elem_id="cancel-button")
@@ -341,8 +382,8 @@ def build_tab(p: Personalizer) -> None:
         with gr.Column():
             prompt = gr.Textbox(INSTANCE_PROMPT, label="prompt")
             with gr.Row():
-                seed = gr.Number(0, precision=0, label="seed")
-                sample_steps = gr.Slider(1, 100, 25, step=1, label="sampler steps")
+                seed = gr.Number(0, precision=0, label="seed", minimum=0)
+                sample_steps = gr.Slider(1, MAX_SAMPLE_STEPS, 25, step=1, label="sampler steps")
                 guidance = gr.Slider(1.0, 15.0, 5.0, step=0.5, label="guidance")
             with gr.Row():
                 adapter = gr.Dropdown(p.adapters(), label="adapter", allow_custom_value=False)
@@ -359,12 +400,21 @@ def build_tab(p: Personalizer) -> None:
         adapted_img = gr.Image(label="with adapter(s)", type="pil", format="png", interactive=False)
 
     def train(files, use_samples, method, steps, rank, lr, identifier, class_word):
+        images = None
         try:
             images = p.images_folder(files, use_samples)
             job = p.submit(
-                images, method, int(steps), int(rank), float(lr or 0), identifier, class_word
+                images,
+                method,
+                whole_number(steps),
+                whole_number(rank),
+                float(lr or 0),
+                identifier,
+                class_word,
             )
         except PeftkitError as err:
+            if images is not None and images.is_relative_to(p.root / "uploads"):
+                shutil.rmtree(images, ignore_errors=True)  # a refused job leaves no upload behind
             gr.Warning(str(err))
             yield refused_markdown(str(err)), *[gr.update()] * 6
             return
@@ -404,7 +454,9 @@ def build_tab(p: Personalizer) -> None:
     def generate(prompt, seed, steps, guidance, adapter, scale, adapter_b, scale_b):
         chosen = [(a, float(s)) for a, s in ((adapter, scale), (adapter_b, scale_b)) if a]
         try:
-            return p.generate(prompt, int(seed), chosen, int(steps), float(guidance))
+            return p.generate(
+                prompt, whole_number(seed), chosen, whole_number(steps), float(guidance)
+            )
         except PeftkitError as err:
             raise gr.Error(str(err)) from None
 

@@ -16,9 +16,19 @@ import pandas as pd
 import torch
 
 from ..common_kernels.errors import PeftkitError
-from .jobs import FINISHED, Job, JobRunner, progress_markdown, refused_markdown
+from .jobs import (
+    FINISHED,
+    Job,
+    JobRunner,
+    in_range,
+    progress_markdown,
+    refused_markdown,
+    whole_number,
+)
 
 BUILTIN = ("counting", "location", "orientation", "shape", "color")
+# Bounds of the page's inputs, enforced again on the server for API clients.
+MAX_STEPS, MAX_RANK, MAX_BATCH, MAX_BUILTIN, MAX_LR = 5000, 64, 256, 2000, 1.0
 STARTER = {"model": "starter", "pretrained": True}
 # Without the starter ViT: a small random-init ViT, so the tab still runs offline (accuracies are then low).
 FALLBACK_VIT = {
@@ -41,8 +51,15 @@ def default_vit() -> dict[str, Any]:
 class ViTTuner:
     """ViT fine-tuning runs of one backbone on the shared `runner`; `results` keeps every finished run."""
 
-    def __init__(self, backbone: dict[str, Any], device: str, runner: JobRunner) -> None:
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        device: str,
+        runner: JobRunner,
+        data_roots: list[str | Path] = (),
+    ) -> None:
         self.backbone, self.device, self.runner = backbone, device, runner
+        self.data_roots = [Path(r).resolve() for r in data_roots]
         self.results: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
@@ -95,15 +112,18 @@ class ViTTuner:
         train_size: int,
         eval_size: int,
     ) -> Job:
-        """Queue a run on `folder` (a VTAB-1k task folder) when given, else built-in `task`."""
+        """Queue a run on `folder` (a VTAB-1k task folder inside a data root) when given, else
+        built-in `task`."""
+        in_range("steps", steps, 1, MAX_STEPS)
+        in_range("rank", rank, 1, MAX_RANK)
+        in_range("batch size", batch_size, 1, MAX_BATCH)
+        if not (0 < lr <= MAX_LR):
+            raise PeftkitError(f"learning rate must be above 0 and at most {MAX_LR:g}, got {lr:g}")
         if folder.strip():
-            if not Path(folder.strip()).is_dir():
-                raise PeftkitError(
-                    f"VTAB-1k folder {folder.strip()!r} does not exist on the server: give the path "
-                    "of a task folder holding train800.txt, val200.txt and the images"
-                )
-            data, sizes = f"vtab:{folder.strip()}", None
+            data, sizes = f"vtab:{self.data_folder(folder.strip())}", None
         elif task in BUILTIN:
+            in_range("built-in train images", train_size, 1, MAX_BUILTIN)
+            in_range("built-in eval images", eval_size, 1, MAX_BUILTIN)
             data, sizes = f"builtin:{task}", (int(train_size), int(eval_size))
         else:
             raise PeftkitError(
@@ -121,15 +141,38 @@ class ViTTuner:
                 data, method, steps, rank, lr, batch_size, sizes, str(job.output_dir)
             )
             results = train_vit(config, on_event=job.emit, should_stop=job.should_stop)
-            results["confusion"] = self.confusion(job.output_dir / "adapter.safetensors", config)
+            results["confusion"] = self.confusion(
+                job.output_dir / "adapter.safetensors", config, job.should_stop
+            )
             with self._lock:
                 self.results.append(results)
             return results
 
         return self.runner.submit("vit", run)
 
+    def data_folder(self, text: str) -> Path:
+        """`text` (absolute, or relative to a root) resolved inside one of the `--data-root`
+        folders. Outside them the answer is the same whether or not the path exists."""
+        candidates = (
+            [Path(text)] if Path(text).is_absolute() else [r / text for r in self.data_roots]
+        )
+        for candidate in candidates:
+            resolved = candidate.resolve()  # symlinks out of a root are outside it
+            if any(resolved.is_relative_to(root) for root in self.data_roots):
+                if not resolved.is_dir():
+                    raise PeftkitError(
+                        f"{text!r} is not a folder in the data root: give a task folder holding "
+                        "train800.txt, val200.txt and the images"
+                    )
+                return resolved
+        raise PeftkitError(
+            "server folders are limited to the app's data roots"
+            + (" (none given: start the app with --data-root)" if not self.data_roots else "")
+            + ": give a task folder inside one, or pick a built-in task"
+        )
+
     @torch.no_grad()
-    def confusion(self, adapter: Path, config) -> list[list[int]]:
+    def confusion(self, adapter: Path, config, should_stop=lambda: False) -> list[list[int]]:
         """counts[true][predicted] of the saved adapter on the run's eval split."""
         from ..vision.backbones import normalization
         from ..vision.data import Preprocess, load_task
@@ -155,6 +198,8 @@ class ViTTuner:
         model.eval()
         counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
         for images, labels in torch.utils.data.DataLoader(data.eval, batch_size=256):
+            if should_stop():
+                raise PeftkitError("cancelled while computing the confusion matrix")
             predicted = model(images).argmax(-1)
             counts.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
         return counts.tolist()
@@ -208,18 +253,25 @@ def build_tab(t: ViTTuner) -> None:
         with gr.Column():
             task = gr.Dropdown(list(BUILTIN), value="color", label="built-in task")
             folder = gr.Textbox(
-                "", label="or a VTAB-1k task folder on the server (overrides the built-in task)"
+                "",
+                label="or a VTAB-1k task folder in the server's data root (overrides the built-in "
+                "task)",
+                interactive=bool(t.data_roots),
             )
             method = gr.Dropdown(list(method_names()), value="lora", label="method")
             with gr.Row():
-                steps = gr.Slider(1, 5000, 200, step=1, label="steps")
-                rank = gr.Slider(1, 64, 8, step=1, label="rank (LoRA / LoKr)")
+                steps = gr.Slider(1, MAX_STEPS, 200, step=1, label="steps")
+                rank = gr.Slider(1, MAX_RANK, 8, step=1, label="rank (LoRA / LoKr)")
             with gr.Row():
-                lr = gr.Number(1e-2, label="learning rate")
-                batch = gr.Slider(1, 256, 32, step=1, label="batch size")
+                lr = gr.Number(1e-2, label="learning rate", minimum=1e-7, maximum=MAX_LR)
+                batch = gr.Slider(1, MAX_BATCH, 32, step=1, label="batch size")
             with gr.Row():
-                train_size = gr.Number(800, precision=0, label="built-in train images")
-                eval_size = gr.Number(200, precision=0, label="built-in eval images")
+                train_size = gr.Number(
+                    800, precision=0, minimum=1, maximum=MAX_BUILTIN, label="built-in train images"
+                )
+                eval_size = gr.Number(
+                    200, precision=0, minimum=1, maximum=MAX_BUILTIN, label="built-in eval images"
+                )
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="vit-train-button")
                 cancel_btn = gr.Button("Cancel", elem_id="vit-cancel-button")
@@ -243,12 +295,12 @@ def build_tab(t: ViTTuner) -> None:
                 task,
                 folder or "",
                 method,
-                int(steps),
-                int(rank),
+                whole_number(steps),
+                whole_number(rank),
                 float(lr),
-                int(batch),
-                int(train_size),
-                int(eval_size),
+                whole_number(batch),
+                whole_number(train_size),
+                whole_number(eval_size),
             )
         except PeftkitError as err:
             gr.Warning(str(err))

@@ -1,4 +1,5 @@
-"""Adapter files: safetensors tensors plus metadata, written atomically.
+"""Adapter files: safetensors tensors plus metadata, written atomically (a full disk leaves the old
+file in place) with the umask's permissions; folders of files are staged and moved in as a unit.
 
 Metadata keys: peftkit_version, method, config (JSON), base_model (id or path), base_fingerprint
 (hash of target names and weight shapes), adapter_name. Loading checks the fingerprint before any
@@ -7,9 +8,13 @@ tensor is copied, so an adapter for another base fails with a message, not a sha
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,18 +28,60 @@ from .inject import AdapterHandle, candidate_modules, find_targets, fingerprint,
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_path)` then rename over `path`, so a crash never leaves a half-written file."""
+    """Call `write(tmp_path)` then rename over `path`, so a crash or a full disk never leaves a
+    half-written file: the previous `path`, if any, stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; a saved file should read like any other tool's output.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        raise _write_error(path, err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, err: Exception) -> PeftkitError:
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left" in str(err):
+        why = "the disk is full: free some space and save again"
+    elif isinstance(err, OSError):
+        why = f"{err.strerror or err}: check the folder's permissions and free space"
+    else:
+        why = f"{err}: check the folder's permissions and free space"
+    return PeftkitError(f"could not write {str(path)!r} ({why}); any previous file there is kept")
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Write a set of files as a unit: the body writes into the yielded staging folder (inside
+    `output_dir`); only when it finishes are the files renamed into `output_dir`, so a failure
+    (disk full, crash) never mixes new files with older ones. Renames need no free space.
+
+        with staged_folder("out/dog") as stage:
+            save_adapter(handle, stage / "unet_adapter.safetensors")
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=output_dir, prefix=".staging-"))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_tensors(
@@ -104,6 +151,7 @@ def load_adapter(
     """
     tensors, metadata = read_tensors(path)
     config = _config_of(metadata, path)
+    _refuse_non_finite(tensors, path)
     name = name or metadata.get("adapter_name") or "default"
     try:
         targets = find_targets(model, config)
@@ -126,6 +174,16 @@ def load_adapter(
     return handle
 
 
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    # A NaN adapter loads fine and renders black images; say so at load instead.
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PeftkitError(
+                f"adapter {str(path)!r} holds NaN or infinite values in tensor {key!r}: the training "
+                "run diverged; use an earlier checkpoint or train again with a lower learning rate"
+            )
+
+
 def base_shapes(model: nn.Module, names: list[str]) -> dict[str, list[int]]:
     modules = dict(candidate_modules(model))
     return {n: list(modules[n].weight.shape) for n in sorted(names)}
@@ -134,7 +192,14 @@ def base_shapes(model: nn.Module, names: list[str]) -> dict[str, list[int]]:
 def _raise_first_mismatch(
     model: nn.Module, targets: list[str], path, metadata: dict[str, str]
 ) -> None:
-    stored = json.loads(metadata.get("base_shapes", "{}"))
+    try:
+        stored = json.loads(metadata.get("base_shapes", "{}"))
+        stored = {str(k): list(v) for k, v in stored.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise PeftkitError(
+            f"adapter {str(path)!r} has unreadable 'base_shapes' metadata: the file is damaged or "
+            "was edited; save the adapter again"
+        ) from None
     here = base_shapes(model, targets)
     base = metadata.get("base_model") or "unknown"
     for name in sorted(set(stored) | set(here)):

@@ -14,6 +14,18 @@ import argparse
 import json
 from pathlib import Path
 
+from ..common_kernels.args import (
+    existing_dir,
+    existing_file,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    resolution,
+)
 from ..common_kernels.errors import PeftkitError
 
 
@@ -24,17 +36,23 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'"
     )
     parser.add_argument(
-        "--images", required=True, help="folder of instance images (x.txt next to x.png = caption)"
+        "--images",
+        required=True,
+        type=existing_dir,
+        help="folder of instance images (x.txt next to x.png = caption)",
     )
     parser.add_argument(
-        "--output", required=True, help="output folder (adapter, checkpoints, train.json)"
+        "--output",
+        required=True,
+        type=output_dir,
+        help="output folder (adapter, checkpoints, train.json)",
     )
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--resolution", type=resolution, default=512)
+    parser.add_argument("--steps", type=positive_int, default=800)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
     add_speed_args(parser)
     parser.add_argument(
         "--optimizer",
@@ -44,9 +62,12 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
         "bitsandbytes is installed and a GPU is used",
     )
     parser.add_argument(
-        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)"
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        help="checkpoint every N steps (resume: rerun)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     parser.add_argument(
         "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
@@ -126,16 +147,21 @@ def train_concept(argv: list[str]) -> int:
     parser.add_argument(
         "--method", choices=core_names(aliases=True), default="lora", help="adapter core"
     )
-    parser.add_argument("--rank", type=int, default=4, help="LoRA/LoKr rank")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
-    parser.add_argument("--block-size", type=int, default=32, help="OFT block size")
+    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA/LoKr rank")
+    parser.add_argument(
+        "--alpha", type=positive_float, default=None, help="LoRA/LoKr alpha (default: rank)"
+    )
+    parser.add_argument("--block-size", type=positive_int, default=32, help="OFT block size")
     parser.add_argument(
         "--targets",
         default="attn",
         help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)",
     )
     parser.add_argument(
-        "--text-encoder-rank", type=int, default=0, help="LoRA rank on the text encoder(s); 0: off"
+        "--text-encoder-rank",
+        type=non_negative_int,
+        default=0,
+        help="LoRA rank on the text encoder(s); 0: off",
     )
     parser.add_argument(
         "--class-prompt", help="turns prior preservation on, e.g. 'a photo of a dog'"
@@ -144,18 +170,27 @@ def train_concept(argv: list[str]) -> int:
         "--class-dir",
         help="class images (default <output>/class_images; missing ones are generated)",
     )
-    parser.add_argument("--num-class-images", type=int, default=100)
-    parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--num-class-images", type=non_negative_int, default=100)
+    parser.add_argument("--prior-weight", type=non_negative_float, default=1.0)
     parser.add_argument(
-        "--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting, e.g. 5; 0: off"
+        "--min-snr-gamma",
+        type=non_negative_float,
+        default=0.0,
+        help="min-SNR weighting, e.g. 5; 0: off",
     )
     parser.add_argument(
-        "--offset-noise", type=float, default=0.0, help="offset noise strength, e.g. 0.05"
+        "--offset-noise",
+        type=non_negative_float,
+        default=0.0,
+        help="offset noise strength, e.g. 0.05",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--validation-prompt", action="append", default=[], help="repeatable")
     parser.add_argument(
-        "--validation-every", type=int, default=0, help="save validation images every N steps"
+        "--validation-every",
+        type=non_negative_int,
+        default=0,
+        help="save validation images every N steps",
     )
     args = parser.parse_args(argv)
     config = ConceptConfig(
@@ -202,7 +237,7 @@ def train_ti(argv: list[str]) -> int:
     parser.add_argument(
         "--init-word", required=True, help="a word close to the concept, e.g. 'dog'"
     )
-    parser.add_argument("--num-vectors", type=int, default=1)
+    parser.add_argument("--num-vectors", type=positive_int, default=1)
     parser.add_argument("--templates", choices=["object", "style"], default="object")
     args = parser.parse_args(argv)
     config = TIConfig(
@@ -248,10 +283,10 @@ def generate(argv: list[str]) -> int:
         help="comma list naming one adapter per prompt ('base' for none): one batch, "
         "each row with its own adapter",
     )
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--output", required=True, type=output_dir)
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--guidance", type=non_negative_float, default=7.5)
+    parser.add_argument("--resolution", type=resolution, default=512)
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     parser.add_argument("--cpu", action="store_true")
     image = parser.add_argument_group("image prompts")
@@ -259,13 +294,17 @@ def generate(argv: list[str]) -> int:
         "--control", help="control branch folder (from train-control) or ControlNet hub id"
     )
     image.add_argument(
-        "--control-image", help="condition image for --control (edges, depth, segments...)"
+        "--control-image",
+        type=existing_file,
+        help="condition image for --control (edges, depth, segments...)",
     )
-    image.add_argument("--control-scale", type=float, default=1.0)
-    image.add_argument("--ip-adapter", help="IP-Adapter file (from train-ip-adapter)")
-    image.add_argument("--ip-image", help="reference image for --ip-adapter")
+    image.add_argument("--control-scale", type=finite_float, default=1.0)
     image.add_argument(
-        "--ip-scale", type=float, default=1.0, help="image-prompt scale (0: text only)"
+        "--ip-adapter", type=existing_file, help="IP-Adapter file (from train-ip-adapter)"
+    )
+    image.add_argument("--ip-image", type=existing_file, help="reference image for --ip-adapter")
+    image.add_argument(
+        "--ip-scale", type=finite_float, default=1.0, help="image-prompt scale (0: text only)"
     )
     image.add_argument(
         "--ip-encoder", help="image encoder (default: the one recorded in the IP-Adapter file)"
@@ -316,8 +355,12 @@ def evaluate_concept(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="peftkit evaluate-concept", description=evaluate_concept.__doc__
     )
-    parser.add_argument("--generated", required=True, help="folder written by peftkit generate")
-    parser.add_argument("--references", required=True, help="the instance images")
+    parser.add_argument(
+        "--generated", required=True, type=existing_dir, help="folder written by peftkit generate"
+    )
+    parser.add_argument(
+        "--references", required=True, type=existing_dir, help="the instance images"
+    )
     parser.add_argument(
         "--prompt", help="prompt of every generated image (default: the folder's prompts.json)"
     )
@@ -332,7 +375,7 @@ def evaluate_concept(argv: list[str]) -> int:
     parser.add_argument(
         "--dino-model", help="transformers folder or hub id of a DINO ViT (adds the 'dino' score)"
     )
-    parser.add_argument("--output", help="write the scores to this JSON file")
+    parser.add_argument("--output", type=output_file, help="write the scores to this JSON file")
     args = parser.parse_args(argv)
     folder = Path(args.generated)
     record = (

@@ -16,16 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
+from ..common_kernels.args import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    resolution,
+)
 from .base import load_base
-
-
-def _resolution(text: str) -> int:
-    value = int(text)
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
-        )
-    return value
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -38,17 +38,20 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, help="folder (images/, conditions/) or .jsonl/.csv manifest"
     )
     parser.add_argument(
-        "--output", required=True, help="output folder (weights, checkpoints, train.json)"
+        "--output",
+        required=True,
+        type=output_dir,
+        help="output folder (weights, checkpoints, train.json)",
     )
-    parser.add_argument("--resolution", type=_resolution, default=512)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--resolution", type=resolution, default=512)
+    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--lr", type=positive_float, default=1e-5)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
     add_speed_args(parser)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
         "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
     )
@@ -122,13 +125,15 @@ def train_control(argv: list[str]) -> int:
     parser.add_argument(
         "--adapter", choices=core_names(aliases=True), default="lora", help="core for --mode lora"
     )
-    parser.add_argument("--rank", type=int, default=8, help="rank (lora/kron) for --mode lora")
+    parser.add_argument(
+        "--rank", type=positive_int, default=8, help="rank (lora/kron) for --mode lora"
+    )
     parser.add_argument(
         "--condition-from",
         choices=sorted(EXTRACTORS),
         help="compute condition images from the training images instead of reading them",
     )
-    parser.add_argument("--conditioning-scale", type=float, default=1.0)
+    parser.add_argument("--conditioning-scale", type=finite_float, default=1.0)
     args = parser.parse_args(argv)
 
     adapter = {}
@@ -183,13 +188,13 @@ def train_ip_adapter(argv: list[str]) -> int:
     )
     parser.add_argument("--variant", choices=["basic", "plus"], default="basic")
     parser.add_argument(
-        "--num-tokens", type=int, default=None, help="image tokens (basic: 4, plus: 16)"
+        "--num-tokens", type=positive_int, default=None, help="image tokens (basic: 4, plus: 16)"
     )
-    parser.add_argument("--resampler-dim", type=int, default=768)
-    parser.add_argument("--resampler-heads", type=int, default=12)
+    parser.add_argument("--resampler-dim", type=positive_int, default=768)
+    parser.add_argument("--resampler-heads", type=positive_int, default=12)
     parser.add_argument(
         "--drop",
-        type=float,
+        type=non_negative_float,
         default=0.05,
         help="probability of dropping the image, the text, and both (each)",
     )

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from ..common_kernels.adapter_file import save_tensors
+from ..common_kernels.args import existing_file, output_file
 from ..common_kernels.errors import PeftkitError
 from . import formats
 
@@ -40,9 +41,13 @@ def convert(argv: list[str]) -> int:
         description="convert LoRA files between peftkit, "
         "diffusers (load_lora_weights) and kohya/A1111 formats",
     )
-    parser.add_argument("input", help="LoRA .safetensors file (format detected from its keys)")
     parser.add_argument(
-        "output", help="output file; for --to peftkit with several components, a folder"
+        "input", type=existing_file, help="LoRA .safetensors file (format detected from its keys)"
+    )
+    parser.add_argument(
+        "output",
+        type=output_file,
+        help="output file; for --to peftkit with several components, a folder",
     )
     parser.add_argument("--to", required=True, choices=["peftkit", "diffusers", "kohya"])
     parser.add_argument(
@@ -58,7 +63,13 @@ def convert(argv: list[str]) -> int:
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise PeftkitError("input and output are the same file: choose another output path")
     components = _components(args.base)
-    lora = formats.read_lora(args.input, components, args.component)
+    try:
+        lora = formats.read_lora(args.input, components, args.component)
+    except KeyError as err:  # a down/A weight whose up/B partner is missing
+        raise PeftkitError(
+            f"{args.input!r} is incomplete: tensor {err.args[0]!r} is missing; the file is damaged "
+            "or was cut down: export it again"
+        ) from None
     if components:
         for component, entries in formats.localize(lora, components).items():
             if component in components:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common_kernels.adapter_file import atomic_write, save_adapter
+from ..common_kernels.adapter_file import atomic_write, save_adapter, staged_folder
 from ..common_kernels.config import AdapterConfig
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
@@ -444,28 +444,29 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
 
 def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
     """Write the trained adapter(s): peftkit files (any core), plus for LoRA a diffusers file that
-    `pipe.load_lora_weights(output_dir)` loads."""
+    `pipe.load_lora_weights(output_dir)` loads. The files move in together (staged_folder)."""
     output_dir = Path(output_dir)
     extra = {"instance_prompt": task.config.instance_prompt, "component": "unet"}
-    written = [save_adapter(task.unet_handle, output_dir / UNET_FILE, extra)]
-    # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
-    components = {
-        "text_encoder" if i == 0 else f"text_encoder_{i + 1}": h
-        for i, h in enumerate(task.text_handles)
-    }
-    for component, handle in components.items():
-        name = TEXT_FILE.replace("text_encoder", component)
-        written.append(save_adapter(handle, output_dir / name, {**extra, "component": component}))
-    if task.config.method == "lora":
-        from .formats import save_diffusers_lora
+    with staged_folder(output_dir) as stage:
+        written = [save_adapter(task.unet_handle, stage / UNET_FILE, extra)]
+        # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
+        components = {
+            "text_encoder" if i == 0 else f"text_encoder_{i + 1}": h
+            for i, h in enumerate(task.text_handles)
+        }
+        for component, handle in components.items():
+            name = TEXT_FILE.replace("text_encoder", component)
+            written.append(save_adapter(handle, stage / name, {**extra, "component": component}))
+        if task.config.method == "lora":
+            from .formats import save_diffusers_lora
 
-        written.append(
-            save_diffusers_lora(
-                {"unet": task.unet_handle, **components}, output_dir / DIFFUSERS_FILE
+            written.append(
+                save_diffusers_lora(
+                    {"unet": task.unet_handle, **components}, stage / DIFFUSERS_FILE
+                )
             )
-        )
-    atomic_write(output_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
-    return written
+        atomic_write(stage / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
+    return [output_dir / p.name for p in written]
 
 
 def _device(train_config) -> str:

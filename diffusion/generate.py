@@ -164,7 +164,18 @@ def _call(
     negative: str = "",
     image_prompts: ImagePrompts | None = None,
 ) -> list[Image.Image]:
+    if steps < 1:  # 0 divides by zero in the scheduler; negative ones return plain noise
+        raise PeftkitError(f"steps must be at least 1, got {steps}")
+    if resolution < 8 or resolution % 8:
+        raise PeftkitError(
+            f"resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {resolution}"
+        )
     pipe, extra = (image_prompts.pipe, image_prompts.kwargs) if image_prompts else (base.pipe, {})
+    timesteps = pipe.scheduler.config.get("num_train_timesteps", steps + 1)
+    if steps >= timesteps:
+        raise PeftkitError(
+            f"steps must be below the scheduler's {timesteps} timesteps, got {steps}"
+        )
     groups = (
         [[i] for i in range(len(prompts))]
         if image_prompts and image_prompts.one_per_call

@@ -9,6 +9,7 @@ generated image and its prompt in CLIP space (CLIP-T).
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -33,9 +34,10 @@ class ClipEmbedder:
                 name, pretrained=pretrained, device=device
             )
             self.tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError, ValueError) as err:
+        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's run long
             raise PeftkitError(
-                f"cannot load open_clip model {model!r} (pretrained={pretrained!r}): {err}; pass a "
+                f"cannot load open_clip model {model!r} (pretrained={pretrained!r}): {why}; pass a "
                 "local checkpoint with --clip-pretrained /path/model.safetensors or a folder with "
                 "open_clip_config.json"
             ) from None

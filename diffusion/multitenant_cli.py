@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..common_kernels.args import existing_file
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.registry import core_names
 
@@ -234,7 +235,12 @@ def train_concepts(argv: list[str]) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--jobs", required=True, help="jobs.yaml describing the run and its jobs")
+    parser.add_argument(
+        "--jobs",
+        required=True,
+        type=existing_file,
+        help="jobs.yaml describing the run and its jobs",
+    )
     parser.add_argument("--model", help="base pipeline (overrides the file's 'model')")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

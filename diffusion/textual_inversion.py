@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common_kernels.adapter_file import atomic_write
+from ..common_kernels.adapter_file import atomic_write, staged_folder
 from ..common_kernels.errors import PeftkitError
 from .base import DiffusionBase
 from .data import ConceptDataset
@@ -209,8 +209,9 @@ def save_embeddings(task: TITask, output_dir: str | Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     learned = embeddings(task)
-    written = save_textual_inversion(
-        output_dir / SINGLE_FILE if len(learned) == 1 else output_dir, learned
-    )
-    atomic_write(output_dir / "ti.json", lambda tmp: Path(tmp).write_text(task.config.to_json()))
-    return written
+    with staged_folder(output_dir) as stage:
+        written = save_textual_inversion(
+            stage / SINGLE_FILE if len(learned) == 1 else stage, learned
+        )
+        atomic_write(stage / "ti.json", lambda tmp: Path(tmp).write_text(task.config.to_json()))
+    return [output_dir / p.name for p in written]

@@ -10,6 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from peftkit.common_kernels.args import (
+    existing_file,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from peftkit.common_kernels.errors import PeftkitError
 
 
@@ -39,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train every method on every task; write results.md/csv",
     )
     p.add_argument(
-        "--output", help="run folder: adapter, results.json, checkpoints (a rerun resumes)"
+        "--output",
+        type=output_dir,
+        help="run folder: adapter, results.json, checkpoints (a rerun resumes)",
     )
     g = p.add_argument_group("backbone")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
@@ -47,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         "--open-clip", help="open_clip model name: use its visual tower instead of a timm ViT"
     )
     g.add_argument(
-        "--checkpoint", help="local .safetensors weights instead of downloading from the hub"
+        "--checkpoint",
+        type=existing_file,
+        help="local .safetensors weights instead of downloading from the hub",
     )
     g.add_argument(
         "--random-init",
@@ -60,16 +74,16 @@ def _parser() -> argparse.ArgumentParser:
         default={},
         help="JSON of extra timm create_model arguments",
     )
-    g.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    g.add_argument("--img-size", type=positive_int, help="input size (default: the model's)")
     m = p.add_argument_group("method options")
-    m.add_argument("--vpt-length", type=int)
-    m.add_argument("--vpt-dropout", type=float)
-    m.add_argument("--bottleneck", type=int, help="AdaptFormer bottleneck width")
-    m.add_argument("--adapter-scale", type=float, help="AdaptFormer scale s")
+    m.add_argument("--vpt-length", type=positive_int)
+    m.add_argument("--vpt-dropout", type=non_negative_float)
+    m.add_argument("--bottleneck", type=positive_int, help="AdaptFormer bottleneck width")
+    m.add_argument("--adapter-scale", type=finite_float, help="AdaptFormer scale s")
     m.add_argument("--ssf-sites", type=lambda s: s.split(","), help="comma-separated SSF sites")
-    m.add_argument("--r", type=int, help="LoRA / LoKr rank")
-    m.add_argument("--alpha", type=float, help="LoRA / LoKr alpha")
-    m.add_argument("--block-size", type=int, help="OFT block size")
+    m.add_argument("--r", type=positive_int, help="LoRA / LoKr rank")
+    m.add_argument("--alpha", type=positive_float, help="LoRA / LoKr alpha")
+    m.add_argument("--block-size", type=positive_int, help="OFT block size")
     m.add_argument("--factor", type=int, help="LoKr factor")
     m.add_argument(
         "--core-sites",
@@ -78,24 +92,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     t = p.add_argument_group("training")
     t.add_argument("--protocol", choices=["tune", "final"], default="final")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--warmup-epochs", type=float, default=10.0)
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--epochs", type=positive_int, default=100)
+    t.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    t.add_argument("--warmup-epochs", type=non_negative_float, default=10.0)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
     add_speed_args(t)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--eval-every-epochs", type=int, default=1)
-    t.add_argument("--checkpoint-every-epochs", type=int, default=10)
-    t.add_argument("--num-classes", type=int, help="default: max label of the training split + 1")
+    t.add_argument("--label-smoothing", type=non_negative_float, default=0.0)
+    t.add_argument("--eval-every-epochs", type=positive_int, default=1)
+    t.add_argument("--checkpoint-every-epochs", type=non_negative_int, default=10)
+    t.add_argument(
+        "--num-classes", type=positive_int, help="default: max label of the training split + 1"
+    )
     t.add_argument(
         "--builtin-sizes",
         type=lambda s: tuple(int(v) for v in s.split(",")),
         help="train,eval sizes of built-in tasks (default VTAB-1k: 1000,1000 for final)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=non_negative_int, default=0)
     t.add_argument("--cpu", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     return p
@@ -189,11 +205,17 @@ def vit_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="peftkit vit-eval", description="top-1 of a saved ViT adapter on a split"
     )
-    p.add_argument("--adapter", required=True, help="adapter.safetensors written by vit-train")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        type=existing_file,
+        help="adapter.safetensors written by vit-train",
+    )
     p.add_argument("--data", required=True, help="vtab:<task dir>, folder:<root> or builtin:<name>")
     p.add_argument("--split", default="test", choices=["test", "val200"])
     p.add_argument(
         "--checkpoint",
+        type=existing_file,
         help="local .safetensors backbone weights (default: the source recorded at training)",
     )
     p.add_argument(
@@ -204,9 +226,9 @@ def vit_eval(argv: list[str]) -> int:
         action="store_true",
         help="rebuild the run's random-init backbone (seed from the adapter)",
     )
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--builtin-sizes", type=lambda s: tuple(int(v) for v in s.split(",")))
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", type=output_file, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
     from .train import evaluate_vit
 

@@ -128,8 +128,10 @@ class ViTTask:
         eval_set,
         eval_batch_size: int,
         label_smoothing: float = 0.0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.model, self.adapter, self.eval_set = model, adapter, eval_set
+        self.should_stop = should_stop
         self.eval_batch_size, self.label_smoothing = eval_batch_size, label_smoothing
         self.device = torch.device("cpu")
         self.eval_seconds = 0.0
@@ -149,7 +151,9 @@ class ViTTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         start = time.perf_counter()
-        metrics = evaluate_model(model, self.eval_set, self.eval_batch_size, self.device)
+        metrics = evaluate_model(
+            model, self.eval_set, self.eval_batch_size, self.device, self.should_stop
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.eval_seconds += time.perf_counter() - start
@@ -165,13 +169,19 @@ class ViTTask:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, dataset, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over `dataset`."""
     was_training = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
     for images, labels in eval_batches(dataset, batch_size, device):
+        if should_stop is not None and should_stop():  # a large eval split must not outlive Cancel
+            raise PeftkitError("evaluation cancelled")
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()
         correct += int((logits.argmax(-1) == labels).sum())
@@ -206,7 +216,9 @@ def train_vit(
     adapter = VisionAdapter(
         model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name
     )
-    task = ViTTask(model, adapter, data.eval, config.eval_batch_size, config.label_smoothing)
+    task = ViTTask(
+        model, adapter, data.eval, config.eval_batch_size, config.label_smoothing, should_stop
+    )
 
     rank, world = launch_world()
     # batch_size is per process: an epoch is over the global batch, as one process with it would see.

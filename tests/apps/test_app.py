@@ -166,7 +166,7 @@ def test_vit_tuner_trains_with_curves_confusion_matrix_and_comparison_table(serv
     status = client.predict(
         "color", str(tmp_path / "missing"), "lora", 2, 2, 1e-2, 16, 32, 24, api_name="/vit_train"
     )[0]
-    assert status.startswith("**not started**") and "does not exist on the server" in status
+    assert status.startswith("**not started**") and "data roots" in status
 
 
 def test_app_binds_localhost_and_shares_only_when_asked(monkeypatch, tiny_sd_path, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from peftkit.apps.serve import AdapterCache, Batcher, Request, create_app
+from peftkit.apps.batcher import AdapterCache, Batcher, Request
+from peftkit.apps.serve import create_app
 from peftkit.common_kernels import LoRAConfig, adapted_layers, inject, remove_adapters, save_adapter
 
 SETTINGS = dict(steps=2, guidance=3.0, width=16, height=16)

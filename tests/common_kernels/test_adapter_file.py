@@ -93,7 +93,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(af, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(PeftkitError, match="previous file there is kept"):
         save_adapter(handle, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]

@@ -115,7 +115,7 @@ def test_user_errors_exit_with_a_message(tiny_sd_path, tmp_path, capsys):
             "--cpu",
         ]
     )
-    assert code == 1 and "no images found" in capsys.readouterr().err
+    assert code == 2 and "no images found" in capsys.readouterr().err
     code = main(
         [
             "generate",
@@ -129,4 +129,4 @@ def test_user_errors_exit_with_a_message(tiny_sd_path, tmp_path, capsys):
             str(tmp_path),
         ]
     )
-    assert code == 1 and "--seeds" in capsys.readouterr().err
+    assert code == 2 and "--seeds" in capsys.readouterr().err
