@@ -33,6 +33,10 @@ WORKLOADS = [sys.executable, str(HERE / "e2e_workloads.py")]
 PEFTKIT = [sys.executable, "-m", "peftkit.apps.cli"]  # what the `peftkit` console script runs
 PROMPT = "a photo of sks toy"
 REF = ROOT / ".e2e_ref"  # git-ignored copies of diffusers' scripts, never part of the package
+WARM_UP = (
+    "import torch, diffusers, transformers, timm, peft, torchvision\n"
+    "if torch.cuda.is_available(): torch.zeros(1).cuda()"
+)
 TIMEOUT_S = {"build": 300, "sd15": 300, "sdxl": 540, "vit": 300}
 
 
@@ -118,7 +122,12 @@ class Runner:
         row = {"name": name, **info, "cmd": [str(c) for c in cmd], "status": "skipped"}
         return self._record({**row, "wall_s": None, "peak_gib": None, "tail": why})
 
-    def __call__(self, name: str, cmd: list, timeout: float, **info) -> dict:
+    def __call__(
+        self, name: str, cmd: list, timeout: float, clear: Path | None = None, **info
+    ) -> dict:
+        """Run `cmd` (after removing `clear`, its output folder: a rerun would resume)."""
+        if clear:
+            shutil.rmtree(clear, ignore_errors=True)
         left = self.deadline - time.monotonic() - 5
         if left < 20:
             return self.skip(name, "the --budget-s ran out before this run", cmd, **info)
@@ -183,7 +192,7 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
         cmd = PEFTKIT + ["train-concept", "--model", base, "--images", images, "--prompt", PROMPT]
         cmd += ["--output", out, "--steps", n, "--resolution", res, "--batch-size", 1]
         cmd += ["--method", "lora", "--rank", 4] + args.peftkit_args.split()
-        pairs = [("peftkit", f"{kind}-peftkit-{n}", cmd, out / "train.json")]
+        pairs = [("peftkit", f"{kind}-peftkit-{n}", cmd, out, "train.json")]
         out = run.work / f"{kind}-diffusers-{n}"
         cmd = [sys.executable, script, "--pretrained_model_name_or_path", base]
         cmd += ["--instance_data_dir", images, "--instance_prompt", PROMPT, "--output_dir", out]
@@ -193,15 +202,17 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
         cmd += ["--checkpointing_steps", 10**9]  # no checkpoints, as the peftkit run
         if importlib.util.find_spec("tensorboard") is None:  # the script's default tracker
             cmd += ["--report_to", "all"]  # = whatever trackers exist: none
-        pairs.append(("diffusers", f"{kind}-diffusers-{n}", cmd, None))
-        for tool, name, cmd, summary in pairs:
+        pairs.append(("diffusers", f"{kind}-diffusers-{n}", cmd, out, None))
+        for tool, name, cmd, out, summary in pairs:
             if built["status"] != "ok":
                 run.skip(name, "the pipeline was not built", cmd, tool=tool, **info)
             elif tool == "diffusers" and not script.is_file():
-                run.skip(name, f"no script at {script}: pass --diffusers-script", cmd, tool=tool, **info)
+                run.skip(
+                    name, f"no script at {script}: pass --diffusers-script", cmd, tool=tool, **info
+                )
             else:
-                row = run(name, cmd, TIMEOUT_S[kind], tool=tool, **info)
-                row["reported"] = read_json(summary) if summary else None
+                row = run(name, cmd, TIMEOUT_S[kind], clear=out, tool=tool, **info)
+                row["reported"] = read_json(out / summary) if summary else None
 
 
 def vit(run: Runner, args: argparse.Namespace) -> None:
@@ -218,67 +229,76 @@ def vit(run: Runner, args: argparse.Namespace) -> None:
         cmd = PEFTKIT + ["vit-train", "--data", f"vtab:{data}", "--random-init", "--method", "lora"]
         cmd += model + ["--model-kwargs", kw, "--r", 8, "--num-classes", 10, "--epochs", n]
         cmd += ["--batch-size", bs, "--mixed-precision", "no" if smoke else "bf16", "--output", out]
-        row = run(f"vit-peftkit-{n}", cmd, TIMEOUT_S["vit"], tool="peftkit", **info)
+        row = run(f"vit-peftkit-{n}", cmd, TIMEOUT_S["vit"], clear=out, tool="peftkit", **info)
         row["reported"] = read_json(out / "results.json")
         out = run.work / f"vit-loop-{n}"
         cmd = WORKLOADS + ["vit-loop", "--data", data, "--output", out, "--epochs", n] + model
         cmd += ["--kw", kw, "--batch-size", bs, "--workers", 2 if smoke else 8]
-        row = run(f"vit-loop-{n}", cmd, TIMEOUT_S["vit"], tool="timm+peft loop", **info)
+        row = run(f"vit-loop-{n}", cmd, TIMEOUT_S["vit"], clear=out, tool="timm+peft loop", **info)
         row["reported"] = read_json(out / "results.json")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One line per (workload, tool): short and long wall clock, steady step, set-up, peak."""
+    """One line per (workload, tool): wall clock per run size, steady step, set-up, peak memory."""
     lines = []
     for key in dict.fromkeys((r["workload"], r["tool"]) for r in rows if r["tool"] != "build"):
-        runs = sorted((r for r in rows if (r["workload"], r["tool"]) == key), key=lambda r: r["size"])
+        runs = sorted(
+            (r for r in rows if (r["workload"], r["tool"]) == key), key=lambda r: r["size"]
+        )
         ok = [r for r in runs if r["status"] == "ok"]
-        line = {"workload": key[0], "tool": key[1], "status": ", ".join(sorted({r["status"] for r in runs}))}
+        line = {"workload": key[0], "tool": key[1]}
+        line["status"] = ", ".join(sorted({r["status"] for r in runs}))
         line.update({f"wall_s@{r['size']}": r["wall_s"] for r in runs})
         peaks = [r["peak_gib"] for r in ok if r["peak_gib"] is not None]
         line["peak_gib"] = max(peaks) if peaks else None
         if len(ok) >= 2:
             short, long = ok[0], ok[-1]
             steady = (long["wall_s"] - short["wall_s"]) / (long["size"] - short["size"])
-            line["steady_s"] = round(steady, 4)
             line["setup_s"] = round(short["wall_s"] - short["size"] * steady, 1)
-            if key[0] == "vit":  # epochs: train images per second incl. each epoch's evaluation
+            if key[0] == "vit":  # an epoch: its training images and its evaluation
+                line["steady_epoch_s"] = round(steady, 2)
                 line["steady_images_per_s"] = round(long["images_per_epoch"] / steady, 1)
-        rep = (ok[-1].get("reported") or {}) if ok else {}
+            else:
+                line["steady_step_ms"] = round(steady * 1000, 1)
+        reported = (ok[-1].get("reported") or {}) if ok else {}
         for field in ("images_per_s", "top1", "samples_per_s", "final_loss"):
-            if isinstance(rep.get(field), (int, float)):
-                line[f"reported_{field}"] = round(rep[field], 3)
+            if isinstance(reported.get(field), (int, float)):
+                line[f"reported_{field}"] = round(reported[field], 3)
         lines.append(line)
     return lines
+
+
+def columns(workload: str, sizes: list[int]) -> list[tuple[str, str, bool]]:
+    """(header, summary key, whether a peftkit/other ratio means something) for one table."""
+    unit = "epochs" if workload == "vit" else "steps"
+    cols = [(f"wall s, {n} {unit}", f"wall_s@{n}", True) for n in sizes]
+    if workload == "vit":
+        cols += [("steady epoch s", "steady_epoch_s", True)]
+        cols += [("images/s, steady incl. eval", "steady_images_per_s", True)]
+        cols += [("images/s, self-reported", "reported_images_per_s", True)]
+    else:
+        cols += [("steady step ms", "steady_step_ms", True)]
+    cols += [("set-up s", "setup_s", True), ("peak GiB (nvidia-smi)", "peak_gib", True)]
+    return cols + ([("top-1 %", "reported_top1", False)] if workload == "vit" else [])
 
 
 def markdown(lines: list[dict], meta: dict) -> str:
     out = [f"# e2e: {meta['gpu']}, {meta['date']}", ""]
     for workload in dict.fromkeys(line["workload"] for line in lines):
         group = [line for line in lines if line["workload"] == workload]
-        sizes = sorted({k for line in group for k in line if k.startswith("wall_s@")}, key=lambda k: int(k[7:]))
-        unit = "epoch" if workload == "vit" else "step"
-        cols = [f"wall s ({k[7:]} {unit}s)" for k in sizes] + [f"steady {unit}", "set-up s", "peak GiB (nvidia-smi)"]
-        cols += ["images/s (steady, incl. eval)", "images/s (self-reported)", "top-1"] if workload == "vit" else []
-        out += [f"## {workload}", "", "| tool | " + " | ".join(cols) + " | status |", "|---" * (len(cols) + 2) + "|"]
-
-        def cells(line: dict) -> list:
-            steady = line.get("steady_s")
-            steady = None if steady is None else (f"{steady:.2f} s" if workload == "vit" else f"{steady * 1000:.1f} ms")
-            values = [line.get(k) for k in sizes] + [steady, line.get("setup_s"), line.get("peak_gib")]
-            if workload == "vit":
-                values += [line.get("steady_images_per_s"), line.get("reported_images_per_s"), line.get("reported_top1")]
-            return ["-" if v is None else v for v in values]
-
+        sizes = sorted({int(k[7:]) for line in group for k in line if k.startswith("wall_s@")})
+        cols = columns(workload, sizes)
+        out += [f"## {workload}", "", "| tool | " + " | ".join(c[0] for c in cols) + " | status |"]
+        out.append("|---" * (len(cols) + 2) + "|")
         for line in group:
-            out.append(f"| {line['tool']} | " + " | ".join(map(str, cells(line))) + f" | {line['status']} |")
-        if len(group) == 2:  # peftkit / the other tool, for every numeric column
-            ratios = []
-            for key in sizes + ["steady_s", "setup_s", "peak_gib"] + (["steady_images_per_s", "reported_images_per_s"] if workload == "vit" else []):
+            cells = ["-" if line.get(key) is None else str(line[key]) for _, key, _ in cols]
+            out.append(f"| {line['tool']} | " + " | ".join(cells) + f" | {line['status']} |")
+        if len(group) == 2:
+            cells = []
+            for _, key, ratio in cols:
                 a, b = group[0].get(key), group[1].get(key)
-                ratios.append(f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-")
-            ratios += ["-"] if workload == "vit" else []
-            out.append("| **peftkit / other** | " + " | ".join(ratios) + " | |")
+                cells.append(f"{a / b:.2f}x" if ratio and a is not None and b else "-")
+            out.append(f"| {group[0]['tool']} / {group[1]['tool']} | " + " | ".join(cells) + " | |")
         out.append("")
     out.append("Commands, exit codes and output tails: e2e.log; every number: e2e.json.")
     return "\n".join(out) + "\n"
@@ -294,22 +314,37 @@ def script_info(path: str) -> dict | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", help="results folder (default bench/results/<date>-<gpu>-e2e)")
     p.add_argument("--only", default="sd15,vit", help="comma list of sd15, vit, sdxl")
     p.add_argument("--diffusers-script", default=str(REF / "train_dreambooth_lora.py"))
     p.add_argument("--diffusers-sdxl-script", default=str(REF / "train_dreambooth_lora_sdxl.py"))
     p.add_argument("--steps", default="30,500", help="short,long concept runs (steps)")
     p.add_argument("--sdxl-steps", default="20,200", help="short,long SDXL runs (steps)")
-    p.add_argument("--vit-epochs", default="2,10", help="short,long vit runs (epochs)")
-    p.add_argument("--peftkit-args", default="", help="extra train-concept arguments, e.g. '--mixed-precision bf16'")
-    p.add_argument("--budget-s", type=float, default=540, help="total wall clock; later runs are skipped")
+    p.add_argument("--vit-epochs", default="2,6", help="short,long vit runs (epochs)")
+    p.add_argument(
+        "--peftkit-args",
+        default="",
+        help="extra train-concept arguments, e.g. '--mixed-precision bf16'",
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=540, help="total wall clock; later runs are skipped"
+    )
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny models and data, 2-3 steps, on the CPU")
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny models and data, 2-3 steps, on the CPU"
+    )
     args = p.parse_args()
+    unknown = set(args.only.split(",")) - {"sd15", "sdxl", "vit"}
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; choose from sd15, sdxl, vit")
     if args.cpu_smoke:
         args.steps, args.sdxl_steps, args.vit_epochs = "2,3", "2,3", "1,2"
-    args.steps, args.sdxl_steps, args.vit_epochs = ([int(v) for v in s.split(",")] for s in (args.steps, args.sdxl_steps, args.vit_epochs))
+    args.steps, args.sdxl_steps, args.vit_epochs = (
+        [int(v) for v in s.split(",")] for s in (args.steps, args.sdxl_steps, args.vit_epochs)
+    )
     memory = GpuMemory()
     gpu = memory.query("name") or "cpu"
     today = datetime.date.today().isoformat()
@@ -322,17 +357,28 @@ def main() -> None:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    meta = {"gpu": gpu, "date": today, "args": vars(args), "versions": versions, "python": sys.version.split()[0]}
-    meta["diffusers_scripts"] = [script_info(s) for s in (args.diffusers_script, args.diffusers_sdxl_script)]
+    meta = {
+        "gpu": gpu,
+        "date": today,
+        "args": vars(args),
+        "versions": versions,
+        "python": sys.version.split()[0],
+    }
+    meta["diffusers_scripts"] = [
+        script_info(s) for s in (args.diffusers_script, args.diffusers_sdxl_script)
+    ]
     run = Runner(out, work, args.budget_s)
     try:
-        run("warm-up", [sys.executable, "-c", "import torch, diffusers, transformers, timm, peft, torchvision; torch.zeros(1).cuda() if torch.cuda.is_available() else None"], 120, workload="-", tool="build")
+        # loads what every tool imports once, so no tool's first run pays the cold disk alone
+        run("warm-up", [sys.executable, "-c", WARM_UP], 120, workload="-", tool="build")
         for what in args.only.split(","):
             vit(run, args) if what == "vit" else concept(run, args, what)
     finally:
         lines = summarize(run.rows)
         table = markdown(lines, meta)
-        (out / "e2e.json").write_text(json.dumps({"meta": meta, "summary": lines, "runs": run.rows}, indent=1))
+        (out / "e2e.json").write_text(
+            json.dumps({"meta": meta, "summary": lines, "runs": run.rows}, indent=1)
+        )
         (out / "e2e.md").write_text(table)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

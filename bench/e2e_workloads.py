@@ -176,8 +176,9 @@ def vtab_folder(out: Path, train: int, test: int, size: int, classes: int = 10) 
         label = int(rng.integers(classes))
         hue = np.array([math.sin(label + k * 2.1) * 0.4 + 0.5 for k in range(3)])
         img = rng.normal(hue, 0.15, (size, size, 3))
-        y, x = (label * 7919 + rng.integers(size // 3)) % (size - size // 4), rng.integers(
-            size - size // 4
+        y, x = (
+            (label * 7919 + rng.integers(size // 3)) % (size - size // 4),
+            rng.integers(size - size // 4),
         )
         img[y : y + size // 4, x : x + size // 4] = 1.0
         name = f"images/{i:05d}.jpg"
@@ -232,9 +233,13 @@ def vit_loop(args: argparse.Namespace) -> None:
             transforms.Normalize(cfg["mean"], cfg["std"]),
         ]
     )
-    config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=PEFT_TARGETS, modules_to_save=["head"])
+    config = peft.LoraConfig(
+        r=8, lora_alpha=8, target_modules=PEFT_TARGETS, modules_to_save=["head"]
+    )
     model = peft.get_peft_model(model, config).to(device)
-    loader_args = dict(num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0)
+    loader_args = dict(
+        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0
+    )
     train = torch.utils.data.DataLoader(
         _ListDataset(root, "train800val200", transform),
         batch_size=args.batch_size,
@@ -250,15 +255,22 @@ def vit_loop(args: argparse.Namespace) -> None:
     total, warmup = args.epochs * len(train), 10 * len(train)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda)
     epochs, start = [], time.perf_counter()
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         t0 = time.perf_counter()
         model.train()
         for images, labels in train:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = (
+                images.to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+            )
             with autocast:
                 loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
             loss.backward()
@@ -275,7 +287,9 @@ def vit_loop(args: argparse.Namespace) -> None:
                 logits = model(images.to(device, non_blocking=True))
                 correct += int((logits.argmax(-1).cpu() == labels).sum())
                 seen += labels.numel()
-        epochs.append({"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, "top1": 100 * correct / seen})
+        epochs.append(
+            {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, "top1": 100 * correct / seen}
+        )
     steady = epochs[1:] or epochs  # the first epoch starts the workers and warms the kernels
     train_images = len(train) * args.batch_size
     results = {
