@@ -5,6 +5,7 @@ compare methods). Binds 127.0.0.1 unless told otherwise; a public link only with
     peftkit app                                  # http://127.0.0.1:7860, starter models
     peftkit app --base ./sd15 --device cuda --port 8080
     peftkit app --host 0.0.0.0 --share           # reachable from other machines / a gradio.live link
+    peftkit app --data-root /data/vtab-1k        # the ViT tab may read task folders there, only there
 
     blocks = build_app(base="tests/tiny-sd", vit=FALLBACK_VIT, device="cpu", output_dir="runs/app")
     blocks.launch(prevent_thread_lock=True)

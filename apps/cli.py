@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import sys
+from typing import NoReturn
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -125,6 +127,10 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+
 def _os_message(err: OSError) -> str:
     where = f" {str(err.filename)!r}" if err.filename else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -146,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from peftkit.common_kernels.errors import PeftkitError
 
     prefix = f"peftkit {argv[0]}: error:"
+    parse_error = argparse.ArgumentParser.error
+    # Every command's parser: one error line (argparse prints the whole usage block first).
+    argparse.ArgumentParser.error = _one_line_error
     try:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     except KeyboardInterrupt:
@@ -170,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        argparse.ArgumentParser.error = parse_error
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ def validate_uploads(paths: list[str], folder: Path) -> list[Path]:
 
 
 def discard_uploads(paths: list[str]) -> None:
-    """Delete Gradio's temporary copies of uploaded files (kept or rejected, they are no longer
-    needed), touching nothing outside Gradio's upload folder."""
+    """Delete Gradio's temporary copies of a rejected upload (accepted ones stay: Train may be
+    clicked again), touching nothing outside Gradio's upload folder."""
     from gradio.utils import get_upload_folder
 
     cache = Path(get_upload_folder()).resolve()
@@ -79,6 +79,8 @@ def discard_uploads(paths: list[str]) -> None:
 def _store_image(path: str, target: Path) -> Path:
     """One upload checked (size, decodable, pixels) and stored at `target` as a PNG."""
     name = Path(path).name
+    if not Path(path).is_file():
+        raise PeftkitError(f"{name} is no longer on the server: upload the images again")
     if os.path.getsize(path) > MAX_BYTES:
         raise PeftkitError(f"{name} is larger than {MAX_BYTES // 2**20} MB: upload a smaller image")
     try:
@@ -124,8 +126,9 @@ class Personalizer:
             folder = self.root / "uploads" / uuid.uuid4().hex[:12]
             try:
                 validate_uploads(list(files), folder)
-            finally:
+            except PeftkitError:
                 discard_uploads(list(files))
+                raise
             return folder
         if use_samples:
             return SAMPLES

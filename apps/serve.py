@@ -43,7 +43,6 @@ from .batcher import (
     UnknownAdapter,
 )
 
-__all__ = ["AdapterCache", "Batcher", "Limits", "Request", "create_app", "serve"]
 log = logging.getLogger("peftkit.serve")
 # How often a waiting request looks for its client having left.
 POLL_S = 0.1

@@ -48,9 +48,14 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    # Linux reports it; elsewhere set-and-restore, which other threads may briefly see.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _write_error(path: Path, err: Exception) -> PeftkitError:

@@ -179,8 +179,11 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
+    # A Cancel arriving mid-evaluation ends it (a large split must not outlive it); the engine's
+    # final evaluation after a graceful stop still runs.
+    watching = should_stop is not None and not should_stop()
     for images, labels in eval_batches(dataset, batch_size, device):
-        if should_stop is not None and should_stop():  # a large eval split must not outlive Cancel
+        if watching and should_stop():
             raise PeftkitError("evaluation cancelled")
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from peftkit.apps import personalize_tab
-from peftkit.apps.jobs import CANCELLED, DONE, Job, JobRunner
+from peftkit.apps.jobs import CANCELLED, DONE, JobRunner
 from peftkit.apps.personalize_tab import Personalizer, validate_uploads
 from peftkit.apps.vit_tab import ViTTuner
 from peftkit.common_kernels.errors import PeftkitError
@@ -32,19 +32,26 @@ def runner(tmp_path):
 
 
 def test_cancel_during_evaluation_stops_it_and_the_next_job_runs(runner, monkeypatch):
-    emit = Job.emit
+    from peftkit.vision import train
 
-    def cancel_after_the_last_step(job, event):
-        emit(job, event)
-        if event.get("kind") == "step" and event["step"] == event.get("total"):
-            job.cancel()  # the engine evaluates next: 600 images, three batches
+    build = train.build_model
 
-    monkeypatch.setattr(Job, "emit", cancel_after_the_last_step)
+    def cancelling_on_eval(*args, **kwargs):
+        model, size = build(*args, **kwargs)
+
+        def cancel(module, inputs):
+            if not module.training:  # the first evaluation batch: Cancel arrives mid-evaluation
+                next(iter(runner.jobs.values())).cancel()
+
+        model.register_forward_pre_hook(cancel)
+        return model, size
+
+    monkeypatch.setattr(train, "build_model", cancelling_on_eval)
     tuner = ViTTuner(TINY_VIT, "cpu", runner)
-    job = tuner.submit(*RUN)
+    job = tuner.submit(*RUN)  # evaluates 600 images in batches of 256
     assert job.wait(120)
     assert job.status == CANCELLED and job.evals == [] and job.result is None
-    monkeypatch.setattr(Job, "emit", emit)
+    monkeypatch.setattr(train, "build_model", build)
     following = tuner.submit(*RUN[:-1], 24)
     assert following.wait(120) and following.status == DONE
     assert sum(sum(row) for row in following.result["confusion"]) == 24
@@ -120,7 +127,7 @@ def test_a_rejected_upload_leaves_no_partial_folder(tmp_path):
     assert not (tmp_path / "stored").exists()
 
 
-def test_gradio_copies_of_uploads_are_deleted_whether_kept_or_rejected(
+def test_gradio_copies_of_rejected_uploads_are_deleted_and_accepted_ones_kept(
     runner, tmp_path, monkeypatch
 ):
     cache = tmp_path / "gradio-cache"
@@ -136,9 +143,17 @@ def test_gradio_copies_of_uploads_are_deleted_whether_kept_or_rejected(
     with pytest.raises(PeftkitError, match="got 1000"):
         p.images_folder(uploads(1000), use_samples=False)
     assert not any(cache.iterdir()) and not (tmp_path / "app" / "uploads").exists()
-    keep = tmp_path / "mine.png"
-    _image(keep, 7)
-    stored = p.images_folder(uploads(3) + [str(keep)], use_samples=False)
-    assert len(list(stored.glob("*.png"))) == 4 and not any(cache.iterdir())
-    assert keep.is_file(), "files outside Gradio's upload folder are never deleted"
+    outside, junk = tmp_path / "mine.png", tmp_path / "junk.png"
+    _image(outside, 7)
+    junk.write_bytes(b"junk")
+    files = uploads(3)
+    with pytest.raises(PeftkitError, match="not an image"):
+        p.images_folder(files + [str(outside), str(junk)], use_samples=False)
+    assert not any(cache.iterdir()) and outside.is_file(), "only Gradio's copies are deleted"
+    with pytest.raises(PeftkitError, match="x.png is no longer on the server: upload"):
+        p.images_folder(files, use_samples=False)
+    files = uploads(3)
+    stored = p.images_folder(files, use_samples=False)
+    assert len(list(stored.glob("*.png"))) == 3 and p.images_folder(files, False) != stored
+    assert len(list((tmp_path / "app" / "uploads").iterdir())) == 2, "accepted twice, kept"
     assert personalize_tab.MAX_IMAGES < 1000

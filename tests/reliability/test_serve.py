@@ -119,6 +119,26 @@ def test_forty_concurrent_requests_answer_while_oversized_and_broken_adapter_one
     thread.join(10)
 
 
+def test_a_row_that_breaks_its_batch_fails_alone_and_the_others_get_their_images(
+    make_batcher, monkeypatch
+):
+    batcher = make_batcher(window_s=0.5)
+    forward = batcher._forward
+
+    def poisoned(requests, tickets):
+        if any(r.prompt == "poison" for r in requests):
+            raise RuntimeError("this row breaks the pipeline")
+        return forward(requests, tickets)
+
+    monkeypatch.setattr(batcher, "_forward", poisoned)
+    tickets = [batcher.submit(Request(p, seed=i, **SMALL)) for i, p in enumerate("ab")]
+    tickets.append(batcher.submit(Request("poison", **SMALL)))
+    assert [t.result(timeout=60).size for t in tickets[:2]] == [(16, 16)] * 2
+    with pytest.raises(RuntimeError, match="breaks"):
+        tickets[2].result(timeout=60)
+    assert batcher.batches_run == 2, "the two good rows, each rerun alone"
+
+
 def test_a_client_that_leaves_stops_its_work_between_denoising_steps(make_batcher):
     batcher = make_batcher(limits=LONG_LIMITS)
     server, thread, url = _running_server(create_app(batcher, timeout_s=600), batcher)
