@@ -153,7 +153,7 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
     options = dict(next(iter(entries.values())).options)
     ranks = [e.rank for e in entries.values() if e.rank is not None]
     scales = Counter(e.scale for e in entries.values())
-    fold = len(scales) > 1 or not ranks
+    fold = name in FOLD_INTO and (len(scales) > 1 or not ranks)
     if name == "kron":
         low = [e.rank for e in entries.values() if {"W1a", "W2a"} & set(e.tensors)]
         full_r = max(max(g.out_features, g.in_features) for g in geometries.values())
@@ -177,8 +177,9 @@ def _kron_factor(entries, geometries) -> int:
         if all(_w1_shape(e) == _kron_w1(geometries[m], factor) for m, e in entries.items()):
             return factor
     raise PeftkitError(
-        "the LoKr file's factor sizes follow no single `factor` rule peftkit can rebuild "
-        "(unbalanced factorization?): convert it with LyCORIS' merge to a LoRA first"
+        "the LoKr file's factor sizes follow no `factor` rule KronConfig rebuilds (LyCORIS orders a "
+        "factor larger than dim / factor the other way round; or unbalanced factorization): save "
+        "it with factor=-1, or merge it into the base with LyCORIS"
     )
 
 
