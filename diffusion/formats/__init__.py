@@ -57,6 +57,7 @@ __all__ = [
     "AdapterSet",
     "Entry",
     "adapter_set_of",
+    "adapters_from",
     "check_fits",
     "detect_format",
     "diffusers_tensors",
@@ -77,7 +78,7 @@ def _only(components) -> str:
     return next(iter(components)) if components and len(components) == 1 else "unet"
 
 
-def detect_format(keys, metadata: dict) -> str:
+def detect_format(keys, metadata: dict, path: str | Path = "") -> str:
     """'peftkit', 'kohya', 'peft' (peft/diffusers) or 'old-diffusers', from keys and metadata."""
     if "config" in metadata:
         return "peftkit"
@@ -88,7 +89,8 @@ def detect_format(keys, metadata: dict) -> str:
     if is_kohya(keys):
         return "kohya"
     raise PeftkitError(
-        f"not an adapter file peftkit knows (keys look like {list(keys)[:3]}): expected peftkit, "
+        f"{str(path)!r} is not an adapter file peftkit knows (keys look like {list(keys)[:3]}): "
+        "expected peftkit, "
         "diffusers/peft ('.lora_A.weight') or kohya/LyCORIS ('lora_unet_...lora_down.weight') keys"
     )
 
@@ -102,11 +104,13 @@ def read_adapters(
     if path.is_dir():
         path = read_peft_folder(path)
     tensors, metadata = read_tensors(path)
+    return adapters_from(tensors, metadata, path, components, component)
+
+
+def adapters_from(tensors, metadata, path, components=None, component=None) -> AdapterSet:
+    """The neutral form of a file's tensors (real, or meta tensors with real `.alpha` values)."""
     default = component or _only(components)
-    try:
-        kind = detect_format(tensors, metadata)
-    except PeftkitError as err:
-        raise PeftkitError(f"{str(path)!r} is {err}") from None
+    kind = detect_format(tensors, metadata, path)
     if kind == "peftkit":
         return _read_peftkit(tensors, metadata, default)
     if kind == "peft":
