@@ -166,7 +166,9 @@ def save_kohya_lora(handles: dict[str, AdapterHandle], path: str | Path) -> Path
 def file_geometry(entry: Entry, module: str) -> Geometry:
     """A layer's geometry from its base weight or, without one, from the file's tensors."""
     shape = tuple(entry.base.shape) if entry.base is not None else file_weight_shape(entry)
-    if shape is None or len(shape) not in (2, 4):
+    # Factors kept as matrices (LoHa, a low-rank LoKr W2) read the same on a Linear and a Conv2d.
+    pinned = entry.base is not None or "A" in entry.tensors or "W2" in entry.tensors
+    if shape is None or len(shape) not in (2, 4) or not pinned:
         raise PeftkitError(
             f"module {module!r}: a {entry.core!r} file does not say the base layer's shape on its "
             "own: pass --base (the model the adapter was made for)"
