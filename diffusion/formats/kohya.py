@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
 
 from ...common_kernels.delta import Geometry
 from ...common_kernels.errors import PeftkitError
@@ -153,7 +152,7 @@ def weight_difference(entry: Entry, module: str) -> torch.Tensor:
             f"difference, which needs the base weight of {module!r}: pass --base (convert) or save "
             "from the loaded model; or keep the peftkit format, or the diffusers format for LoRA/DoRA"
         )
-    w = entry.base.float()
+    w = entry.base.detach().float().cpu()
     shape = tuple(w.shape)
     geometry = (
         Geometry("linear", shape[1], shape[0])
@@ -162,7 +161,7 @@ def weight_difference(entry: Entry, module: str) -> torch.Tensor:
     )
     config, state = config_and_state({module: entry}, {module: geometry})
     delta = core(entry.core).delta(geometry, config, module)
-    nn.Module.load_state_dict(delta, {k.removeprefix(module + "."): v for k, v in state.items()})
+    delta.load_state_dict({k.removeprefix(module + "."): v for k, v in state.items()})
     with torch.no_grad():
         return delta.merge_weight(w.clone(), 1.0) - w
 

@@ -115,7 +115,7 @@ def adapter_set_of(handles: dict[str, AdapterHandle]) -> AdapterSet:
                 tensors,
                 float(getattr(delta, "scaling", 1.0)),
                 options,
-                layer.base.weight.detach().cpu(),
+                layer.base.weight.detach(),  # a view: copied only if a writer needs it
             )
     return out
 
