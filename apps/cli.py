@@ -46,7 +46,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": (
         "peftkit.diffusion.convert_cli",
         "convert",
-        "convert LoRA files between peftkit, diffusers and kohya formats",
+        "convert adapter files between peftkit, diffusers/peft and kohya/LyCORIS formats",
+    ),
+    "inspect": (
+        "peftkit.diffusion.inspect_cli",
+        "inspect",
+        "print what an adapter file holds (format, cores, rank/alpha, targets, base)",
     ),
     "train-control": (
         "peftkit.diffusion.control_cli",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,8 @@ def lora_delta_weight(
 
 
 class LoRADelta(Delta):
+    kohya_names: ClassVar[dict[str, str]] = {"A": "lora_down.weight", "B": "lora_up.weight"}
+
     def __init__(self, geometry: Geometry, config: LoRAConfig, name: str = "") -> None:
         super().__init__(geometry)
         r = config.r

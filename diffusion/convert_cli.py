@@ -1,8 +1,9 @@
-"""`peftkit convert IN OUT --to {peftkit,diffusers,kohya}`: LoRA files between the three formats.
+"""`peftkit convert IN OUT --to {peftkit,diffusers,kohya}`: adapter files between the formats.
 
-The input format is detected from the keys. Conversion needs only the file: module names travel in
-the keys and peftkit metadata (fingerprint, base shapes) follows from the factor shapes. `--base`
-(a diffusers pipeline folder) resolves kohya names exactly and checks that the file fits that base.
+The input format (peftkit, diffusers/peft file or folder, kohya/LyCORIS) is detected from the keys.
+Conversion needs only the file: module names travel in the keys and peftkit metadata follows from
+the factor shapes. `--base` (a diffusers pipeline folder) resolves kohya names exactly, checks that
+the file fits that base, and supplies the base weights OFT needs to be written for LyCORIS.
 
     peftkit convert lora_kohya.safetensors out/pytorch_lora_weights.safetensors --to diffusers
     peftkit convert out/unet_lora.safetensors lora_kohya.safetensors --to kohya
@@ -38,8 +39,11 @@ def _components(base: str | None) -> dict | None:
 def convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="peftkit convert",
-        description="convert LoRA files between peftkit, "
-        "diffusers (load_lora_weights) and kohya/A1111 formats",
+        description="convert adapter files (LoRA, DoRA, LoHa, LoKr, OFT) between peftkit, "
+        "diffusers/peft (load_lora_weights) and kohya/A1111/LyCORIS formats",
+    )
+    parser.add_argument(
+        "input", help=".safetensors file or peft folder (format detected from its keys)"
     )
     parser.add_argument(
         "input", type=existing_file, help="LoRA .safetensors file (format detected from its keys)"
@@ -63,25 +67,15 @@ def convert(argv: list[str]) -> int:
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise PeftkitError("input and output are the same file: choose another output path")
     components = _components(args.base)
-    try:
-        lora = formats.read_lora(args.input, components, args.component)
-    except KeyError as err:  # a down/A weight whose up/B partner is missing
-        raise PeftkitError(
-            f"{args.input!r} is incomplete: tensor {err.args[0]!r} is missing; the file is damaged "
-            "or was cut down: export it again"
-        ) from None
+    lora = formats.read_adapters(args.input, components, args.component)
     if components:
-        for component, entries in formats.localize(lora, components).items():
-            if component in components:
-                formats.check_fits(component, components[component], entries, args.input)
+        _attach_base(lora, components, args.input)
     written = []
     if args.to == "diffusers":
         written.append(save_tensors(args.output, formats.diffusers_tensors(lora), {"format": "pt"}))
     elif args.to == "kohya":
         written.append(
-            save_tensors(
-                args.output, formats.kohya_tensors(lora), {"ss_network_module": "networks.lora"}
-            )
+            save_tensors(args.output, formats.kohya_tensors(lora), formats.kohya_metadata(lora))
         )
     else:
         for component, entries in lora.items():
@@ -92,9 +86,22 @@ def convert(argv: list[str]) -> int:
             )
             written.append(save_tensors(target, *formats.peftkit_tensors(entries, component)))
     modules = sum(len(e) for e in lora.values())
+    cores = sorted({e.core for entries in lora.values() for e in entries.values()})
     for path in written:
         print(f"wrote {path}")
-    print(
-        f"{modules} LoRA modules ({', '.join(f'{c}: {len(e)}' for c, e in lora.items())}) -> {args.to}"
-    )
+    counts = ", ".join(f"{c}: {len(e)}" for c, e in lora.items())
+    print(f"{modules} {'/'.join(cores)} modules ({counts}) -> {args.to}")
     return 0
+
+
+def _attach_base(lora: formats.AdapterSet, components: dict, path) -> None:
+    """Check the file fits the base and keep each layer's base weight with its entry."""
+    for component, entries in lora.items():
+        if component not in components:
+            continue
+        model = components[component]
+        local = formats.localize({component: entries}, components)[component]
+        formats.check_fits(component, model, local, path)
+        modules = dict(model.named_modules())
+        for entry, name in zip(entries.values(), local):
+            entry.base = modules[name].weight.detach().cpu()

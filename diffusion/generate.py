@@ -7,7 +7,7 @@ and mixed-adapter batches where each prompt row uses its own concept in one pipe
     images = generate_mixed(base, ["sks dog", "sks hat", "a cat"], ["dog", "hat", None], seed=0)
 
 A peftkit adapter folder (from train-concept) or file loads with any core; diffusers/peft and
-kohya LoRA files load through formats.py as peftkit adapters, so they mix and route like the rest.
+kohya LoRA files load through diffusion/formats/ as peftkit adapters, so they mix and route like the rest.
 Textual Inversion files (from train-ti) add their tokens to the tokenizer. A control branch and an
 IP-Adapter join through `attach_image_prompts`, alone or together, with any loaded concepts.
 """

@@ -113,7 +113,7 @@ def test_kohya_round_trip_is_exact_and_diffusers_reads_it(lora_pipe, tiny_sd_pat
 def test_kohya_names_split_without_a_model(lora_pipe, tmp_path):
     _, handles, _ = lora_pipe
     formats.save_kohya_lora(handles, tmp_path / "k.safetensors")
-    lora = formats.localize(formats.read_lora(tmp_path / "k.safetensors"))
+    lora = formats.localize(formats.read_adapters(tmp_path / "k.safetensors"))
     assert sorted(lora["unet"]) == sorted(handles["unet"].layers)
     assert sorted(lora["text_encoder"]) == sorted(handles["text_encoder"].layers)
 
@@ -166,10 +166,11 @@ def test_convert_cli_kohya_to_diffusers_to_peftkit(lora_pipe, tiny_sd_path, tmp_
     assert_close(outputs(pipe), want)
     unet_file = str(tmp_path / "pk" / "unet.safetensors")
     assert convert([unet_file, str(tmp_path / "k2.safetensors"), "--to", "kohya"]) == 0
-    back = formats.read_lora(tmp_path / "k2.safetensors")["unet"]
-    for module, (a, b, alpha) in formats.read_lora(tmp_path / "k.safetensors")["unet"].items():
-        a2, b2, alpha2 = back[module]
-        assert torch.equal(a2, a) and torch.allclose(b2 * alpha2, b * alpha)
+    back = formats.read_adapters(tmp_path / "k2.safetensors")["unet"]
+    for module, entry in formats.read_adapters(tmp_path / "k.safetensors")["unet"].items():
+        again = back[module]
+        assert torch.equal(again.tensors["A"], entry.tensors["A"])
+        assert torch.allclose(again.tensors["B"] * again.scale, entry.tensors["B"] * entry.scale)
 
 
 def test_convert_with_base_checks_the_file_fits(lora_pipe, tiny_sd_path, tmp_path):
@@ -280,7 +281,7 @@ def test_old_diffusers_processor_keys_load(lora_pipe, tiny_sd_path, tmp_path):
         },
     }
     old = {}
-    for key, value in formats.diffusers_tensors(formats.lora_set_of(handles)).items():
+    for key, value in formats.diffusers_tensors(formats.adapter_set_of(handles)).items():
         component = key.split(".")[0]
         stem, _, kind = key.rpartition(".lora_")
         parent, _, leaf = stem.rpartition(".")
@@ -304,44 +305,39 @@ def test_old_diffusers_processor_keys_load(lora_pipe, tiny_sd_path, tmp_path):
 
 
 def test_sdxl_kohya_prefixes_round_trip(tmp_path):
+    def lora(r, d_in, d_out, alpha):
+        return formats.Entry(
+            "lora", {"A": torch.randn(r, d_in), "B": torch.randn(d_out, r)}, alpha / r
+        )
+
     lora = {
-        "unet": {"mid_block.attentions.0.proj_in": (torch.randn(2, 8), torch.randn(8, 2), 1.0)},
-        "text_encoder": {
-            "text_model.encoder.layers.0.mlp.fc1": (torch.randn(2, 8), torch.randn(16, 2), 2.0)
-        },
-        "text_encoder_2": {
-            "text_model.encoder.layers.1.self_attn.out_proj": (
-                torch.randn(4, 8),
-                torch.randn(8, 4),
-                4.0,
-            )
-        },
+        "unet": {"mid_block.attentions.0.proj_in": lora(2, 8, 8, 1.0)},
+        "text_encoder": {"text_model.encoder.layers.0.mlp.fc1": lora(2, 8, 16, 2.0)},
+        "text_encoder_2": {"text_model.encoder.layers.1.self_attn.out_proj": lora(4, 8, 8, 4.0)},
     }
     tensors = formats.kohya_tensors(lora)
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha" in tensors
     assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight" in tensors
     save_file(tensors, str(tmp_path / "xl.safetensors"))
-    back = formats.read_lora(tmp_path / "xl.safetensors")
+    back = formats.read_adapters(tmp_path / "xl.safetensors")
     assert {c: sorted(e) for c, e in back.items()} == {c: sorted(e) for c, e in lora.items()}
     for c, entries in lora.items():
-        for m, (a, b, alpha) in entries.items():
-            assert (
-                torch.equal(back[c][m][0], a)
-                and torch.equal(back[c][m][1], b)
-                and back[c][m][2] == alpha
-            )
+        for m, entry in entries.items():
+            assert back[c][m].tensors.keys() == entry.tensors.keys()
+            assert all(torch.equal(back[c][m].tensors[k], t) for k, t in entry.tensors.items())
+            assert back[c][m].alpha == entry.alpha
 
 
 def test_bad_inputs_raise_clear_errors(lora_pipe, tmp_path):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(PeftkitError, match="not a LoRA file peftkit knows"):
-        formats.read_lora(tmp_path / "plain.safetensors")
+    with pytest.raises(PeftkitError, match="not an adapter file peftkit knows"):
+        formats.read_adapters(tmp_path / "plain.safetensors")
     (tmp_path / "cut.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(PeftkitError, match="truncated or corrupt"):
-        formats.read_lora(tmp_path / "cut.safetensors")
+        formats.read_adapters(tmp_path / "cut.safetensors")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     kron = inject(model, KronConfig(targets=["0"], r=2))
-    with pytest.raises(PeftkitError, match="only carry LoRA"):
+    with pytest.raises(PeftkitError, match="only carries LoRA and DoRA: write the kohya"):
         formats.save_diffusers_lora({"unet": kron}, tmp_path / "x.safetensors")
     with pytest.raises(PeftkitError, match="same file"):
         convert(
