@@ -72,6 +72,12 @@ def existing_file(text: str) -> str:
     return text
 
 
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no such file or folder {text!r}: check the path")
+    return text
+
+
 def existing_dir(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"no such folder {text!r}: check the path")

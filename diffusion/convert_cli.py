@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from ..common_kernels.adapter_file import save_tensors
-from ..common_kernels.args import existing_file, output_file
+from ..common_kernels.args import existing_path, output_file
 from ..common_kernels.errors import PeftkitError
 from . import formats
 
@@ -43,10 +43,9 @@ def convert(argv: list[str]) -> int:
         "diffusers/peft (load_lora_weights) and kohya/A1111/LyCORIS formats",
     )
     parser.add_argument(
-        "input", help=".safetensors file or peft folder (format detected from its keys)"
-    )
-    parser.add_argument(
-        "input", type=existing_file, help="LoRA .safetensors file (format detected from its keys)"
+        "input",
+        type=existing_path,
+        help=".safetensors file or peft folder (format detected from its keys)",
     )
     parser.add_argument(
         "output",

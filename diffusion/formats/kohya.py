@@ -111,6 +111,26 @@ def _core_of(stem: str, suffixes: set[str], path) -> str:
     return min(fits)[1]
 
 
+# Factor pairs that only exist together; a file holding one half was cut down or damaged.
+PAIRS = (
+    ("lora_down.weight", "lora_up.weight"),
+    ("hada_w1_a", "hada_w1_b"),
+    ("hada_w2_a", "hada_w2_b"),
+    ("lokr_w1_a", "lokr_w1_b"),
+    ("lokr_w2_a", "lokr_w2_b"),
+)
+
+
+def _check_pairs(stem: str, suffixes: set[str], path) -> None:
+    for a, b in PAIRS:
+        if (a in suffixes) != (b in suffixes):
+            have, missing = (a, b) if a in suffixes else (b, a)
+            raise PeftkitError(
+                f"{str(path)!r} is incomplete: module {stem!r} has '.{have}' but not '.{missing}'; "
+                "the file is damaged or was cut down: export it again"
+            )
+
+
 def read_kohya(tensors, path, components, default_component: str) -> AdapterSet:
     exact = _exact_names(components)
     stems: dict[str, dict[str, torch.Tensor]] = {}
@@ -124,6 +144,7 @@ def read_kohya(tensors, path, components, default_component: str) -> AdapterSet:
             raise PeftkitError(
                 f"kohya key {stem!r} in {str(path)!r} has no lora_unet_/lora_te_/lycoris_ prefix"
             )
+        _check_pairs(stem, set(found), path)
         name = _core_of(stem, set(found), path)
         names = kohya_layouts()[name]
         ours = {p: FROM_FILE.get(p, lambda t: t)(found[s]) for p, s in names.items() if s in found}
