@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,15 @@ def kron_delta_weight(
 
 
 class KronDelta(Delta):
+    kohya_names: ClassVar[dict[str, str]] = {
+        "W1": "lokr_w1",
+        "W1a": "lokr_w1_a",
+        "W1b": "lokr_w1_b",
+        "W2": "lokr_w2",
+        "W2a": "lokr_w2_a",
+        "W2b": "lokr_w2_b",
+    }
+
     def __init__(self, geometry: Geometry, config: KronConfig, name: str = "") -> None:
         super().__init__(geometry)
         r = config.r

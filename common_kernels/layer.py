@@ -63,6 +63,7 @@ class AdaptedLayer(nn.Module):
         ref = self.base.weight
         # Adapter params stay at least fp32 even on a bf16/fp16 base: tiny updates vanish in half precision.
         delta.to(device=ref.device, dtype=torch.promote_types(ref.dtype, torch.float32))
+        delta.init_from_base(ref)
         self.deltas[adapter] = delta
         self.active.append(adapter)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +42,14 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        cls = type(self).__name__  # DoRAConfig shares these checks
         if not isinstance(self.r, int) or self.r < 1:
-            raise PeftkitError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
+            raise PeftkitError(f"{cls}.r must be an integer >= 1, got {self.r!r}")
         if self.alpha is not None:
-            check_positive("LoRAConfig", "alpha", self.alpha)
-        check_probability("LoRAConfig", "dropout", self.dropout)
+            check_positive(cls, "alpha", self.alpha)
+        check_probability(cls, "dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
-            raise PeftkitError(
-                f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}"
-            )
+            raise PeftkitError(f"{cls}.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.apply not in ("auto", "factored", "weight"):
             raise PeftkitError(
                 f"LoRAConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}"
@@ -92,6 +92,8 @@ def lora_delta_weight(
 
 
 class LoRADelta(Delta):
+    kohya_names: ClassVar[dict[str, str]] = {"A": "lora_down.weight", "B": "lora_up.weight"}
+
     def __init__(self, geometry: Geometry, config: LoRAConfig, name: str = "") -> None:
         super().__init__(geometry)
         r = config.r
@@ -144,7 +146,7 @@ class LoRADelta(Delta):
         one (r x d) factor pair per row."""
         A = torch.stack([d.A for d in deltas])
         B = torch.stack([d.B for d in deltas])
-        scales = _scales(deltas)
+        scales = stacked_scales(deltas)
         rows = slot.clamp(min=0)
         # index_select, not A[rows]: its backward is one index_add, where advanced indexing's
         # backward is a sort-based index_put costing ~100 us of host time per call.
@@ -161,7 +163,7 @@ class LoRADelta(Delta):
         in the factors' precision and cast once, as `add_to_weight`."""
         A = torch.stack([d.A for d in deltas]).to(weight.dtype)
         B = torch.stack([d.B for d in deltas])
-        B = (B * _scales(deltas)[:, None, None]).to(weight.dtype)
+        B = (B * stacked_scales(deltas)[:, None, None]).to(weight.dtype)
         return torch.baddbmm(weight.unsqueeze(0), B, A)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -175,7 +177,7 @@ class LoRADelta(Delta):
         )
 
 
-def _scales(deltas: list[LoRADelta]) -> torch.Tensor:
+def stacked_scales(deltas: list[LoRADelta]) -> torch.Tensor:
     """(K,) effective scales s_k * alpha_k / r_k."""
     if (
         len({d.scaling for d in deltas}) == 1

@@ -6,7 +6,10 @@ from torch import nn
 
 from peftkit.common_kernels import (
     AdaptedLayer,
+    BOFTConfig,
+    DoRAConfig,
     KronConfig,
+    LoHaConfig,
     LoRAConfig,
     OFTConfig,
     PeftkitError,
@@ -20,6 +23,9 @@ CONFIGS = {
     "lora": lambda: LoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
     "oft": lambda: OFTConfig(targets=["lin", "conv"], block_size=4),
     "kron": lambda: KronConfig(targets=["lin", "conv"], r=2, alpha=4),
+    "dora": lambda: DoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
+    "loha": lambda: LoHaConfig(targets=["lin", "conv"], r=2, alpha=4),
+    "boft": lambda: BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2),
 }
 
 
@@ -287,3 +293,45 @@ def test_weight_space_routing_by_runs_equals_each_row_alone(monkeypatch, ids, se
     x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
     assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
     assert bool(calls) == segmented
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, -1, 3, 1, 0], [0, 0, 1, 1, 2, 2, 3]])
+def test_new_cores_route_per_row_with_gradients(ids):
+    """DoRA, LoHa and BOFT have no gathered pass of their own: the layer masks their rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 6)).double()
+    targets = ["0", "2"]
+    handles = [
+        inject(model, LoRAConfig(targets=targets, r=2), name="lora"),
+        inject(model, DoRAConfig(targets=targets, r=2, alpha=3), name="dora"),
+        inject(model, LoHaConfig(targets=targets, r=2, apply="factored"), name="loha"),
+        inject(model, BOFTConfig(targets=targets, block_size=2, n_butterfly_factor=2), name="boft"),
+    ]
+    for h in handles:
+        randomize(h)
+    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+
+
+def test_dora_routed_by_runs_takes_the_segmented_path_and_equals_each_row_alone(monkeypatch):
+    calls = []
+    original = AdaptedLayer._segmented_forward
+    monkeypatch.setattr(
+        AdaptedLayer,
+        "_segmented_forward",
+        lambda self, x, deltas: calls.append(1) or original(self, x, deltas),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6)).double()
+    handles = [inject(model, DoRAConfig(targets=["0", "2"], r=2, alpha=3), name=n) for n in "abc"]
+    for h in handles:
+        randomize(h)
+        with torch.no_grad():
+            for name, p in h.named_parameters():
+                if name.endswith("magnitude"):
+                    p.add_(1.0)
+    handles[1].set_scale(0.5)
+    ids = [2, 2, 0, 0, -1, 1]
+    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+    assert calls
