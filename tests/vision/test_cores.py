@@ -79,7 +79,15 @@ def test_core_starts_at_base_then_matches_float64_formula(images, kit, spec, opt
 
 @pytest.mark.parametrize(
     "spec,options",
-    [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2}), ("ssf+lora", {"r": 2})],
+    [
+        ("lora", {"r": 2}),
+        ("oft", {"block_size": 8}),
+        ("kron", {"r": 2}),
+        ("ssf+lora", {"r": 2}),
+        ("dora", {"r": 2}),
+        ("loha", {"r": 2}),
+        ("boft", {"block_size": 8}),
+    ],
 )
 def test_merged_model_is_a_plain_vit_with_the_same_output(images, kit, spec, options):
     plain = kit.tiny_vit()
