@@ -70,11 +70,11 @@ def butterfly_permutation(n: int, groups: int, half: int) -> torch.Tensor:
 
 
 def boft_blocks(R: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """(m, n, b, b) orthogonal blocks (I - S)(I + S)^-1 with S = scale (R - R^T) / 2, as peft."""
+    """(..., b, b) orthogonal blocks (I - S)(I + S)^-1 with S = scale (R - R^T) / 2, as peft."""
     # In the parameters' precision even under autocast: the blocks must stay orthogonal.
     with torch.autocast(R.device.type, enabled=False):
         S = (R - R.transpose(-1, -2)) * (0.5 * scale)
-        return cayley(-S.flatten(0, 1)).reshape(R.shape)
+        return cayley(-S.reshape(-1, *R.shape[-2:])).reshape(R.shape)
 
 
 def butterfly_weight(
@@ -112,13 +112,34 @@ class BOFTDelta(Delta):
             perm = butterfly_permutation(geometry.fan_in, n // 2**i, b // 2)
             self.register_buffer(f"perm{i}", perm, persistent=False)
             self.register_buffer(f"inv{i}", torch.argsort(perm), persistent=False)
+        self._batched: torch.Tensor | None = None
+
+    @staticmethod
+    def prepare_all(deltas: list[BOFTDelta]) -> None:
+        """Every layer's blocks of one size from one batched Cayley solve before a model's
+        forward, as OFT does (oft.py): a few launches per forward instead of a few per layer."""
+        groups: dict[tuple, list[BOFTDelta]] = {}
+        for d in deltas:
+            groups.setdefault((d.boft_R.shape[-1], d.boft_R.dtype, d.boft_R.device), []).append(d)
+        for group in groups.values():
+            sizes = [d.boft_R.shape[0] * d.boft_R.shape[1] for d in group]
+            R = torch.cat([d.boft_R.flatten(0, 1) for d in group])
+            scale = torch.cat([d.scale.to(R.dtype).expand(n) for d, n in zip(group, sizes)])
+            for d, blocks in zip(group, boft_blocks(R, scale[:, None, None]).split(sizes)):
+                d._batched = blocks.reshape(d.boft_R.shape)
+
+    @staticmethod
+    def release_all(deltas: list[BOFTDelta]) -> None:
+        for d in deltas:
+            d._batched = None
 
     def perms(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         m = self.boft_R.shape[0]
         return [None] + [(getattr(self, f"perm{i}"), getattr(self, f"inv{i}")) for i in range(1, m)]
 
     def _rotate(self, weight: torch.Tensor, scale, inverse: bool = False) -> torch.Tensor:
-        blocks = boft_blocks(self.boft_R, scale).to(weight.dtype)
+        blocks = self._batched if self._batched is not None else boft_blocks(self.boft_R, scale)
+        blocks = blocks.to(weight.dtype)
         rows = (1 + scale * (self.boft_s - 1)).to(weight.dtype)[:, None]
         flat = weight.reshape(weight.shape[0], -1)
         if inverse:
