@@ -166,6 +166,24 @@ class LoRADelta(Delta):
         B = (B * stacked_scales(deltas)[:, None, None]).to(weight.dtype)
         return torch.baddbmm(weight.unsqueeze(0), B, A)
 
+    @staticmethod
+    def joined_factors(deltas: list[LoRADelta]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) side by side along the rank, B scaled, so that B A = sum_k s_k B_k A_k: K
+        adapters active together cost one GEMM pair (or one addmm in weight space), not K."""
+        A = torch.cat([d.A for d in deltas])
+        B = torch.cat([d.B * (d.scale * d.scaling) for d in deltas], dim=1)
+        return A, B
+
+    @staticmethod
+    def joined_delta(deltas: list[LoRADelta], x: torch.Tensor) -> torch.Tensor:
+        A, B = LoRADelta.joined_factors(deltas)
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+    @staticmethod
+    def joined_weight(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
+        A, B = LoRADelta.joined_factors(deltas)
+        return torch.addmm(weight, B.to(weight.dtype), A.to(weight.dtype))
+
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight + lora_delta_weight(
             self.A.to(weight.dtype), self.B.to(weight.dtype), scale * self.scaling, weight.shape

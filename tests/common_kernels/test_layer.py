@@ -335,3 +335,40 @@ def test_dora_routed_by_runs_takes_the_segmented_path_and_equals_each_row_alone(
     x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
     assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
     assert calls
+
+
+@pytest.mark.parametrize("apply", ["factored", "weight"])
+def test_active_lora_adapters_join_into_one_gemm_pair_with_exact_outputs_and_gradients(
+    monkeypatch, apply
+):
+    from peftkit.common_kernels.lora import LoRADelta
+
+    calls = []
+    original = LoRADelta.joined_factors
+    monkeypatch.setattr(
+        LoRADelta, "joined_factors", staticmethod(lambda ds: calls.append(len(ds)) or original(ds))
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10)).double()
+    handles = [
+        inject(model, LoRAConfig(targets=["0"], r=2, alpha=a, apply=apply), name=n)
+        for n, a in (("a", 2.0), ("b", 3.0), ("c", 5.0))
+    ]
+    handles.append(inject(model, LoRAConfig(targets=["0"], r=3, apply=apply), name="wide"))
+    for h, scale in zip(handles, (1.0, 0.5, -0.7, 0.3)):
+        randomize(h)
+        h.set_scale(scale)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    layer = model[0]
+    y = layer(x)
+    assert calls == [3]  # the three rank-2 adapters join; the rank-3 one runs alone
+    deltas = [layer.deltas[h.name] for h in handles]
+    W = layer.base.weight + sum(d.scale * d.scaling * d.B @ d.A for d in deltas)
+    expected = x @ W.T + layer.base.bias
+    assert rel(y, expected) < 1e-12
+    params = [p for d in deltas for p in (d.A, d.B)]
+    for g, e in zip(
+        torch.autograd.grad(y.square().sum(), params),
+        torch.autograd.grad(expected.square().sum(), params),
+    ):
+        assert rel(g, e) < 1e-12
