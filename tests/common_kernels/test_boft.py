@@ -7,7 +7,7 @@ import torch
 from peftkit.common_kernels import AdapterConfig, BOFTConfig, PeftkitError, inject
 from peftkit.common_kernels.boft import boft_blocks, butterfly_permutation, butterfly_weight
 
-from .conftest import peft_model, rel
+from .conftest import assert_grads_match_peft, peft_model, rel
 
 CASES = [  # (block_size, n_butterfly_factor, targets)
     (4, 1, ["lin", "conv"]),
@@ -19,8 +19,15 @@ CASES = [  # (block_size, n_butterfly_factor, targets)
 def block_diagonal_by_torch():
     """Stands in for peft's CUDA block-diagonal extension, without which peft silently drops
     butterfly factors beyond the first (it is what peft's own fallback computes for one factor)."""
+
+    def backward(grad, blocks):
+        # The gradient of the block-diagonal matrix's diagonal blocks: g[n, d, i, d, j].
+        N, D, H, _ = blocks.shape
+        return [torch.diagonal(grad.reshape(N, D, H, D, H), dim1=1, dim2=3).permute(0, 3, 1, 2)]
+
     return types.SimpleNamespace(
-        forward=lambda blocks: [torch.stack([torch.block_diag(*b.unbind(0)) for b in blocks])]
+        forward=lambda blocks: [torch.stack([torch.block_diag(*b.unbind(0)) for b in blocks])],
+        backward=backward,
     )
 
 
@@ -35,7 +42,7 @@ def randomized(model, handle=None):
 
 
 @pytest.mark.parametrize("block_size, factors, targets", CASES)
-def test_boft_matches_peft_on_linear_and_conv_in_float64(
+def test_boft_matches_peft_forward_and_gradients_in_float64(
     base64, inputs64, monkeypatch, block_size, factors, targets
 ):
     import peft.tuners.boft.layer as peft_boft
@@ -59,8 +66,14 @@ def test_boft_matches_peft_on_linear_and_conv_in_float64(
             module, param = name.split("base_model.model.")[1].split(".default")[0].rsplit(".", 1)
             state[f"{module}.{param}"] = p.detach().reshape(-1) if param == "boft_s" else p.detach()
     handle.load_state_dict(state)
-    for a, b in zip(ours(*inputs64), theirs(*inputs64)):
+    out_ours, out_theirs = ours(*inputs64), theirs(*inputs64)
+    for a, b in zip(out_ours, out_theirs):
         assert rel(a, b) < 1e-6
+    sum(o.square().sum() for o in out_ours).backward()
+    sum(o.square().sum() for o in out_theirs).backward()
+    assert_grads_match_peft(
+        handle, theirs, {"boft_R": "boft_R.default", "boft_s": "boft_s.default"}
+    )
 
 
 def test_boft_matches_explicit_formula(base64, inputs64):

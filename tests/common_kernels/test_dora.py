@@ -6,7 +6,7 @@ from torch import nn
 
 from peftkit.common_kernels import AdapterConfig, DoRAConfig, PeftkitError, dora_weight, inject
 
-from .conftest import peft_model, rel
+from .conftest import assert_grads_match_peft, peft_model, rel
 
 
 def peft_dora(base, **kwargs):
@@ -53,12 +53,10 @@ def test_dora_matches_peft_forward_and_gradients_in_float64(base64, inputs64):
             assert rel(a, b) < 1e-6
         sum(o.square().sum() for o in out_ours).backward()
         sum(o.square().sum() for o in out_theirs).backward()
-        grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
-        for name, p in handle.named_parameters():
-            layer, param = name.rsplit(".", 1)
-            key = {"A": "lora_A", "B": "lora_B", "magnitude": "lora_magnitude_vector"}[param]
-            ref = grads[f"base_model.model.{layer}.{key}.default.weight"]
-            assert rel(p.grad, ref.reshape(p.grad.shape)) < 1e-6, name
+        names = {"A": "lora_A", "B": "lora_B", "magnitude": "lora_magnitude_vector"}
+        assert_grads_match_peft(
+            handle, theirs, {k: f"{v}.default.weight" for k, v in names.items()}
+        )
 
 
 def test_dora_matches_explicit_formula(base64, inputs64):

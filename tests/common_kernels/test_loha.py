@@ -8,13 +8,13 @@ from peftkit.common_kernels import AdapterConfig, LoHaConfig, PeftkitError, inje
 from peftkit.common_kernels.delta import Geometry
 from peftkit.common_kernels.loha import LoHaDelta, khatri_rao_factors, loha_delta_weight
 
-from .conftest import peft_model, peft_params, rel
+from .conftest import assert_grads_match_peft, peft_model, peft_params, rel
 
 PEFT_NAMES = {f"hada_w{i}_{ab}.default": f"w{i}{ab}" for i in (1, 2) for ab in "ab"}
 
 
 @pytest.mark.parametrize("apply", ["factored", "weight"])
-def test_loha_matches_peft_on_linear_and_conv_in_float64(base64, inputs64, apply):
+def test_loha_matches_peft_forward_and_gradients_in_float64(base64, inputs64, apply):
     from peft import LoHaConfig as PeftLoHaConfig
 
     theirs = peft_model(base64, PeftLoHaConfig(r=4, alpha=6, target_modules=["lin", "conv"]))
@@ -22,8 +22,12 @@ def test_loha_matches_peft_on_linear_and_conv_in_float64(base64, inputs64, apply
     ours = copy.deepcopy(base64)
     handle = inject(ours, LoHaConfig(targets=["lin", "conv"], r=4, alpha=6, apply=apply))
     handle.load_state_dict(state)
-    for a, b in zip(ours(*inputs64), theirs(*inputs64)):
+    out_ours, out_theirs = ours(*inputs64), theirs(*inputs64)
+    for a, b in zip(out_ours, out_theirs):
         assert rel(a, b) < 1e-6
+    sum(o.square().sum() for o in out_ours).backward()
+    sum(o.square().sum() for o in out_theirs).backward()
+    assert_grads_match_peft(handle, theirs, {v: k for k, v in PEFT_NAMES.items()})
 
 
 @pytest.mark.parametrize("apply", ["factored", "weight"])
