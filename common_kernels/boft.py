@@ -1,4 +1,4 @@
-"""BOFT: butterfly-factorized orthogonal finetuning (Liu et al., 2024, arXiv:2311.06243), eq. (6):
+"""BOFT: butterfly-factorized orthogonal finetuning (Liu et al., 2024, arXiv:2311.06243), as peft:
 
     W' = diag(s) W M^T,   M = B_m .. B_1,   B_i = P_i blockdiag(R_i1 .. R_in) P_i^T,   R = Cayley.
 

@@ -1,5 +1,5 @@
-"""LoHa: low-rank Hadamard product (FedPara, Hyeon-Woo et al., 2022, arXiv:2108.06098, eq. (2);
-LyCORIS LoHa):
+"""LoHa: the low-rank Hadamard product of FedPara (Hyeon-Woo et al., 2022, arXiv:2108.06098), as
+LyCORIS and peft apply it:
 
     h = W0 x + s ((w1a w1b) * (w2a w2b)) x,   w*a: d_out x r,  w*b: r x fan_in,  s = alpha / r.
 
