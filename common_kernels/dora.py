@@ -77,10 +77,11 @@ class DoRADelta(LoRADelta):
             self.magnitude.copy_(torch.linalg.vector_norm(flat, dim=1))
 
     def _weight(self, weight: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        # In the parameters' precision (at least fp32): a bf16 row norm would rescale every row
-        # by up to 0.4%, more than a small update changes it.
+        # In the parameters' precision (at least fp32), autocast or not: a bf16 row norm would
+        # rescale every row by up to 0.4%, more than a small update changes it.
         dtype = torch.promote_types(weight.dtype, self.A.dtype)
-        new, norm = dora_weight(weight.to(dtype), self.A, self.B, self.magnitude, scale)
+        with torch.autocast(weight.device.type, enabled=False):
+            new, norm = dora_weight(weight.to(dtype), self.A, self.B, self.magnitude, scale)
         return new.to(weight.dtype), norm
 
     def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,9 +98,10 @@ class DoRADelta(LoRADelta):
         A = torch.stack([d.A for d in deltas])
         B = torch.stack([d.B for d in deltas]) * stacked_scales(deltas)[:, None, None]
         m = torch.stack([d.magnitude for d in deltas])
-        V = torch.baddbmm(weight.to(A.dtype).unsqueeze(0), B, A)
-        norm = torch.linalg.vector_norm(V.detach(), dim=2, keepdim=True)
-        return (m[:, :, None] / norm * V).to(weight.dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            V = torch.baddbmm(weight.to(A.dtype).unsqueeze(0), B, A)
+            norm = torch.linalg.vector_norm(V.detach(), dim=2, keepdim=True)
+            return (m[:, :, None] / norm * V).to(weight.dtype)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         # The norm is kept: W' alone has row norms m, so W0 cannot be recovered without it.

@@ -112,3 +112,20 @@ def test_dora_config_validation_names_field_and_round_trips():
         DoRAConfig(apply="factored")
     config = DoRAConfig(targets=["lin"], r=2, alpha=3.0, rslora=True)
     assert AdapterConfig.from_json(config.to_json()) == config
+
+
+def test_dora_weight_keeps_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    handle = inject(model, DoRAConfig(targets=["0"], r=2))
+    for p in handle.trainable_parameters():
+        nn.init.normal_(p, std=0.1)
+    layer = model[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = layer.deltas["default"].transform_weight(
+            layer.base.weight, layer.deltas["default"].scale
+        )
+    outside = layer.deltas["default"].transform_weight(
+        layer.base.weight, layer.deltas["default"].scale
+    )
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
