@@ -212,7 +212,7 @@ def test_config_validates_and_round_trips():
     assert ControlConfig.from_json(config.to_json()) == config
     with pytest.raises(PeftkitError, match="mode"):
         ControlConfig(mode="half")
-    with pytest.raises(PeftkitError, match="method"):
+    with pytest.raises(PeftkitError, match="unknown adapter core .nope."):
         ControlConfig(mode="lora", adapter={"method": "nope"})
 
 
