@@ -1,6 +1,6 @@
 """Inference (no grad) of the SD1.5-shaped UNet, bs 4, bf16: base model vs merged adapters vs
-unmerged adapters (one, two active, and a mixed batch routing four LoRAs), eager and as a CUDA
-graph, next to peft's unmerged LoRA.
+unmerged adapters (one, two active, and a mixed batch routing four LoRAs; one DoRA, LoHa, BOFT),
+eager and as a CUDA graph, next to peft's unmerged LoRA.
 
     python bench/inference.py --out results/
 """
@@ -19,7 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import graphed, time_step  # noqa: E402
 from models import UNET_TARGETS, build  # noqa: E402
 
-from peftkit.common_kernels import LoRAConfig, inject, routing  # noqa: E402
+from peftkit.common_kernels import (  # noqa: E402
+    BOFTConfig,
+    DoRAConfig,
+    LoHaConfig,
+    LoRAConfig,
+    inject,
+    routing,
+)
+
+CORES = {
+    "lora": lambda: LoRAConfig(targets=UNET_TARGETS, r=16),
+    "dora": lambda: DoRAConfig(targets=UNET_TARGETS, r=16),
+    "loha": lambda: LoHaConfig(targets=UNET_TARGETS, r=8),
+    "boft": lambda: BOFTConfig(targets=UNET_TARGETS, block_size=32, n_butterfly_factor=2),
+}
 
 
 def randomize(handle) -> None:
@@ -40,10 +54,10 @@ def variant(name: str, bs: int):
 
         net = get_peft_model(net, LoraConfig(r=16, lora_alpha=16, target_modules=UNET_TARGETS))
     elif name != "base":
-        k = {"merged": 1, "lora x1": 1, "lora x2": 2, "routed x4": 4}[name]
-        handles = [
-            inject(net, LoRAConfig(targets=UNET_TARGETS, r=16), name=f"a{i}") for i in range(k)
-        ]
+        # "<core> x<count>"; "merged" is one LoRA, "routed x4" four.
+        kind, _, count = name.replace("merged", "lora x1").replace("routed", "lora").partition(" x")
+        k = int(count)
+        handles = [inject(net, CORES[kind](), name=f"a{i}") for i in range(k)]
         for h in handles:
             randomize(h)
             h.set_scale(1.0 / k)
@@ -68,7 +82,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in ("eager", "graph"):
-        for name in ("base", "merged", "lora x1", "lora x2", "routed x4", "peft lora x1"):
+        for name in (
+            "base",
+            "merged",
+            "lora x1",
+            "lora x2",
+            "routed x4",
+            "peft lora x1",
+            "dora x1",
+            "loha x1",
+            "boft x1",
+        ):
             try:
                 step = variant(name, args.bs)
                 if mode == "graph":

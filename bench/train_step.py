@@ -25,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, graphed, time_step  # noqa: E402
 from models import UNET_TARGETS, VIT_TARGETS, build, compile_regions  # noqa: E402
 
-from peftkit.common_kernels import KronConfig, LoRAConfig, OFTConfig, inject  # noqa: E402
+from peftkit.common_kernels import (  # noqa: E402
+    BOFTConfig,
+    DoRAConfig,
+    KronConfig,
+    LoHaConfig,
+    LoRAConfig,
+    OFTConfig,
+    inject,
+)
 from peftkit.common_kernels.oft import cusolver_linalg  # noqa: E402
 
 
@@ -42,14 +50,25 @@ def adapt(net, variant: str, targets: list[str]):
             "lokr": KronConfig(targets=targets, r=16, alpha=16),
             "lokr-f": KronConfig(targets=targets, r=16, alpha=16, apply="factored"),
             "oft": OFTConfig(targets=targets, block_size=32),
+            "dora": DoRAConfig(targets=targets, r=16, alpha=16),
+            "loha": LoHaConfig(targets=targets, r=8, alpha=8),
+            "loha-f": LoHaConfig(targets=targets, r=8, alpha=8, apply="factored"),
+            "boft": BOFTConfig(targets=targets, block_size=32, n_butterfly_factor=2),
         }[method]
         handle = inject(net, config)
         return net, handle.trainable_parameters()
+    from peft import BOFTConfig as PeftBOFT
+    from peft import LoHaConfig as PeftLoHa
     from peft import LoKrConfig, LoraConfig, get_peft_model
     from peft import OFTConfig as PeftOFT
 
+    # peft's BOFT builds a CUDA extension for butterfly factors > 1 and falls back to one factor
+    # without it: its row's "trainable" count says which one ran (half of ours: the fallback).
     config = {
         "lora": LoraConfig(r=16, lora_alpha=16, target_modules=targets),
+        "dora": LoraConfig(r=16, lora_alpha=16, target_modules=targets, use_dora=True),
+        "loha": PeftLoHa(r=8, alpha=8, target_modules=targets),
+        "boft": PeftBOFT(boft_block_size=32, boft_n_butterfly_factor=2, target_modules=targets),
         "lokr": LoKrConfig(r=16, alpha=16, target_modules=targets),
         "oft": PeftOFT(r=0, oft_block_size=32, target_modules=targets),
     }[method]
@@ -120,7 +139,8 @@ def main() -> None:
     parser.add_argument("--base", default="bf16", help="comma list of bf16,fp32")
     parser.add_argument(
         "--variants",
-        default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft",
+        default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft,"
+        "peftkit-dora,peft-dora,peftkit-loha,peft-loha,peftkit-boft,peft-boft",
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(

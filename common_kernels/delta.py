@@ -94,6 +94,10 @@ class Delta(nn.Module):
         super().__init__()
         self.geometry = geometry
 
+    def init_from_base(self, weight: torch.Tensor) -> None:
+        """Set parameters whose starting value depends on the base weight (DoRA's magnitude);
+        called once when the delta joins its layer."""
+
     def transform_input(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x
 

@@ -15,6 +15,7 @@ none), row i sees only adapter route_names[ids[i]], all rows in one forward. Whe
 a few contiguous runs (`route_plan`) and the adapters are one weight-space LoRA group, each run
 gets its own merged weight W + s_k B_k A_k and all runs go through one batched GEMM: the same
 FLOPs as a single adapter, the segmented GEMM of Punica (SGMV) with whole weights per segment.
+Several active LoRA adapters of one shape join along the rank: one GEMM pair (or addmm) for all.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ class RunPlan:
     index: torch.Tensor | None
 
 
+def joinable(deltas: list[Delta]) -> list[list[Delta]]:
+    """Additive deltas in groups that run as one: equal `group_key`s of a core that can join its
+    factors (`joined_delta`/`joined_weight`, LoRA's); every other delta alone."""
+    groups: dict[tuple, list[Delta]] = {}
+    out: list[list[Delta]] = []
+    for d in deltas:
+        key = d.group_key()
+        if key is None or not hasattr(type(d), "joined_delta"):
+            out.append([d])
+            continue
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(d)
+    return out
+
+
 class AdaptedLayer(nn.Module):
     def __init__(self, base: nn.Module, name: str = "") -> None:
         super().__init__()
@@ -63,6 +81,7 @@ class AdaptedLayer(nn.Module):
         ref = self.base.weight
         # Adapter params stay at least fp32 even on a bf16/fp16 base: tiny updates vanish in half precision.
         delta.to(device=ref.device, dtype=torch.promote_types(ref.dtype, torch.float32))
+        delta.init_from_base(ref)
         self.deltas[adapter] = delta
         self.active.append(adapter)
 
@@ -120,17 +139,22 @@ class AdaptedLayer(nn.Module):
                 h = d.transform_input(h, d.scale)
             else:
                 weight = d.transform_weight(self.base.weight if weight is None else weight, d.scale)
-        factored = []
+        in_weight, factored = [], []
         for d in live:
-            if not d.additive:
-                continue
-            if h is x and d.uses_weight_space(x):
-                weight = d.add_to_weight(self.base.weight if weight is None else weight, d.scale)
+            if d.additive:
+                (in_weight if h is x and d.uses_weight_space(x) else factored).append(d)
+        for group in joinable(in_weight):
+            base = self.base.weight if weight is None else weight
+            if len(group) > 1:
+                weight = type(group[0]).joined_weight(group, base)
             else:
-                factored.append(d)
+                weight = group[0].add_to_weight(base, group[0].scale)
         y = self._base_op(h, weight)
-        for d in factored:
-            y = y + d.delta(x, d.scale)
+        for group in joinable(factored):
+            if len(group) > 1:
+                y = y + type(group[0]).joined_delta(group, x)
+            else:
+                y = y + group[0].delta(x, group[0].scale)
         return y
 
     def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:

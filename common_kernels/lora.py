@@ -42,15 +42,14 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        cls = type(self).__name__  # DoRAConfig shares these checks
         if not isinstance(self.r, int) or self.r < 1:
-            raise PeftkitError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
+            raise PeftkitError(f"{cls}.r must be an integer >= 1, got {self.r!r}")
         if self.alpha is not None:
-            check_positive("LoRAConfig", "alpha", self.alpha)
-        check_probability("LoRAConfig", "dropout", self.dropout)
+            check_positive(cls, "alpha", self.alpha)
+        check_probability(cls, "dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
-            raise PeftkitError(
-                f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}"
-            )
+            raise PeftkitError(f"{cls}.init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.apply not in ("auto", "factored", "weight"):
             raise PeftkitError(
                 f"LoRAConfig.apply must be 'auto', 'factored' or 'weight', got {self.apply!r}"
@@ -147,7 +146,7 @@ class LoRADelta(Delta):
         one (r x d) factor pair per row."""
         A = torch.stack([d.A for d in deltas])
         B = torch.stack([d.B for d in deltas])
-        scales = _scales(deltas)
+        scales = stacked_scales(deltas)
         rows = slot.clamp(min=0)
         # index_select, not A[rows]: its backward is one index_add, where advanced indexing's
         # backward is a sort-based index_put costing ~100 us of host time per call.
@@ -164,8 +163,26 @@ class LoRADelta(Delta):
         in the factors' precision and cast once, as `add_to_weight`."""
         A = torch.stack([d.A for d in deltas]).to(weight.dtype)
         B = torch.stack([d.B for d in deltas])
-        B = (B * _scales(deltas)[:, None, None]).to(weight.dtype)
+        B = (B * stacked_scales(deltas)[:, None, None]).to(weight.dtype)
         return torch.baddbmm(weight.unsqueeze(0), B, A)
+
+    @staticmethod
+    def joined_factors(deltas: list[LoRADelta]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) side by side along the rank, B scaled, so that B A = sum_k s_k B_k A_k: K
+        adapters active together cost one GEMM pair (or one addmm in weight space), not K."""
+        A = torch.cat([d.A for d in deltas])
+        B = torch.cat([d.B * (d.scale * d.scaling) for d in deltas], dim=1)
+        return A, B
+
+    @staticmethod
+    def joined_delta(deltas: list[LoRADelta], x: torch.Tensor) -> torch.Tensor:
+        A, B = LoRADelta.joined_factors(deltas)
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+    @staticmethod
+    def joined_weight(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
+        A, B = LoRADelta.joined_factors(deltas)
+        return torch.addmm(weight, B.to(weight.dtype), A.to(weight.dtype))
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return weight + lora_delta_weight(
@@ -178,7 +195,7 @@ class LoRADelta(Delta):
         )
 
 
-def _scales(deltas: list[LoRADelta]) -> torch.Tensor:
+def stacked_scales(deltas: list[LoRADelta]) -> torch.Tensor:
     """(K,) effective scales s_k * alpha_k / r_k."""
     if (
         len({d.scaling for d in deltas}) == 1

@@ -55,3 +55,13 @@ def peft_params(model, mapping: dict[str, str], init) -> dict[str, torch.Tensor]
                 module = name.split("base_model.model.")[1].split(f".{theirs}")[0]
                 out[f"{module}.{ours}"] = p.detach().clone()
     return out
+
+
+def assert_grads_match_peft(handle, theirs, names: dict[str, str], tol: float = 1e-6) -> None:
+    """After backward through both models, each of our adapter parameters' gradient equals peft's;
+    `names` maps our parameter name to peft's (`A` -> `lora_A.default.weight`)."""
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    for name, p in handle.named_parameters():
+        layer, param = name.rsplit(".", 1)
+        ref = grads[f"base_model.model.{layer}.{names[param]}"]
+        assert rel(p.grad, ref.reshape(p.grad.shape)) < tol, name

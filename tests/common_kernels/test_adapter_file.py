@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from peftkit.common_kernels import (
+    BOFTConfig,
+    DoRAConfig,
     KronConfig,
+    LoHaConfig,
     LoRAConfig,
     OFTConfig,
     PeftkitError,
@@ -28,6 +31,9 @@ def tiny(width=8):
         LoRAConfig(targets=["0", "2"], r=2),
         OFTConfig(targets=["0", "2"], block_size=4),
         KronConfig(targets=["0", "2"], r=2),
+        DoRAConfig(targets=["0", "2"], r=2),
+        LoHaConfig(targets=["0", "2"], r=2),
+        BOFTConfig(targets=["0", "2"], block_size=2, n_butterfly_factor=2),
     ],
 )
 def test_save_load_round_trip_gives_the_same_outputs(tmp_path, config):

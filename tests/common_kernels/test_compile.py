@@ -5,13 +5,25 @@ import pytest
 import torch
 from torch import nn
 
-from peftkit.common_kernels import KronConfig, LoRAConfig, OFTConfig, inject
+from peftkit.common_kernels import (
+    BOFTConfig,
+    DoRAConfig,
+    KronConfig,
+    LoHaConfig,
+    LoRAConfig,
+    OFTConfig,
+    inject,
+)
 
 CONFIGS = {
     "lora": LoRAConfig(targets=["0", "2"], r=4),
     "oft": OFTConfig(targets=["0", "2"], block_size=8),
     "kron": KronConfig(targets=["0", "2"], r=2),
     "lora-weight": LoRAConfig(targets=["0", "2"], r=4, apply="weight"),
+    "dora": DoRAConfig(targets=["0", "2"], r=4),
+    "loha": LoHaConfig(targets=["0", "2"], r=2, apply="factored"),
+    "loha-weight": LoHaConfig(targets=["0", "2"], r=2, apply="weight"),
+    "boft": BOFTConfig(targets=["0", "2"], block_size=4, n_butterfly_factor=2),
 }
 
 

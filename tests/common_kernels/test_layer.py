@@ -6,7 +6,10 @@ from torch import nn
 
 from peftkit.common_kernels import (
     AdaptedLayer,
+    BOFTConfig,
+    DoRAConfig,
     KronConfig,
+    LoHaConfig,
     LoRAConfig,
     OFTConfig,
     PeftkitError,
@@ -20,6 +23,9 @@ CONFIGS = {
     "lora": lambda: LoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
     "oft": lambda: OFTConfig(targets=["lin", "conv"], block_size=4),
     "kron": lambda: KronConfig(targets=["lin", "conv"], r=2, alpha=4),
+    "dora": lambda: DoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
+    "loha": lambda: LoHaConfig(targets=["lin", "conv"], r=2, alpha=4),
+    "boft": lambda: BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2),
 }
 
 
@@ -287,3 +293,82 @@ def test_weight_space_routing_by_runs_equals_each_row_alone(monkeypatch, ids, se
     x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
     assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
     assert bool(calls) == segmented
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, -1, 3, 1, 0], [0, 0, 1, 1, 2, 2, 3]])
+def test_new_cores_route_per_row_with_gradients(ids):
+    """DoRA, LoHa and BOFT have no gathered pass of their own: the layer masks their rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 6)).double()
+    targets = ["0", "2"]
+    handles = [
+        inject(model, LoRAConfig(targets=targets, r=2), name="lora"),
+        inject(model, DoRAConfig(targets=targets, r=2, alpha=3), name="dora"),
+        inject(model, LoHaConfig(targets=targets, r=2, apply="factored"), name="loha"),
+        inject(model, BOFTConfig(targets=targets, block_size=2, n_butterfly_factor=2), name="boft"),
+    ]
+    for h in handles:
+        randomize(h)
+    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+
+
+def test_dora_routed_by_runs_takes_the_segmented_path_and_equals_each_row_alone(monkeypatch):
+    calls = []
+    original = AdaptedLayer._segmented_forward
+    monkeypatch.setattr(
+        AdaptedLayer,
+        "_segmented_forward",
+        lambda self, x, deltas: calls.append(1) or original(self, x, deltas),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6)).double()
+    handles = [inject(model, DoRAConfig(targets=["0", "2"], r=2, alpha=3), name=n) for n in "abc"]
+    for h in handles:
+        randomize(h)
+        with torch.no_grad():
+            for name, p in h.named_parameters():
+                if name.endswith("magnitude"):
+                    p.add_(1.0)
+    handles[1].set_scale(0.5)
+    ids = [2, 2, 0, 0, -1, 1]
+    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+    assert calls
+
+
+@pytest.mark.parametrize("apply", ["factored", "weight"])
+def test_active_lora_adapters_join_into_one_gemm_pair_with_exact_outputs_and_gradients(
+    monkeypatch, apply
+):
+    from peftkit.common_kernels.lora import LoRADelta
+
+    calls = []
+    original = LoRADelta.joined_factors
+    monkeypatch.setattr(
+        LoRADelta, "joined_factors", staticmethod(lambda ds: calls.append(len(ds)) or original(ds))
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10)).double()
+    handles = [
+        inject(model, LoRAConfig(targets=["0"], r=2, alpha=a, apply=apply), name=n)
+        for n, a in (("a", 2.0), ("b", 3.0), ("c", 5.0))
+    ]
+    handles.append(inject(model, LoRAConfig(targets=["0"], r=3, apply=apply), name="wide"))
+    for h, scale in zip(handles, (1.0, 0.5, -0.7, 0.3)):
+        randomize(h)
+        h.set_scale(scale)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    layer = model[0]
+    y = layer(x)
+    assert calls == [3]  # the three rank-2 adapters join; the rank-3 one runs alone
+    deltas = [layer.deltas[h.name] for h in handles]
+    W = layer.base.weight + sum(d.scale * d.scaling * d.B @ d.A for d in deltas)
+    expected = x @ W.T + layer.base.bias
+    assert rel(y, expected) < 1e-12
+    params = [p for d in deltas for p in (d.A, d.B)]
+    for g, e in zip(
+        torch.autograd.grad(y.square().sum(), params),
+        torch.autograd.grad(expected.square().sum(), params),
+    ):
+        assert rel(g, e) < 1e-12

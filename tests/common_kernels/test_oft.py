@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from peftkit.common_kernels import (
+    BOFTConfig,
     OFTConfig,
     PeftkitError,
     cayley,
@@ -122,13 +123,20 @@ def test_oft_bad_block_size_is_explained():
         OFTConfig(block_size=4, n_blocks=2)
 
 
-def test_batched_rotations_equal_per_layer_rotations_with_gradients():
+@pytest.mark.parametrize(
+    "config",
+    [
+        OFTConfig(targets=["0", "2", "4"], block_size=4, coft=True, eps=0.5),
+        BOFTConfig(targets=["0", "2", "4"], block_size=4, n_butterfly_factor=2),
+    ],
+)
+def test_batched_rotations_equal_per_layer_rotations_with_gradients(config):
     """The model-level hook builds all layers' R at once; outputs and gradients must not change."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8)
     ).double()
-    handle = inject(model, OFTConfig(targets=["0", "2", "4"], block_size=4, coft=True, eps=0.5))
+    handle = inject(model, config)
     for p in handle.trainable_parameters():
         nn.init.normal_(p, std=0.4)
     handle.set_scale(0.8)

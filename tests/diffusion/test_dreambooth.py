@@ -42,7 +42,15 @@ def _run(tiny_sd_path, concept_dir, out=None, steps=6, **kw):
 
 
 @pytest.mark.parametrize(
-    "method,lr,gain", [("lora", 3e-2, 0.9), ("kron", 3e-2, 1.0), ("oft", 1e-1, 1.0)]
+    "method,lr,gain",
+    [
+        ("lora", 3e-2, 0.9),
+        ("kron", 3e-2, 1.0),
+        ("oft", 1e-1, 1.0),
+        ("dora", 3e-2, 0.9),
+        ("loha", 3e-2, 1.0),
+        ("boft", 1e-1, 1.0),
+    ],
 )
 def test_training_lowers_the_instance_loss(tiny_sd_path, concept_dir, method, lr, gain):
     base = load_base(str(tiny_sd_path))

@@ -208,8 +208,8 @@ BAD_JOBS = {
         r"image folder .*nowhere does not exist",
     ),
     "unknown core": (
-        "jobs:\n  - {{images: {a}, prompt: p, method: dora}}\n",
-        r"unknown method \(core\) 'dora'",
+        "jobs:\n  - {{images: {a}, prompt: p, method: nope}}\n",
+        r"unknown method \(core\) 'nope'",
     ),
     "mixed cores": (
         "jobs:\n  - {{images: {a}, prompt: p}}\n  - {{images: {b}, prompt: q, method: kron}}\n",

@@ -1,4 +1,4 @@
-"""LoRA / OFT / LoKr from common_kernels on the ViT sites, checked against their formulas in float64."""
+"""The cores from common_kernels on the ViT sites, checked against their formulas in float64."""
 
 import pytest
 import torch
@@ -55,6 +55,16 @@ def _delta_op(kit, adapter, kind):
             eye = torch.eye(d.block_size, dtype=x.dtype)
             R = torch.block_diag(*[(eye + q) @ torch.linalg.inv(eye - q) for q in Q])
             return (x @ R.T) @ W.T + b
+        if kind == "dora":  # y = m (W + s B A) x / ||W + s B A||_row + b
+            V = W + d.scaling * d.B @ d.A
+            return x @ (d.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)).T + b
+        if kind == "loha":  # y = W x + b + s ((w1a w1b) * (w2a w2b)) x
+            return x @ (W + d.scaling * (d.w1a @ d.w1b) * (d.w2a @ d.w2b)).T + b
+        if kind == "boft":  # one factor: y = diag(s) W M^T x + b, M = blockdiag((I - S)(I + S)^-1)
+            S = (d.boft_R[0] - d.boft_R[0].transpose(1, 2)) / 2
+            eye = torch.eye(S.shape[-1], dtype=x.dtype)
+            M = torch.block_diag(*[(eye - q) @ torch.linalg.inv(eye + q) for q in S])
+            return x @ (d.boft_s[:, None] * W @ M.T).T + b
         W2 = d.W2a @ d.W2b if hasattr(d, "W2a") else d.W2  # y = W x + b + s (W1 ⊗ W2) x
         return x @ (W + d.scaling * torch.kron(d.W1, W2)).T + b
 
@@ -62,13 +72,23 @@ def _delta_op(kit, adapter, kind):
 
 
 @pytest.mark.parametrize(
-    "spec,options", [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2})]
+    "spec,options",
+    [
+        ("lora", {"r": 2}),
+        ("oft", {"block_size": 8}),
+        ("kron", {"r": 2}),
+        ("dora", {"r": 2}),
+        ("loha", {"r": 2}),
+        ("boft", {"block_size": 8}),
+    ],
 )
 def test_core_starts_at_base_then_matches_float64_formula(images, kit, spec, options):
     base = kit.tiny_vit()(images)
     model, adapter = _adapted(kit, spec, **options)
     assert sorted(adapter.core.layers) == sorted(SITES)
-    torch.testing.assert_close(model(images), base, rtol=0, atol=1e-6 if spec == "oft" else 0)
+    torch.testing.assert_close(
+        model(images), base, rtol=0, atol=1e-6 if spec in ("oft", "dora") else 0
+    )
     _randomize(adapter)
     model.double()
     x = images.double()
@@ -79,7 +99,15 @@ def test_core_starts_at_base_then_matches_float64_formula(images, kit, spec, opt
 
 @pytest.mark.parametrize(
     "spec,options",
-    [("lora", {"r": 2}), ("oft", {"block_size": 8}), ("kron", {"r": 2}), ("ssf+lora", {"r": 2})],
+    [
+        ("lora", {"r": 2}),
+        ("oft", {"block_size": 8}),
+        ("kron", {"r": 2}),
+        ("ssf+lora", {"r": 2}),
+        ("dora", {"r": 2}),
+        ("loha", {"r": 2}),
+        ("boft", {"block_size": 8}),
+    ],
 )
 def test_merged_model_is_a_plain_vit_with_the_same_output(images, kit, spec, options):
     plain = kit.tiny_vit()

@@ -23,6 +23,9 @@ FORMULAS = {
     "ssf": 2 * (L * (3 * D + D + MLP + D + D + D) + D + D),
     "lora": L * sum(8 * (i + o) for i, o in LINEARS),
     "oft": L * sum((i // 32) * 32 * 31 // 2 for i, _ in LINEARS),
+    "dora": L * sum(8 * (i + o) + o for i, o in LINEARS),  # LoRA + one magnitude per row
+    "loha": L * sum(2 * 8 * (i + o) for i, o in LINEARS),
+    "boft": L * sum(2 * (i // 32) * 32 * 32 + o for i, o in LINEARS),  # 2 factors of full blocks
 }
 
 
@@ -43,6 +46,9 @@ OPTIONS = {
     "lora": {"r": 8},
     "oft": {"block_size": 32},
     "kron": {"r": 8},
+    "dora": {"r": 8},
+    "loha": {"r": 8},
+    "boft": {"block_size": 32, "n_butterfly_factor": 2},
 }
 
 

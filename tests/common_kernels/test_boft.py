@@ -1,0 +1,149 @@
+import copy
+import types
+
+import pytest
+import torch
+
+from peftkit.common_kernels import AdapterConfig, BOFTConfig, PeftkitError, inject
+from peftkit.common_kernels.boft import boft_blocks, butterfly_permutation, butterfly_weight
+
+from .conftest import assert_grads_match_peft, peft_model, rel
+
+CASES = [  # (block_size, n_butterfly_factor, targets)
+    (4, 1, ["lin", "conv"]),
+    (2, 2, ["lin", "conv"]),
+    (2, 3, ["lin"]),
+]
+
+
+def block_diagonal_by_torch():
+    """Stands in for peft's CUDA block-diagonal extension, without which peft silently drops
+    butterfly factors beyond the first (it is what peft's own fallback computes for one factor)."""
+
+    def backward(grad, blocks):
+        # The gradient of the block-diagonal matrix's diagonal blocks: g[n, d, i, d, j].
+        N, D, H, _ = blocks.shape
+        return [torch.diagonal(grad.reshape(N, D, H, D, H), dim1=1, dim2=3).permute(0, 3, 1, 2)]
+
+    return types.SimpleNamespace(
+        forward=lambda blocks: [torch.stack([torch.block_diag(*b.unbind(0)) for b in blocks])],
+        backward=backward,
+    )
+
+
+def randomized(model, handle=None):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "boft_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+                if "boft_s" in name:
+                    p.add_(1.0)
+
+
+@pytest.mark.parametrize("block_size, factors, targets", CASES)
+def test_boft_matches_peft_forward_and_gradients_in_float64(
+    base64, inputs64, monkeypatch, block_size, factors, targets
+):
+    import peft.tuners.boft.layer as peft_boft
+    from peft import BOFTConfig as PeftBOFTConfig
+
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", block_diagonal_by_torch)
+    theirs = peft_model(
+        base64,
+        PeftBOFTConfig(
+            boft_block_size=block_size, boft_n_butterfly_factor=factors, target_modules=targets
+        ),
+    )
+    randomized(theirs)
+    ours = copy.deepcopy(base64)
+    handle = inject(
+        ours, BOFTConfig(targets=targets, block_size=block_size, n_butterfly_factor=factors)
+    )
+    state = {}
+    for name, p in theirs.named_parameters():
+        if ".boft_" in name:
+            module, param = name.split("base_model.model.")[1].split(".default")[0].rsplit(".", 1)
+            state[f"{module}.{param}"] = p.detach().reshape(-1) if param == "boft_s" else p.detach()
+    handle.load_state_dict(state)
+    out_ours, out_theirs = ours(*inputs64), theirs(*inputs64)
+    for a, b in zip(out_ours, out_theirs):
+        assert rel(a, b) < 1e-6
+    sum(o.square().sum() for o in out_ours).backward()
+    sum(o.square().sum() for o in out_theirs).backward()
+    assert_grads_match_peft(
+        handle, theirs, {"boft_R": "boft_R.default", "boft_s": "boft_s.default"}
+    )
+
+
+def test_boft_matches_explicit_formula(base64, inputs64):
+    ours = copy.deepcopy(base64)
+    handle = inject(ours, BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2))
+    randomized(ours)
+    x, img = inputs64
+    expected = []
+    for name in ("lin", "conv"):
+        d = handle.layers[name].deltas["default"]
+        n = d.geometry.fan_in
+        M = torch.eye(n, dtype=torch.float64)
+        for i, blocks in enumerate(boft_blocks(d.boft_R)):
+            perm = (
+                torch.arange(n) if i == 0 else butterfly_permutation(n, d.boft_R.shape[1] // 2, 1)
+            )
+            P = torch.eye(n, dtype=torch.float64)[perm]  # P[k, perm[k]] = 1
+            M = P @ torch.block_diag(*blocks) @ P.T @ M
+        W = getattr(base64, name).weight
+        expected.append((d.boft_s[:, None] * (W.flatten(1) @ M.T)).reshape(W.shape))
+    y, yc = ours(x, img)
+    assert rel(y, x @ expected[0].T + base64.lin.bias) < 1e-12
+    conv = torch.nn.functional.conv2d(img, expected[1], base64.conv.bias, padding=1)
+    assert rel(yc, conv) < 1e-12
+
+
+def test_boft_blocks_are_orthogonal_and_the_butterfly_inverts():
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=g)
+    blocks = boft_blocks(R)
+    eye = torch.eye(2, dtype=torch.float64)
+    assert (blocks @ blocks.transpose(-1, -2) - eye).abs().max() < 1e-12
+    perms = [None] + [
+        (p, torch.argsort(p)) for p in (butterfly_permutation(8, 4 // 2**i, 1) for i in (1, 2))
+    ]
+    W = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    rotated = butterfly_weight(W, blocks, perms, inverse=False)
+    assert rel(butterfly_weight(rotated, blocks, perms, inverse=True), W) < 1e-12
+
+
+def test_boft_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(2, 4, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    perm = butterfly_permutation(8, 2, 1)
+    perms = [None, (perm, torch.argsort(perm))]
+    assert torch.autograd.gradcheck(
+        lambda R, W: butterfly_weight(W, boft_blocks(R, 0.7), perms, inverse=False), (R, W)
+    )
+
+
+def test_boft_starts_at_the_base_output_and_scale_zero_is_the_base(base64, inputs64):
+    ours = copy.deepcopy(base64)
+    handle = inject(ours, BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2))
+    for a, b in zip(ours(*inputs64), base64(*inputs64)):
+        assert rel(a, b) < 1e-14
+    randomized(ours)
+    handle.set_scale(0.0)
+    for a, b in zip(ours(*inputs64), base64(*inputs64)):
+        assert rel(a, b) < 1e-14
+
+
+def test_boft_config_validation_names_field_and_round_trips(base64):
+    with pytest.raises(PeftkitError, match="exactly one of block_size and n_blocks"):
+        BOFTConfig(block_size=4, n_blocks=2)
+    with pytest.raises(PeftkitError, match="BOFTConfig.n_butterfly_factor"):
+        BOFTConfig(n_butterfly_factor=0)
+    with pytest.raises(PeftkitError, match=r"BOFT cannot split module 'conv' \(fan_in=36\)"):
+        inject(
+            copy.deepcopy(base64), BOFTConfig(targets=["conv"], block_size=4, n_butterfly_factor=2)
+        )
+    config = BOFTConfig(targets=["lin"], n_blocks=4, block_size=0, n_butterfly_factor=3)
+    assert AdapterConfig.from_json(config.to_json()) == config
