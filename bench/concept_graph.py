@@ -238,7 +238,8 @@ def main() -> None:
     ]
     markdown = "\n".join(table) + "\n\nNotices printed:\n" + "\n".join(sorted(set(notes))) + "\n"
     print(markdown)
-    write_results(args.out, "concept_graph", rows + timing, markdown, environment())
+    meta = {"gpu": "cpu smoke"} if smoke else environment()
+    write_results(args.out, "concept_graph", rows + timing, markdown, meta)
     assert all(r["ok"] for r in rows), rows
 
 
