@@ -7,7 +7,7 @@ Parity first, in fp32 without TF32: the adapter trained on the graphed path equa
 default precision on a GPU): steady ms/step, set-up (prepare + capture) and peak memory, graphed
 vs eager, for train-concept at 512 px bs 1 and 4 and for vit-train bs 64.
 
-    python bench/concept_graph.py --out bench/results/concept-graph      # ~3 min on an H200
+    python bench/concept_graph.py --out bench/results/concept-graph      # ~3-4 min on an H200
     python bench/concept_graph.py --out /tmp/smoke --cpu-smoke            # the logic, tiny, CPU
 """
 
@@ -90,7 +90,7 @@ def compare(name, eager, graphed, tolerance) -> dict:
     )
 
 
-def vit(out, graph, precision, steps, cpu, smoke):
+def vit(out, graph, precision, steps, cpu, smoke, sizes=None):
     config = ViTTrainConfig(
         data="builtin:counting",
         model="vit_tiny_patch16_224" if smoke else "vit_base_patch16_224",
@@ -105,7 +105,7 @@ def vit(out, graph, precision, steps, cpu, smoke):
         output_dir=str(out),
         progress=False,
         cpu=cpu,
-        builtin_sizes=(64, 64) if smoke else None,
+        builtin_sizes=(64, 64) if smoke else sizes,
     )
     results, lines = quiet(train_vit, config)
     return read_tensors(out / "adapter.safetensors")[0], results, lines
@@ -167,7 +167,7 @@ def main() -> None:
     runs = []
     for mode in (False, graph):
         state, results, lines = vit(
-            root / f"vit-{mode}", mode, "no", 2 if smoke else 20, smoke, smoke
+            root / f"vit-{mode}", mode, "no", 2 if smoke else 20, smoke, smoke, (256, 128)
         )
         runs.append((state, [results["final_loss"]], results["timing"]["capture"] > 0))
         notes += lines
@@ -186,7 +186,7 @@ def main() -> None:
                 "lora",
                 mode,
                 "auto",
-                4 if smoke else 150,
+                4 if smoke else 100,
                 bs,
                 px,
                 smoke,
@@ -205,7 +205,7 @@ def main() -> None:
             )
     for mode in (False, graph):
         _, results, lines = vit(
-            root / f"vit-time-{mode}", mode, "auto", 4 if smoke else 150, smoke, smoke
+            root / f"vit-time-{mode}", mode, "auto", 4 if smoke else 100, smoke, smoke
         )
         timing.append(
             dict(
@@ -238,7 +238,8 @@ def main() -> None:
     ]
     markdown = "\n".join(table) + "\n\nNotices printed:\n" + "\n".join(sorted(set(notes))) + "\n"
     print(markdown)
-    write_results(args.out, "concept_graph", rows + timing, markdown, environment())
+    meta = {"gpu": "cpu smoke"} if smoke else environment()
+    write_results(args.out, "concept_graph", rows + timing, markdown, meta)
     assert all(r["ok"] for r in rows), rows
 
 

@@ -173,8 +173,9 @@ class ConceptModel(nn.Module):
 class ConceptTask:
     """The engine task for DreamBooth: batches are {"instance": i, "class": j} row indices into the
     cached latents and text conditions. A step is `draw` (inputs, from the task's own random
-    stream) then `score` (the loss of a prediction for them), so several tasks can share one UNet
-    forward (multitenant.py); `name` is the adapter's name in the UNet."""
+    stream, made eagerly) then `score` (the loss of a prediction for them), so several tasks can
+    share one UNet forward (multitenant.py) and the engine can capture the rest of the step
+    (`drawn_loss`) as one CUDA graph; `name` is the adapter's name in the UNet."""
 
     def __init__(
         self,

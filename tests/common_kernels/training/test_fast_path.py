@@ -75,3 +75,17 @@ def test_train_config_rejects_unknown_auto_values():
         cfg(cuda_graph="sometimes")
     with pytest.raises(PeftkitError, match="TrainConfig.mixed_precision must be one of"):
         cfg(mixed_precision="fp8")
+
+
+def test_commands_default_to_auto_and_eager_opts_out():
+    import argparse
+
+    from peftkit.common_kernels.training.fast_path import add_speed_args
+
+    parser = argparse.ArgumentParser()
+    add_speed_args(parser)
+    default = parser.parse_args([])
+    assert (default.mixed_precision, default.cuda_graph) == ("auto", "auto")
+    assert parser.parse_args(["--eager"]).cuda_graph is False
+    assert parser.parse_args(["--no-cuda-graph"]).cuda_graph is False
+    assert cfg(cuda_graph=parser.parse_args(["--eager"]).cuda_graph).cuda_graph is False
