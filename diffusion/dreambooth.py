@@ -263,12 +263,11 @@ class ConceptTask:
             accelerator.mixed_precision, torch.float32
         )
         for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
-            module.to(device)
+            # Cast while moving, tensor by tensor: moving a whole fp32 copy first would set the
+            # run's peak GPU memory. Adapters stay fp32; the frozen base runs in half precision.
             for p in module.parameters():
-                if (
-                    not p.requires_grad
-                ):  # adapters stay fp32; the frozen base may run in half precision
-                    p.data = p.data.to(frozen_dtype)
+                p.data = p.data.to(device, p.dtype if p.requires_grad else frozen_dtype)
+            module.to(device)
         sets = [self.instances] + ([self.classes] if self.classes is not None else [])
         self.latents = [encode_latents(self.base.vae, s.pixels()) for s in sets]
         self.captions = [s.captions for s in sets]
