@@ -43,7 +43,7 @@ import torch
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import adapted_layers, routing
 from ..common_kernels.registry import core
-from ..common_kernels.training.engine import TrainConfig, TrainResult, batches
+from ..common_kernels.training.engine import TrainConfig, TrainResult, accelerator_for, batches
 from ..common_kernels.training.fast_path import default_device_type, graph_plan, resolve_precision
 from ..common_kernels.training.graphed_step import GraphedStep
 from ..common_kernels.training.run import Run
@@ -196,8 +196,6 @@ class ConceptTrainer:
         cuda_graph: bool | str = "auto",
         draw_ahead: bool | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         if mixed_precision not in ("auto", "no", "bf16"):
             raise PeftkitError(
                 f"mixed_precision must be 'no' or 'bf16' (or 'auto') when training jobs together, "
@@ -205,7 +203,7 @@ class ConceptTrainer:
             )
         self.mixed_precision = resolve_precision(mixed_precision, default_device_type(cpu))
         self.base = base
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=cpu)
+        self.accelerator = accelerator_for(self.mixed_precision, cpu)
         if self.accelerator.num_processes > 1:
             raise PeftkitError(
                 "training jobs together runs in one process: start it without `accelerate launch`, "

@@ -62,6 +62,22 @@ def launch_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def accelerator_for(precision: str, cpu: bool):
+    """An `Accelerator` for one run. accelerate keeps one state per process and refuses a second
+    precision, but one process trains many runs (the app's jobs, benches, sweeps): the state is
+    reset between runs of different precisions (the process group, if any, is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+
+
 def train(
     task: Task,
     dataset,
@@ -92,13 +108,12 @@ def train(
         >>> result.losses[-1] < result.losses[0]
         True
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     entered = time.perf_counter()
     emit = on_event or (lambda event: None)
     precision = resolve_precision(config.mixed_precision, default_device_type(config.cpu))
-    accelerator = Accelerator(mixed_precision=precision, cpu=config.cpu)
+    accelerator = accelerator_for(precision, config.cpu)
     device, world = accelerator.device, accelerator.num_processes
     say = print if accelerator.is_main_process else (lambda line: None)
     torch.manual_seed(config.seed)

@@ -142,3 +142,11 @@ def test_graphed_step_rejects_changing_batch_shapes():
         copy_batch(static, {"x": torch.ones(1, 3), "tag": "a"})
     with pytest.raises(PeftkitError, match="batch of tensors only"):
         copy_batch(static, {"x": torch.ones(2, 3), "tag": "b"})
+
+
+def test_one_process_trains_runs_of_different_precisions_one_after_another():
+    # The app and the benches train many runs in one process; accelerate's process-wide state
+    # used to refuse the second precision ("AcceleratorState has already been initialized").
+    first = train(Regression(), dataset(), cfg(steps=5, mixed_precision="no"))
+    second = train(Regression(), dataset(), cfg(steps=5, mixed_precision="bf16"))
+    assert len(first.losses) == len(second.losses) == 5
