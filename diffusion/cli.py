@@ -83,10 +83,18 @@ def _train_config(args: argparse.Namespace):
     )
 
 
+def smoothed_loss(losses: list[float], window: int = 50) -> float | None:
+    """The mean loss of the last `window` steps: one batch's loss swings with its timestep draw
+    (0.02 to 1+ on the same adapter), so a single step says little about where training ended."""
+    return sum(losses[-window:]) / len(losses[-window:]) if losses else None
+
+
 def _summary(output: str, result) -> None:
     summary = {
         "steps": result.step,
-        "final_loss": result.losses[-1] if result.losses else None,
+        "final_loss": smoothed_loss(result.losses),
+        "final_loss_window": min(50, len(result.losses)),
+        "last_step_loss": result.losses[-1] if result.losses else None,
         "resumed_from": result.resumed_from,
         "skipped_steps": result.skipped_steps,
         "samples_per_s": result.samples_per_s,
@@ -95,7 +103,12 @@ def _summary(output: str, result) -> None:
     }
     Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / "train.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained {result.step} steps; final loss {summary['final_loss']}; outputs in {output}")
+    loss = summary["final_loss"]
+    print(
+        f"trained {result.step} steps; final loss {loss if loss is None else f'{loss:.4f}'} "
+        f"(mean of the last {summary['final_loss_window']} steps, as in train.json); "
+        f"outputs in {output}"
+    )
 
 
 def train_concept(argv: list[str]) -> int:
