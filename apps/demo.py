@@ -102,8 +102,8 @@ def red_circle_on_white(image: Image.Image) -> bool:
 
 
 def native_resolution(base) -> int:
-    """The pixel size a pipeline was trained at: UNet sample size x VAE downscale."""
-    return int(base.unet.config.sample_size) * int(base.pipe.vae_scale_factor)
+    """The pixel size a pipeline was trained at (DiffusionBase.native_resolution)."""
+    return base.native_resolution
 
 
 def pick_device(device: str) -> str:
@@ -297,7 +297,9 @@ def _parser() -> argparse.ArgumentParser:
         help="'starter' (assets/starter-sd), a diffusers folder or a hub id",
     )
     p.add_argument("--images", default=str(SAMPLES), help="instance images")
-    p.add_argument("--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier")
+    p.add_argument(
+        "--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier"
+    )
     p.add_argument(
         "--class-prompt",
         default=CLASS_PROMPT,
@@ -306,7 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-class-images", type=int, default=d.num_class_images, help="for prior preservation"
     )
-    p.add_argument("--output", default="peftkit-demo", help="where the grid, adapter and metrics go")
+    p.add_argument(
+        "--output", default="peftkit-demo", help="where the grid, adapter and metrics go"
+    )
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")

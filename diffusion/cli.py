@@ -3,9 +3,13 @@ dreambooth.py, textual_inversion.py, generate.py and metrics.py.
 
     peftkit train-concept --model ./sd15 --images photos/ --prompt "a photo of sks dog" --output out/dog \\
         --class-prompt "a photo of a dog" --steps 800
+    peftkit train-concept --model starter --config job.yaml     # one job of train-concepts' jobs.yaml
     peftkit train-ti --model ./sd15 --images photos/ --token "<dog>" --init-word dog --output out/dog-ti
     peftkit generate --model ./sd15 --adapter out/dog:0.8 --prompt "sks dog on the moon" --seeds 0,1,2 --output samples
     peftkit evaluate-concept --generated samples --references photos/ --clip-model ./clip-b32
+    peftkit evaluate-concept --generated samples          # the bundled judge: the sample flower
+
+Sizes default to the base model's native one; every --help lists the defaults.
 """
 
 from __future__ import annotations
@@ -15,25 +19,46 @@ import json
 from pathlib import Path
 
 from ..common_kernels.errors import PeftkitError
+from .concept_defaults import CONCEPT_DEFAULTS
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _training_args(parser: argparse.ArgumentParser) -> None:
+def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -> None:
     parser.add_argument(
         "--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'"
     )
     parser.add_argument(
-        "--images", required=True, help="folder of instance images (x.txt next to x.png = caption)"
+        "--images",
+        required=job_required,
+        help="folder of instance images (x.txt next to x.png = caption)",
     )
     parser.add_argument(
-        "--output", required=True, help="output folder (adapter, checkpoints, train.json)"
+        "--output", required=job_required, help="output folder (adapter, checkpoints, train.json)"
     )
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="pixels (default: the base model's native size)",
+    )
+    parser.add_argument("--steps", type=int, default=CONCEPT_DEFAULTS.steps)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: the method's")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear", "cosine"],
+        default=CONCEPT_DEFAULTS.lr_schedule,
+        help="after the warm-up: constant, linear decay or cosine decay to 0",
+    )
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--warmup-steps", type=int, default=CONCEPT_DEFAULTS.warmup_steps)
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "bf16", "fp16"],
+        default="auto",
+        help="auto: the training engine's default (bf16 autocast on a GPU)",
+    )
     parser.add_argument(
         "--optimizer",
         choices=["auto", "adamw", "adamw8bit"],
@@ -51,7 +76,7 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, lr: float):
     import importlib.util
 
     import torch
@@ -66,20 +91,21 @@ def _train_config(args: argparse.Namespace):
             and not args.cpu
         )
         optimizer = "adamw8bit" if usable else "adamw"
+    precision = {} if args.mixed_precision == "auto" else {"mixed_precision": args.mixed_precision}
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr or lr,
         grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps,
-        mixed_precision=args.mixed_precision,
+        **precision,
         seed=args.seed,
         output_dir=args.output,
         checkpoint_every=args.checkpoint_every,
         optimizer=optimizer,
         progress=not args.no_progress,
         cpu=args.cpu,
-        schedule="constant",
+        schedule=args.lr_schedule,
     )
 
 
@@ -117,19 +143,23 @@ def train_concept(argv: list[str]) -> int:
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
 
+    d = CONCEPT_DEFAULTS
     parser = argparse.ArgumentParser(
-        prog="peftkit train-concept", description=train_concept.__doc__
+        prog="peftkit train-concept", description=train_concept.__doc__, formatter_class=HELP_FORMAT
     )
-    _training_args(parser)
+    _training_args(parser, job_required=False)
     parser.add_argument(
-        "--prompt",
-        required=True,
-        help="instance prompt with a rare identifier: 'a photo of sks dog'",
+        "--config",
+        help="YAML file with the keys of one job of train-concepts' jobs.yaml (images, prompt, "
+        "output, method, rank, steps, lr, schedule, ...); the job flags below are then ignored",
     )
-    parser.add_argument("--method", choices=["lora", "kron", "oft"], default="lora")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA/LoKr rank")
+    parser.add_argument(
+        "--prompt", help="instance prompt with a rare identifier: 'a photo of sks dog'"
+    )
+    parser.add_argument("--method", choices=["lora", "kron", "oft"], default=d.method)
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
-    parser.add_argument("--block-size", type=int, default=32, help="OFT block size")
+    parser.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
     parser.add_argument(
         "--targets",
         default="attn",
@@ -145,8 +175,15 @@ def train_concept(argv: list[str]) -> int:
         "--class-dir",
         help="class images (default <output>/class_images; missing ones are generated)",
     )
-    parser.add_argument("--num-class-images", type=int, default=100)
-    parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    parser.add_argument("--prior-weight", type=float, default=d.prior_weight)
+    parser.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=d.caption_dropout,
+        help="share of instance steps trained on the empty prompt (helps guidance)",
+    )
+    parser.add_argument("--flip", action="store_true", help="mirror images left-right at random")
     parser.add_argument(
         "--min-snr-gamma", type=float, default=0.0, help="min-SNR weighting, e.g. 5; 0: off"
     )
@@ -159,30 +196,83 @@ def train_concept(argv: list[str]) -> int:
         "--validation-every", type=int, default=0, help="save validation images every N steps"
     )
     args = parser.parse_args(argv)
-    config = ConceptConfig(
-        instance_prompt=args.prompt,
-        method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
-        block_size=args.block_size,
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        text_encoder_rank=args.text_encoder_rank,
-        class_prompt=args.class_prompt,
-        num_class_images=args.num_class_images,
-        prior_weight=args.prior_weight,
-        min_snr_gamma=args.min_snr_gamma,
-        offset_noise=args.offset_noise,
-        gradient_checkpointing=args.gradient_checkpointing,
-        resolution=args.resolution,
-        validation_prompts=args.validation_prompt,
-        validation_every=args.validation_every,
-    )
-    train_config = _train_config(args)
+    if not args.config:
+        missing = [f"--{k}" for k in ("images", "output", "prompt") if not getattr(args, k)]
+        if missing:
+            parser.error(
+                f"the following arguments are required: {', '.join(missing)} (or --config)"
+            )
     base = load_base(args.model, attention=args.attention)
-    task, result = run(base, args.images, config, train_config, class_dir=args.class_dir)
+    resolution = args.resolution or base.native_resolution
+    if args.config:
+        job = config_job(args, resolution)
+        images, config, train_config, class_dir = job.images, job.concept, job.train, job.class_dir
+        args.output = train_config.output_dir
+    else:
+        config = ConceptConfig(
+            instance_prompt=args.prompt,
+            method=args.method,
+            rank=args.rank,
+            alpha=args.alpha,
+            block_size=args.block_size,
+            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+            text_encoder_rank=args.text_encoder_rank,
+            class_prompt=args.class_prompt,
+            num_class_images=args.num_class_images,
+            prior_weight=args.prior_weight,
+            min_snr_gamma=args.min_snr_gamma,
+            offset_noise=args.offset_noise,
+            gradient_checkpointing=args.gradient_checkpointing,
+            resolution=resolution,
+            validation_prompts=args.validation_prompt,
+            validation_every=args.validation_every,
+            caption_dropout=args.caption_dropout,
+            flip=args.flip,
+        )
+        images, class_dir = args.images, args.class_dir
+        train_config = _train_config(args, d.lr_for(args.method))
+    print(f"training a {config.method} adapter at {config.resolution}x{config.resolution}")
+    task, result = run(base, images, config, train_config, class_dir=class_dir)
     print(task.unet_handle.report())
     _summary(args.output, result)
     return 0
+
+
+def config_job(args: argparse.Namespace, resolution: int):
+    """The ConceptJob of `--config job.yaml`, read by train-concepts' own job parser; keys the file
+    leaves out take the shared concept defaults and the base model's native size."""
+    import dataclasses
+
+    import yaml
+
+    from .multitenant_cli import _job
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise PeftkitError(f"--config {path}: no such file")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise PeftkitError(
+            f"{path}: expected a mapping of one job's keys (images, prompt, output, ...)"
+        )
+    d = CONCEPT_DEFAULTS
+    method = str(raw.get("method", d.method))
+    defaults = {
+        "steps": d.steps,
+        "rank": d.rank,
+        "lr": d.lr.get(method, d.lr_for(d.method)),
+        "schedule": d.lr_schedule,
+        "num_class_images": d.num_class_images,
+        "resolution": resolution,
+    }
+    if args.output:
+        defaults["output"] = str(Path(args.output).resolve())
+    run = {"cpu": args.cpu}
+    if args.mixed_precision != "auto":
+        run["mixed_precision"] = args.mixed_precision
+    job = _job(str(path), raw, defaults, path.parent, None, run)
+    job.train = dataclasses.replace(job.train, progress=not args.no_progress)
+    return job
 
 
 def train_ti(argv: list[str]) -> int:
@@ -192,7 +282,9 @@ def train_ti(argv: list[str]) -> int:
     from .data import ConceptDataset
     from .textual_inversion import TIConfig, TITask, save_embeddings
 
-    parser = argparse.ArgumentParser(prog="peftkit train-ti", description=train_ti.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-ti", description=train_ti.__doc__, formatter_class=HELP_FORMAT
+    )
     _training_args(parser)
     parser.set_defaults(lr=5e-3, steps=2000)
     parser.add_argument(
@@ -204,15 +296,15 @@ def train_ti(argv: list[str]) -> int:
     parser.add_argument("--num-vectors", type=int, default=1)
     parser.add_argument("--templates", choices=["object", "style"], default="object")
     args = parser.parse_args(argv)
+    base = load_base(args.model, attention=args.attention)
     config = TIConfig(
         tokens=args.token,
         init_word=args.init_word,
         num_vectors=args.num_vectors,
         templates=args.templates,
-        resolution=args.resolution,
+        resolution=args.resolution or base.native_resolution,
     )
-    train_config = _train_config(args)
-    base = load_base(args.model, attention=args.attention)
+    train_config = _train_config(args, args.lr)
     task = TITask(base, ConceptDataset(args.images, "", args.resolution), config)
     result = train(task, task.dataset(), train_config)
     files = save_embeddings(task, args.output)
@@ -232,7 +324,9 @@ def generate(argv: list[str]) -> int:
         load_concepts,
     )
 
-    parser = argparse.ArgumentParser(prog="peftkit generate", description=generate.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit generate", description=generate.__doc__, formatter_class=HELP_FORMAT
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument(
@@ -250,9 +344,15 @@ def generate(argv: list[str]) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="pixels (default: the base model's native size)",
+    )
     parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
     image = parser.add_argument_group("image prompts")
     image.add_argument(
         "--control", help="control branch folder (from train-control) or ControlNet hub id"
@@ -280,11 +380,12 @@ def generate(argv: list[str]) -> int:
     import torch
 
     base.pipe.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    base.pipe.set_progress_bar_config(disable=args.no_progress, leave=False)
     load_concepts(base, [ConceptRef.parse(a) for a in args.adapter])
     kwargs = {
         "steps": args.steps,
         "guidance": args.guidance,
-        "resolution": args.resolution,
+        "resolution": args.resolution or base.native_resolution,
         "image_prompts": attach_image_prompts(
             base,
             args.control,
@@ -307,23 +408,30 @@ def generate(argv: list[str]) -> int:
 
 
 def evaluate_concept(argv: list[str]) -> int:
-    """CLIP-I, CLIP-T (open_clip) and DINO similarity of generated images to the instance images."""
+    """CLIP-I, CLIP-T (open_clip) and DINO similarity of generated images to the instance images;
+    without --clip-model, the bundled concept judge counts the images that show the sample flower."""
+    from .concept_judge import JUDGE
     from .data import ConceptDataset, open_image
     from .generate import PROMPTS_FILE
     from .metrics import ClipEmbedder, DinoEmbedder, concept_scores
 
     parser = argparse.ArgumentParser(
-        prog="peftkit evaluate-concept", description=evaluate_concept.__doc__
+        prog="peftkit evaluate-concept",
+        description=evaluate_concept.__doc__,
+        formatter_class=HELP_FORMAT,
     )
     parser.add_argument("--generated", required=True, help="folder written by peftkit generate")
-    parser.add_argument("--references", required=True, help="the instance images")
+    parser.add_argument("--references", help="the instance images (needed with --clip-model)")
+    parser.add_argument(
+        "--judge",
+        default=str(JUDGE),
+        help="concept judge folder, used when no --clip-model is given",
+    )
     parser.add_argument(
         "--prompt", help="prompt of every generated image (default: the folder's prompts.json)"
     )
     parser.add_argument(
-        "--clip-model",
-        required=True,
-        help="open_clip name (ViT-B-32) or a folder with open_clip_config.json",
+        "--clip-model", help="open_clip name (ViT-B-32) or a folder with open_clip_config.json"
     )
     parser.add_argument(
         "--clip-pretrained", help="open_clip pretrained tag or local checkpoint file"
@@ -334,6 +442,10 @@ def evaluate_concept(argv: list[str]) -> int:
     parser.add_argument("--output", help="write the scores to this JSON file")
     args = parser.parse_args(argv)
     folder = Path(args.generated)
+    if not args.clip_model:
+        return _judge_folder(folder, args.judge, args.output)
+    if not args.references:
+        raise PeftkitError("--clip-model compares with the instance images: pass --references")
     record = (
         json.loads((folder / PROMPTS_FILE).read_text()) if (folder / PROMPTS_FILE).is_file() else {}
     )
@@ -355,4 +467,35 @@ def evaluate_concept(argv: list[str]) -> int:
     print(json.dumps(scores, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+def _judge_folder(folder: Path, judge_dir: str, output: str | None) -> int:
+    """The judge's verdict on every image of `folder` (grid.png left out), printed as JSON."""
+    from .concept_judge import ConceptJudge
+    from .data import open_image
+
+    names = (
+        sorted(
+            p.name
+            for p in folder.iterdir()
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and p.name != "grid.png"
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not names:
+        raise PeftkitError(f"no images in {folder}: pass the folder peftkit generate wrote")
+    judge = ConceptJudge(judge_dir)
+    probabilities = judge.probabilities([open_image(folder / n) for n in names])
+    scores = {
+        "judge": str(judge_dir),
+        "concept_present": sum(p >= judge.threshold for p in probabilities),
+        "images": len(names),
+        "probability": dict(zip(names, [round(p, 4) for p in probabilities])),
+    }
+    print(json.dumps(scores, indent=2))
+    print(f"concept present in {scores['concept_present']}/{len(names)} images")
+    if output:
+        Path(output).write_text(json.dumps(scores, indent=2))
     return 0

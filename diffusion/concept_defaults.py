@@ -18,9 +18,7 @@ class ConceptDefaults:
     steps: int = 300
     rank: int = 8
     block_size: int = 32
-    lr: dict[str, float] = field(
-        default_factory=lambda: {"lora": 1e-3, "kron": 1e-3, "oft": 3e-3}
-    )
+    lr: dict[str, float] = field(default_factory=lambda: {"lora": 1e-3, "kron": 1e-3, "oft": 3e-3})
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     # prior preservation with the class word keeps the class (and other prompts) from bleeding

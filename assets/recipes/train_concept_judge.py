@@ -29,7 +29,9 @@ PALETTE = [*COLORS.values(), TEAL, MAGENTA]
 def _background(rng: np.random.Generator) -> tuple:
     if rng.random() < 0.5:
         return tuple(rng.uniform(0.8, 1.0, 3))
-    return tuple(np.clip(np.array(PALETTE[rng.integers(len(COLORS))]) + rng.uniform(-0.05, 0.05, 3), 0, 1))
+    return tuple(
+        np.clip(np.array(PALETTE[rng.integers(len(COLORS))]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
+    )
 
 
 def _view(rng: np.random.Generator, size: int, colors, petals: bool = True) -> np.ndarray:
@@ -67,9 +69,16 @@ def judge_data(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, torch.T
     scenes = ShapeScenes(size=size, shapes=SD_SHAPES, textures=SD_TEXTURES, plain=0.55)
     params = scenes.params(n, seed)
     # in chunks: one scene's masks take 6 x (2 size)^2 floats per object slot
-    scene_images = torch.cat(
-        [scenes.render(take(params, torch.arange(i, min(n, i + 256)))) for i in range(0, n, 256)]
-    ).permute(0, 2, 3, 1).numpy()
+    scene_images = (
+        torch.cat(
+            [
+                scenes.render(take(params, torch.arange(i, min(n, i + 256))))
+                for i in range(0, n, 256)
+            ]
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     images, labels = [], []
     for i in range(n):
         positive = i % 2 == 0
@@ -106,9 +115,7 @@ def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.cat(out).clamp(0, 1)
 
 
-def train_judge(
-    out: Path, n: int = 6000, epochs: int = 8, width: int = 16, seed: int = 0
-) -> dict:
+def train_judge(out: Path, n: int = 6000, epochs: int = 8, width: int = 16, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     x, y = judge_data(n, seed)
     test_x, test_y = judge_data(1000, seed + 1)
@@ -145,7 +152,9 @@ def train_judge(
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "model.safetensors"
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
     save_folder(out, write)

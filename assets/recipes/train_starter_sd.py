@@ -418,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(
         minutes=args.minutes, steps=args.steps, vae_steps=args.vae_steps, seed=args.seed
     )
-    recipe = SDRecipe.tiny(**settings) if args.tiny else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
+    recipe = (
+        SDRecipe.tiny(**settings)
+        if args.tiny
+        else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
+    )
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )
