@@ -180,12 +180,11 @@ def train_adapter(
     if class_prompt:
         classes = class_images(
             base,
-            Path(output_dir).parent / "class_images",
+            job.class_dir,
             class_prompt,
             num_class_images,
             resolution,
             seed=seed,
-            steps=CONCEPT_DEFAULTS.class_steps,
             device=device,
         )
     task = ConceptTask(
@@ -244,7 +243,9 @@ def concept_job(
         progress=progress,
         cpu=device == "cpu",
     )
-    return ConceptJob(name, images, config, train_config)
+    # beside the adapter folder, not in it: the app offers that folder's files for download
+    class_dir = Path(output_dir).parent / "class_images" if class_prompt else None
+    return ConceptJob(name, images, config, train_config, class_dir)
 
 
 def render(
@@ -284,12 +285,14 @@ def before_after_grid(
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..diffusion.cli import DefaultsHelp
+
     d = CONCEPT_DEFAULTS
     p = argparse.ArgumentParser(
         prog="peftkit demo",
         description="Train a concept adapter on sample images with "
         "the starter model; write a before/after grid, the adapter and metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument(
         "--base",

@@ -17,11 +17,12 @@ def offline_requested() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+def hub_reachable(timeout: float | None = None) -> bool:
     """False when HF_HUB_OFFLINE is set or the hub (HF_ENDPOINT) takes no TCP connection within
-    `timeout` seconds. The probe runs in a thread because name lookup ignores socket timeouts."""
+    `timeout` seconds (PROBE_SECONDS). The probe runs in a thread: name lookup ignores timeouts."""
     if offline_requested():
         return False
+    timeout = PROBE_SECONDS if timeout is None else timeout
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = url.port or (443 if url.scheme == "https" else 80)
     result: list[bool] = []

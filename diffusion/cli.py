@@ -21,7 +21,12 @@ from pathlib import Path
 from ..common_kernels.errors import PeftkitError
 from .concept_defaults import CONCEPT_DEFAULTS
 
-HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists every default, except None ones (their help text says what they mean)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -> None:
@@ -42,17 +47,24 @@ def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -
         default=None,
         help="pixels (default: the base model's native size)",
     )
-    parser.add_argument("--steps", type=int, default=CONCEPT_DEFAULTS.steps)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=None, help="default: the method's")
+    parser.add_argument("--steps", type=int, default=CONCEPT_DEFAULTS.steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the method's)"
+    )
     parser.add_argument(
         "--lr-schedule",
         choices=["constant", "linear", "cosine"],
         default=CONCEPT_DEFAULTS.lr_schedule,
         help="after the warm-up: constant, linear decay or cosine decay to 0",
     )
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--warmup-steps", type=int, default=CONCEPT_DEFAULTS.warmup_steps)
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=CONCEPT_DEFAULTS.warmup_steps,
+        help="linear LR warm-up",
+    )
     parser.add_argument(
         "--mixed-precision",
         choices=["auto", "no", "bf16", "fp16"],
@@ -68,8 +80,13 @@ def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -
     parser.add_argument(
         "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (resume: rerun)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="data, noise and adapter init")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "xformers"],
+        default="auto",
+        help="auto: xformers when installed with CUDA, else PyTorch SDPA",
+    )
     parser.add_argument(
         "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
     )
@@ -145,7 +162,9 @@ def train_concept(argv: list[str]) -> int:
 
     d = CONCEPT_DEFAULTS
     parser = argparse.ArgumentParser(
-        prog="peftkit train-concept", description=train_concept.__doc__, formatter_class=HELP_FORMAT
+        prog="peftkit train-concept",
+        description=train_concept.__doc__,
+        formatter_class=DefaultsHelp,
     )
     _training_args(parser, job_required=False)
     parser.add_argument(
@@ -156,7 +175,9 @@ def train_concept(argv: list[str]) -> int:
     parser.add_argument(
         "--prompt", help="instance prompt with a rare identifier: 'a photo of sks dog'"
     )
-    parser.add_argument("--method", choices=["lora", "kron", "oft"], default=d.method)
+    parser.add_argument(
+        "--method", choices=["lora", "kron", "oft"], default=d.method, help="adapter core"
+    )
     parser.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA/LoKr alpha (default: rank)")
     parser.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
@@ -175,8 +196,15 @@ def train_concept(argv: list[str]) -> int:
         "--class-dir",
         help="class images (default <output>/class_images; missing ones are generated)",
     )
-    parser.add_argument("--num-class-images", type=int, default=d.num_class_images)
-    parser.add_argument("--prior-weight", type=float, default=d.prior_weight)
+    parser.add_argument(
+        "--num-class-images",
+        type=int,
+        default=d.num_class_images,
+        help="class images for prior preservation",
+    )
+    parser.add_argument(
+        "--prior-weight", type=float, default=d.prior_weight, help="weight of the class loss"
+    )
     parser.add_argument(
         "--caption-dropout",
         type=float,
@@ -283,7 +311,7 @@ def train_ti(argv: list[str]) -> int:
     from .textual_inversion import TIConfig, TITask, save_embeddings
 
     parser = argparse.ArgumentParser(
-        prog="peftkit train-ti", description=train_ti.__doc__, formatter_class=HELP_FORMAT
+        prog="peftkit train-ti", description=train_ti.__doc__, formatter_class=DefaultsHelp
     )
     _training_args(parser)
     parser.set_defaults(lr=5e-3, steps=2000)
@@ -293,8 +321,13 @@ def train_ti(argv: list[str]) -> int:
     parser.add_argument(
         "--init-word", required=True, help="a word close to the concept, e.g. 'dog'"
     )
-    parser.add_argument("--num-vectors", type=int, default=1)
-    parser.add_argument("--templates", choices=["object", "style"], default="object")
+    parser.add_argument("--num-vectors", type=int, default=1, help="embedding rows per token")
+    parser.add_argument(
+        "--templates",
+        choices=["object", "style"],
+        default="object",
+        help="caption templates for the token",
+    )
     args = parser.parse_args(argv)
     base = load_base(args.model, attention=args.attention)
     config = TIConfig(
@@ -325,7 +358,7 @@ def generate(argv: list[str]) -> int:
     )
 
     parser = argparse.ArgumentParser(
-        prog="peftkit generate", description=generate.__doc__, formatter_class=HELP_FORMAT
+        prog="peftkit generate", description=generate.__doc__, formatter_class=DefaultsHelp
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
@@ -342,15 +375,19 @@ def generate(argv: list[str]) -> int:
         "each row with its own adapter",
     )
     parser.add_argument("--output", required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=30, help="sampler steps")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale"
+    )
     parser.add_argument(
         "--resolution",
         type=int,
         default=None,
         help="pixels (default: the base model's native size)",
     )
-    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument(
+        "--attention", choices=["auto", "sdpa", "xformers"], default="auto", help="backend"
+    )
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     image = parser.add_argument_group("image prompts")
@@ -360,7 +397,7 @@ def generate(argv: list[str]) -> int:
     image.add_argument(
         "--control-image", help="condition image for --control (edges, depth, segments...)"
     )
-    image.add_argument("--control-scale", type=float, default=1.0)
+    image.add_argument("--control-scale", type=float, default=1.0, help="control branch strength")
     image.add_argument("--ip-adapter", help="IP-Adapter file (from train-ip-adapter)")
     image.add_argument("--ip-image", help="reference image for --ip-adapter")
     image.add_argument(
@@ -418,7 +455,7 @@ def evaluate_concept(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="peftkit evaluate-concept",
         description=evaluate_concept.__doc__,
-        formatter_class=HELP_FORMAT,
+        formatter_class=DefaultsHelp,
     )
     parser.add_argument("--generated", required=True, help="folder written by peftkit generate")
     parser.add_argument("--references", help="the instance images (needed with --clip-model)")

@@ -24,7 +24,6 @@ class ConceptDefaults:
     # prior preservation with the class word keeps the class (and other prompts) from bleeding
     num_class_images: int = 12
     prior_weight: float = 1.0
-    class_steps: int = 20  # sampler steps per class image
     caption_dropout: float = 0.0
     flip: bool = False
 
