@@ -42,7 +42,7 @@ PROMPTS = [
 ]
 CONTROL_PROMPT = "a red circle on a white background"
 SEEDS = [0, 1, 2]
-SAMPLE_STEPS, GUIDANCE = 25, 5.0
+SAMPLE_STEPS, GUIDANCE = 15, 5.0  # DDIM with trailing spacing: 15 steps suffice at 64 px
 
 
 def color_histogram(image: Image.Image, bins: int = 8, size: int = 32) -> np.ndarray:
