@@ -98,7 +98,7 @@ def red_circle_on_white(image: Image.Image) -> bool:
     height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
     fill = red.sum() / (height * width)
     other = 1 - white.mean() - red.mean()
-    return 0.6 <= fill <= 0.95 and 0.7 <= height / width <= 1.43 and other < 0.15
+    return bool(0.6 <= fill <= 0.95 and 0.7 <= height / width <= 1.43 and other < 0.15)
 
 
 def native_resolution(base) -> int:
@@ -355,8 +355,8 @@ def judge_counts(judge, before, after, n_concept: int) -> dict[str, int]:
     if judge is not None:
         counts["concept_base"] = judge.count(flat(before[:n_concept]))
         counts["concept_adapted"] = judge.count(flat(after[:n_concept]))
-    counts["control_kept"] = sum(red_circle_on_white(im) for im in after[n_concept])
-    counts["control_base"] = sum(red_circle_on_white(im) for im in before[n_concept])
+    counts["control_kept"] = sum(bool(red_circle_on_white(im)) for im in after[n_concept])
+    counts["control_base"] = sum(bool(red_circle_on_white(im)) for im in before[n_concept])
     return counts
 
 
