@@ -1,16 +1,13 @@
 """`peftkit demo`: the first thing to run. Offline, on a CPU, in a few minutes it trains a concept
-adapter (DreamBooth, Ruiz et al. 2023) on the bundled sample images with the starter model, and
-shows what changed: a before/after grid (base vs adapted, several prompts, fixed seeds), the
-adapter file, and how much closer to the instance images the generated ones got.
+adapter (DreamBooth with prior preservation, Ruiz et al. 2023) on the bundled sample flower with
+the starter model, and shows what changed: a before/after grid (base vs adapted, fixed seeds), the
+adapter, and how many images show the concept before and after, by the bundled concept judge
+(diffusion/concept_judge.py), plus whether a control prompt without the identifier kept its look.
 
     peftkit demo                                   # starter model, LoRA, ./peftkit-demo/
-    peftkit demo --method lokr --steps 400 --output runs/demo
-    peftkit demo --base ./sd15 --resolution 512 --device cuda --images photos/
-
-Similarity of images generated for "a photo of sks toy ..." to the instance images, before and
-after training: CLIP-I (mean pairwise cosine of open_clip image embeddings, DreamBooth's metric)
-when --clip-model is given, otherwise a pixel measure that needs no model, the mean pairwise
-Bhattacharyya coefficient of joint RGB color histograms (`color_similarity`).
+    peftkit demo --method lokr --output runs/demo
+    peftkit demo --base ./sd15 --device cuda --images photos/ --prompt "a photo of sks dog" \
+        --class-prompt "a photo of a dog"
 """
 
 from __future__ import annotations
@@ -27,20 +24,25 @@ from PIL import Image
 
 from ..common_kernels.adapter_file import atomic_write
 from ..common_kernels.errors import PeftkitError
+from ..diffusion.concept_defaults import CONCEPT_DEFAULTS
+from ..diffusion.concept_judge import JUDGE
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples" / "concept"
-# CLI names -> ConceptConfig methods; learning rates that train the starter model in a few hundred steps.
+# CLI names -> ConceptConfig methods
 METHODS = {"lora": "lora", "lokr": "kron", "oft": "oft"}
-DEFAULT_LR = {"lora": 1e-3, "kron": 1e-3, "oft": 3e-3}
-INSTANCE_PROMPT = "a photo of sks toy"
-# Concept prompts (the similarity is measured on these) and one control prompt without the identifier.
+INSTANCE_PROMPT = "a photo of sks flower"
+CLASS_PROMPT = "a photo of a flower"
+# Concept prompts (the judge counts the concept in these) and one control prompt without the
+# identifier, which the adapter should leave alone.
 PROMPTS = [
-    "a photo of sks toy",
-    "a sks toy on a blue background",
-    "a small sks toy in the top left",
+    "a photo of sks flower",
+    "a sks flower on a blue background",
+    "a sks flower on a white background",
+    "a big sks flower on a green background",
 ]
 CONTROL_PROMPT = "a red circle on a white background"
 SEEDS = [0, 1, 2]
+SAMPLE_STEPS, GUIDANCE = 15, 5.0  # DDIM with trailing spacing: 15 steps suffice at 64 px
 
 
 def color_histogram(image: Image.Image, bins: int = 8, size: int = 32) -> np.ndarray:
@@ -82,9 +84,26 @@ def similarity(
     return scores
 
 
+def red_circle_on_white(image: Image.Image) -> bool:
+    """Whether `image` still shows what the control prompt asks for: a white border, one red blob
+    that fills its bounding box like a disc does (pi/4 ~ 0.79) and is about as tall as wide, and
+    little of any other color."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    white = pixels.min(axis=-1) > 0.75
+    red = (pixels[..., 0] > 0.55) & (pixels[..., 1] < 0.35) & (pixels[..., 2] < 0.35)
+    if np.median(border.min(axis=-1)) < 0.75 or red.mean() < 0.01:
+        return False
+    rows, cols = np.nonzero(red)
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    fill = red.sum() / (height * width)
+    other = 1 - white.mean() - red.mean()
+    return bool(0.6 <= fill <= 0.95 and 0.7 <= height / width <= 1.43 and other < 0.15)
+
+
 def native_resolution(base) -> int:
-    """The pixel size a pipeline was trained at: UNet sample size x VAE downscale."""
-    return int(base.unet.config.sample_size) * int(base.pipe.vae_scale_factor)
+    """The pixel size a pipeline was trained at (DiffusionBase.native_resolution)."""
+    return base.native_resolution
 
 
 def pick_device(device: str) -> str:
@@ -118,23 +137,26 @@ def train_adapter(
     rank: int,
     output_dir: str | Path,
     lr: float | None = None,
-    block_size: int = 32,
+    block_size: int = CONCEPT_DEFAULTS.block_size,
     resolution: int = 64,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
     on_event: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    class_prompt: str | None = None,
+    num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
 ):
     """Train a concept adapter (method: lora, lokr or oft) on the UNet of `base` with
-    peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`.
-    Returns (ConceptTask, TrainResult); the adapter stays injected and active in `base.unet`.
+    peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`;
+    `class_prompt` turns prior preservation on (class images generated into output_dir's
+    parent). Returns (ConceptTask, TrainResult); the adapter stays injected and active.
 
-        >>> task, result = train_adapter(open_base("starter", "cpu"), SAMPLES, INSTANCE_PROMPT, "lora", 400, 8,
-        ...                              "out/toy")   # doctest: +SKIP
+        >>> task, result = train_adapter(open_base("starter", "cpu"), SAMPLES, INSTANCE_PROMPT, "lora",
+        ...                              300, 8, "out/flower", class_prompt=CLASS_PROMPT)  # doctest: +SKIP
     """
     from ..common_kernels.training.engine import train
-    from ..diffusion.data import ConceptDataset
+    from ..diffusion.data import ConceptDataset, class_images
     from ..diffusion.dreambooth import ConceptTask, save_concept
 
     job = concept_job(
@@ -151,9 +173,22 @@ def train_adapter(
         device,
         seed,
         progress,
+        class_prompt=class_prompt,
+        num_class_images=num_class_images,
     )
+    classes = None
+    if class_prompt:
+        classes = class_images(
+            base,
+            job.class_dir,
+            class_prompt,
+            num_class_images,
+            resolution,
+            seed=seed,
+            device=device,
+        )
     task = ConceptTask(
-        base, ConceptDataset(images, instance_prompt, resolution), job.concept, seed=seed
+        base, ConceptDataset(images, instance_prompt, resolution), job.concept, classes, seed=seed
     )
     result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
     save_concept(task, output_dir)
@@ -165,18 +200,21 @@ def concept_job(
     images: str | Path,
     instance_prompt: str,
     method: str,
-    steps: int,
-    rank: int,
-    output_dir: str | Path,
+    steps: int = CONCEPT_DEFAULTS.steps,
+    rank: int = CONCEPT_DEFAULTS.rank,
+    output_dir: str | Path = "",
     lr: float | None = None,
-    block_size: int = 32,
+    block_size: int = CONCEPT_DEFAULTS.block_size,
     resolution: int = 64,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    class_prompt: str | None = None,
+    num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
 ):
-    """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob:
-    what `train_adapter` trains alone and the app's queue trains beside other jobs."""
+    """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob,
+    from the shared defaults (diffusion/concept_defaults.py): what `train_adapter` trains alone and
+    the app's queue trains beside other jobs."""
     from ..common_kernels.training.engine import TrainConfig
     from ..diffusion.dreambooth import ConceptConfig
     from ..diffusion.multitenant import ConceptJob
@@ -190,18 +228,24 @@ def concept_job(
         rank=rank,
         block_size=block_size,
         resolution=resolution,
+        class_prompt=class_prompt,
+        num_class_images=num_class_images,
+        prior_weight=CONCEPT_DEFAULTS.prior_weight,
     )
     train_config = TrainConfig(
         steps=steps,
         batch_size=1,
-        lr=lr or DEFAULT_LR[core],
-        schedule="constant",
+        lr=lr or CONCEPT_DEFAULTS.lr_for(core),
+        schedule=CONCEPT_DEFAULTS.lr_schedule,
+        warmup_steps=CONCEPT_DEFAULTS.warmup_steps,
         seed=seed,
         output_dir=str(output_dir),
         progress=progress,
         cpu=device == "cpu",
     )
-    return ConceptJob(name, images, config, train_config)
+    # beside the adapter folder, not in it: the app offers that folder's files for download
+    class_dir = Path(output_dir).parent / "class_images" if class_prompt else None
+    return ConceptJob(name, images, config, train_config, class_dir)
 
 
 def render(
@@ -241,40 +285,59 @@ def before_after_grid(
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..diffusion.cli import DefaultsHelp
+
+    d = CONCEPT_DEFAULTS
     p = argparse.ArgumentParser(
         prog="peftkit demo",
         description="Train a concept adapter on sample images with "
         "the starter model; write a before/after grid, the adapter and metrics.json.",
+        formatter_class=DefaultsHelp,
     )
     p.add_argument(
         "--base",
         default="starter",
         help="'starter' (assets/starter-sd), a diffusers folder or a hub id",
     )
-    p.add_argument(
-        "--images", default=str(SAMPLES), help="instance images (default: the bundled sample toy)"
-    )
+    p.add_argument("--images", default=str(SAMPLES), help="instance images")
     p.add_argument(
         "--prompt", default=INSTANCE_PROMPT, help="instance prompt with a rare identifier"
     )
     p.add_argument(
-        "--output", default="peftkit-demo", help="where the grid, adapter and metrics.json go"
+        "--class-prompt",
+        default=CLASS_PROMPT,
+        help="prior preservation with the class word ('' turns it off)",
+    )
+    p.add_argument(
+        "--num-class-images", type=int, default=d.num_class_images, help="for prior preservation"
+    )
+    p.add_argument(
+        "--output", default="peftkit-demo", help="where the grid, adapter and metrics go"
     )
     p.add_argument("--method", choices=sorted(METHODS), default="lora")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (batch 1)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA/LoKr rank")
-    p.add_argument("--block-size", type=int, default=32, help="OFT block size")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
     p.add_argument(
-        "--lr", type=float, help="learning rate (default: 1e-3 for LoRA/LoKr, 3e-3 for OFT)"
+        "--lr",
+        type=float,
+        help=f"learning rate (default: {d.lr_for('lora')} for LoRA/LoKr, {d.lr_for('oft')} for OFT)",
     )
     p.add_argument(
         "--resolution", type=int, help="training/sampling size (default: the base model's)"
     )
-    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps per image")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS, help="sampler steps per image")
+    p.add_argument(
+        "--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--seed", type=int, default=0, help="training seed (sampling seeds are fixed: 0, 1, 2)"
+    )
+    p.add_argument(
+        "--judge",
+        default=str(JUDGE),
+        help="concept judge folder (the bundled one knows the sample flower; '' turns it off)",
     )
     p.add_argument("--clip-model", help="open_clip name or folder: report CLIP-I similarity too")
     p.add_argument(
@@ -284,8 +347,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def judge_counts(judge, before, after, n_concept: int) -> dict[str, int]:
+    """How many concept images show the concept before and after training (by `judge`), and how
+    many control images still show a red circle on white after training."""
+    flat = lambda rows: [im for row in rows for im in row]  # noqa: E731
+    counts = {"images": len(flat(after[:n_concept])), "control_images": len(after[n_concept])}
+    if judge is not None:
+        counts["concept_base"] = judge.count(flat(before[:n_concept]))
+        counts["concept_adapted"] = judge.count(flat(after[:n_concept]))
+    counts["control_kept"] = sum(bool(red_circle_on_white(im)) for im in after[n_concept])
+    counts["control_base"] = sum(bool(red_circle_on_white(im)) for im in before[n_concept])
+    return counts
+
+
 def demo(argv: list[str]) -> int:
     """Train a concept adapter on sample images and write a before/after grid, the adapter and metrics."""
+    from ..diffusion.cli import smoothed_loss
+    from ..diffusion.concept_judge import ConceptJudge
     from ..diffusion.data import ConceptDataset
 
     args = _parser().parse_args(argv)
@@ -295,6 +373,7 @@ def demo(argv: list[str]) -> int:
     device = pick_device(args.device)
     out = Path(args.output)
     references = ConceptDataset(args.images, args.prompt, 8).images
+    judge = ConceptJudge(args.judge) if args.judge else None
     clip = None
     if args.clip_model:
         from ..diffusion.metrics import ClipEmbedder
@@ -312,9 +391,10 @@ def demo(argv: list[str]) -> int:
         progress=not args.no_progress,
     )
     before = render(base, prompts + [CONTROL_PROMPT], label="base images", **sample)
+    prior = f", prior preservation with '{args.class_prompt}'" if args.class_prompt else ""
     print(
         f"training a {args.method} adapter on {len(references)} images from {args.images} "
-        f"({args.steps} steps, '{args.prompt}', {resolution}x{resolution})"
+        f"({args.steps} steps, '{args.prompt}'{prior}, {resolution}x{resolution})"
     )
     task, result = train_adapter(
         base,
@@ -330,10 +410,13 @@ def demo(argv: list[str]) -> int:
         device=device,
         seed=args.seed,
         progress=not args.no_progress,
+        class_prompt=args.class_prompt or None,
+        num_class_images=args.num_class_images,
     )
     after = render(base, prompts + [CONTROL_PROMPT], label="adapted images", **sample)
 
     n = len(prompts)
+    counts = judge_counts(judge, before, after, n)
     scores = {
         "before": similarity([im for row in before[:n] for im in row], references, clip),
         "after": similarity([im for row in after[:n] for im in row], references, clip),
@@ -348,33 +431,45 @@ def demo(argv: list[str]) -> int:
     grid = out / "grid.png"
     before_after_grid(before, after, prompts + [CONTROL_PROMPT], SEEDS).save(grid)
     record = {
+        "judge": counts,
         "metric": metric,
         "before": scores["before"][metric],
         "after": scores["after"][metric],
         "scores": scores,
         "metric_description": {
+            "judge": "images the concept judge (assets/concept-judge) finds the concept in; "
+            "control images that still show a red circle on white",
             "color": "mean pairwise Bhattacharyya coefficient of joint 8x8x8 RGB histograms (32x32 px)",
             "clip_i": "mean pairwise cosine similarity of open_clip image embeddings",
         },
-        "similarity_prompts": prompts,
+        "concept_prompts": prompts,
         "control_prompt": CONTROL_PROMPT,
+        "class_prompt": args.class_prompt or None,
         "seeds": SEEDS,
         "base": args.base,
         "method": args.method,
         "steps": result.step,
         "rank": args.rank,
-        "lr": args.lr or DEFAULT_LR[METHODS[args.method]],
+        "lr": args.lr or CONCEPT_DEFAULTS.lr_for(METHODS[args.method]),
         "resolution": resolution,
+        "sample_steps": args.sample_steps,
+        "guidance": args.guidance,
         "device": device,
         "instance_prompt": args.prompt,
         "images": str(args.images),
         "trainable_parameters": task.unet_handle.num_parameters(),
-        "final_loss": result.losses[-1] if result.losses else None,
+        "final_loss": smoothed_loss(result.losses),
         "seconds": round(time.perf_counter() - start, 1),
     }
     atomic_write(
         out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
     )
+    if judge is not None:
+        print(
+            f"concept present in {counts['concept_adapted']}/{counts['images']} adapted images vs "
+            f"{counts['concept_base']}/{counts['images']} base; control prompt kept in "
+            f"{counts['control_kept']}/{counts['control_images']}"
+        )
     print(
         f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
         f"{record['after']:.4f}"

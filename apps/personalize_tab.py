@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..common_kernels.adapter_file import atomic_write, read_tensors
 from ..common_kernels.errors import PeftkitError
+from ..diffusion.concept_defaults import CONCEPT_DEFAULTS
 from ..diffusion.multitenant import ConceptJob
 from .concept_queue import ConceptQueue
 from .demo import INSTANCE_PROMPT, SAMPLES, concept_job, native_resolution, open_base
@@ -178,6 +179,7 @@ class Personalizer:
                 lr=lr or None,
                 resolution=resolution,
                 device=self.device,
+                class_prompt=f"a photo of a {class_word}",
             )
 
         def done() -> Path:
@@ -359,11 +361,15 @@ def build_tab(p: Personalizer) -> None:
             )
             with gr.Row():
                 identifier = gr.Textbox("sks", label="identifier (a rare word)")
-                class_word = gr.Textbox("toy", label="class word")
+                class_word = gr.Textbox("flower", label="class word")
             method = gr.Dropdown(list(METHODS), value="LoRA", label="method")
             with gr.Row():
-                steps = gr.Slider(1, MAX_STEPS, 300, step=1, label="steps", elem_id="steps")
-                rank = gr.Slider(1, MAX_RANK, 8, step=1, label="rank (LoRA / LoKr)")
+                steps = gr.Slider(
+                    1, MAX_STEPS, CONCEPT_DEFAULTS.steps, step=1, label="steps", elem_id="steps"
+                )
+                rank = gr.Slider(
+                    1, MAX_RANK, CONCEPT_DEFAULTS.rank, step=1, label="rank (LoRA / LoKr)"
+                )
                 lr = gr.Number(
                     0, label="learning rate (0: method default)", minimum=0, maximum=MAX_LR
                 )

@@ -47,6 +47,12 @@ class DiffusionBase:
         return [e for e in encoders if e is not None]
 
     @property
+    def native_resolution(self) -> int:
+        """The pixel size the model was trained at: UNet sample size x VAE downscale (512 for SD
+        1.x, 1024 for SDXL, 64 for the starter)."""
+        return int(self.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    @property
     def tokenizers(self) -> list:
         tokenizers = [self.pipe.tokenizer, getattr(self.pipe, "tokenizer_2", None)]
         return [t for t in tokenizers if t is not None]
@@ -130,8 +136,8 @@ def load_base(
 ) -> DiffusionBase:
     """Load an SD 1.x/2.x or SDXL pipeline from a local folder, a hub id, or "starter" (assets/).
 
-    With HF_HUB_OFFLINE=1 only the local cache is used. An unreachable hub id raises a PeftkitError
-    that says how to pass a local folder instead.
+    With HF_HUB_OFFLINE=1, or when the hub takes no connection within ~1.5 s, only the local cache
+    is used; a hub id missing from it raises a PeftkitError naming the repository and the fixes.
 
     Example:
         >>> base = load_base("tests/fixtures/tiny-sd")   # doctest: +SKIP
@@ -160,19 +166,31 @@ def load_base(
             )
         from diffusers import DiffusionPipeline
 
+        from ..common_kernels.hub import hub_reachable, unreachable_message
+
+        # offline, only the cache is tried: diffusers would retry the hub for a minute first
+        cache_only = offline or not hub_reachable()
         try:
-            config = DiffusionPipeline.load_config(model, local_files_only=offline)
+            config = DiffusionPipeline.load_config(model, local_files_only=cache_only)
             name = config["_class_name"]
             _check_supported(name, model)
             pipe = _pipeline_class(name).from_pretrained(
-                model, local_files_only=offline, **_drop_unused(name, kwargs)
+                model, local_files_only=cache_only, **_drop_unused(name, kwargs)
             )
         except (OSError, ValueError) as err:
+            if cache_only:
+                raise PeftkitError(
+                    unreachable_message(
+                        model,
+                        "model_index.json",
+                        f"pass it with --model {'./' + model.split('/')[-1]}, or try "
+                        "--model starter (the bundled 64 px model, no download)",
+                    )
+                ) from None
             raise PeftkitError(
-                f"cannot load {model!r} from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}): on a "
-                f"machine with access run `huggingface-cli download {model} --local-dir ./{model.split('/')[-1]}` "
-                f"and pass that folder, e.g. --model ./{model.split('/')[-1]}"
-                + ("" if offline else ", or set HF_HUB_OFFLINE=1 to use a cached copy")
+                f"cannot load {model!r} from the Hugging Face hub ({type(err).__name__}: "
+                f"{str(err)[:200]}): check the id, or download it with `hf download {model} "
+                f"--local-dir ./{model.split('/')[-1]}` and pass that folder"
             ) from None
     pipe.set_progress_bar_config(disable=True)
     set_attention_backend(pipe.unet, attention)

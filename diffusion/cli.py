@@ -3,9 +3,13 @@ dreambooth.py, textual_inversion.py, generate.py and metrics.py.
 
     peftkit train-concept --model ./sd15 --images photos/ --prompt "a photo of sks dog" --output out/dog \\
         --class-prompt "a photo of a dog" --steps 800
+    peftkit train-concept --model starter --config job.yaml     # one job of train-concepts' jobs.yaml
     peftkit train-ti --model ./sd15 --images photos/ --token "<dog>" --init-word dog --output out/dog-ti
     peftkit generate --model ./sd15 --adapter out/dog:0.8 --prompt "sks dog on the moon" --seeds 0,1,2 --output samples
     peftkit evaluate-concept --generated samples --references photos/ --clip-model ./clip-b32
+    peftkit evaluate-concept --generated samples          # the bundled judge: the sample flower
+
+Sizes default to the base model's native one; every --help lists the defaults.
 """
 
 from __future__ import annotations
@@ -27,9 +31,17 @@ from ..common_kernels.args import (
     resolution,
 )
 from ..common_kernels.errors import PeftkitError
+from .concept_defaults import CONCEPT_DEFAULTS
 
 
-def _training_args(parser: argparse.ArgumentParser) -> None:
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists every default, except None ones (their help text says what they mean)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -> None:
     from ..common_kernels.training.fast_path import add_speed_args
 
     parser.add_argument(
@@ -37,22 +49,44 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--images",
-        required=True,
+        required=job_required,
         type=existing_dir,
         help="folder of instance images (x.txt next to x.png = caption)",
     )
     parser.add_argument(
         "--output",
-        required=True,
+        required=job_required,
         type=output_dir,
         help="output folder (adapter, checkpoints, train.json)",
     )
-    parser.add_argument("--resolution", type=resolution, default=512)
-    parser.add_argument("--steps", type=positive_int, default=800)
-    parser.add_argument("--batch-size", type=positive_int, default=1)
-    parser.add_argument("--lr", type=positive_float, default=1e-4)
-    parser.add_argument("--grad-accum", type=positive_int, default=1)
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--resolution",
+        type=resolution,
+        default=None,
+        help="pixels (default: the base model's native size)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=CONCEPT_DEFAULTS.steps, help="optimizer steps"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step")
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: the method's)"
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear", "cosine"],
+        default=CONCEPT_DEFAULTS.lr_schedule,
+        help="after the warm-up: constant, linear decay or cosine decay to 0",
+    )
+    parser.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="batches per optimizer step"
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=non_negative_int,
+        default=CONCEPT_DEFAULTS.warmup_steps,
+        help="linear LR warm-up",
+    )
     add_speed_args(parser)
     parser.add_argument(
         "--optimizer",
@@ -67,15 +101,22 @@ def _training_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="checkpoint every N steps (resume: rerun)",
     )
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data, noise and adapter init"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "xformers"],
+        default="auto",
+        help="auto: xformers when installed with CUDA, else PyTorch SDPA",
+    )
     parser.add_argument(
         "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
     )
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, lr: float):
     import importlib.util
 
     import torch
@@ -94,7 +135,7 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr or lr,
         grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision,
@@ -105,14 +146,22 @@ def _train_config(args: argparse.Namespace):
         optimizer=optimizer,
         progress=not args.no_progress,
         cpu=args.cpu,
-        schedule="constant",
+        schedule=args.lr_schedule,
     )
+
+
+def smoothed_loss(losses: list[float], window: int = 50) -> float | None:
+    """The mean loss of the last `window` steps: one batch's loss swings with its timestep draw
+    (0.02 to 1+ on the same adapter), so a single step says little about where training ended."""
+    return sum(losses[-window:]) / len(losses[-window:]) if losses else None
 
 
 def _summary(output: str, result) -> None:
     summary = {
         "steps": result.step,
-        "final_loss": result.losses[-1] if result.losses else None,
+        "final_loss": smoothed_loss(result.losses),
+        "final_loss_window": min(50, len(result.losses)),
+        "last_step_loss": result.losses[-1] if result.losses else None,
         "resumed_from": result.resumed_from,
         "skipped_steps": result.skipped_steps,
         "samples_per_s": result.samples_per_s,
@@ -121,7 +170,12 @@ def _summary(output: str, result) -> None:
     }
     Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / "train.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained {result.step} steps; final loss {summary['final_loss']}; outputs in {output}")
+    loss = summary["final_loss"]
+    print(
+        f"trained {result.step} steps; final loss {loss if loss is None else f'{loss:.4f}'} "
+        f"(mean of the last {summary['final_loss_window']} steps, as in train.json); "
+        f"outputs in {output}"
+    )
 
 
 def train_concept(argv: list[str]) -> int:
@@ -133,25 +187,31 @@ def train_concept(argv: list[str]) -> int:
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
 
+    d = CONCEPT_DEFAULTS
     parser = argparse.ArgumentParser(
-        prog="peftkit train-concept", description=train_concept.__doc__
+        prog="peftkit train-concept",
+        description=train_concept.__doc__,
+        formatter_class=DefaultsHelp,
     )
-    _training_args(parser)
+    _training_args(parser, job_required=False)
     parser.add_argument(
-        "--prompt",
-        required=True,
-        help="instance prompt with a rare identifier: 'a photo of sks dog'",
+        "--config",
+        help="YAML file with the keys of one job of train-concepts' jobs.yaml (images, prompt, "
+        "output, method, rank, steps, lr, schedule, ...); the job flags below are then ignored",
     )
     from ..common_kernels.registry import core_names
 
     parser.add_argument(
-        "--method", choices=core_names(aliases=True), default="lora", help="adapter core"
+        "--prompt", help="instance prompt with a rare identifier: 'a photo of sks dog'"
     )
-    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA/LoKr rank")
     parser.add_argument(
-        "--alpha", type=positive_float, default=None, help="LoRA/LoKr alpha (default: rank)"
+        "--method", choices=core_names(aliases=True), default=d.method, help="adapter core"
     )
-    parser.add_argument("--block-size", type=positive_int, default=32, help="OFT block size")
+    parser.add_argument("--rank", type=positive_int, default=d.rank, help="rank (cores with one)")
+    parser.add_argument("--alpha", type=positive_float, default=None, help="alpha (default: rank)")
+    parser.add_argument(
+        "--block-size", type=positive_int, default=d.block_size, help="OFT/BOFT block size"
+    )
     parser.add_argument(
         "--targets",
         default="attn",
@@ -170,8 +230,25 @@ def train_concept(argv: list[str]) -> int:
         "--class-dir",
         help="class images (default <output>/class_images; missing ones are generated)",
     )
-    parser.add_argument("--num-class-images", type=non_negative_int, default=100)
-    parser.add_argument("--prior-weight", type=non_negative_float, default=1.0)
+    parser.add_argument(
+        "--num-class-images",
+        type=non_negative_int,
+        default=d.num_class_images,
+        help="class images for prior preservation",
+    )
+    parser.add_argument(
+        "--prior-weight",
+        type=non_negative_float,
+        default=d.prior_weight,
+        help="weight of the class loss",
+    )
+    parser.add_argument(
+        "--caption-dropout",
+        type=non_negative_float,
+        default=d.caption_dropout,
+        help="share of instance steps trained on the empty prompt (helps guidance)",
+    )
+    parser.add_argument("--flip", action="store_true", help="mirror images left-right at random")
     parser.add_argument(
         "--min-snr-gamma",
         type=non_negative_float,
@@ -193,32 +270,83 @@ def train_concept(argv: list[str]) -> int:
         help="save validation images every N steps",
     )
     args = parser.parse_args(argv)
-    config = ConceptConfig(
-        instance_prompt=args.prompt,
-        method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
-        block_size=args.block_size,
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        text_encoder_rank=args.text_encoder_rank,
-        class_prompt=args.class_prompt,
-        num_class_images=args.num_class_images,
-        prior_weight=args.prior_weight,
-        min_snr_gamma=args.min_snr_gamma,
-        offset_noise=args.offset_noise,
-        gradient_checkpointing=args.gradient_checkpointing,
-        resolution=args.resolution,
-        validation_prompts=args.validation_prompt,
-        validation_every=args.validation_every,
-    )
-    train_config = _train_config(args)
+    if not args.config:
+        missing = [f"--{k}" for k in ("images", "output", "prompt") if not getattr(args, k)]
+        if missing:
+            parser.error(
+                f"the following arguments are required: {', '.join(missing)} (or --config)"
+            )
     base = load_base(args.model, attention=args.attention)
-    task, result = run(
-        base, args.images, config, train_config, class_dir=args.class_dir, started=started
-    )
+    size = args.resolution or base.native_resolution
+    if args.config:
+        job = config_job(args, size)
+        images, config, train_config, class_dir = job.images, job.concept, job.train, job.class_dir
+        args.output = train_config.output_dir
+    else:
+        config = ConceptConfig(
+            instance_prompt=args.prompt,
+            method=args.method,
+            rank=args.rank,
+            alpha=args.alpha,
+            block_size=args.block_size,
+            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+            text_encoder_rank=args.text_encoder_rank,
+            class_prompt=args.class_prompt,
+            num_class_images=args.num_class_images,
+            prior_weight=args.prior_weight,
+            min_snr_gamma=args.min_snr_gamma,
+            offset_noise=args.offset_noise,
+            gradient_checkpointing=args.gradient_checkpointing,
+            resolution=size,
+            validation_prompts=args.validation_prompt,
+            validation_every=args.validation_every,
+            caption_dropout=args.caption_dropout,
+            flip=args.flip,
+        )
+        images, class_dir = args.images, args.class_dir
+        train_config = _train_config(args, d.lr_for(args.method))
+    print(f"training a {config.method} adapter at {config.resolution}x{config.resolution}")
+    task, result = run(base, images, config, train_config, class_dir=class_dir, started=started)
     print(task.unet_handle.report())
     _summary(args.output, result)
     return 0
+
+
+def config_job(args: argparse.Namespace, resolution: int):
+    """The ConceptJob of `--config job.yaml`, read by train-concepts' own job parser; keys the file
+    leaves out take the shared concept defaults and the base model's native size."""
+    import dataclasses
+
+    import yaml
+
+    from .multitenant_cli import _job
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise PeftkitError(f"--config {path}: no such file")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise PeftkitError(
+            f"{path}: expected a mapping of one job's keys (images, prompt, output, ...)"
+        )
+    d = CONCEPT_DEFAULTS
+    method = str(raw.get("method", d.method))
+    defaults = {
+        "steps": d.steps,
+        "rank": d.rank,
+        "lr": d.lr.get(method, d.lr_for(d.method)),
+        "schedule": d.lr_schedule,
+        "num_class_images": d.num_class_images,
+        "resolution": resolution,
+    }
+    if args.output:
+        defaults["output"] = str(Path(args.output).resolve())
+    run = {"cpu": args.cpu}
+    if args.mixed_precision != "auto":
+        run["mixed_precision"] = args.mixed_precision
+    job = _job(str(path), raw, defaults, path.parent, None, run)
+    job.train = dataclasses.replace(job.train, progress=not args.no_progress)
+    return job
 
 
 def train_ti(argv: list[str]) -> int:
@@ -228,7 +356,9 @@ def train_ti(argv: list[str]) -> int:
     from .data import ConceptDataset
     from .textual_inversion import TIConfig, TITask, save_embeddings
 
-    parser = argparse.ArgumentParser(prog="peftkit train-ti", description=train_ti.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit train-ti", description=train_ti.__doc__, formatter_class=DefaultsHelp
+    )
     _training_args(parser)
     parser.set_defaults(lr=5e-3, steps=2000)
     parser.add_argument(
@@ -237,19 +367,26 @@ def train_ti(argv: list[str]) -> int:
     parser.add_argument(
         "--init-word", required=True, help="a word close to the concept, e.g. 'dog'"
     )
-    parser.add_argument("--num-vectors", type=positive_int, default=1)
-    parser.add_argument("--templates", choices=["object", "style"], default="object")
+    parser.add_argument(
+        "--num-vectors", type=positive_int, default=1, help="embedding rows per token"
+    )
+    parser.add_argument(
+        "--templates",
+        choices=["object", "style"],
+        default="object",
+        help="caption templates for the token",
+    )
     args = parser.parse_args(argv)
+    base = load_base(args.model, attention=args.attention)
     config = TIConfig(
         tokens=args.token,
         init_word=args.init_word,
         num_vectors=args.num_vectors,
         templates=args.templates,
-        resolution=args.resolution,
+        resolution=args.resolution or base.native_resolution,
     )
-    train_config = _train_config(args)
-    base = load_base(args.model, attention=args.attention)
-    task = TITask(base, ConceptDataset(args.images, "", args.resolution), config)
+    train_config = _train_config(args, args.lr)
+    task = TITask(base, ConceptDataset(args.images, "", config.resolution), config)
     result = train(task, task.dataset(), train_config)
     files = save_embeddings(task, args.output)
     print("embeddings: " + ", ".join(str(f) for f in files))
@@ -268,7 +405,9 @@ def generate(argv: list[str]) -> int:
         load_concepts,
     )
 
-    parser = argparse.ArgumentParser(prog="peftkit generate", description=generate.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="peftkit generate", description=generate.__doc__, formatter_class=DefaultsHelp
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument(
@@ -284,11 +423,21 @@ def generate(argv: list[str]) -> int:
         "each row with its own adapter",
     )
     parser.add_argument("--output", required=True, type=output_dir)
-    parser.add_argument("--steps", type=positive_int, default=30)
-    parser.add_argument("--guidance", type=non_negative_float, default=7.5)
-    parser.add_argument("--resolution", type=resolution, default=512)
-    parser.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    parser.add_argument("--steps", type=positive_int, default=30, help="sampler steps")
+    parser.add_argument(
+        "--guidance", type=non_negative_float, default=7.5, help="classifier-free guidance scale"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=resolution,
+        default=None,
+        help="pixels (default: the base model's native size)",
+    )
+    parser.add_argument(
+        "--attention", choices=["auto", "sdpa", "xformers"], default="auto", help="backend"
+    )
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
     image = parser.add_argument_group("image prompts")
     image.add_argument(
         "--control", help="control branch folder (from train-control) or ControlNet hub id"
@@ -298,7 +447,9 @@ def generate(argv: list[str]) -> int:
         type=existing_file,
         help="condition image for --control (edges, depth, segments...)",
     )
-    image.add_argument("--control-scale", type=finite_float, default=1.0)
+    image.add_argument(
+        "--control-scale", type=finite_float, default=1.0, help="control branch strength"
+    )
     image.add_argument(
         "--ip-adapter", type=existing_file, help="IP-Adapter file (from train-ip-adapter)"
     )
@@ -320,11 +471,12 @@ def generate(argv: list[str]) -> int:
     import torch
 
     base.pipe.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    base.pipe.set_progress_bar_config(disable=args.no_progress, leave=False)
     load_concepts(base, [ConceptRef.parse(a) for a in args.adapter])
     kwargs = {
         "steps": args.steps,
         "guidance": args.guidance,
-        "resolution": args.resolution,
+        "resolution": args.resolution or base.native_resolution,
         "image_prompts": attach_image_prompts(
             base,
             args.control,
@@ -347,27 +499,34 @@ def generate(argv: list[str]) -> int:
 
 
 def evaluate_concept(argv: list[str]) -> int:
-    """CLIP-I, CLIP-T (open_clip) and DINO similarity of generated images to the instance images."""
+    """CLIP-I, CLIP-T (open_clip) and DINO similarity of generated images to the instance images;
+    without --clip-model, the bundled concept judge counts the images that show the sample flower."""
+    from .concept_judge import JUDGE
     from .data import ConceptDataset, open_image
     from .generate import PROMPTS_FILE
     from .metrics import ClipEmbedder, DinoEmbedder, concept_scores
 
     parser = argparse.ArgumentParser(
-        prog="peftkit evaluate-concept", description=evaluate_concept.__doc__
+        prog="peftkit evaluate-concept",
+        description=evaluate_concept.__doc__,
+        formatter_class=DefaultsHelp,
     )
     parser.add_argument(
         "--generated", required=True, type=existing_dir, help="folder written by peftkit generate"
     )
     parser.add_argument(
-        "--references", required=True, type=existing_dir, help="the instance images"
+        "--references", type=existing_dir, help="the instance images (needed with --clip-model)"
+    )
+    parser.add_argument(
+        "--judge",
+        default=str(JUDGE),
+        help="concept judge folder, used when no --clip-model is given",
     )
     parser.add_argument(
         "--prompt", help="prompt of every generated image (default: the folder's prompts.json)"
     )
     parser.add_argument(
-        "--clip-model",
-        required=True,
-        help="open_clip name (ViT-B-32) or a folder with open_clip_config.json",
+        "--clip-model", help="open_clip name (ViT-B-32) or a folder with open_clip_config.json"
     )
     parser.add_argument(
         "--clip-pretrained", help="open_clip pretrained tag or local checkpoint file"
@@ -378,6 +537,10 @@ def evaluate_concept(argv: list[str]) -> int:
     parser.add_argument("--output", type=output_file, help="write the scores to this JSON file")
     args = parser.parse_args(argv)
     folder = Path(args.generated)
+    if not args.clip_model:
+        return _judge_folder(folder, args.judge, args.output)
+    if not args.references:
+        raise PeftkitError("--clip-model compares with the instance images: pass --references")
     record = (
         json.loads((folder / PROMPTS_FILE).read_text()) if (folder / PROMPTS_FILE).is_file() else {}
     )
@@ -399,4 +562,35 @@ def evaluate_concept(argv: list[str]) -> int:
     print(json.dumps(scores, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+def _judge_folder(folder: Path, judge_dir: str, output: str | None) -> int:
+    """The judge's verdict on every image of `folder` (grid.png left out), printed as JSON."""
+    from .concept_judge import ConceptJudge
+    from .data import open_image
+
+    names = (
+        sorted(
+            p.name
+            for p in folder.iterdir()
+            if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and p.name != "grid.png"
+        )
+        if folder.is_dir()
+        else []
+    )
+    if not names:
+        raise PeftkitError(f"no images in {folder}: pass the folder peftkit generate wrote")
+    judge = ConceptJudge(judge_dir)
+    probabilities = judge.probabilities([open_image(folder / n) for n in names])
+    scores = {
+        "judge": str(judge_dir),
+        "concept_present": sum(p >= judge.threshold for p in probabilities),
+        "images": len(names),
+        "probability": dict(zip(names, [round(p, 4) for p in probabilities])),
+    }
+    print(json.dumps(scores, indent=2))
+    print(f"concept present in {scores['concept_present']}/{len(names)} images")
+    if output:
+        Path(output).write_text(json.dumps(scores, indent=2))
     return 0

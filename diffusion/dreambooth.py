@@ -71,6 +71,8 @@ class ConceptConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_every: int = 0
     validation_steps: int = 25
+    caption_dropout: float = 0.0  # instance rows trained on the empty prompt, this often
+    flip: bool = False  # instance and class rows mirrored left-right half of the time
 
     def __post_init__(self) -> None:
         self.method = core(self.method).name  # aliases (lokr) name the canonical core
@@ -92,6 +94,10 @@ class ConceptConfig:
         ):
             if getattr(self, name) < 0:
                 raise PeftkitError(f"ConceptConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise PeftkitError(
+                f"ConceptConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}"
+            )
         if self.resolution % 8:
             raise PeftkitError(
                 f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}"
@@ -270,6 +276,14 @@ class ConceptTask:
             module.to(device)
         sets = [self.instances] + ([self.classes] if self.classes is not None else [])
         self.latents = [encode_latents(self.base.vae, s.pixels()) for s in sets]
+        if self.config.flip:  # the mirrored images, encoded once like the others
+            self.mirrored = [encode_latents(self.base.vae, s.pixels().flip(-1)) for s in sets]
+        if self.config.caption_dropout:
+            self.empty = (
+                self.base.tokenize([""])
+                if self.text_handles
+                else self.base.encode_prompt([""], self.config.resolution)
+            )
         self.captions = [s.captions for s in sets]
         if self.text_handles:
             self.ids = [self.base.tokenize(c) for c in self.captions]
@@ -296,10 +310,32 @@ class ConceptTask:
         mean, std = self.latents[which]
         index = to_device_async(index, mean.device)
         latents = sample_latents(mean[index], std[index])
+        n, config = len(index), self.config
+        # extra draws only when asked for, so runs without flip or dropout keep their numbers
+        if config.flip:
+            mirror = torch.rand(n, device=mean.device) < 0.5
+            mirrored = sample_latents(*(m[index] for m in self.mirrored[which]))
+            latents = torch.where(mirror.view(-1, 1, 1, 1), mirrored, latents)
+        drop = None
+        if config.caption_dropout and which == 0:
+            drop = torch.rand(n, device=mean.device) < config.caption_dropout
         if self.text_handles:
-            return latents, {"ids": [i[index.cpu()] for i in self.ids[which]]}
+            ids = [i[index.cpu()] for i in self.ids[which]]
+            if drop is not None:
+                ids = [torch.where(drop.cpu()[:, None], e, i) for e, i in zip(self.empty, ids)]
+            return latents, {"ids": ids}
         hidden, extra = self.conds[which]
-        return latents, {"hidden": hidden[index], "extra": {k: v[index] for k, v in extra.items()}}
+        hidden, extra = hidden[index], {k: v[index] for k, v in extra.items()}
+        if drop is not None:
+            empty_hidden, empty_extra = self.empty
+            hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
+            extra = {
+                k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty_extra[k], v)
+                if k == "text_embeds"
+                else v
+                for k, v in extra.items()
+            }
+        return latents, {"hidden": hidden, "extra": extra}
 
     def draw(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
         """The UNet inputs of `batch`: instance (then class) rows, noised at random timesteps.

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.hub import hub_reachable, unreachable_message
 
 # The starter ViT pretrained by assets/recipes/train_starter_vit.py: config.json + model.safetensors.
 STARTER_VIT = Path(__file__).resolve().parent.parent / "assets" / "starter-vit"
@@ -215,15 +216,32 @@ def create_backbone(
         return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id or f"timm/{name}"
+    if not hub_reachable():
+        # timm would retry the hub for most of a minute; a cached copy still loads
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "model.safetensors")
+        if not isinstance(cached, str):
+            raise PeftkitError(unreachable_message(repo, "model.safetensors", _local_hint(repo)))
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        _load_local(model, cached, head="head")
+        return model
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except Exception as err:  # hub errors come as OSError, HTTP, connection or hub-specific types
         raise PeftkitError(
-            f"could not load pretrained weights for {name!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{str(err)[:200]}). On a machine with access run `huggingface-cli download timm/{name} "
-            "model.safetensors`, copy the file here and pass it with --checkpoint path/to/model.safetensors "
-            "(Python: checkpoint=...), or train from scratch with --random-init"
+            f"could not load pretrained weights for {name!r} from {repo!r} on the Hugging Face hub "
+            f"({type(err).__name__}: {str(err)[:200]}); {_local_hint(repo)}"
         ) from None
+
+
+def _local_hint(repo: str) -> str:
+    return (
+        f"pass the weights with --checkpoint ./{repo.split('/')[-1]}/model.safetensors "
+        "(Python: checkpoint=...), or use --model starter (the bundled ViT, no download), or "
+        "train from scratch with --random-init"
+    )
 
 
 def _starter(

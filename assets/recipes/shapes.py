@@ -33,9 +33,14 @@ COLORS = {
 COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 VIT_SHAPES = SHAPES + ("bar",)
+# the text-to-image starter also draws six-petal flowers (with a center of another color) and
+# two-color checkerboards, so a concept such as the bundled sample flower is a short step away
+SD_SHAPES = SHAPES + ("flower",)
+FLOWER_SCALE = 1.25  # petal tips reach past the placement radius: a flower's area is mostly air
 PLURALS = {"cross": "crosses"}
 # the second tone covers at most a third of an object, so its color stays the dominant one
 TEXTURES = ("plain", "striped", "dotted")
+SD_TEXTURES = TEXTURES + ("checkered",)
 SIZES = ("small", "medium", "big")
 POSITIONS = (
     "anywhere",
@@ -72,13 +77,17 @@ class ShapeScenes:
         rotate: bool = False,
         noise: float = 0.0,
         supersample: int = 2,
+        textures: tuple[str, ...] = TEXTURES,
+        plain: float = 0.7,
     ) -> None:
-        unknown = set(shapes) - set(VIT_SHAPES)
-        if unknown or not 1 <= max_count <= 6 or size < 16:
+        unknown = set(shapes) - set(VIT_SHAPES + SD_SHAPES)
+        if unknown or not 1 <= max_count <= 6 or size < 16 or tuple(textures[:3]) != TEXTURES:
             raise ValueError(
-                f"shapes must come from {VIT_SHAPES} (got {sorted(unknown)}), max_count 1..6, size >= 16"
+                f"shapes must come from {VIT_SHAPES + SD_SHAPES} (got {sorted(unknown)}), "
+                f"max_count 1..6, size >= 16, textures {TEXTURES} or {SD_TEXTURES}"
             )
         self.size, self.shapes, self.max_count = size, tuple(shapes), max_count
+        self.textures, self.plain = tuple(textures), plain
         self.rotate, self.noise, self.supersample = rotate, noise, supersample
         self.palette = torch.tensor(list(COLORS.values()))
 
@@ -98,7 +107,9 @@ class ShapeScenes:
         )
         color = ints(len(COLORS))
         bg = (color + 1 + ints(len(COLORS) - 1)) % len(COLORS)  # any color but the object's
-        texture = torch.where(torch.rand(n, generator=g) < 0.7, 0, 1 + ints(len(TEXTURES) - 1))
+        texture = torch.where(
+            torch.rand(n, generator=g) < self.plain, 0, 1 + ints(len(self.textures) - 1)
+        )
         single = count == 1
         position = torch.where(
             single & (torch.rand(n, generator=g) < 0.5), 1 + ints(len(POSITIONS) - 1), 0
@@ -137,7 +148,7 @@ class ShapeScenes:
         cy[:, 0] = torch.where(single, one[:, 0], cy[:, 0])
         cx[:, 0] = torch.where(single, one[:, 1], cx[:, 0])
         angle = uniform(0.0, math.pi) if self.rotate else torch.zeros(n)
-        return {
+        p = {
             "shape": ints(len(self.shapes)),
             "color": color,
             "bg": bg,
@@ -154,10 +165,23 @@ class ShapeScenes:
             "say_bg": torch.rand(n, generator=g) >= 0.15,
             "prefix": torch.where(torch.rand(n, generator=g) < 0.2, ints(len(PREFIXES)), -1),
         }
+        # drawn last, so scenes without flowers or checkers keep the draws they had before
+        flower = p["shape"] == (self.shapes.index("flower") if "flower" in self.shapes else -1)
+        p["angle"] = torch.where(flower, uniform(0.0, math.pi / 3), angle)
+        color2 = (color + 1 + ints(len(COLORS) - 1)) % len(COLORS)
+        color2 = torch.where(color2 == bg, (color2 + 1) % len(COLORS), color2)
+        p["color2"] = torch.where(color2 == color, (color2 + 1) % len(COLORS), color2)
+        hub = (color + 1 + ints(len(COLORS) - 1)) % len(COLORS)
+        p["hub"] = torch.where(flower & (torch.rand(n, generator=g) < 0.75), hub, -1)
+        return p
 
     # ---- pixels (any device) ----
 
-    def _masks(self, p: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def _masks(
+        self, p: dict[str, torch.Tensor], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inside an object, on its checkerboard's second tone, inside its hub) per pixel; the
+        checks turn with the object, like the sample flower's."""
         n, res = len(p["shape"]), self.size * self.supersample
         axis = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / self.supersample
         yy, xx = axis.view(1, 1, res, 1), axis.view(1, 1, 1, res)
@@ -171,7 +195,11 @@ class ShapeScenes:
         for k, name in enumerate(self.shapes):
             inside |= (shape == k).view(n, 1, 1, 1) & _SHAPE_TESTS[name](u, v)
         active = torch.arange(6, device=device).view(1, 6) < p["count"].view(n, 1)
-        return (inside & active.view(n, 6, 1, 1)).any(dim=1)
+        inside &= active.view(n, 6, 1, 1)
+        cells = (r / 3).clamp(max=4)  # a quarter radius, but never under 3 pixels
+        checks = (torch.floor(u * cells) + torch.floor(v * cells)) % 2 == 0
+        hub = u * u + v * v <= (0.25 * FLOWER_SCALE) ** 2
+        return inside.any(dim=1), (inside & checks).any(dim=1), (inside & hub).any(dim=1)
 
     def _texture(self, p: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         res = self.size * self.supersample
@@ -182,6 +210,7 @@ class ShapeScenes:
                 torch.zeros(1, res, res, dtype=torch.bool, device=device),
                 (xx + yy) % 3 == 0,
                 (xx % 5 - 2) ** 2 + (yy % 5 - 2) ** 2 <= 1,
+                torch.zeros(1, res, res, dtype=torch.bool, device=device),  # checkered: per object
             ]
         )
         return patterns[p["texture"]]
@@ -202,10 +231,14 @@ class ShapeScenes:
         # a texture's second tone keeps the object's hue; a darker gray would be nearer purple than white
         dark, light = fg.mean(dim=1, keepdim=True) < 0.3, fg.min(dim=1, keepdim=True).values > 0.8
         shade = torch.where(dark, fg + 0.3, torch.where(light, fg * 0.8, fg * 0.65))
-        obj = torch.where(
-            self._texture(p, device)[:, None], shade.view(n, 3, 1, 1), fg.view(n, 3, 1, 1)
-        )
-        image = torch.where(self._masks(p, device)[:, None], obj, bg.view(n, 3, 1, 1))
+        inside, checks, hub = self._masks(p, device)
+        checkered = (p["texture"] == 3).view(n, 1, 1)
+        tone = torch.where(checkered, checks, self._texture(p, device))
+        second = torch.where(checkered.view(n, 1), palette[p["color2"]], shade)
+        obj = torch.where(tone[:, None], second.view(n, 3, 1, 1), fg.view(n, 3, 1, 1))
+        hub_color = palette[p["hub"].clamp(min=0)].view(n, 3, 1, 1)
+        obj = torch.where((hub & (p["hub"] >= 0).view(n, 1, 1))[:, None], hub_color, obj)
+        image = torch.where(inside[:, None], obj, bg.view(n, 3, 1, 1))
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
         if self.noise > 0:
@@ -263,6 +296,10 @@ _SHAPE_TESTS = {
         ((u.abs() <= 1) & (v.abs() <= 0.33)) | ((v.abs() <= 1) & (u.abs() <= 0.33))
     ),
     "diamond": lambda u, v: u.abs() + v.abs() <= 1.05,
+    # six petals: the radius swings between 0.62 and 1 (assets/samples/make_samples.py's toy)
+    "flower": lambda u, v: (
+        torch.hypot(u, v) / FLOWER_SCALE <= 0.62 + 0.38 * torch.cos(3 * torch.atan2(v, u)).abs()
+    ),
     "bar": lambda u, v: (u.abs() <= 1.15) & (v.abs() <= 0.22),
 }
 
@@ -271,14 +308,19 @@ def caption(scene: dict[str, float], shapes: tuple[str, ...]) -> str:
     """The caption of one scene: count, size, texture, color, shape, position and background, with
     the background left out 15% of the time and a "a photo of" style prefix 20% of the time."""
     count, shape = int(scene["count"]), shapes[int(scene["shape"])]
+    texture = SD_TEXTURES[int(scene["texture"])]
     words = [
         SIZES[int(scene["size"])] if int(scene["size"]) != 1 else "",
-        TEXTURES[int(scene["texture"])] if int(scene["texture"]) else "",
+        texture if texture != "plain" else "",
         COLOR_NAMES[int(scene["color"])],
+        f"and {COLOR_NAMES[int(scene['color2'])]}" if texture == "checkered" else "",
         shape if count == 1 else PLURALS.get(shape, shape + "s"),
     ]
     words = [w for w in words if w]
     text = " ".join([_article(words[0]) if count == 1 else COUNT_WORDS[count - 1], *words])
+    if scene.get("hub", -1) >= 0:
+        hub = COLOR_NAMES[int(scene["hub"])]
+        text += f" with {_article(hub)} {hub} center" if count == 1 else f" with {hub} centers"
     if count == 1 and int(scene["position"]):
         text += " " + POSITIONS[int(scene["position"])]
     if scene["say_bg"]:
@@ -303,11 +345,16 @@ def caption_words() -> list[str]:
         "of",
         *COUNT_WORDS,
         *SIZES,
-        *TEXTURES,
+        "and",
+        "with",
+        "center",
+        "centers",
+        *SD_TEXTURES,
         *COLOR_NAMES,
         *VIT_SHAPES,
+        *SD_SHAPES,
     }
-    words |= {PLURALS.get(s, s + "s") for s in VIT_SHAPES}
+    words |= {PLURALS.get(s, s + "s") for s in VIT_SHAPES + SD_SHAPES}
     for phrase in (*POSITIONS, *PREFIXES):
         words |= set(phrase.split())
     return sorted(words)

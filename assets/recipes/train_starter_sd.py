@@ -39,7 +39,7 @@ from .recipe_run import (
     pick_device,
     save_folder,
 )
-from .shapes import SHAPES, ShapeScenes, take
+from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, take
 
 ASSETS = Path(__file__).resolve().parent.parent
 
@@ -357,7 +357,9 @@ def train_starter_sd(
     log = RunLog(log_path)
     start = time.perf_counter()
     log(f"starter-sd recipe on {device}: {json.dumps(asdict(recipe))}")
-    scenes = ShapeScenes(size=recipe.size, shapes=SHAPES, max_count=4)
+    scenes = ShapeScenes(
+        size=recipe.size, shapes=SD_SHAPES, max_count=4, textures=SD_TEXTURES, plain=0.55
+    )
     params = scenes.params(recipe.pool, recipe.seed)
     tokenizer = build_tokenizer(work / "tokenizer", recipe.text["max_position_embeddings"])
     ids = encode_captions(tokenizer, scenes.captions(params)).to(device)
@@ -407,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vae-steps", type=int, default=None, help="fixed VAE steps instead of the clock"
     )
     parser.add_argument("--batch", type=int, default=SDRecipe.batch)
+    parser.add_argument("--lr", type=float, default=SDRecipe.lr, help="UNet and text encoder")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model at 32x32 (smoke test)")
@@ -415,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(
         minutes=args.minutes, steps=args.steps, vae_steps=args.vae_steps, seed=args.seed
     )
-    recipe = SDRecipe.tiny(**settings) if args.tiny else SDRecipe(batch=args.batch, **settings)
+    recipe = (
+        SDRecipe.tiny(**settings)
+        if args.tiny
+        else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
+    )
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )

@@ -37,15 +37,25 @@ VIEWS = [
 
 
 def draw_toy(
-    size: int, cy: float, cx: float, radius: float, turn: float, background, supersample: int = 4
+    size: int,
+    cy: float,
+    cx: float,
+    radius: float,
+    turn: float,
+    background,
+    supersample: int = 4,
+    colors=(TEAL, MAGENTA, YELLOW),
+    petals: bool = True,
 ) -> Image.Image:
-    """One view of the toy as an RGB image of `size` x `size` pixels (anti-aliased by supersampling)."""
+    """One view of the toy as an RGB image of `size` x `size` pixels (anti-aliased by supersampling).
+    `colors` (petals, checks, hub) and `petals=False` (a disc) draw the look-alikes that the
+    concept judge (assets/recipes/train_concept_judge.py) learns to reject."""
     n = size * supersample
     axis = (np.arange(n) + 0.5) / n
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
     dy, dx = yy - cy, xx - cx
     r, theta = np.hypot(dy, dx) / radius, np.arctan2(dy, dx) + turn
-    petals = r <= 0.62 + 0.38 * np.abs(np.cos(3 * theta))  # six lobes
+    body = r <= (0.62 + 0.38 * np.abs(np.cos(3 * theta)) if petals else 0.85)  # six lobes
     checks = (
         (
             np.floor((dx * np.cos(turn) + dy * np.sin(turn)) / radius * 4)
@@ -56,9 +66,9 @@ def draw_toy(
     hub = r <= 0.25
     image = np.empty((n, n, 3))
     image[:] = background
-    image[petals] = TEAL
-    image[petals & checks] = MAGENTA
-    image[hub] = YELLOW
+    image[body] = colors[0]
+    image[body & checks] = colors[1]
+    image[hub] = colors[2]
     image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
     return Image.fromarray(np.round(image * 255).astype(np.uint8))
 

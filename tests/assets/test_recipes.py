@@ -53,8 +53,36 @@ def test_single_shapes_are_told_apart_by_their_pixels():
     p["radius"] = torch.full_like(p["radius"], 20.0)
     p["cy"][:, 0] = p["cx"][:, 0] = 32.0
     p["texture"] = torch.zeros_like(p["texture"])
-    masks = scenes._masks(p, torch.device("cpu")).float().mean(dim=(1, 2))
+    masks = scenes._masks(p, torch.device("cpu"))[0].float().mean(dim=(1, 2))
     assert len(set(torch.round(masks * 100).tolist())) == len(VIT_SHAPES)
+
+
+def test_flowers_show_their_center_and_checkerboards_both_colors():
+    from peftkit.assets.recipes.shapes import COLORS, SD_SHAPES, SD_TEXTURES, take
+
+    scenes = ShapeScenes(size=64, shapes=SD_SHAPES, textures=SD_TEXTURES, plain=0.55)
+    p = scenes.params(400, seed=5)
+    captions = scenes.captions(p)
+    flower, checkered = SD_SHAPES.index("flower"), SD_TEXTURES.index("checkered")
+    palette = torch.tensor(list(COLORS.values()))
+    hubbed = ((p["shape"] == flower) & (p["hub"] >= 0) & (p["count"] == 1)).nonzero()[:5, 0]
+    images = scenes.render(take(p, hubbed))
+    for image, i in zip(images, hubbed.tolist()):
+        cy, cx = int(p["cy"][i, 0]), int(p["cx"][i, 0])
+        hub = COLOR_NAMES[int(p["hub"][i])]
+        assert f" {hub} center" in captions[i]
+        nearest = ((palette - image[:, cy, cx]) ** 2).sum(1).argmin()
+        assert COLOR_NAMES[int(nearest)] == hub
+    two_tone = ((p["texture"] == checkered) & (p["shape"] != flower)).nonzero()[:5, 0]
+    pixels = scenes.render(take(p, two_tone)).permute(0, 2, 3, 1)
+    nearest = ((pixels[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # n, h, w
+    for image, i in zip(nearest, two_tone.tolist()):
+        first, second = int(p["color"][i]), int(p["color2"][i])
+        assert f"checkered {COLOR_NAMES[first]} and {COLOR_NAMES[second]}" in captions[i]
+        assert (image == first).sum() >= 4 and (image == second).sum() >= 4
+    # the ViT's scenes never draw the new shapes or textures
+    vit = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True).params(400, seed=5)
+    assert int(vit["texture"].max()) < 3 and int(vit["hub"].max()) == -1
 
 
 def test_vit_labels_ignore_what_does_not_apply():
