@@ -24,12 +24,12 @@ from PIL import Image
 
 from ..common_kernels.adapter_file import atomic_write
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.registry import canonical, core_names
 from ..diffusion.concept_defaults import CONCEPT_DEFAULTS
 from ..diffusion.concept_judge import JUDGE
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples" / "concept"
 # CLI names -> ConceptConfig methods
-METHODS = {"lora": "lora", "lokr": "kron", "oft": "oft"}
 INSTANCE_PROMPT = "a photo of sks flower"
 CLASS_PROMPT = "a photo of a flower"
 # Concept prompts (the judge counts the concept in these) and one control prompt without the
@@ -219,9 +219,7 @@ def concept_job(
     from ..diffusion.dreambooth import ConceptConfig
     from ..diffusion.multitenant import ConceptJob
 
-    if method not in METHODS:
-        raise PeftkitError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    core = METHODS[method]
+    core = canonical(method)  # a PeftkitError naming the cores for an unknown one
     config = ConceptConfig(
         instance_prompt=instance_prompt,
         method=core,
@@ -314,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", default="peftkit-demo", help="where the grid, adapter and metrics go"
     )
-    p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    p.add_argument("--method", choices=core_names(aliases=True), default="lora")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
@@ -450,7 +448,7 @@ def demo(argv: list[str]) -> int:
         "method": args.method,
         "steps": result.step,
         "rank": args.rank,
-        "lr": args.lr or CONCEPT_DEFAULTS.lr_for(METHODS[args.method]),
+        "lr": args.lr or CONCEPT_DEFAULTS.lr_for(args.method),
         "resolution": resolution,
         "sample_steps": args.sample_steps,
         "guidance": args.guidance,

@@ -17,7 +17,11 @@ class ConceptDefaults:
     steps: int = 300
     rank: int = 8
     block_size: int = 32
-    lr: dict[str, float] = field(default_factory=lambda: {"lora": 2e-4, "kron": 2e-4, "oft": 6e-4})
+    # Per core (canonical names); a core missing here takes LoRA's rate. Rotations (OFT, BOFT)
+    # move less per step than additive updates, so they get a higher one.
+    lr: dict[str, float] = field(
+        default_factory=lambda: {"lora": 2e-4, "kron": 2e-4, "oft": 6e-4, "boft": 6e-4}
+    )
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     # prior preservation with the class word keeps the class (and other prompts) from bleeding
@@ -27,7 +31,9 @@ class ConceptDefaults:
     flip: bool = False
 
     def lr_for(self, method: str) -> float:
-        return self.lr[method]
+        from ..common_kernels.registry import core
+
+        return self.lr.get(core(method).name, self.lr["lora"])  # core() resolves aliases
 
 
 CONCEPT_DEFAULTS = ConceptDefaults()
