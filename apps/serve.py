@@ -126,6 +126,9 @@ def create_app(
         except Stopped as err:
             raise HTTPException(503, str(err)) from None
         waiting = asyncio.wrap_future(ticket)
+        # A request whose client left never awaits its outcome: read it here so asyncio does not
+        # log "exception was never retrieved" for every abandoned request.
+        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             while True:

@@ -62,7 +62,7 @@ def test_help_shows_the_shared_defaults(capsys):
         train_concept(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"--steps STEPS optimizer steps (default: {CONCEPT_DEFAULTS.steps})" in text
-    assert f"--rank RANK LoRA/LoKr rank (default: {CONCEPT_DEFAULTS.rank})" in text
+    assert f"--rank RANK rank (cores with one) (default: {CONCEPT_DEFAULTS.rank})" in text
     assert "--lr-schedule {constant,linear,cosine}" in text and "--config CONFIG" in text
 
 
