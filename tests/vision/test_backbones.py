@@ -33,8 +33,11 @@ def test_unreachable_hub_tells_how_to_pass_a_local_file(monkeypatch, kit):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(PeftkitError, match=r"--checkpoint path/to/model\.safetensors"):
+    with pytest.raises(PeftkitError) as err:
         create_backbone("vit_base_patch16_224", pretrained=True)
+    message = str(err.value)
+    assert "timm/vit_base_patch16_224" in message and "hf download timm/" in message
+    assert "--checkpoint " in message and "--model starter" in message
 
 
 def test_unknown_model_names_are_reported(kit):
