@@ -9,7 +9,6 @@ generated image and its prompt in CLIP space (CLIP-T).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -29,12 +28,19 @@ class ClipEmbedder:
         import open_clip
 
         name = f"local-dir:{model}" if Path(model).is_dir() else model
+        if pretrained and Path(pretrained).is_file() and Path(pretrained).suffix != ".safetensors":
+            # Weights load through safetensors only: a pickled checkpoint can run code.
+            raise PeftkitError(
+                f"cannot load open_clip model {model!r} from {pretrained!r}: only .safetensors "
+                "checkpoints are read; convert it (safetensors.torch.save_file) or pass a folder "
+                "with open_clip_config.json"
+            )
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device
             )
             self.tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        except (RuntimeError, OSError, ValueError, EOFError) as err:
             why = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's run long
             raise PeftkitError(
                 f"cannot load open_clip model {model!r} (pretrained={pretrained!r}): {why}; pass a "
