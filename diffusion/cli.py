@@ -41,9 +41,41 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -> None:
+def add_step_args(
+    parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float | None, lr_help: str
+) -> None:
+    """The run flags every diffusion trainer shares (steps, batch, LR, warm-up, precision and
+    graph, checkpoints, seed, device); each command passes its own defaults."""
     from ..common_kernels.training.fast_path import add_speed_args
 
+    parser.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="images per step"
+    )
+    parser.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
+    parser.add_argument(
+        "--grad-accum", type=positive_int, default=1, help="batches per optimizer step"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=non_negative_int, default=0, help="linear LR warm-up"
+    )
+    add_speed_args(parser)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        help="checkpoint every N steps (resume: rerun)",
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data, noise and adapter init"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -> None:
     parser.add_argument(
         "--model", required=True, help="base pipeline: diffusers folder, hub id, or 'starter'"
     )
@@ -65,29 +97,13 @@ def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -
         default=None,
         help="pixels (default: the base model's native size)",
     )
-    parser.add_argument(
-        "--steps", type=positive_int, default=CONCEPT_DEFAULTS.steps, help="optimizer steps"
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per step")
-    parser.add_argument(
-        "--lr", type=positive_float, default=None, help="learning rate (default: the method's)"
-    )
+    add_step_args(parser, CONCEPT_DEFAULTS.steps, 1, None, "learning rate (default: the method's)")
     parser.add_argument(
         "--lr-schedule",
         choices=["constant", "linear", "cosine"],
         default=CONCEPT_DEFAULTS.lr_schedule,
         help="after the warm-up: constant, linear decay or cosine decay to 0",
     )
-    parser.add_argument(
-        "--grad-accum", type=positive_int, default=1, help="batches per optimizer step"
-    )
-    parser.add_argument(
-        "--warmup-steps",
-        type=non_negative_int,
-        default=CONCEPT_DEFAULTS.warmup_steps,
-        help="linear LR warm-up",
-    )
-    add_speed_args(parser)
     parser.add_argument(
         "--optimizer",
         choices=["auto", "adamw", "adamw8bit"],
@@ -96,24 +112,11 @@ def _training_args(parser: argparse.ArgumentParser, job_required: bool = True) -
         "bitsandbytes is installed and a GPU is used",
     )
     parser.add_argument(
-        "--checkpoint-every",
-        type=non_negative_int,
-        default=0,
-        help="checkpoint every N steps (resume: rerun)",
-    )
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="data, noise and adapter init"
-    )
-    parser.add_argument(
         "--attention",
         choices=["auto", "sdpa", "xformers"],
         default="auto",
         help="auto: xformers when installed with CUDA, else PyTorch SDPA",
     )
-    parser.add_argument(
-        "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
-    )
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def _train_config(args: argparse.Namespace, lr: float):

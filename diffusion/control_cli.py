@@ -19,9 +19,7 @@ from pathlib import Path
 from ..common_kernels.args import (
     finite_float,
     non_negative_float,
-    non_negative_int,
     output_dir,
-    positive_float,
     positive_int,
     resolution,
 )
@@ -29,7 +27,7 @@ from .base import load_base
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    from ..common_kernels.training.fast_path import add_speed_args
+    from .cli import add_step_args
 
     parser.add_argument(
         "--model", required=True, help="base Stable Diffusion pipeline: folder or hub id"
@@ -44,18 +42,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         help="output folder (weights, checkpoints, train.json)",
     )
     parser.add_argument("--resolution", type=resolution, default=512)
-    parser.add_argument("--steps", type=positive_int, default=1000)
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--lr", type=positive_float, default=1e-5)
-    parser.add_argument("--grad-accum", type=positive_int, default=1)
-    parser.add_argument("--warmup-steps", type=non_negative_int, default=0)
-    add_speed_args(parser)
-    parser.add_argument("--checkpoint-every", type=non_negative_int, default=0)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument(
-        "--cpu", action="store_true", help="train on the CPU even when a GPU is present"
-    )
-    parser.add_argument("--no-progress", action="store_true")
+    add_step_args(parser, steps=1000, batch_size=4, lr=1e-5, lr_help="learning rate")
     parser.add_argument(
         "--fsdp",
         action="store_true",
@@ -108,12 +95,15 @@ def train_control(argv: list[str]) -> int:
     """Train a zero-conv control branch; writes <output>/controlnet (a diffusers ControlNetModel folder)."""
     from ..common_kernels.registry import core, core_names
     from ..common_kernels.training.engine import launch_world
+    from .cli import DefaultsHelp
     from .conditions import EXTRACTORS
     from .control import ControlConfig, ControlTask, save_control
     from .pairs import load_pairs
 
     parser = argparse.ArgumentParser(
-        prog="peftkit train-control", description=train_control.__doc__
+        prog="peftkit train-control",
+        description=train_control.__doc__,
+        formatter_class=DefaultsHelp,
     )
     _common_args(parser)
     parser.add_argument(
@@ -172,13 +162,16 @@ def train_control(argv: list[str]) -> int:
 def train_ip_adapter(argv: list[str]) -> int:
     """Train an IP-Adapter; writes <output>/ip-adapter.safetensors (diffusers load_ip_adapter layout)."""
     from ..common_kernels.training.engine import launch_world
+    from .cli import DefaultsHelp
     from .image_encoder import ImageEncoder
     from .ip_adapter import IPAdapterConfig, save_ip_adapter
     from .ip_adapter_task import IPAdapterTask
     from .pairs import load_pairs
 
     parser = argparse.ArgumentParser(
-        prog="peftkit train-ip-adapter", description=train_ip_adapter.__doc__
+        prog="peftkit train-ip-adapter",
+        description=train_ip_adapter.__doc__,
+        formatter_class=DefaultsHelp,
     )
     _common_args(parser)
     parser.add_argument(
