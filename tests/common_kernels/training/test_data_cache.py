@@ -73,3 +73,14 @@ def test_out_of_memory_while_caching_falls_back_to_decoding_with_one_notice():
     rows = batch_rows(13, 4, 0, 0).tolist()
     assert torch.equal(x, torch.stack([data[i][0] for i in rows]))
     assert y.tolist() == [data.label(i) for i in rows]
+
+
+def test_in_memory_lists_are_batched_in_process_even_on_a_gpu_run(monkeypatch):
+    # Worker processes for a list of row indices cost seconds of start-up and shutdown per run.
+    started = []
+    monkeypatch.setattr(data_cache, "streamed", lambda *a: started.append(a))
+    rows = [{"i": i} for i in range(5)]
+    got = data_cache.training_batches(rows, 2, 3, 0, None, 0, 1, torch.device("cuda"))
+    first = next(got)
+    assert not started
+    assert first["i"].tolist() == [rows[i]["i"] for i in batch_rows(5, 2, 3, 0)]
