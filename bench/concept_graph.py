@@ -158,7 +158,7 @@ def main() -> None:
             runs.append((state, result.losses, result.timing["capture"] > 0))
             notes += lines
         # OFT inverts its rotations with cuSOLVER inside a graph and with PyTorch's default
-        # library eagerly; AdamW's first steps magnify that last-bit difference ~10x.
+        # library eagerly; AdamW's first steps divide by tiny second moments and magnify that.
         tolerance = 1e-3 if method == "oft" else 1e-4
         rows.append(compare(f"train-concept {method} fp32", *runs, tolerance=tolerance))
     runs = []
