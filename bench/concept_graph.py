@@ -56,8 +56,14 @@ def quiet(fn, *args, **kwargs):
 
 
 def concept(base, folder, out, method, graph, precision, steps, bs, resolution, cpu):
+    checkpointing = method.endswith("+ckpt")  # "lora+ckpt": with --gradient-checkpointing
     config = ConceptConfig(
-        "a photo of sks toy", method=method, rank=4, block_size=8, resolution=resolution
+        "a photo of sks toy",
+        method=method.removesuffix("+ckpt"),
+        rank=4,
+        block_size=8,
+        resolution=resolution,
+        gradient_checkpointing=checkpointing,
     )
     train_config = TrainConfig(
         steps=steps,
@@ -73,6 +79,7 @@ def concept(base, folder, out, method, graph, precision, steps, bs, resolution, 
     (task, result), lines = quiet(train_concept, base, folder, config, train_config)
     state = {k: v.detach().float().cpu().clone() for k, v in task.unet_handle.state_dict().items()}
     task.unet_handle.unload()
+    base.unet.disable_gradient_checkpointing()  # the next run shares this base
     return state, result, lines
 
 
@@ -140,7 +147,7 @@ def main() -> None:
     folders = mt.image_folders(root / "images", 1, parity_px)
     base = mt.bench_base()
     rows, notes = [], []
-    for method in ("lora", "kron", "oft"):
+    for method in ("lora", "kron", "oft", "lora+ckpt"):
         runs = []
         for mode in (False, graph):
             state, result, lines = concept(

@@ -28,6 +28,7 @@ from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
 from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.registry import core
+from ..common_kernels.training.graphed_step import active_dropout, capturable_checkpoint
 from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
@@ -225,7 +226,9 @@ class ConceptTask:
                 encoder.requires_grad_(False)
         base.vae.requires_grad_(False)
         if config.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
+            # Without dropout the recomputation needs no saved RNG state, so the step stays capturable.
+            dropout = active_dropout(base.unet)
+            base.unet.enable_gradient_checkpointing(None if dropout else capturable_checkpoint)
         self.model = ConceptModel(
             base, base.text_encoders if self.text_handles else [], config.resolution
         )
@@ -416,8 +419,10 @@ class ConceptTask:
         """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
         if self.text_handles:
             return "a text-encoder LoRA re-encodes token ids gathered on the host every step"
-        if self.config.gradient_checkpointing:
-            return "gradient checkpointing saves and restores the RNG state on the host"
+        if self.config.gradient_checkpointing and active_dropout(self.base.unet):
+            return (
+                "gradient checkpointing of a UNet with dropout restores the RNG state on the host"
+            )
         return None
 
     def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:

@@ -17,12 +17,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import PeftkitError
 from ..oft import cusolver_linalg
 
 WARMUP_STEPS = 3
+
+
+def capturable_checkpoint(module: nn.Module, *args: Any) -> Any:
+    """Activation checkpointing a CUDA graph can capture, for models without active dropout:
+    PyTorch's default saves and restores the RNG state on the host around the recomputation,
+    which capture forbids; with nothing random in the block, the state is not needed."""
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__, *args, use_reentrant=False, preserve_rng_state=False
+    )
+
+
+def active_dropout(model: nn.Module) -> bool:
+    """Whether any dropout in `model` drops something in training mode."""
+    kinds = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+    return any(isinstance(m, kinds) and m.p > 0 for m in model.modules())
 
 
 def graph_optimizer(

@@ -150,6 +150,8 @@ def test_concept_steps_are_capturable_unless_a_feature_works_on_the_host(tiny_sd
     text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
     assert "text-encoder LoRA" in text.graph_unsafe
     checkpointed = ConceptTask(base, data, _config(gradient_checkpointing=True), name="ckpt")
+    assert checkpointed.graph_unsafe is None  # no dropout: recomputation needs no RNG state
+    base.unet.extra = torch.nn.Dropout(0.1)
     assert "gradient checkpointing" in checkpointed.graph_unsafe
     with pytest.raises(PeftkitError, match="cuda_graph=True needs a CUDA device"):
         _run(tiny_sd_path, concept_dir, steps=1, train={"cuda_graph": True, "cpu": True})
@@ -245,3 +247,28 @@ def test_cached_encoders_are_the_vae_and_the_text_encoders_without_a_lora(
     assert plain.encoders() == [base.vae, *base.text_encoders]
     text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
     assert text.encoders() == [base.vae]
+
+
+def test_checkpointed_steps_give_the_gradients_of_plain_steps(tiny_sd_path, concept_dir):
+    grads = []
+    for checkpointing in (False, True):
+        base = load_base(str(tiny_sd_path))
+        task = ConceptTask(
+            base,
+            ConceptDataset(concept_dir, "x", 16),
+            _config(gradient_checkpointing=checkpointing),
+            seed=5,
+        )
+        task.prepare(
+            SimpleNamespace(
+                device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1
+            )
+        )
+        task.model.train()
+        task.loss(
+            task.model, {"instance": torch.tensor([0, 1]), "class": torch.zeros(0)}
+        ).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.trainable_parameters()]))
+    assert base.unet.is_gradient_checkpointing
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
