@@ -166,6 +166,10 @@ class GraphedStep:
                 for _ in range(self.warmups):
                     self._body(warmup=True)
             torch.cuda.current_stream().wait_stream(side)
+            # The warm-up's activations sit in the allocator's cache for the side stream, which
+            # the graph's private pool cannot reuse: hand them back, or they add to the peak.
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             self.graph = torch.cuda.CUDAGraph()
             # Compiled code resolves its linalg library when it runs: keep it capturable.
             with torch.cuda.graph(self.graph), cusolver_linalg():
