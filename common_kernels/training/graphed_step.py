@@ -26,9 +26,12 @@ WARMUP_STEPS = 3
 
 
 def graph_optimizer(
-    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+    params: list[nn.Parameter] | list[dict], lr: float, weight_decay: float, device: torch.device
 ):
-    """Fused, capturable AdamW with a tensor learning rate, so schedules update it in place."""
+    """Fused, capturable AdamW with a tensor learning rate, so schedules update it in place;
+    `params` may be {"params", "lr"} groups, each then with a tensor rate of its own."""
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": torch.tensor(g["lr"], device=device)} for g in params]
     return torch.optim.AdamW(
         params,
         lr=torch.tensor(lr, device=device),
