@@ -45,6 +45,7 @@ class MetricsLog:
             from accelerate.tracking import TensorBoardTracker
 
             self.tracker = TensorBoardTracker("tensorboard", Path(output_dir) / "logs")
+            self.tracker.start()
 
     def __call__(self, event: dict) -> None:
         kind, step = event["kind"], event.get("step")
@@ -62,8 +63,8 @@ class MetricsLog:
         if self.tracker is not None and images:
             import numpy as np
 
-            arrays = {f"samples/{k}": np.asarray(v) for k, v in images.items()}
-            self.tracker.log_images(arrays, step, dataformats="HWC")
+            arrays = {f"samples/{k}": np.asarray(v)[None] for k, v in images.items()}
+            self.tracker.log_images(arrays, step, dataformats="NHWC")
 
     def _write(self, row: dict, prefix: str) -> None:
         with self.path.open("a", encoding="utf-8") as f:
