@@ -149,3 +149,14 @@ def test_square_images_give_sdxl_their_real_size_too(tmp_path):
     _, ids = images.crops(rows=[0, 4])
     # 32x16: the 16x16 center square starts 8 px in, 8 px at 16/16 scale
     assert ids.tolist() == [[16, 32, 0, 8, 16, 16], [24, 24, 0, 0, 16, 16]]
+
+
+def test_jobs_trained_together_refuse_buckets(tmp_path, concept_dir):
+    from peftkit.diffusion.multitenant_cli import load_jobs
+
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        f"output: out\njobs:\n  - {{images: {concept_dir}, prompt: p, buckets: true}}\n"
+    )
+    with pytest.raises(PeftkitError, match=r"buckets is set, but training jobs together has no"):
+        load_jobs(jobs)

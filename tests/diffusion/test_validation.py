@@ -116,3 +116,44 @@ def test_tensorboard_missing_is_one_clear_error(monkeypatch, tmp_path):
         MetricsLog(tmp_path, report_to="tensorboard")
     with pytest.raises(PeftkitError, match="report_to"):
         ConceptConfig(instance_prompt="sks", report_to="wandb")
+
+
+def test_a_train_concepts_job_logs_its_validation_loss(tiny_sd_path, tmp_path):
+    from peftkit.diffusion.multitenant_cli import train_concepts
+
+    write_concept_images(tmp_path / "dog", count=3)
+    write_concept_images(tmp_path / "dog-val", count=2, seed=4)
+    write_concept_images(tmp_path / "cat", count=3, seed=1)
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"""
+model: {tiny_sd_path}
+output: out
+defaults: {{resolution: 16, rank: 4, steps: 4, batch_size: 2, lr: 1.0e-2}}
+jobs:
+  - {{name: dog, images: dog, prompt: a photo of sks dog, validation_images: dog-val, eval_every: 2}}
+  - {{name: cat, images: cat, prompt: a photo of sks cat}}
+""")
+    assert train_concepts(["--jobs", str(jobs), "--no-progress"]) == 0
+    dog, cat = (_lines(tmp_path / "out" / name) for name in ("dog", "cat"))
+    assert [r["step"] for r in dog if "validation_loss" in r] == [2, 4]
+    assert [r["step"] for r in cat if "loss" in r] == [1, 2, 3, 4]
+    assert not any("validation_loss" in r for r in cat)
+
+
+def test_train_concept_command_takes_the_new_flags(tiny_sd_path, tmp_path):
+    from peftkit.diffusion.cli import train_concept as command
+
+    images = write_concept_images(tmp_path / "img", count=4)
+    for i in range(4):
+        (images / f"img{i}.txt").write_text("a photo of <toy> thing")
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_sd_path), "--images", str(images), "--output", str(out)]
+    argv += ["--prompt", "a photo of <toy> thing", "--resolution", "16", "--steps", "2"]
+    argv += ["--batch-size", "2", "--no-progress", "--cpu", "--validation-fraction", "0.25"]
+    argv += ["--eval-every", "1", "--new-token", "<toy>", "--init-word", "toy", "--buckets"]
+    argv += ["--bucket-step", "8", "--token-lr", "5e-3"]
+    assert command(argv) == 0
+    concept = json.loads((out / "concept.json").read_text())
+    assert concept["buckets"] and concept["new_token"] == "<toy>" and concept["token_lr"] == 5e-3
+    assert [r["step"] for r in _lines(out) if "validation_loss" in r] == [1, 2]
+    assert (out / "learned_embeds.safetensors").is_file()
