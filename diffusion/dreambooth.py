@@ -356,8 +356,6 @@ class ConceptTask:
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
-        from .pairs import encode_latents
-
         device = accelerator.device
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32
@@ -368,28 +366,9 @@ class ConceptTask:
             for p in module.parameters():
                 p.data = p.data.to(device, p.dtype if p.requires_grad else frozen_dtype)
             module.to(device)
-        # Latents per set and bucket (None: center squares); `slot` maps an image to its row there.
         self.latents, self.mirrored, self.size_ids, self.slot = [], [], [], []
-        used = sorted(set(self.bucket_of)) if self.bucket_of is not None else [None]
-        for which, images in enumerate(self.sets):
-            buckets = used if which != self.held else [None]
-            rows = {b: list(range(len(images))) for b in buckets}
-            if which == 0 and self.bucket_of is not None:
-                rows = {b: [i for i, c in enumerate(self.bucket_of) if c == b] for b in used}
-            slot = torch.zeros(len(images), dtype=torch.long)
-            latents, mirrored, size_ids = {}, {}, {}
-            for b, members in rows.items():
-                slot[members] = torch.arange(len(members))
-                size = None if b is None else self.sizes[b]
-                pixels, size_ids[b] = images.crops(size, members)
-                latents[b] = encode_latents(self.base.vae, pixels)
-                if self.config.flip:  # the mirrored images, encoded once like the others
-                    mirrored[b] = encode_latents(self.base.vae, pixels.flip(-1))
-                size_ids[b] = size_ids[b].to(device)
-            self.latents.append(latents)
-            self.mirrored.append(mirrored)
-            self.size_ids.append(size_ids)
-            self.slot.append(slot)
+        for which in range(len(self.sets)):
+            self._encode(which, device)
         self.device = device
         if self.config.caption_dropout:
             self.empty = (
@@ -407,6 +386,32 @@ class ConceptTask:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if device.type == "cuda":
             self.release_encoders()
+
+    def _encode(self, which: int, device: torch.device) -> None:
+        """Latents (and mirrored ones, and SDXL size ids) of set `which` for each bucket it is drawn
+        in (None: center squares): an instance image in its own bucket, a class image in every
+        bucket the instances use, a held-out image as a center square. `slot` maps an image to
+        its row in its bucket's tensors."""
+        from .pairs import encode_latents
+
+        images = self.sets[which]
+        used = sorted(set(self.bucket_of)) if self.bucket_of is not None else [None]
+        rows = {b: list(range(len(images))) for b in (used if which != self.held else [None])}
+        if which == 0 and self.bucket_of is not None:
+            rows = {b: [i for i, c in enumerate(self.bucket_of) if c == b] for b in used}
+        slot = torch.zeros(len(images), dtype=torch.long)
+        latents, mirrored, size_ids = {}, {}, {}
+        for b, members in rows.items():
+            slot[members] = torch.arange(len(members))
+            pixels, sizes = images.crops(None if b is None else self.sizes[b], members)
+            latents[b] = encode_latents(self.base.vae, pixels)
+            if self.config.flip:  # the mirrored images, encoded once like the others
+                mirrored[b] = encode_latents(self.base.vae, pixels.flip(-1))
+            size_ids[b] = sizes.to(device)
+        self.latents.append(latents)
+        self.mirrored.append(mirrored)
+        self.size_ids.append(size_ids)
+        self.slot.append(slot)
 
     def release_encoders(self) -> None:
         """Move the VAE (and text encoders without a LoRA) off the GPU once their outputs are
