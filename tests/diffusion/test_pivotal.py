@@ -40,14 +40,14 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind,vectors", [("sd", 1), ("sd", 2), ("sdxl", 1)])
 def test_diffusers_loads_the_token_and_lora_to_the_same_unet_input_and_output(
-    kind, tiny_sd_path, tiny_sdxl_path, concept_dir, tmp_path
+    kind, vectors, tiny_sd_path, tiny_sdxl_path, concept_dir, tmp_path
 ):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = tiny_sd_path if kind == "sd" else tiny_sdxl_path
-    task, _ = _train(path, concept_dir, tmp_path, text_encoder_rank=2)
+    task, _ = _train(path, concept_dir, tmp_path, text_encoder_rank=2, token_vectors=vectors)
     if kind == "sd":
         pipe = StableDiffusionPipeline.from_pretrained(
             path, safety_checker=None, requires_safety_checker=False
