@@ -1,4 +1,4 @@
-"""Aspect-ratio bucketing (NovelAI 2022, "Improvements to Stable Diffusion"; kohya sd-scripts):
+"""Aspect-ratio bucketing (NovelAI's 2022 notes "Improvements on Stable Diffusion"; kohya sd-scripts):
 instead of a center square, each image is resized and cropped to the bucket of about
 resolution^2 pixels whose aspect ratio is nearest its own (in log ratio), and every batch is drawn
 from one bucket, so it has one shape. Buckets: width w from min_side to max_side in steps of
@@ -32,9 +32,10 @@ def bucket_sizes(
         )
     area = resolution * resolution
     sizes = set()
-    for width in range(min_side // step * step or step, max_side + 1, step):
+    first = -(-min_side // step) * step  # the first multiple of step >= min_side
+    for width in range(first, max_side + 1, step):
         height = min(max_side, area // width // step * step)
-        if height >= min_side and width >= min_side:
+        if height >= min_side:
             sizes.update({(width, height), (height, width)})
     return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
 

@@ -160,3 +160,12 @@ def test_jobs_trained_together_refuse_buckets(tmp_path, concept_dir):
     )
     with pytest.raises(PeftkitError, match=r"buckets is set, but training jobs together has no"):
         load_jobs(jobs)
+
+
+def test_images_of_one_bucket_keep_the_captured_step(tiny_sd_path, tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32 + 2 * i, 16), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    task = ConceptTask(load_base(str(tiny_sd_path)), ConceptDataset(folder, "sks", 16), _config())
+    assert len(set(task.bucket_of)) == 1 and task.graph_unsafe is None
