@@ -56,7 +56,8 @@ UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
 class ConceptConfig:
     """What a DreamBooth run trains. `targets` mixes preset names (attn, ff, conv) and module patterns;
     `rank` is LoRA/LoKr rank, `block_size` OFT's block size; `text_encoder_rank` 0 leaves the text
-    encoder frozen. `class_prompt` turns prior preservation on."""
+    encoder frozen. `class_prompt` turns prior preservation on; `buckets` aspect-ratio buckets;
+    `validation_images`/`validation_fraction` a validation loss; `new_token` pivotal tuning."""
 
     instance_prompt: str
     method: str = "lora"
