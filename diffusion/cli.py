@@ -195,6 +195,7 @@ def _frozen_dtype(args):
 
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    import dataclasses
     import time
 
     started = time.perf_counter()
@@ -284,6 +285,9 @@ def train_concept(argv: list[str]) -> int:
         default=0,
         help="save validation images every N steps",
     )
+    from .concept_flags import CONCEPT_EXTRAS, add_concept_extras
+
+    add_concept_extras(parser)
     args = parser.parse_args(argv)
     if not args.config:
         missing = [f"--{k}" for k in ("images", "output", "prompt") if not getattr(args, k)]
@@ -317,10 +321,14 @@ def train_concept(argv: list[str]) -> int:
             validation_every=args.validation_every,
             caption_dropout=args.caption_dropout,
             flip=args.flip,
+            **{k: getattr(args, k) for k in CONCEPT_EXTRAS},
         )
         images, class_dir = args.images, args.class_dir
-        train_config = _train_config(args, d.lr_for(args.method))
-    print(f"training a {config.method} adapter at {config.resolution}x{config.resolution}")
+        train_config = dataclasses.replace(
+            _train_config(args, d.lr_for(args.method)), eval_every=args.eval_every
+        )
+    shape = "in aspect buckets of about" if config.buckets else "at"
+    print(f"training a {config.method} adapter {shape} {config.resolution}x{config.resolution}")
     task, result = run(base, images, config, train_config, class_dir=class_dir, started=started)
     print(task.unet_handle.report())
     _summary(args.output, result)

@@ -4,6 +4,7 @@ prior preservation (given, or generated once by the base model and reused).
     concept = ConceptDataset("photos/", prompt="a photo of sks dog", resolution=512)
     concept.pixels()    # (N, 3, R, R) in [0, 1], center-cropped squares
     concept.captions    # "photos/x.txt" when present, else the prompt
+    concept.crops((768, 512), rows)   # those rows cropped to an aspect bucket, + SDXL size ids
 
 Every image is opened and decoded when the dataset is built, so a broken file fails before
 training with its name in the message, not at step 3000.
@@ -11,6 +12,7 @@ training with its name in the message, not at step 3000.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..common_kernels.errors import PeftkitError
+from .buckets import crop_to
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"
@@ -39,11 +42,16 @@ def open_image(path: Path) -> Image.Image:
         ) from None
 
 
-def square_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Center crop to a square and resize: (3, R, R) float in [0, 1]."""
+def square_crop(image: Image.Image) -> tuple[int, int, int]:
+    """(left, top, side) of the centered square."""
     w, h = image.size
     side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    return (w - side) // 2, (h - side) // 2, side
+
+
+def square_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Center crop to a square and resize: (3, R, R) float in [0, 1]."""
+    left, top, side = square_crop(image)
     image = image.crop((left, top, left + side, top + side)).resize(
         (resolution, resolution), Image.Resampling.BICUBIC
     )
@@ -83,6 +91,44 @@ class ConceptDataset:
             )
         self.images = [open_image(p) for p in self.paths]
         self.captions = [self._caption(p) for p in self.paths]
+
+    def subset(self, rows: list[int]) -> ConceptDataset:
+        """The images `rows` (e.g. a held-out share) as a dataset of their own."""
+        part = copy.copy(self)
+        part.paths, part.images, part.captions = (
+            [getattr(self, k)[i] for i in rows] for k in ("paths", "images", "captions")
+        )
+        return part
+
+    def split(self, fraction: float, seed: int) -> tuple[ConceptDataset, ConceptDataset]:
+        """(train, held out): a seeded `fraction` of the images (at least one) held out, at least
+        one left to train on."""
+        held = max(1, round(fraction * len(self)))
+        if held >= len(self):
+            raise PeftkitError(
+                f"holding out {fraction:.0%} of the {len(self)} images in {self.folder} leaves none "
+                "to train on: lower the validation fraction or pass a validation folder"
+            )
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.subset(sorted(order[held:])), self.subset(sorted(order[:held]))
+
+    def crops(
+        self, size: tuple[int, int] | None = None, rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `rows` (default all) as (n, 3, H, W) pixels cropped to `size` (width, height; default
+        the center square at the resolution), and each one's SDXL size conditioning (n, 6):
+        original height and width, crop top and left, target height and width."""
+        images = [self.images[i] for i in (range(len(self)) if rows is None else rows)]
+        if size is not None:
+            pairs = [crop_to(im, *size) for im in images]
+            return torch.stack([p for p, _ in pairs]), torch.tensor([c for _, c in pairs])
+        r = self.resolution
+        ids = []
+        for im in images:
+            left, top, side = square_crop(im)
+            # Crop offsets in the resized image's pixels, as diffusers' SDXL scripts give them.
+            ids.append([im.height, im.width, round(top * r / side), round(left * r / side), r, r])
+        return torch.stack([square_pixels(im, r) for im in images]), torch.tensor(ids)
 
     def _caption(self, path: Path) -> str:
         caption = path.with_suffix(CAPTION_SUFFIX)
@@ -147,3 +193,15 @@ def class_images(
         missing -= n
         manifest.write_text(json.dumps(record, indent=1))
     return ConceptDataset(folder, prompt, resolution)
+
+
+def held_out(
+    instances: ConceptDataset, folder: str | Path | None, fraction: float, seed: int
+) -> tuple[ConceptDataset, ConceptDataset | None]:
+    """(training images, validation images): the images of `folder` (captioned like instances),
+    or a seeded `fraction` of the instance images, or none."""
+    if folder:
+        return instances, ConceptDataset(folder, instances.prompt, instances.resolution)
+    if fraction:
+        return instances.split(fraction, seed)
+    return instances, None

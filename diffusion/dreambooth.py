@@ -15,6 +15,7 @@ encoder(s). The frozen VAE latents and text embeddings are computed once before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +31,10 @@ from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.registry import core
 from ..common_kernels.training.graphed_step import active_dropout, capturable_checkpoint
 from ..common_kernels.training.random_stream import RandomStream
+from ..common_kernels.training.trackers import MetricsLog, check_report_to
 from .base import DiffusionBase
-from .data import ConceptDataset
+from .buckets import BucketedRows, assign_buckets, bucket_sizes
+from .data import ConceptDataset, held_out
 from .objective import denoising_targets, prediction_loss, sample_latents
 
 # Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
@@ -41,6 +44,7 @@ UNET_PRESETS = {
     "conv": [r"re:.*resnets\.\d+\.conv[12]"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+FIXED_CHUNK = 8  # images per forward when scoring fixed losses, to bound memory
 UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
     "unet_adapter.safetensors",
     "text_encoder_adapter.safetensors",
@@ -53,7 +57,8 @@ UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
 class ConceptConfig:
     """What a DreamBooth run trains. `targets` mixes preset names (attn, ff, conv) and module patterns;
     `rank` is LoRA/LoKr rank, `block_size` OFT's block size; `text_encoder_rank` 0 leaves the text
-    encoder frozen. `class_prompt` turns prior preservation on."""
+    encoder frozen. `class_prompt` turns prior preservation on; `buckets` aspect-ratio buckets;
+    `validation_images`/`validation_fraction` a validation loss; `new_token` pivotal tuning."""
 
     instance_prompt: str
     method: str = "lora"
@@ -74,6 +79,20 @@ class ConceptConfig:
     validation_steps: int = 25
     caption_dropout: float = 0.0  # instance rows trained on the empty prompt, this often
     flip: bool = False  # instance and class rows mirrored left-right half of the time
+    # Aspect-ratio buckets (buckets.py); sides in multiples of bucket_step, 0: resolution/2 and 2x.
+    buckets: bool = False
+    bucket_step: int = 64
+    bucket_min_side: int = 0
+    bucket_max_side: int = 0
+    # Validation loss on a folder or a held-out share of the images, every eval_every steps.
+    validation_images: str | None = None
+    validation_fraction: float = 0.0
+    report_to: str = "none"  # or "tensorboard": metrics.jsonl's numbers also go there
+    # Pivotal tuning (pivotal.py): a new token's embeddings train beside the adapter at token_lr.
+    new_token: str | None = None
+    init_word: str | None = None
+    token_vectors: int = 1
+    token_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         self.method = core(self.method).name  # aliases (lokr) name the canonical core
@@ -107,6 +126,37 @@ class ConceptConfig:
             raise PeftkitError(
                 f"ConceptConfig.targets is empty: use presets {sorted(UNET_PRESETS)} or module patterns"
             )
+        self.bucket_sizes()
+        check_report_to(self.report_to)
+        if not 0 <= self.validation_fraction < 1:
+            raise PeftkitError(
+                f"ConceptConfig.validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+        if self.validation_fraction and self.validation_images:
+            raise PeftkitError(
+                "ConceptConfig has both validation_images and validation_fraction: give one"
+            )
+        if self.new_token is not None and not (self.init_word or "").strip():
+            raise PeftkitError(
+                "ConceptConfig.new_token needs init_word: a word close to the concept, e.g. 'dog'"
+            )
+        if self.token_vectors < 1 or self.token_lr <= 0:
+            raise PeftkitError(
+                f"ConceptConfig.token_vectors must be >= 1 and token_lr > 0, got "
+                f"{self.token_vectors} and {self.token_lr}"
+            )
+
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The (width, height) buckets, or None when images are center squares."""
+        if not self.buckets:
+            return None
+        return bucket_sizes(
+            self.resolution, self.bucket_step, self.bucket_min_side, self.bucket_max_side
+        )
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.validation_images or self.validation_fraction)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -168,12 +218,15 @@ class ConceptModel(nn.Module):
         hidden: torch.Tensor | None,
         extra: dict[str, torch.Tensor],
         ids: list[torch.Tensor] | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base = self._base[0]
         if ids is not None:
             hidden, extra = base.encode_ids(
                 ids, list(self.text_encoders), resolution=self.resolution
             )
+            if "time_ids" in extra:  # each image's own size and crop (data.crops)
+                extra["time_ids"] = time_ids.to(extra["time_ids"])
         return base.predict(self.unet, noisy, t, hidden.to(noisy.dtype), extra)
 
 
@@ -192,6 +245,7 @@ class ConceptTask:
         classes: ConceptDataset | None = None,
         seed: int = 0,
         name: str = "concept",
+        validation: ConceptDataset | None = None,
     ) -> None:
         if config.class_prompt and classes is None:
             raise PeftkitError(
@@ -225,25 +279,60 @@ class ConceptTask:
             for encoder in base.text_encoders:
                 encoder.requires_grad_(False)
         base.vae.requires_grad_(False)
+        self.pivotal = None
+        if config.new_token is not None:
+            from .pivotal import PivotalTokens
+
+            self.pivotal = PivotalTokens(
+                base, config.new_token, config.init_word, config.token_vectors
+            )
+            self.pivotal.check_prompts(instances.captions)
+        # Sets of images by index: instances, then class images, then held-out validation images.
+        self.sets = [instances] + [s for s in (classes, validation) if s is not None]
+        self.held = len(self.sets) - 1 if validation is not None else None
+        sizes = config.bucket_sizes()
+        self.bucket_of = None  # each instance image's bucket in `sizes`
+        if sizes is not None:
+            names = [p.name for p in instances.paths]
+            self.bucket_of = assign_buckets(names, [im.size for im in instances.images], sizes)
+        self.sizes = sizes
         if config.gradient_checkpointing:
             # Without dropout the recomputation needs no saved RNG state, so the step stays capturable.
             dropout = active_dropout(base.unet)
             base.unet.enable_gradient_checkpointing(None if dropout else capturable_checkpoint)
         self.model = ConceptModel(
-            base, base.text_encoders if self.text_handles else [], config.resolution
+            base, base.text_encoders if self.encodes_text else [], config.resolution
         )
 
-    def dataset(self) -> list[dict[str, int]]:
+    @property
+    def encodes_text(self) -> bool:
+        """Whether the text encoders run in the step (a LoRA or new token embeddings train there)."""
+        return bool(self.text_handles) or self.pivotal is not None
+
+    def dataset(self) -> list[dict[str, int]] | BucketedRows:
         n_inst = len(self.instances)
         n_class = len(self.classes) if self.classes is not None else 0
-        return [
+        rows = [
             {"instance": i % n_inst, "class": i % n_class if n_class else 0}
             for i in range(max(n_inst, n_class))
         ]
+        if self.bucket_of is None:
+            return rows
+        return BucketedRows(rows, [self.bucket_of[r["instance"]] for r in rows])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         text = [p for h in self.text_handles for p in h.trainable_parameters()]
-        return self.unet_handle.trainable_parameters() + text
+        tokens = self.pivotal.parameters() if self.pivotal is not None else []
+        return self.unet_handle.trainable_parameters() + text + tokens
+
+    def param_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
+        """Optimizer groups: the new token embeddings at token_lr, the adapters at `lr`."""
+        tokens = {id(p) for p in (self.pivotal.parameters() if self.pivotal is not None else [])}
+        groups = [
+            {"params": [p for p in params if id(p) not in tokens], "lr": lr},
+            {"params": [p for p in params if id(p) in tokens], "lr": self.config.token_lr},
+        ]
+        return [g for g in groups if g["params"]]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"unet.{k}": v for k, v in self.unet_handle.state_dict().items()}
@@ -251,11 +340,17 @@ class ConceptTask:
             state.update({f"text{i}.{k}": v for k, v in h.state_dict().items()})
         if hasattr(self, "stream"):
             state["rng.stream"] = self.stream.state
+        if self.pivotal is not None:
+            state.update({f"pivotal.{k}": v for k, v in self.pivotal.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "rng.stream" in state and hasattr(self, "stream"):
             self.stream.state = state["rng.stream"].to(torch.uint8)
+        if self.pivotal is not None:
+            self.pivotal.load_state_dict(
+                {k[len("pivotal.") :]: v for k, v in state.items() if k.startswith("pivotal.")}
+            )
         for prefix, h in [("unet.", self.unet_handle)] + [
             (f"text{i}.", h) for i, h in enumerate(self.text_handles)
         ]:
@@ -265,8 +360,6 @@ class ConceptTask:
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
-        from .pairs import encode_latents
-
         device = accelerator.device
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32
@@ -277,18 +370,19 @@ class ConceptTask:
             for p in module.parameters():
                 p.data = p.data.to(device, p.dtype if p.requires_grad else frozen_dtype)
             module.to(device)
-        sets = [self.instances] + ([self.classes] if self.classes is not None else [])
-        self.latents = [encode_latents(self.base.vae, s.pixels()) for s in sets]
-        if self.config.flip:  # the mirrored images, encoded once like the others
-            self.mirrored = [encode_latents(self.base.vae, s.pixels().flip(-1)) for s in sets]
+        self.latents, self.mirrored, self.size_ids, self.slot = [], [], [], []
+        for which in range(len(self.sets)):
+            self._encode(which, device)
+        self.device = device
         if self.config.caption_dropout:
             self.empty = (
                 self.base.tokenize([""])
-                if self.text_handles
+                if self.encodes_text
                 else self.base.encode_prompt([""], self.config.resolution)
             )
-        self.captions = [s.captions for s in sets]
-        if self.text_handles:
+        prompt = self.pivotal.prompt if self.pivotal is not None else (lambda text: text)
+        self.captions = [[prompt(c) for c in s.captions] for s in self.sets]
+        if self.encodes_text:
             self.ids = [self.base.tokenize(c) for c in self.captions]
         else:
             self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
@@ -296,6 +390,32 @@ class ConceptTask:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if device.type == "cuda":
             self.release_encoders()
+
+    def _encode(self, which: int, device: torch.device) -> None:
+        """Latents (and mirrored ones, and SDXL size ids) of set `which` for each bucket it is drawn
+        in (None: center squares): an instance image in its own bucket, a class image in every
+        bucket the instances use, a held-out image as a center square. `slot` maps an image to
+        its row in its bucket's tensors."""
+        from .pairs import encode_latents
+
+        images = self.sets[which]
+        used = sorted(set(self.bucket_of)) if self.bucket_of is not None else [None]
+        rows = {b: list(range(len(images))) for b in (used if which != self.held else [None])}
+        if which == 0 and self.bucket_of is not None:
+            rows = {b: [i for i, c in enumerate(self.bucket_of) if c == b] for b in used}
+        slot = torch.zeros(len(images), dtype=torch.long)
+        latents, mirrored, size_ids = {}, {}, {}
+        for b, members in rows.items():
+            slot[members] = torch.arange(len(members))
+            pixels, sizes = images.crops(None if b is None else self.sizes[b], members)
+            latents[b] = encode_latents(self.base.vae, pixels)
+            if self.config.flip:  # the mirrored images, encoded once like the others
+                mirrored[b] = encode_latents(self.base.vae, pixels.flip(-1))
+            size_ids[b] = sizes.to(device)
+        self.latents.append(latents)
+        self.mirrored.append(mirrored)
+        self.size_ids.append(size_ids)
+        self.slot.append(slot)
 
     def release_encoders(self) -> None:
         """Move the VAE (and text encoders without a LoRA) off the GPU once their outputs are
@@ -306,29 +426,41 @@ class ConceptTask:
 
     def encoders(self) -> list[nn.Module]:
         """The frozen modules whose outputs are cached: the VAE, and the text encoders unless a
-        LoRA trains them."""
-        return [self.base.vae] + ([] if self.text_handles else list(self.base.text_encoders))
+        LoRA or new token embeddings train there."""
+        return [self.base.vae] + ([] if self.encodes_text else list(self.base.text_encoders))
 
-    def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mean, std = self.latents[which]
-        index = to_device_async(index, mean.device)
+    def _bucket(self, which: int, index: torch.Tensor) -> int | None:
+        """The bucket a batch of set `which` is drawn in: its first instance image's (every row of
+        a batch shares it, `BucketedRows`); class rows follow the instance rows' bucket."""
+        if self.bucket_of is None or which == self.held:
+            return None
+        return self.bucket_of[int(index[0])]
+
+    def _rows(
+        self, which: int, index: torch.Tensor, bucket: int | None
+    ) -> tuple[torch.Tensor, dict]:
+        mean, std = self.latents[which][bucket]
+        image = index  # the image's number in its set, which picks its caption
+        index = to_device_async(self.slot[which][index.cpu()], mean.device)
+        sizes = self.size_ids[which][bucket][index]
         latents = sample_latents(mean[index], std[index])
         n, config = len(index), self.config
         # extra draws only when asked for, so runs without flip or dropout keep their numbers
         if config.flip:
             mirror = torch.rand(n, device=mean.device) < 0.5
-            mirrored = sample_latents(*(m[index] for m in self.mirrored[which]))
+            mirrored = sample_latents(*(m[index] for m in self.mirrored[which][bucket]))
             latents = torch.where(mirror.view(-1, 1, 1, 1), mirrored, latents)
         drop = None
         if config.caption_dropout and which == 0:
             drop = torch.rand(n, device=mean.device) < config.caption_dropout
-        if self.text_handles:
-            ids = [i[index.cpu()] for i in self.ids[which]]
+        if self.encodes_text:
+            ids = [i[image.cpu()] for i in self.ids[which]]
             if drop is not None:
                 ids = [torch.where(drop.cpu()[:, None], e, i) for e, i in zip(self.empty, ids)]
-            return latents, {"ids": ids}
+            return latents, {"ids": ids, "time_ids": sizes}
         hidden, extra = self.conds[which]
-        hidden, extra = hidden[index], {k: v[index] for k, v in extra.items()}
+        image = to_device_async(image, hidden.device)
+        hidden, extra = hidden[image], {k: v[image] for k, v in extra.items()}
         if drop is not None:
             empty_hidden, empty_extra = self.empty
             hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
@@ -338,6 +470,8 @@ class ConceptTask:
                 else v
                 for k, v in extra.items()
             }
+        if "time_ids" in extra:  # each image's own size and crop (data.crops)
+            extra["time_ids"] = sizes.to(extra["time_ids"])
         return latents, {"hidden": hidden, "extra": extra}
 
     def draw(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
@@ -363,8 +497,12 @@ class ConceptTask:
         if keep is None:
             return rows
         keep = to_device_async(keep, rows.noisy.device)
-        if self.text_handles:
-            cond = {**rows.cond, "ids": [i[keep.cpu()] for i in rows.cond["ids"]]}
+        if self.encodes_text:
+            cond = {
+                **rows.cond,
+                "ids": [i[keep.cpu()] for i in rows.cond["ids"]],
+                "time_ids": rows.cond["time_ids"][keep],
+            }
         else:
             cond = {
                 "hidden": rows.cond["hidden"][keep],
@@ -375,20 +513,24 @@ class ConceptTask:
             rows.noisy[keep], rows.t[keep], cond, rows.target[keep], weight, rows.instances // world
         )
 
-    def _draw_all(self, batch: dict[str, torch.Tensor]) -> ConceptRows:
+    def _draw_all(self, batch: dict[str, torch.Tensor], which: int = 0) -> ConceptRows:
+        """Rows of set `which` (instances; the held-out set when scoring validation), then the
+        class rows when there are class images."""
+        bucket = self._bucket(which, batch["instance"])
         with self.stream.drawing():
-            parts = [self._rows(0, batch["instance"])]
+            parts = [self._rows(which, batch["instance"], bucket)]
             if self.classes is not None:
-                parts.append(self._rows(1, batch["class"]))
+                parts.append(self._rows(1, batch["class"], bucket))
             latents = torch.cat([p[0] for p in parts])
             noisy, t, target, weight = denoising_targets(
                 self.scheduler, latents, self.config.offset_noise, self.config.min_snr_gamma
             )
-        if self.text_handles:
+        if self.encodes_text:
             cond = {
                 "hidden": None,
                 "extra": {},
                 "ids": [torch.cat(z) for z in zip(*[p[1]["ids"] for p in parts])],
+                "time_ids": torch.cat([p[1]["time_ids"] for p in parts]),
             }
         else:
             cond = {
@@ -419,34 +561,53 @@ class ConceptTask:
         """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
         if self.text_handles:
             return "a text-encoder LoRA re-encodes token ids gathered on the host every step"
+        if self.pivotal is not None:
+            return "new token embeddings re-encode token ids gathered on the host every step"
         if self.config.gradient_checkpointing and active_dropout(self.base.unet):
             return (
                 "gradient checkpointing of a UNet with dropout restores the RNG state on the host"
             )
+        if self.bucket_of is not None and len(set(self.bucket_of)) > 1:
+            # One graph per bucket would hold one copy of the step's activations per shape.
+            return "aspect-ratio buckets give batches of several shapes"
         return None
 
-    def fixed_loss(self, seed: int = 1234, repeats: int = 4) -> float:
-        """Instance loss under fixed noise and timesteps (each image `repeats` times, since one
-        timestep per image is a noisy estimate): comparable across steps and runs."""
-        rows = torch.arange(len(self.instances)).repeat(repeats)
-        batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
-        stream, self.stream = self.stream, RandomStream(seed, self.latents[0][0].device)
+    def fixed_loss(self, seed: int = 1234, repeats: int = 4, which: int = 0) -> float:
+        """Loss of set `which` (the instance images, or the held-out ones) under fixed noise and
+        timesteps (each image `repeats` times, since one timestep per image is a noisy estimate):
+        comparable across steps and runs. Scored bucket by bucket, FIXED_CHUNK images at a time."""
+        n = len(self.sets[which])
+        buckets = self.bucket_of if which == 0 and self.bucket_of is not None else [None] * n
+        groups = [[i for i in range(n) if buckets[i] == b] for b in dict.fromkeys(buckets)]
+        chunks = [g[i : i + FIXED_CHUNK] for g in groups for i in range(0, len(g), FIXED_CHUNK)]
+        stream, self.stream = self.stream, RandomStream(seed, self.device)
         classes, self.classes = self.classes, None
         world, self.world = self.world, 1  # each process scores the whole fixed set itself
+        total = 0.0
         try:
             with torch.no_grad():
-                return float(self.loss(self.model, batch))
+                for chunk in chunks:
+                    rows = torch.tensor(chunk).repeat(repeats)
+                    batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
+                    loss = self.drawn_loss(self.model, self._draw_all(batch, which))
+                    total += float(loss) * len(chunk)
         finally:
             self.stream, self.classes, self.world = stream, classes, world
+        return total / n
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"instance_loss": self.fixed_loss()}
+        metrics = {"instance_loss": self.fixed_loss()}
+        if self.held is not None:
+            metrics["validation_loss"] = self.fixed_loss(which=self.held)
+        return metrics
 
 
-def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
+def validation_images(
+    task: ConceptTask, output_dir: str | Path, seed: int = 0, log: MetricsLog | None = None
+):
     """An engine `on_event` callback saving images of the validation prompts every
-    `validation_every` steps to <output_dir>/validation/step-N/. The training RNG is left untouched,
-    so runs with and without validation images train identically."""
+    `validation_every` steps to <output_dir>/validation/step-N/ (and to `log`'s tracker). The
+    training RNG is left untouched, so runs with and without validation images train identically."""
     config = task.config
     folder = Path(output_dir) / "validation"
 
@@ -465,6 +626,7 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
         encoders = task.encoders()
         for module in encoders:
             module.to(device)
+        samples = {}
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for i, prompt in enumerate(config.validation_prompts):
                 generator = torch.Generator("cpu").manual_seed(seed + i)
@@ -476,6 +638,9 @@ def validation_images(task: ConceptTask, output_dir: str | Path, seed: int = 0):
                     width=config.resolution,
                 ).images[0]
                 image.save(out / f"{i:02d}.png")
+                samples[f"{i:02d}"] = image
+        if log is not None:
+            log.images(event["step"], samples)
         if device.type == "cuda":
             task.release_encoders()
         task.model.train(was_training)
@@ -498,6 +663,8 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
         for component, handle in components.items():
             name = TEXT_FILE.replace("text_encoder", component)
             written.append(save_adapter(handle, stage / name, {**extra, "component": component}))
+        if task.pivotal is not None:
+            written.append(task.pivotal.save(stage))
         if task.config.method == "lora":
             from .formats import save_diffusers_lora
 
@@ -508,6 +675,14 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
             )
         atomic_write(stage / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
     return [output_dir / p.name for p in written]
+
+
+def with_validation_cadence(train_config, config: ConceptConfig):
+    """`train_config` scoring the validation loss every eval_every steps: a tenth of the run when
+    a validation set is given without a cadence."""
+    if not config.validates or train_config.eval_every:
+        return train_config
+    return dataclasses.replace(train_config, eval_every=max(1, train_config.steps // 10))
 
 
 def _device(train_config) -> str:
@@ -530,6 +705,10 @@ def train_concept(
     from .data import class_images
 
     instances = ConceptDataset(instance_dir, config.instance_prompt, config.resolution)
+    instances, validation = held_out(
+        instances, config.validation_images, config.validation_fraction, train_config.seed
+    )
+    train_config = with_validation_cadence(train_config, config)
     classes = None
     if config.class_prompt:
         if class_dir is None:
@@ -547,12 +726,17 @@ def train_concept(
             seed=train_config.seed,
             device=_device(train_config),
         )
-    task = ConceptTask(base, instances, config, classes, seed=train_config.seed)
+    task = ConceptTask(
+        base, instances, config, classes, seed=train_config.seed, validation=validation
+    )
+    writes = train_config.output_dir and launch_world()[0] == 0
+    log = MetricsLog(train_config.output_dir, config.report_to) if writes else None
     callbacks = [
         c
         for c in (
             on_event,
-            validation_images(task, train_config.output_dir or ".", train_config.seed)
+            log,
+            validation_images(task, train_config.output_dir or ".", train_config.seed, log)
             if config.validation_every and config.validation_prompts
             else None,
         )

@@ -28,6 +28,8 @@ from ..common_kernels.inject import adapted_layers, routing
 from .base import DiffusionBase
 from .dreambooth import TEXT_FILE, UNET_FILE
 from .formats import load_lora_file
+from .pivotal import load_pivotal
+from .textual_inversion import SINGLE_FILE as PIVOTAL_FILE
 
 PROMPTS_FILE = "prompts.json"
 
@@ -93,6 +95,8 @@ def load_concepts(base: DiffusionBase, refs: list[ConceptRef]) -> list[str]:
                 )
                 if text.is_file():
                     load_adapter(encoder, text, name=name, scale=ref.scale)
+            if (path / PIVOTAL_FILE).is_file():  # the new token of a pivotal-tuning run
+                load_pivotal(base, path / PIVOTAL_FILE)
         elif _is_textual_inversion(path):
             base.pipe.load_textual_inversion(str(path))
         elif "config" in read_tensors(path)[1]:

@@ -47,9 +47,17 @@ from ..common_kernels.training.engine import TrainConfig, TrainResult, accelerat
 from ..common_kernels.training.fast_path import default_device_type, graph_plan, resolve_precision
 from ..common_kernels.training.graphed_step import GraphedStep
 from ..common_kernels.training.run import Run
+from ..common_kernels.training.trackers import MetricsLog
 from .base import DiffusionBase
-from .data import ConceptDataset, class_images
-from .dreambooth import ConceptConfig, ConceptModel, ConceptRows, ConceptTask, save_concept
+from .data import ConceptDataset, class_images, held_out
+from .dreambooth import (
+    ConceptConfig,
+    ConceptModel,
+    ConceptRows,
+    ConceptTask,
+    save_concept,
+    with_validation_cadence,
+)
 
 
 @dataclass
@@ -75,6 +83,11 @@ class ConceptJob:
                 "text-encoder LoRA (all jobs share the text encoder's cached outputs)",
             ),
             "validation_every": (self.concept.validation_every, "validation images"),
+            "buckets": (self.concept.buckets, "aspect buckets (all jobs' rows share one shape)"),
+            "new_token": (
+                self.concept.new_token,
+                "new token embeddings (all jobs share the text encoder's cached outputs)",
+            ),
             "grad_accum": (self.train.grad_accum - 1, "gradient accumulation"),
             "cuda_graph": (self.train.cuda_graph is True, "per-job CUDA graphs (the trainer's)"),
         }
@@ -133,13 +146,24 @@ class _Running(Run):
     with the other jobs' adapters off, and its checkpoints leave out rows drawn ahead."""
 
     def __init__(self, trainer: ConceptTrainer, job: ConceptJob, task: ConceptTask, params) -> None:
+        log = (
+            MetricsLog(job.train.output_dir, job.concept.report_to)
+            if job.train.output_dir
+            else None
+        )
+
+        def emit(event: dict) -> None:
+            if log is not None:
+                log(event)
+            trainer._emit({**event, "job": job.name})
+
         super().__init__(
             task,
             params,
             job.train,
             trainer.accelerator,
             trainer.model,
-            lambda event: trainer._emit({**event, "job": job.name}),
+            emit,
             graphed=trainer.cuda_graph,
             register=False,
         )
@@ -236,12 +260,22 @@ class ConceptTrainer:
                     f"trainer runs {self.mixed_precision!r}: jobs trained together share one precision"
                 )
             check_compatible([r.job for r in self._running.values()] + [job])
-            instances = ConceptDataset(
-                job.images, job.concept.instance_prompt, job.concept.resolution
+            instances, validation = held_out(
+                ConceptDataset(job.images, job.concept.instance_prompt, job.concept.resolution),
+                job.concept.validation_images,
+                job.concept.validation_fraction,
+                job.train.seed,
             )
+            job.train = with_validation_cadence(job.train, job.concept)
             classes = self._class_images(job) if job.concept.class_prompt else None
             task = ConceptTask(
-                self.base, instances, job.concept, classes, seed=job.train.seed, name=job.name
+                self.base,
+                instances,
+                job.concept,
+                classes,
+                seed=job.train.seed,
+                name=job.name,
+                validation=validation,
             )
             try:
                 task.prepare(self.accelerator)

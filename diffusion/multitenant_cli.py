@@ -19,9 +19,10 @@ frozen UNet (multitenant.py), each job's folder ending with what train-concept w
 
 Job keys: name, images, prompt, output, class_dir; the concept settings of train-concept
 (method, rank, alpha, block_size, targets, class_prompt, num_class_images, prior_weight,
-min_snr_gamma, offset_noise, gradient_checkpointing, resolution); and the job's own schedule
-(steps, batch_size, lr, weight_decay, warmup_steps, schedule, max_grad_norm, seed,
-checkpoint_every, keep_checkpoints, optimizer, max_bad_steps, eval_every). Defaults are
+min_snr_gamma, offset_noise, gradient_checkpointing, resolution); a validation loss
+(validation_images: a folder, or validation_fraction; report_to: none | tensorboard); and the
+job's own schedule (steps, batch_size, lr, weight_decay, warmup_steps, schedule, max_grad_norm,
+seed, checkpoint_every, keep_checkpoints, optimizer, max_bad_steps, eval_every). Defaults are
 train-concept's: 800 steps, batch 1, lr 1e-4, constant schedule, LoRA rank 4, 512 px.
 """
 
@@ -64,8 +65,17 @@ TRAIN_KEYS = {
     "grad_accum",
 }
 TRAIN_DEFAULTS = {"steps": 800, "batch_size": 1, "lr": 1e-4, "schedule": "constant"}
-REFUSED_KEYS = {"text_encoder_rank", "validation_every", "grad_accum"}
-UNUSED_KEYS = {"validation_prompts", "validation_steps"}
+REFUSED_KEYS = {"text_encoder_rank", "validation_every", "grad_accum", "buckets", "new_token"}
+UNUSED_KEYS = {
+    "validation_prompts",
+    "validation_steps",
+    "bucket_step",
+    "bucket_min_side",
+    "bucket_max_side",
+    "init_word",
+    "token_vectors",
+    "token_lr",
+}
 
 
 @dataclass
@@ -144,6 +154,8 @@ def _job(where: str, raw: Any, defaults: dict, folder: Path, output: str | None,
     concept = {
         k: _coerce(where, k, v, concept_keys[k]) for k, v in spec.items() if k in concept_keys
     }
+    if concept.get("validation_images"):
+        concept["validation_images"] = str(folder / str(concept["validation_images"]))
     train = {k: _coerce(where, k, v, train_kinds[k]) for k, v in spec.items() if k in TRAIN_KEYS}
     if "method" in concept and concept["method"] not in core_names(aliases=True):
         raise PeftkitError(

@@ -45,7 +45,8 @@ def batches(
 ) -> Iterator[Any]:
     """Endless batches in the seeded order (`batch_rows`) from batch `start`, so a resumed run sees
     exactly the batches the uninterrupted one would have; made in this process. A dataset with a
-    `batch(rows)` method (a TensorCache) gathers its rows itself instead of item by item."""
+    `batch(rows)` method (a TensorCache) gathers its rows itself instead of item by item; one with
+    `batch_rows(batch_size, seed, index, rank, world)` chooses them (e.g. one aspect bucket each)."""
     from torch.utils.data import default_collate
 
     n = len(dataset)
@@ -54,7 +55,10 @@ def batches(
     collate = collate or default_collate
     index = start
     while True:
-        rows = batch_rows(n, batch_size, seed, index, rank, world)
+        if hasattr(dataset, "batch_rows"):
+            rows = dataset.batch_rows(batch_size, seed, index, rank, world)
+        else:
+            rows = batch_rows(n, batch_size, seed, index, rank, world)
         if hasattr(dataset, "batch"):
             yield dataset.batch(rows)
         else:

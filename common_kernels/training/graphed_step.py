@@ -42,9 +42,12 @@ def active_dropout(model: nn.Module) -> bool:
 
 
 def graph_optimizer(
-    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+    params: list[nn.Parameter] | list[dict], lr: float, weight_decay: float, device: torch.device
 ):
-    """Fused, capturable AdamW with a tensor learning rate, so schedules update it in place."""
+    """Fused, capturable AdamW with a tensor learning rate, so schedules update it in place;
+    `params` may be {"params", "lr"} groups, each then with a tensor rate of its own."""
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": torch.tensor(g["lr"], device=device)} for g in params]
     return torch.optim.AdamW(
         params,
         lr=torch.tensor(lr, device=device),

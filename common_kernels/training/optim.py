@@ -30,16 +30,19 @@ def build_optimizer(
     accelerator,
     register: bool = True,
     graphed: bool = False,
+    groups: list[dict] | None = None,
 ) -> tuple[Any, Any]:
     """The optimizer and LR schedule the loop steps for `params` (`graphed`: capturable AdamW with a
     tensor learning rate). Trainers that update several parameter sets from one backward
     (multi-tenant concept training) build one pair per set, with register=False when sets come and
     go: accelerate keeps every optimizer it prepares, and their states, for the accelerator's
-    lifetime. Unregistered optimizers get no fp16 loss scaling."""
+    lifetime. Unregistered optimizers get no fp16 loss scaling. `groups`: the params split into
+    {"params", "lr"} groups with their own learning rates (the schedule scales each)."""
+    groups = groups or [{"params": params, "lr": config.lr}]
     if graphed:
-        optimizer = graph_optimizer(params, config.lr, config.weight_decay, accelerator.device)
+        optimizer = graph_optimizer(groups, config.lr, config.weight_decay, accelerator.device)
     else:
-        optimizer = _optimizer(params, config)
+        optimizer = _optimizer(groups, params, config)
         if register:
             optimizer = accelerator.prepare_optimizer(optimizer)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
@@ -61,7 +64,9 @@ def apply_gradients(
     optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(
+    groups: list[dict], params: list[nn.Parameter], config: TrainConfig
+) -> torch.optim.Optimizer:
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -70,12 +75,12 @@ def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.O
                 "optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, "
                 "or use optimizer='adamw'"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
     # Fused AdamW on the GPU: one kernel per step instead of ~10 multi-tensor launches per parameter
     # chunk; with several jobs stepping side by side (multitenant.py) those launches were the step.
     fused = bool(params) and all(
         p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
     )
     return torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
+        groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
     )

@@ -44,8 +44,10 @@ class Run:
             model,
         )
         self.emit, self.graphed, self.saves, self.writes = emit, graphed, saves, writes
+        # A task may give some parameters their own learning rate (pivotal tuning's tokens).
+        groups = task.param_groups(params, config.lr) if hasattr(task, "param_groups") else None
         self.optimizer, self.scheduler = build_optimizer(
-            params, config, accelerator, register=register, graphed=graphed
+            params, config, accelerator, register=register, graphed=graphed, groups=groups
         )
         self.result = TrainResult(step=0)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()

@@ -42,12 +42,12 @@ def test_caption_dropout_trains_that_share_of_rows_on_the_empty_prompt(tiny_sd_p
 
 def test_flip_draws_the_mirrored_images_latents_half_of_the_time(tiny_sd_path, concept_dir):
     task = _prepared(tiny_sd_path, concept_dir, flip=True)
-    (mean, _), (mirrored, _) = task.latents[0], task.mirrored[0]
+    (mean, _), (mirrored, _) = task.latents[0][None], task.mirrored[0][None]
     assert not torch.allclose(mean, mirrored, atol=1e-3)
     torch.manual_seed(0)
     picks = []
     for _ in range(60):
-        latents, _ = task._rows(0, torch.zeros(1, dtype=torch.long))
+        latents, _ = task._rows(0, torch.zeros(1, dtype=torch.long), None)
         picks.append(float((latents - mirrored[0]).norm()) < float((latents - mean[0]).norm()))
     assert 0.25 < sum(picks) / len(picks) < 0.75
 

@@ -70,6 +70,7 @@ def _concept_task(rank: int, fill: float):
         config=ConceptConfig(instance_prompt="a photo of sks toy", method="oft", rank=rank),
         unet_handle=_handle(_model(), rank, "unet", fill),
         text_handles=[_handle(_model(), rank, "text", fill)],
+        pivotal=None,
     )
 
 
