@@ -178,9 +178,9 @@ class ControlTask:
         seed: int = 0,
     ) -> None:
         """`base`: a DiffusionBase (diffusion.base.load_base) of kind "sd". `seed` draws the branch's
-        freshly initialized layers (the condition encoder, the adapter) and seeds the task's random stream: the
-        same seed, the same branch and draws, in every process of a launch (FSDP shards each
-        process's own copy, so they must agree)."""
+        freshly initialized layers (the condition encoder, the adapter) and seeds the task's random
+        stream: the same seed, the same branch and draws, in every process of a launch (FSDP shards
+        each process's own copy, so they must agree)."""
         self.base, self.examples, self.config, self.resolution = base, examples, config, resolution
         self.extractor, self.seed = extractor, seed
         self.stream = RandomStream(seed)

@@ -231,8 +231,8 @@ def encode_latents(
     return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
 
 
-def fixed_loss(task, model: torch.nn.Module, seed: int = 1234, rows: int = 8) -> float:
-    """The loss of a pair task (control branch, IP-Adapter) on its first `rows` examples with every
+def fixed_loss(task, model: torch.nn.Module, seed: int = 1234) -> float:
+    """The loss of a pair task (control branch, IP-Adapter) on its first 8 examples with every
     random number (noise, timesteps, dropout) drawn from a fresh stream seeded `seed`, and each
     process scoring the whole set itself: comparable across steps and processes. The task's
     training stream and the global RNG are left as they were."""
@@ -240,7 +240,7 @@ def fixed_loss(task, model: torch.nn.Module, seed: int = 1234, rows: int = 8) ->
     task.stream, task.rank, task.world = RandomStream(seed, stream.device), 0, 1
     try:
         with torch.no_grad():
-            batch = torch.arange(min(rows, len(task.examples)))
+            batch = torch.arange(min(8, len(task.examples)))
             return float(task.loss(model, batch))
     finally:
         task.stream, task.rank, task.world = stream, rank, world

@@ -273,7 +273,7 @@ def test_a_step_is_drawn_loss_of_draw_and_draws_leave_the_global_rng_alone(base,
     assert torch.equal(torch.get_rng_state(), global_rng)
     with torch.no_grad():
         assert torch.equal(task.drawn_loss(task.model, drawn), loss)
-    # The same stream state draws the same numbers whatever the global RNG holds; the stream moves on.
+    # The same stream state draws the same numbers whatever the global RNG holds; it moves on.
     task.stream.state = start
     torch.manual_seed(99)
     again = task.draw(batch)
