@@ -35,6 +35,7 @@ from ..common_kernels.config import AdapterConfig
 from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
 from ..common_kernels.training.fsdp import copy_whole_, full_tensors, is_sharded
+from ..common_kernels.training.random_stream import RandomStream
 from .objective import prediction_loss, process_denoising_targets
 from .pairs import PairExample, encode_latents, fixed_loss, load_pixels
 
@@ -163,7 +164,9 @@ class ControlledUNet(nn.Module):
 
 
 class ControlTask:
-    """Engine task: noise-prediction MSE of the controlled UNet on cached (latents, text, condition)."""
+    """Engine task: noise-prediction MSE of the controlled UNet on cached (latents, text, condition).
+    A step is `draw` (latent draws, noise and timesteps from the task's own random stream, made
+    eagerly) then `drawn_loss`, so a CUDA-graphed step trains what an eager one does."""
 
     def __init__(
         self,
@@ -175,18 +178,20 @@ class ControlTask:
         seed: int = 0,
     ) -> None:
         """`base`: a DiffusionBase (diffusion.base.load_base) of kind "sd". `seed` draws the branch's
-        freshly initialized layers (the condition encoder): the same seed, the same branch, in every
-        process of a launch (FSDP shards each process's own copy, so they must agree)."""
+        freshly initialized layers (the condition encoder, the adapter) and seeds the task's random
+        stream: the same seed, the same branch and draws, in every process of a launch (FSDP shards
+        each process's own copy, so they must agree)."""
         self.base, self.examples, self.config, self.resolution = base, examples, config, resolution
-        self.extractor = extractor
+        self.extractor, self.seed = extractor, seed
+        self.stream = RandomStream(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.controlnet = build_control_branch(base.unet, base.pipe.vae_scale_factor)
-        self.handle = (
-            add_control_adapter(self.controlnet, config.adapter_config())
-            if config.mode == "lora"
-            else None
-        )
+            self.handle = (
+                add_control_adapter(self.controlnet, config.adapter_config())
+                if config.mode == "lora"
+                else None
+            )
         base.unet.requires_grad_(False)
         self.model = ControlledUNet(base.unet, self.controlnet)
         self.scheduler = base.noise_scheduler()
@@ -201,6 +206,7 @@ class ControlTask:
     def prepare(self, accelerator) -> None:
         device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.stream = RandomStream(self.seed, device)
         pixels, conditions = load_pixels(self.examples, self.resolution, self.extractor)
         frozen = [self.base.vae, *self.base.text_encoders]
         for module in frozen:
@@ -227,29 +233,39 @@ class ControlTask:
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
 
-    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+    def draw(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(rows, x_t, t, target) of `batch`, drawn from the task's stream (under DDP each process
+        keeps its slice of the global batch's draws)."""
         idx = batch.to(self.mean.device)
-        noisy, t, target, weight = process_denoising_targets(
-            self.scheduler, self.mean, self.std, idx, self.rank, self.world
-        )
+        with self.stream.drawing():
+            noisy, t, target, _ = process_denoising_targets(
+                self.scheduler, self.mean, self.std, idx, self.rank, self.world
+            )
+        return idx, noisy, t, target
+
+    def drawn_loss(self, model, drawn: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The loss of drawn inputs: a pure function of tensors, which the engine can capture."""
+        idx, noisy, t, target = drawn
         pred = model(noisy, t, self.text[idx], self.conditions[idx], self.config.conditioning_scale)
-        return prediction_loss(pred, target, weight).mean()
+        return prediction_loss(pred, target, None).mean()
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        return self.drawn_loss(model, self.draw(batch))
 
     def evaluate(self, model) -> dict[str, float]:
-        """The loss on up to 8 examples under fixed noise and timesteps: comparable across steps."""
-        return {
-            "loss": fixed_loss(
-                lambda: self.loss(model, torch.arange(min(8, len(self.examples)))), self.mean.device
-            )
-        }
+        return {"loss": fixed_loss(self, model)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.controlnet.named_parameters() if p.requires_grad}
+        state = {n: p.detach() for n, p in self.controlnet.named_parameters() if p.requires_grad}
+        return {**state, "rng.stream": self.stream.state}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = dict(self.controlnet.named_parameters())
         for name, value in state.items():
-            copy_whole_(own[name], value)
+            if name == "rng.stream":
+                self.stream.state = value.to(torch.uint8)
+            else:
+                copy_whole_(own[name], value)
 
     def fsdp_blocks(self) -> list[nn.Module]:
         """FSDP units (common_kernels/training/fsdp.py): the UNet's and the branch's down, mid and up blocks;

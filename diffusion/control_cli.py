@@ -208,7 +208,9 @@ def train_ip_adapter(argv: list[str]) -> int:
     examples = load_pairs(args.data, need_condition=False)
     base = load_base(args.model)
     encoder = ImageEncoder(args.image_encoder, args.variant)
-    task = IPAdapterTask(base, examples, config, encoder, resolution=args.resolution)
+    task = IPAdapterTask(
+        base, examples, config, encoder, resolution=args.resolution, seed=args.seed
+    )
     _train(task, args)
     if launch_world()[0] == 0:
         path = save_ip_adapter(

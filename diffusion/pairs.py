@@ -11,7 +11,8 @@ Sources (`load_pairs`):
 
 Training caches what the frozen parts compute once: VAE latent moments (`encode_latents`, also
 used by the concept trainer), text embeddings and condition pixels, so a step runs only the UNet
-(and the trained branch); the objective itself is `objective.denoising_loss`.
+(and the trained branch); the objective itself is `objective.denoising_loss`, and `fixed_loss`
+is both trainers' evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.training.random_stream import RandomStream
 from .data import IMAGE_SUFFIXES, square_pixels
 
 COLUMNS = {
@@ -229,9 +231,16 @@ def encode_latents(
     return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
 
 
-def fixed_loss(loss: Callable[[], torch.Tensor], device: torch.device, seed: int = 1234) -> float:
-    """`loss()` under a fixed random state (noise, timesteps, dropout), leaving the training RNG as it was."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        return float(loss())
+def fixed_loss(task, model: torch.nn.Module, seed: int = 1234) -> float:
+    """The loss of a pair task (control branch, IP-Adapter) on its first 8 examples with every
+    random number (noise, timesteps, dropout) drawn from a fresh stream seeded `seed`, and each
+    process scoring the whole set itself: comparable across steps and processes. The task's
+    training stream and the global RNG are left as they were."""
+    stream, rank, world = task.stream, task.rank, task.world
+    task.stream, task.rank, task.world = RandomStream(seed, stream.device), 0, 1
+    try:
+        with torch.no_grad():
+            batch = torch.arange(min(8, len(task.examples)))
+            return float(task.loss(model, batch))
+    finally:
+        task.stream, task.rank, task.world = stream, rank, world

@@ -250,3 +250,80 @@ def test_train_control_command_writes_a_controlnet_folder(tiny_sd_path, pair_fol
     loaded = load_control(tmp_path / "out" / "controlnet")
     assert type(loaded).__name__ == "ControlNetModel"
     assert json.loads((tmp_path / "out" / "train.json").read_text())["steps"] == 2
+
+
+def _prepared(base, pair_folder, seed=0):
+    task = ControlTask(
+        base, load_pairs(pair_folder), ControlConfig(mode="lora"), resolution=16, seed=seed
+    )
+    _randomize(task)
+    task.prepare(CPU)
+    return task
+
+
+def test_a_step_is_drawn_loss_of_draw_and_draws_leave_the_global_rng_alone(base, pair_folder):
+    task = _prepared(base, pair_folder)
+    batch = torch.tensor([0, 2, 1])
+    start = task.stream.state.clone()
+    with torch.no_grad():
+        loss = task.loss(task.model, batch)
+    task.stream.state = start
+    global_rng = torch.get_rng_state()
+    drawn = task.draw(batch)
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    with torch.no_grad():
+        assert torch.equal(task.drawn_loss(task.model, drawn), loss)
+    # The same stream state draws the same numbers whatever the global RNG holds; it moves on.
+    task.stream.state = start
+    torch.manual_seed(99)
+    again = task.draw(batch)
+    assert all(torch.equal(a, b) for a, b in zip(again, drawn))
+    assert not torch.equal(task.draw(batch)[1], drawn[1])
+
+
+def test_each_process_keeps_its_slice_of_the_global_batch_draws(base, pair_folder):
+    task = _prepared(base, pair_folder)
+    batch, start = torch.tensor([0, 2]), task.stream.state.clone()
+    whole = task.draw(batch.repeat(2))
+    task.stream.state, task.rank, task.world = start, 1, 2
+    mine = task.draw(batch)
+    assert all(torch.equal(a, b[2:]) for a, b in zip(mine, whole))
+
+
+def test_evaluation_loss_is_fixed_across_training_draws(base, pair_folder):
+    task = _prepared(base, pair_folder)
+    first = task.evaluate(task.model)["loss"]
+    stream = task.stream.state.clone()
+    task.draw(torch.tensor([0, 1]))
+    task.draw(torch.tensor([2, 3]))
+    moved = task.stream.state.clone()
+    assert task.evaluate(task.model)["loss"] == first
+    assert torch.equal(task.stream.state, moved) and not torch.equal(moved, stream)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_branch(base, pair_folder, tmp_path):
+    def run(out, steps, seed=3):
+        task = ControlTask(
+            base, load_pairs(pair_folder), ControlConfig(mode="lora"), resolution=16, seed=seed
+        )
+        config = TrainConfig(
+            steps=steps,
+            batch_size=2,
+            lr=1e-2,
+            schedule="constant",
+            progress=False,
+            cpu=True,
+            seed=seed,
+            output_dir=str(out),
+            checkpoint_every=2,
+        )
+        return task, train(task, task.dataset(), config)
+
+    whole, _ = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    resumed, result = run(tmp_path / "cut", 4)
+    assert result.resumed_from == 2
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and "rng.stream" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

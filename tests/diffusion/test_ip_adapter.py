@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -312,3 +313,97 @@ def test_sdxl_trains_and_generates_with_an_image_prompt(
         **att.kwargs(Image.open(manifest.parent / "0.png")),
     )
     assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
+
+
+def _prepared(tiny_sd_path, manifest, clip_path, seed=0):
+    """A prepared task dropping often (0.3 each), so a few rows exercise the dropout draws."""
+    config = dataclasses.replace(
+        _config("basic", clip_path), drop_image=0.3, drop_text=0.3, drop_both=0.3
+    )
+    task = IPAdapterTask(
+        _load(tiny_sd_path),
+        load_pairs(manifest, need_condition=False),
+        config,
+        ImageEncoder(clip_path, "basic"),
+        16,
+        seed=seed,
+    )
+    _randomize(task.adapter)
+    task.prepare(CPU)
+    return task
+
+
+def test_a_step_is_drawn_loss_of_draw_and_draws_leave_the_global_rng_alone(
+    tiny_sd_path, manifest, clip_path
+):
+    task = _prepared(tiny_sd_path, manifest, clip_path)
+    batch = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    start = task.stream.state.clone()
+    with torch.no_grad():
+        loss = task.loss(task.model, batch)
+    task.stream.state = start
+    global_rng = torch.get_rng_state()
+    drawn = task.draw(batch)
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    _, drop_image, drop_text = drawn[:3]
+    assert drop_image.any() and drop_text.any()
+    with torch.no_grad():
+        assert torch.equal(task.drawn_loss(task.model, drawn), loss)
+    task.stream.state = start
+    torch.manual_seed(99)
+    assert all(torch.equal(a, b) for a, b in zip(task.draw(batch), drawn))
+
+
+def test_each_process_keeps_its_slice_of_the_global_batch_draws(tiny_sd_path, manifest, clip_path):
+    task = _prepared(tiny_sd_path, manifest, clip_path)
+    batch, start = torch.tensor([0, 2, 3]), task.stream.state.clone()
+    whole = task.draw(batch.repeat(2))
+    task.stream.state, task.rank, task.world = start, 1, 2
+    mine = task.draw(batch)
+    assert all(torch.equal(a, b[3:]) for a, b in zip(mine, whole))
+
+
+def test_evaluation_loss_is_fixed_across_training_draws(tiny_sd_path, manifest, clip_path):
+    task = _prepared(tiny_sd_path, manifest, clip_path)
+    first = task.evaluate(task.model)["loss"]
+    stream = task.stream.state.clone()
+    task.draw(torch.tensor([0, 1]))
+    task.draw(torch.tensor([2, 3]))
+    moved = task.stream.state.clone()
+    assert task.evaluate(task.model)["loss"] == first
+    assert torch.equal(task.stream.state, moved) and not torch.equal(moved, stream)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_adapter(
+    tiny_sd_path, manifest, clip_path, tmp_path
+):
+    def run(out, steps, seed=3):
+        task = IPAdapterTask(
+            _load(tiny_sd_path),
+            load_pairs(manifest, need_condition=False),
+            _config("basic", clip_path),
+            ImageEncoder(clip_path, "basic"),
+            16,
+            seed=seed,
+        )
+        config = TrainConfig(
+            steps=steps,
+            batch_size=2,
+            lr=1e-2,
+            schedule="constant",
+            progress=False,
+            cpu=True,
+            seed=seed,
+            output_dir=str(out),
+            checkpoint_every=2,
+        )
+        return task, train(task, task.dataset(), config)
+
+    whole, _ = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    resumed, result = run(tmp_path / "cut", 4)
+    assert result.resumed_from == 2
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and "rng.stream" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
