@@ -1,9 +1,10 @@
 """ViT backbones and where adapters attach to them.
 
-Two families are supported: timm `VisionTransformer` (vit_*, deit_*) and the visual tower of
-open_clip (`open_clip.transformer.VisionTransformer`). `vit_layout(model)` describes either one in
-the same terms (embedding width, patch size, blocks, and the dotted names of the sites qkv / proj /
-fc1 / fc2 / norm1 / norm2 / mlp inside each block), so every method is written once.
+Three families: timm `VisionTransformer` (vit_*, deit_*, DINOv2's vit_*_dinov2, timm's CLIP ViTs),
+timm `SwinTransformer` (swin_*, see backbone_swin.py) and the visual tower of open_clip.
+`vit_layout(model)` describes each in the same terms (embedding width, patch size, blocks, and the
+dotted names of the sites qkv / proj / fc1 / fc2 / norm1 / norm2 / mlp inside each block), so every
+method is written once; methods a layout cannot take are listed in `ViTLayout.unsupported`.
 
 open_clip blocks use `nn.MultiheadAttention`, whose forward reads `in_proj_weight` and
 `out_proj.weight` directly instead of calling submodules: neither qkv nor proj can be wrapped or
@@ -64,6 +65,21 @@ class ViTLayout:
     head: str
     block_sites: dict[str, str] = field(default_factory=dict)
     model_sites: dict[str, str] = field(default_factory=dict)  # "patch", "norm", "pre_norm"
+    block_dims: list[int] = field(default_factory=list)  # token width per block (Swin: per stage)
+    unsupported: dict[str, str] = field(default_factory=dict)  # method name -> why not here
+
+    def width(self, block: int) -> int:
+        return self.block_dims[block] if self.block_dims else self.embed_dim
+
+    def check_methods(self, names: list[str]) -> None:
+        """One line naming every method in `names` this backbone cannot take, and why."""
+        bad = [n for n in names if n in self.unsupported]
+        if bad:
+            why = "; ".join(dict.fromkeys(self.unsupported[n] for n in bad))
+            raise PeftkitError(
+                f"{' and '.join(bad)} cannot be applied to this {self.family} backbone ({why}): "
+                f"drop {'them' if len(bad) > 1 else 'it'} or use a plain ViT"
+            )
 
     def site_names(self, site: str) -> list[str]:
         """Dotted names of `site` in every block (or the one model-level module)."""
@@ -83,8 +99,15 @@ class ViTLayout:
 
 
 def vit_layout(model: nn.Module) -> ViTLayout:
-    """Describe a timm VisionTransformer or a `CLIPVisionClassifier`; a clear error for anything else."""
+    """Describe a timm VisionTransformer / SwinTransformer or a `CLIPVisionClassifier`; a clear
+    error for anything else."""
+    import timm.models.swin_transformer as tswin
     import timm.models.vision_transformer as tvit
+
+    if isinstance(model, tswin.SwinTransformer):
+        from .backbone_swin import swin_layout
+
+        return swin_layout(model)
 
     if isinstance(model, tvit.VisionTransformer):
         if model.attn_pool is not None:
@@ -133,7 +156,8 @@ def vit_layout(model: nn.Module) -> ViTLayout:
         )
     raise PeftkitError(
         f"{type(model).__name__} is not a supported ViT: use a timm VisionTransformer "
-        "(vit_*, deit_*) or an open_clip visual tower wrapped by create_backbone(open_clip=...)"
+        "(vit_*, deit_*, vit_*_dinov2), a timm SwinTransformer (swin_*) or an open_clip visual "
+        "tower wrapped by create_backbone(open_clip=...)"
     )
 
 
@@ -211,9 +235,7 @@ def create_backbone(
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise PeftkitError(f"timm has no model {name!r}: similar names are {close}")
     if checkpoint:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-        _load_local(model, checkpoint, head="head")
-        return model
+        return _timm_from_file(name, checkpoint, num_classes, timm_kwargs)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     repo = timm.models.get_pretrained_cfg(name).hf_hub_id or f"timm/{name}"
@@ -224,9 +246,7 @@ def create_backbone(
         cached = try_to_load_from_cache(repo, "model.safetensors")
         if not isinstance(cached, str):
             raise PeftkitError(unreachable_message(repo, "model.safetensors", _local_hint(repo)))
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-        _load_local(model, cached, head="head")
-        return model
+        return _timm_from_file(name, cached, num_classes, timm_kwargs)
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except Exception as err:  # hub errors come as OSError, HTTP, connection or hub-specific types
@@ -234,6 +254,38 @@ def create_backbone(
             f"could not load pretrained weights for {name!r} from {repo!r} on the Hugging Face hub "
             f"({type(err).__name__}: {str(err)[:200]}); {_local_hint(repo)}"
         ) from None
+
+
+def _timm_from_file(name: str, path: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's own pretrained loading from a local file: its checkpoint filter resamples position
+    embeddings to another input size and converts foreign layouts (DINOv2, OpenAI CLIP), and a
+    head of another size is dropped for a fresh one."""
+    import timm
+
+    _require_safetensors(path)
+    try:
+        return timm.create_model(
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path), "source": "timm"},
+            num_classes=num_classes,
+            **kwargs,
+        )
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2])[:240]
+        raise PeftkitError(
+            f"checkpoint {path!r} does not fit timm model {name!r} ({detail}); check that the "
+            "model name and --model-kwargs match the checkpoint"
+        ) from None
+
+
+def _require_safetensors(path: str) -> None:
+    if Path(path).suffix != ".safetensors":
+        raise PeftkitError(
+            f"checkpoint {path!r} must be a .safetensors file (pickled .bin/.pth files are not "
+            "loaded for safety): convert it with safetensors.torch.save_file"
+        )
 
 
 def _local_hint(repo: str) -> str:
@@ -294,12 +346,18 @@ def _open_clip(name, config, num_classes, pretrained, checkpoint) -> nn.Module:
         raise PeftkitError(
             f"open_clip has no model {name!r}: known names include {oc.list_models()[:8]}"
         )
-    tag = None
-    if pretrained and not checkpoint:
+    tag, quick_gelu = None, False
+    if checkpoint:
+        _require_safetensors(checkpoint)
+    elif pretrained:
         tags = oc.list_pretrained_tags_by_model(name)
         tag = tags[0] if tags else None
+        if tag and not hub_reachable():
+            # open_clip would retry the hub for most of a minute; a cached copy still loads
+            checkpoint, quick_gelu = _cached_open_clip(name, tag)
+            tag = None
     try:
-        clip = oc.create_model(name, pretrained=checkpoint or tag)
+        clip = oc.create_model(name, pretrained=checkpoint or tag, force_quick_gelu=quick_gelu)
     except Exception as err:
         raise PeftkitError(
             f"could not load open_clip weights for {name!r} ({type(err).__name__}: {str(err)[:200]}): download "
@@ -313,14 +371,35 @@ def _open_clip(name, config, num_classes, pretrained, checkpoint) -> nn.Module:
     return CLIPVisionClassifier(clip.visual, num_classes)
 
 
+def _cached_open_clip(name: str, tag: str) -> tuple[str, bool]:
+    """The hub-cached safetensors of open_clip `name`/`tag` and whether its tag asks for QuickGELU
+    (which a file path alone does not carry), or the offline message naming the repository."""
+    import open_clip as oc
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = oc.get_pretrained_cfg(name, tag)
+    parts = (cfg.get("hf_hub") or "").strip("/").split("/")  # "org/repo/" or "org/repo/file"
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "open_clip_pytorch_model.bin"
+    # open_clip itself prefers the safetensors twin of a .bin; peftkit reads only that one
+    filename = (
+        "open_clip_model.safetensors"
+        if filename == "open_clip_pytorch_model.bin"
+        else filename.rsplit(".", 1)[0] + ".safetensors"
+    )
+    cached = try_to_load_from_cache(repo, filename) if repo else None
+    if not isinstance(cached, str):
+        hint = (
+            f"pass it with --checkpoint ./{repo.split('/')[-1] or name}/{filename} (Python: "
+            "checkpoint=...), or use --model starter (the bundled ViT, no download)"
+        )
+        raise PeftkitError(unreachable_message(repo or f"open_clip {name}:{tag}", filename, hint))
+    return cached, bool(cfg.get("quick_gelu", False))
+
+
 def _load_local(model: nn.Module, path: str, head: str) -> None:
     from peftkit.common_kernels.adapter_file import read_tensors
 
-    if Path(path).suffix != ".safetensors":
-        raise PeftkitError(
-            f"checkpoint {path!r} must be a .safetensors file (pickled .bin/.pth files are not "
-            "loaded for safety): convert it with safetensors.torch.save_file"
-        )
+    _require_safetensors(path)
     state, _ = read_tensors(path)
     own = model.state_dict()
     # A checkpoint trained for another label set: keep the backbone, start a fresh head.

@@ -172,6 +172,7 @@ class VisionAdapter:
     ) -> None:
         self.model, self.config, self.base_model = model, config, base_model
         self.layout = vit_layout(model)
+        self.layout.check_methods(config.name.split("+"))
         self.backbone_size = backbone_parameters(model)
         self.saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.core = None
