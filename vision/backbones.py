@@ -6,10 +6,8 @@ timm `SwinTransformer` (swin_*, see backbone_swin.py) and the visual tower of op
 dotted names of the sites qkv / proj / fc1 / fc2 / norm1 / norm2 / mlp inside each block), so every
 method is written once; methods a layout cannot take are listed in `ViTLayout.unsupported`.
 
-open_clip blocks use `nn.MultiheadAttention`, whose forward reads `in_proj_weight` and
-`out_proj.weight` directly instead of calling submodules: neither qkv nor proj can be wrapped or
-hooked there, so on open_clip towers the sites are fc1 (mlp.c_fc), fc2 (mlp.c_proj), norm1 (ln_1),
-norm2 (ln_2) and mlp; asking for qkv/proj raises a PeftkitError.
+open_clip towers get their `nn.MultiheadAttention` split into Linear qkv / proj layers with the
+same weights (backbone_clip.py), so every method reaches the same sites as on a timm ViT.
 
     >>> model = create_backbone("vit_tiny_patch16_224", num_classes=10, pretrained=False)  # doctest: +SKIP
     >>> model = create_backbone("starter", num_classes=4, pretrained=True)  # assets/starter-vit  # doctest: +SKIP
@@ -136,7 +134,10 @@ def vit_layout(model: nn.Module) -> ViTLayout:
             model_sites,
         )
     if isinstance(model, CLIPVisionClassifier):
+        from .backbone_clip import has_split_attention
+
         v = model.visual
+        sites = {**_CLIP_SITES, "qkv": "attn.qkv", "proj": "attn.proj"}
         blocks = [f"visual.transformer.resblocks.{i}" for i in range(len(v.transformer.resblocks))]
         model_sites = {"patch": "visual.conv1", "norm": "visual.ln_post"}
         if not isinstance(v.ln_pre, nn.Identity):
@@ -151,7 +152,7 @@ def vit_layout(model: nn.Module) -> ViTLayout:
             "visual.transformer",
             False,
             "head",
-            dict(_CLIP_SITES),
+            sites if has_split_attention(v) else dict(_CLIP_SITES),
             model_sites,
         )
     raise PeftkitError(
@@ -162,10 +163,14 @@ def vit_layout(model: nn.Module) -> ViTLayout:
 
 
 class CLIPVisionClassifier(nn.Module):
-    """An open_clip visual tower with a linear classification head on its pooled (projected) output."""
+    """An open_clip visual tower with a linear classification head on its pooled (projected) output;
+    its attention is split into qkv / proj Linear layers (backbone_clip.py)."""
 
     def __init__(self, visual: nn.Module, num_classes: int) -> None:
+        from .backbone_clip import split_attention
+
         super().__init__()
+        split_attention(visual)
         self.visual = visual
         width = (
             visual.output_dim

@@ -117,6 +117,10 @@ def build_model(
         )
         native = model.visual.image_size[0]
     else:
+        if spec.get("img_size"):
+            # timm builds position embeddings (and Swin windows) for this size and resamples
+            # pretrained ones to it (DINOv2 ships at 518); the starter's size is fixed
+            kwargs.setdefault("img_size", spec["img_size"])
         model = create_backbone(
             spec["model"],
             num_classes=num_classes,
