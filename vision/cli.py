@@ -83,14 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--img-size", type=positive_int, help="input size (default: the model's)")
     m = p.add_argument_group("method options")
-    m.add_argument("--vpt-length", type=positive_int)
-    m.add_argument("--vpt-dropout", type=non_negative_float)
-    m.add_argument("--bottleneck", type=positive_int, help="AdaptFormer bottleneck width")
-    m.add_argument("--adapter-scale", type=finite_float, help="AdaptFormer scale s")
-    m.add_argument("--ssf-sites", type=lambda s: s.split(","), help="comma-separated SSF sites")
-    m.add_argument("--r", type=positive_int, help="LoRA / LoKr rank")
+    m.add_argument("--vpt-length", type=positive_int, help="VPT prompts per layer (default 10)")
+    m.add_argument("--vpt-dropout", type=non_negative_float, help="VPT prompt dropout (default 0)")
+    m.add_argument(
+        "--bottleneck", type=positive_int, help="AdaptFormer bottleneck width (default 64)"
+    )
+    m.add_argument("--adapter-scale", type=finite_float, help="AdaptFormer scale s (default 0.1)")
+    m.add_argument(
+        "--ssf-sites",
+        type=lambda s: s.split(","),
+        help="comma-separated SSF sites (default: all but pre_norm)",
+    )
+    m.add_argument("--r", type=positive_int, help="LoRA / LoKr rank (default 8)")
     m.add_argument("--alpha", type=positive_float, help="LoRA / LoKr alpha")
-    m.add_argument("--block-size", type=positive_int, help="OFT block size")
+    m.add_argument("--block-size", type=positive_int, help="OFT block size (default 32)")
     m.add_argument("--factor", type=int, help="LoKr factor")
     m.add_argument(
         "--core-sites",
@@ -98,10 +104,19 @@ def _parser() -> argparse.ArgumentParser:
         help="layers for LoRA/OFT/LoKr: qkv,proj,fc1,fc2",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--protocol", choices=["tune", "final"], default="final")
-    t.add_argument("--epochs", type=positive_int, default=100)
+    t.add_argument(
+        "--protocol",
+        choices=["tune", "final"],
+        default="final",
+        help="tune: train -> val; final: train+val -> test",
+    )
+    t.add_argument(
+        "--epochs", type=positive_int, default=100, help="passes over the training split"
+    )
     t.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per step and process"
+    )
     t.add_argument(
         "--lr",
         type=positive_float,
@@ -112,12 +127,21 @@ def _parser() -> argparse.ArgumentParser:
         type=non_negative_float,
         help="default: the method's (lora 1e-4, ssf 5e-5, full 0.05)",
     )
-    t.add_argument("--warmup-epochs", type=non_negative_float, default=10.0)
-    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument(
+        "--warmup-epochs",
+        type=non_negative_float,
+        default=10.0,
+        help="linear LR warm-up, then cosine",
+    )
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     add_speed_args(t)
-    t.add_argument("--label-smoothing", type=non_negative_float, default=0.0)
-    t.add_argument("--eval-every-epochs", type=positive_int, default=1)
-    t.add_argument("--checkpoint-every-epochs", type=non_negative_int, default=10)
+    t.add_argument(
+        "--label-smoothing", type=non_negative_float, default=0.0, help="cross-entropy smoothing"
+    )
+    t.add_argument("--eval-every-epochs", type=positive_int, default=1, help="eval cadence")
+    t.add_argument(
+        "--checkpoint-every-epochs", type=non_negative_int, default=10, help="0: no checkpoints"
+    )
     t.add_argument(
         "--num-classes", type=positive_int, help="default: max label of the training split + 1"
     )
@@ -126,9 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         type=lambda s: tuple(int(v) for v in s.split(",")),
         help="train,eval sizes of built-in tasks (default VTAB-1k: 1000,1000 for final)",
     )
-    t.add_argument("--seed", type=non_negative_int, default=0)
-    t.add_argument("--cpu", action="store_true")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--seed", type=non_negative_int, default=0, help="init, data order, augmentation"
+    )
+    t.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -233,8 +259,14 @@ def vit_eval(argv: list[str]) -> int:
         type=existing_file,
         help="adapter.safetensors written by vit-train",
     )
-    p.add_argument("--data", required=True, help="vtab:<task dir>, folder:<root> or builtin:<name>")
-    p.add_argument("--split", default="test", choices=["test", "val200"])
+    p.add_argument(
+        "--data",
+        required=True,
+        help="vtab:<task dir>, fgvc:<dataset dir>, folder:<root> or builtin:<name>",
+    )
+    p.add_argument(
+        "--split", default="test", choices=["test", "val200"], help="val200: the tune split"
+    )
     p.add_argument(
         "--checkpoint",
         type=existing_file,
@@ -248,8 +280,12 @@ def vit_eval(argv: list[str]) -> int:
         action="store_true",
         help="rebuild the run's random-init backbone (seed from the adapter)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--builtin-sizes", type=lambda s: tuple(int(v) for v in s.split(",")))
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    p.add_argument(
+        "--builtin-sizes",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        help="train,eval sizes of built-in tasks",
+    )
     p.add_argument("--json", type=output_file, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
     from .train import evaluate_vit
