@@ -6,9 +6,10 @@ part (the whole backbone under full fine-tuning) sets the step size.
 
 from __future__ import annotations
 
-# NOAH (Zhang et al., 2022, "Neural Prompt Search") trains its VPT, Adapter (AdaptFormer-style)
-# and LoRA baselines on VTAB-1k with AdamW, lr 1e-3, weight decay 1e-4, batch 64, 100 epochs; the
-# linear probe and BitFit train as few parameters and take the same rate.
+# NOAH (Zhang et al., 2022, "Neural Prompt Search") trains its VPT, Adapter and LoRA baselines on
+# VTAB-1k (configs/{VPT,Adapter,LoRA}/VTAB/*.sh) at batch 64 for 100 epochs, weight decay 1e-4,
+# lr searched in {5e-3, 1e-3}: the lower one is the default here. The linear probe and BitFit
+# train as few parameters and take the same rate.
 _NOAH = (1e-3, 1e-4)
 METHOD_DEFAULTS: dict[str, tuple[float, float]] = {
     "linear": _NOAH,
@@ -21,8 +22,9 @@ METHOD_DEFAULTS: dict[str, tuple[float, float]] = {
     # (1e-2 on a few tasks), weight decay 5e-5.
     "ssf": (5e-3, 5e-5),
     # Full fine-tuning moves all 86M weights: at 1e-3 a ViT-B/16 swung from 97.5 to 83.8 top-1
-    # mid-run. MAE's end-to-end fine-tuning recipe (He et al., 2022, Table 9 / FINETUNE.md):
-    # AdamW, base lr 5e-4 scaled by batch/256 (1.25e-4 at batch 64), weight decay 0.05.
+    # mid-run. MAE's end-to-end fine-tuning recipe for ViT-B (He et al., 2022, FINETUNE.md):
+    # AdamW, base lr 5e-4 scaled by batch/256 (1.25e-4 at batch 64), weight decay 0.05 (its
+    # layer-wise lr decay of 0.65 is not applied here).
     "full": (1.25e-4, 0.05),
 }
 

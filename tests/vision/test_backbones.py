@@ -231,3 +231,10 @@ def test_a_local_open_clip_safetensors_checkpoint_loads_its_tower(tmp_path):
     torch.testing.assert_close(model.visual(x), clip.visual.eval()(x), rtol=0, atol=1e-6)
     with pytest.raises(PeftkitError, match=r"\.safetensors"):
         create_backbone(open_clip="peftkit-tiny-clip", checkpoint=str(tmp_path / "clip.pt"))
+
+
+def test_dinov2_offline_names_its_hub_repository(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PeftkitError) as err:
+        create_backbone("vit_small_patch14_dinov2.lvd142m", pretrained=True)
+    assert "hf download timm/vit_small_patch14_dinov2.lvd142m" in str(err.value)

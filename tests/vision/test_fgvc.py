@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training.data_cache import cache_dataset
 from peftkit.vision.data import Preprocess, load_task
 from peftkit.vision.fgvc import FGVCTransform, center_crop, random_crop_flip
 
@@ -67,6 +68,10 @@ def test_class_folders_take_the_fgvc_transforms(tmp_path):
     assert isinstance(data.train.transform, FGVCTransform) and data.train.transform.train
     assert not data.eval.transform.train and data.eval.transform.resize == round(16 * 256 / 224)
     assert (len(data.train), len(data.eval), data.num_classes) == (6, 4, 2)
+    cache = cache_dataset(data.train, torch.device("cpu"))  # what the engine trains from
+    assert cache.fields[0].shape == (6, 3, 18, 18)  # kept at the resize, cropped per batch
+    images, labels = cache.batch(torch.arange(4))
+    assert images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1]
 
 
 def test_an_unknown_layout_names_the_expected_ones(tmp_path):
