@@ -216,8 +216,9 @@ def create_backbone(
 ) -> nn.Module:
     """A ViT classifier with a fresh `num_classes` head.
 
-    timm: `name` with `pretrained=True` (downloads from the hub), `checkpoint=<file.safetensors>`
-    (local weights; a head of another size is dropped), or neither (random init).
+    timm: `name` with `pretrained=True` (downloads from the hub, or its cache offline),
+    `checkpoint=<file.safetensors>` (local weights; a head of another size is dropped), or neither
+    (random init); `name="hf-hub:<org>/<repo>"`: a timm model repository on the hub.
     `name="starter"`: the ViT in assets/starter-vit (its weights with `pretrained=True`, else the
     same architecture with random weights); `"starter:<folder>"`: a copy of it elsewhere.
     open_clip: `open_clip=<model name>` (with `pretrained=True`: its default tag; `checkpoint`: a
@@ -236,6 +237,10 @@ def create_backbone(
         return _starter(folder, num_classes, pretrained, checkpoint, timm_kwargs)
     import timm
 
+    if name.startswith("hf-hub:"):
+        return _timm_hub_repo(
+            name[len("hf-hub:") :], num_classes, pretrained, checkpoint, timm_kwargs
+        )
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise PeftkitError(f"timm has no model {name!r}: similar names are {close}")
@@ -246,12 +251,7 @@ def create_backbone(
     repo = timm.models.get_pretrained_cfg(name).hf_hub_id or f"timm/{name}"
     if not hub_reachable():
         # timm would retry the hub for most of a minute; a cached copy still loads
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo, "model.safetensors")
-        if not isinstance(cached, str):
-            raise PeftkitError(unreachable_message(repo, "model.safetensors", _local_hint(repo)))
-        return _timm_from_file(name, cached, num_classes, timm_kwargs)
+        return _timm_from_file(name, _hub_file(repo, "model.safetensors"), num_classes, timm_kwargs)
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except Exception as err:  # hub errors come as OSError, HTTP, connection or hub-specific types
@@ -261,7 +261,48 @@ def create_backbone(
         ) from None
 
 
-def _timm_from_file(name: str, path: str, num_classes: int, kwargs: dict) -> nn.Module:
+def _timm_hub_repo(
+    repo: str, num_classes: int, pretrained: bool, checkpoint: str | None, kwargs: dict
+) -> nn.Module:
+    """`hf-hub:<org>/<name>`: a timm model published as a hub repository, whose config.json names
+    the architecture, its arguments and normalization; read from the hub cache when offline."""
+    import timm
+
+    config = json.loads(Path(_hub_file(repo, "config.json")).read_text())
+    if "architecture" not in config:
+        raise PeftkitError(
+            f"{repo!r} is not a timm model repository: its config.json names no architecture"
+        )
+    name, args = config["architecture"], {**config.get("model_args", {}), **kwargs}
+    cfg = config.get("pretrained_cfg", {})
+    if not (pretrained or checkpoint):
+        return timm.create_model(name, num_classes=num_classes, pretrained_cfg_overlay=cfg, **args)
+    weights = checkpoint or _hub_file(repo, "model.safetensors")
+    return _timm_from_file(name, weights, num_classes, args, cfg)
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    """`filename` of hub repository `repo`: downloaded (or from the cache) when the hub answers,
+    else from the cache, else the one-line offline message."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if hub_reachable():
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as err:  # hub errors come as OSError, HTTP or hub-specific types
+            raise PeftkitError(
+                f"could not fetch {filename} of {repo!r} from the Hugging Face hub "
+                f"({type(err).__name__}: {str(err)[:200]}); {_local_hint(repo)}"
+            ) from None
+    cached = try_to_load_from_cache(repo, filename)
+    if not isinstance(cached, str):
+        raise PeftkitError(unreachable_message(repo, filename, _local_hint(repo)))
+    return cached
+
+
+def _timm_from_file(
+    name: str, path: str, num_classes: int, kwargs: dict, pretrained_cfg: dict | None = None
+) -> nn.Module:
     """timm's own pretrained loading from a local file: its checkpoint filter resamples position
     embeddings to another input size and converts foreign layouts (DINOv2, OpenAI CLIP), and a
     head of another size is dropped for a fresh one."""
@@ -272,7 +313,7 @@ def _timm_from_file(name: str, path: str, num_classes: int, kwargs: dict) -> nn.
         return timm.create_model(
             name,
             pretrained=True,
-            pretrained_cfg_overlay={"file": str(path), "source": "timm"},
+            pretrained_cfg_overlay={**(pretrained_cfg or {}), "file": str(path), "source": "timm"},
             num_classes=num_classes,
             **kwargs,
         )

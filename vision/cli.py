@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         default="vit_base_patch16_224",
         help="timm model name: a ViT (vit_*, deit_*), DINOv2 (vit_base_patch14_dinov2) or Swin "
-        "(swin_tiny_patch4_window7_224)",
+        "(swin_tiny_patch4_window7_224), or hf-hub:<org>/<repo> for a timm repository on the hub",
     )
     g.add_argument(
         "--open-clip", help="open_clip model name: use its visual tower instead of a timm ViT"

@@ -238,3 +238,43 @@ def test_dinov2_offline_names_its_hub_repository(monkeypatch):
     with pytest.raises(PeftkitError) as err:
         create_backbone("vit_small_patch14_dinov2.lvd142m", pretrained=True)
     assert "hf download timm/vit_small_patch14_dinov2.lvd142m" in str(err.value)
+
+
+def _hub_cache(tmp_path, monkeypatch, repo, files):
+    """A Hugging Face hub cache holding `files` of `repo`, with the hub out of reach."""
+    import huggingface_hub.constants
+
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, write in files.items():
+        write(snapshot / name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_a_cached_dinov2_loads_offline_and_an_hf_hub_repository_too(tmp_path, monkeypatch):
+    import json
+
+    torch.manual_seed(0)
+    source = create_backbone("vit_small_patch14_dinov2", num_classes=0, **DINO)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    config = {"architecture": "vit_small_patch14_dinov2", "model_args": DINO}
+    config["pretrained_cfg"] = {"mean": [0.25] * 3, "std": [0.5] * 3, "num_classes": 0}
+    files = {
+        "model.safetensors": lambda path: save_file(state, str(path)),
+        "config.json": lambda path: path.write_text(json.dumps(config)),
+    }
+    _hub_cache(tmp_path, monkeypatch, "timm/vit_small_patch14_dinov2.lvd142m", files)
+    _hub_cache(tmp_path, monkeypatch, "someone/tiny-dinov2", files)
+    named = create_backbone(
+        "vit_small_patch14_dinov2.lvd142m", pretrained=True, num_classes=3, **DINO
+    )
+    repo = create_backbone("hf-hub:someone/tiny-dinov2", pretrained=True, num_classes=3)
+    for model in (named, repo):
+        assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    assert normalization(repo)[0] == (0.25, 0.25, 0.25)  # the repository's own normalization
+    with pytest.raises(PeftkitError, match="hf download someone/other"):
+        create_backbone("hf-hub:someone/other", pretrained=True)
