@@ -432,13 +432,18 @@ def _cached_open_clip(name: str, tag: str) -> tuple[str, bool]:
         if filename == "open_clip_pytorch_model.bin"
         else filename.rsplit(".", 1)[0] + ".safetensors"
     )
-    cached = try_to_load_from_cache(repo, filename) if repo else None
+    if not repo:
+        raise PeftkitError(
+            f"open_clip {name}:{tag} downloads from {cfg.get('url')!r}, which is out of reach: "
+            "fetch it elsewhere, save it as .safetensors and pass it with --checkpoint"
+        )
+    cached = try_to_load_from_cache(repo, filename)
     if not isinstance(cached, str):
         hint = (
-            f"pass it with --checkpoint ./{repo.split('/')[-1] or name}/{filename} (Python: "
+            f"pass it with --checkpoint ./{repo.split('/')[-1]}/{filename} (Python: "
             "checkpoint=...), or use --model starter (the bundled ViT, no download)"
         )
-        raise PeftkitError(unreachable_message(repo or f"open_clip {name}:{tag}", filename, hint))
+        raise PeftkitError(unreachable_message(repo, filename, hint))
     return cached, bool(cfg.get("quick_gelu", False))
 
 
