@@ -209,10 +209,9 @@ def _config(args: argparse.Namespace, data: str, method: str):
 
 
 def _summary(results: dict) -> str:
-    # The head is new for every task: the share of the backbone counts only what it adapts, so
-    # full fine-tuning reads 100%; peak memory is measured on GPUs only.
+    # peak memory is measured on GPUs only
     head = results["trainable"] - results["trainable_without_head"]
-    share = 100.0 * results["trainable_without_head"] / results["backbone"]
+    share = results["trainable_pct_of_backbone"]
     peak = results.get("peak_memory_gib")
     return (
         f"{results['method']} on {results['task']} ({'/'.join(results['splits'])}): top-1 {results['top1']:.2f}% | "

@@ -60,10 +60,15 @@ def test_a_short_run_reports_its_epoch_warm_up_and_method_rate(kit, capsys):
 def _results(**over):
     base = dict(method="full", task="dtd", splits=["train800val200", "test"], top1=75.0)
     base.update(trainable=1100, trainable_without_head=1000, backbone=1000, images_per_s=10.0)
+    base.update(trainable_pct_of_backbone=100.0)
     return {**base, "peak_memory_gib": 0.0, **over}
 
 
-def test_the_summary_counts_the_backbone_share_without_the_head_and_no_cpu_peak():
+def test_full_fine_tuning_is_all_of_the_backbone_and_the_cpu_has_no_peak(kit):
+    from peftkit.vision.methods import VisionAdapter, ViTMethodConfig
+
+    counts = VisionAdapter(kit.tiny_vit(), ViTMethodConfig.parse("full")).parameter_counts()
+    assert counts["trainable_pct_of_backbone"] == 100.0 and counts["trainable"] > counts["backbone"]
     line = _summary(_results())
     assert "100.000% of backbone + 100 head" in line and "peak" not in line
     assert "peak 3.25 GiB" in _summary(_results(peak_memory_gib=3.25))
