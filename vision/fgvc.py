@@ -89,14 +89,10 @@ def load_fgvc(
         train, evals, names = splits["train"] + splits["val"], splits["test"], ("train+val", "test")
     n = num_classes or splits["num_classes"]
     check_labels(train + evals, n)
-    size, mean, std = (
-        transform.size,
-        transform.mean.flatten().tolist(),
-        transform.std.flatten().tolist(),
-    )
+    stats = (transform.size, transform.mean.flatten().tolist(), transform.std.flatten().tolist())
     return TaskData(
-        ImageListDataset(train, FGVCTransform(size, mean, std, train=True), f"{root}/{names[0]}"),
-        ImageListDataset(evals, FGVCTransform(size, mean, std, train=False), f"{root}/{names[1]}"),
+        ImageListDataset(train, FGVCTransform(*stats, train=True), f"{root}/{names[0]}"),
+        ImageListDataset(evals, FGVCTransform(*stats, train=False), f"{root}/{names[1]}"),
         n,
         root.name,
         names,
