@@ -116,6 +116,11 @@ def build_model(
             open_clip_config=kwargs.get("open_clip_config"),
         )
         native = model.visual.image_size[0]
+        if spec.get("img_size") not in (None, native):
+            raise PeftkitError(
+                f"open_clip towers take their own input size ({native}), not --img-size "
+                f"{spec['img_size']}: drop --img-size"
+            )
     else:
         if spec.get("img_size"):
             # timm builds position embeddings (and Swin windows) for this size and resamples

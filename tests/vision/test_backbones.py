@@ -278,3 +278,12 @@ def test_a_cached_dinov2_loads_offline_and_an_hf_hub_repository_too(tmp_path, mo
     assert normalization(repo)[0] == (0.25, 0.25, 0.25)  # the repository's own normalization
     with pytest.raises(PeftkitError, match="hf download someone/other"):
         create_backbone("hf-hub:someone/other", pretrained=True)
+
+
+def test_an_open_clip_tower_refuses_another_input_size(kit):
+    from peftkit.vision.train import build_model
+
+    spec = {"model_kwargs": {"open_clip_config": kit.TINY_CLIP}, "img_size": 32}
+    with pytest.raises(PeftkitError, match="own input size \\(16\\).*drop --img-size"):
+        build_model(spec, 3, False, None)
+    assert build_model({**spec, "img_size": 16}, 3, False, None)[1] == 16
