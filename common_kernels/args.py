@@ -11,6 +11,13 @@ import math
 from pathlib import Path
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists every default, except None ones (their help text says what they mean)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

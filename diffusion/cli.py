@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from ..common_kernels.args import (
+    DefaultsHelp,
     existing_dir,
     existing_file,
     finite_float,
@@ -32,13 +33,6 @@ from ..common_kernels.args import (
 )
 from ..common_kernels.errors import PeftkitError
 from .concept_defaults import CONCEPT_DEFAULTS
-
-
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help lists every default, except None ones (their help text says what they mean)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_step_args(

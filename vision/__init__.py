@@ -1,4 +1,4 @@
-"""peftkit.vision: parameter-efficient fine-tuning of ViTs (timm and open_clip visual towers).
+"""peftkit.vision: parameter-efficient fine-tuning of ViTs (timm ViTs, DINOv2, Swin, open_clip towers).
 
 Methods (one file each): VPT (vpt.py), AdaptFormer (adaptformer.py), SSF (ssf.py), the
 baselines linear probe / BitFit / full fine-tuning (baselines.py), and the common_kernels cores

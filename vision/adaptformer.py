@@ -83,7 +83,10 @@ class AdaptFormer(HookedMethod):
     def __init__(self, model: nn.Module, layout: ViTLayout, config: AdaptFormerConfig) -> None:
         self.config = config
         adapters = self._attach(
-            model, nn.ModuleList(BottleneckAdapter(layout.embed_dim, config) for _ in layout.blocks)
+            model,
+            nn.ModuleList(
+                BottleneckAdapter(layout.width(i), config) for i in range(len(layout.blocks))
+            ),
         )
 
         def hook(adapter):

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from peftkit.common_kernels.args import (
+    DefaultsHelp,
     existing_file,
     finite_float,
     non_negative_float,
@@ -30,11 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="peftkit vit-train",
         description="fine-tune a ViT with an adapter "
         "(VTAB-1k protocol: train800val200 -> test top-1)",
+        formatter_class=DefaultsHelp,
     )
     p.add_argument(
         "--data",
         required=True,
-        help="vtab:<task dir>, folder:<root> or builtin:<counting|location|"
+        help="vtab:<task dir>, fgvc:<dataset dir>, folder:<root> or builtin:<counting|location|"
         "orientation|shape|color>; comma-separated with --sweep",
     )
     p.add_argument(
@@ -54,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run folder: adapter, results.json, checkpoints (a rerun resumes)",
     )
     g = p.add_argument_group("backbone")
-    g.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    g.add_argument(
+        "--model",
+        default="vit_base_patch16_224",
+        help="timm model name: a ViT (vit_*, deit_*), DINOv2 (vit_base_patch14_dinov2) or Swin "
+        "(swin_tiny_patch4_window7_224), or hf-hub:<org>/<repo> for a timm repository on the hub",
+    )
     g.add_argument(
         "--open-clip", help="open_clip model name: use its visual tower instead of a timm ViT"
     )
@@ -76,14 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--img-size", type=positive_int, help="input size (default: the model's)")
     m = p.add_argument_group("method options")
-    m.add_argument("--vpt-length", type=positive_int)
-    m.add_argument("--vpt-dropout", type=non_negative_float)
-    m.add_argument("--bottleneck", type=positive_int, help="AdaptFormer bottleneck width")
-    m.add_argument("--adapter-scale", type=finite_float, help="AdaptFormer scale s")
-    m.add_argument("--ssf-sites", type=lambda s: s.split(","), help="comma-separated SSF sites")
-    m.add_argument("--r", type=positive_int, help="LoRA / LoKr rank")
+    m.add_argument("--vpt-length", type=positive_int, help="VPT prompts per layer (default 10)")
+    m.add_argument("--vpt-dropout", type=non_negative_float, help="VPT prompt dropout (default 0)")
+    m.add_argument(
+        "--bottleneck", type=positive_int, help="AdaptFormer bottleneck width (default 64)"
+    )
+    m.add_argument("--adapter-scale", type=finite_float, help="AdaptFormer scale s (default 0.1)")
+    m.add_argument(
+        "--ssf-sites",
+        type=lambda s: s.split(","),
+        help="comma-separated SSF sites (default: all but pre_norm)",
+    )
+    m.add_argument("--r", type=positive_int, help="LoRA / LoKr rank (default 8)")
     m.add_argument("--alpha", type=positive_float, help="LoRA / LoKr alpha")
-    m.add_argument("--block-size", type=positive_int, help="OFT block size")
+    m.add_argument("--block-size", type=positive_int, help="OFT block size (default 32)")
     m.add_argument("--factor", type=int, help="LoKr factor")
     m.add_argument(
         "--core-sites",
@@ -91,18 +104,44 @@ def _parser() -> argparse.ArgumentParser:
         help="layers for LoRA/OFT/LoKr: qkv,proj,fc1,fc2",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--protocol", choices=["tune", "final"], default="final")
-    t.add_argument("--epochs", type=positive_int, default=100)
+    t.add_argument(
+        "--protocol",
+        choices=["tune", "final"],
+        default="final",
+        help="tune: train -> val; final: train+val -> test",
+    )
+    t.add_argument(
+        "--epochs", type=positive_int, default=100, help="passes over the training split"
+    )
     t.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=positive_int, default=64)
-    t.add_argument("--lr", type=positive_float, default=1e-3)
-    t.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
-    t.add_argument("--warmup-epochs", type=non_negative_float, default=10.0)
-    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per step and process"
+    )
+    t.add_argument(
+        "--lr",
+        type=positive_float,
+        help="default: the method's (lora 1e-3, ssf 5e-3, full 1.25e-4)",
+    )
+    t.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        help="default: the method's (lora 1e-4, ssf 5e-5, full 0.05)",
+    )
+    t.add_argument(
+        "--warmup-epochs",
+        type=non_negative_float,
+        default=10.0,
+        help="linear LR warm-up, then cosine",
+    )
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
     add_speed_args(t)
-    t.add_argument("--label-smoothing", type=non_negative_float, default=0.0)
-    t.add_argument("--eval-every-epochs", type=positive_int, default=1)
-    t.add_argument("--checkpoint-every-epochs", type=non_negative_int, default=10)
+    t.add_argument(
+        "--label-smoothing", type=non_negative_float, default=0.0, help="cross-entropy smoothing"
+    )
+    t.add_argument("--eval-every-epochs", type=positive_int, default=1, help="eval cadence")
+    t.add_argument(
+        "--checkpoint-every-epochs", type=non_negative_int, default=10, help="0: no checkpoints"
+    )
     t.add_argument(
         "--num-classes", type=positive_int, help="default: max label of the training split + 1"
     )
@@ -111,9 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         type=lambda s: tuple(int(v) for v in s.split(",")),
         help="train,eval sizes of built-in tasks (default VTAB-1k: 1000,1000 for final)",
     )
-    t.add_argument("--seed", type=non_negative_int, default=0)
-    t.add_argument("--cpu", action="store_true")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument(
+        "--seed", type=non_negative_int, default=0, help="init, data order, augmentation"
+    )
+    t.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -168,10 +209,14 @@ def _config(args: argparse.Namespace, data: str, method: str):
 
 
 def _summary(results: dict) -> str:
+    # peak memory is measured on GPUs only
+    head = results["trainable"] - results["trainable_without_head"]
+    share = results["trainable_pct_of_backbone"]
+    peak = results.get("peak_memory_gib")
     return (
         f"{results['method']} on {results['task']} ({'/'.join(results['splits'])}): top-1 {results['top1']:.2f}% | "
-        f"{results['trainable']:,} trainable params ({results['trainable_pct_of_backbone']:.3f}% of backbone) | "
-        f"{results['images_per_s']:.1f} img/s | peak {results['peak_memory_gib']:.2f} GiB"
+        f"{results['trainable']:,} trainable params ({share:.3f}% of backbone + {head:,} head) | "
+        f"{results['images_per_s']:.1f} img/s" + (f" | peak {peak:.2f} GiB" if peak else "")
     )
 
 
@@ -203,7 +248,9 @@ def vit_train(argv: list[str]) -> int:
 
 def vit_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="peftkit vit-eval", description="top-1 of a saved ViT adapter on a split"
+        prog="peftkit vit-eval",
+        description="top-1 of a saved ViT adapter on a split",
+        formatter_class=DefaultsHelp,
     )
     p.add_argument(
         "--adapter",
@@ -211,8 +258,14 @@ def vit_eval(argv: list[str]) -> int:
         type=existing_file,
         help="adapter.safetensors written by vit-train",
     )
-    p.add_argument("--data", required=True, help="vtab:<task dir>, folder:<root> or builtin:<name>")
-    p.add_argument("--split", default="test", choices=["test", "val200"])
+    p.add_argument(
+        "--data",
+        required=True,
+        help="vtab:<task dir>, fgvc:<dataset dir>, folder:<root> or builtin:<name>",
+    )
+    p.add_argument(
+        "--split", default="test", choices=["test", "val200"], help="val200: the tune split"
+    )
     p.add_argument(
         "--checkpoint",
         type=existing_file,
@@ -226,8 +279,12 @@ def vit_eval(argv: list[str]) -> int:
         action="store_true",
         help="rebuild the run's random-init backbone (seed from the adapter)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--builtin-sizes", type=lambda s: tuple(int(v) for v in s.split(",")))
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    p.add_argument(
+        "--builtin-sizes",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        help="train,eval sizes of built-in tasks",
+    )
     p.add_argument("--json", type=output_file, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
     from .train import evaluate_vit

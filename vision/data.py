@@ -3,6 +3,8 @@
 Data specs (CLI `--data`, API `load_task`):
 - `vtab:<task dir>`: the VTAB-1k release layout: train800.txt, val200.txt, train800val200.txt and
   test.txt, each line `relative/image/path label`, paths relative to the task dir.
+- `fgvc:<dir>`: a fine-grained dataset (CUB, NABirds, Flowers, Dogs, Cars) with VPT's FGVC
+  augmentation (fgvc.py): VPT's split jsons, the CUB/NABirds release, or train/val/test folders.
 - `folder:<root>`: `<root>/train/<class>/*.jpg` plus `<root>/val/...` and/or `<root>/test/...`.
 - `builtin:<name>`: procedurally generated, deterministic tasks in the spirit of VTAB's structured
   group (see `BUILTIN_TASKS`); VTAB-1k sizes (800 / 200 / test 1000) unless told otherwise.
@@ -331,6 +333,10 @@ def load_task(
             root.name,
             (train_split, eval_split),
         )
+    if kind == "fgvc":
+        from .fgvc import load_fgvc
+
+        return load_fgvc(Path(where), protocol, transform, num_classes)
     if kind == "folder":
         root = Path(where)
         train_ex, classes = read_image_folder(root / "train")
@@ -351,6 +357,7 @@ def load_task(
             ("train", eval_dir.name),
         )
     raise PeftkitError(
-        f"data spec {spec!r} not understood: use vtab:<task dir>, folder:<root> or builtin:<name> "
+        f"data spec {spec!r} not understood: use vtab:<task dir>, fgvc:<dataset dir>, folder:<root> "
+        "or builtin:<name> "
         f"with name in {sorted(BUILTIN_TASKS)}"
     )

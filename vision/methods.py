@@ -172,6 +172,7 @@ class VisionAdapter:
     ) -> None:
         self.model, self.config, self.base_model = model, config, base_model
         self.layout = vit_layout(model)
+        self.layout.check_methods(config.name.split("+"))
         self.backbone_size = backbone_parameters(model)
         self.saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.core = None
@@ -222,14 +223,15 @@ class VisionAdapter:
         return [p for _, p in self.named_trainable()]
 
     def parameter_counts(self) -> dict[str, float]:
-        """Trainable parameters with and without the head, and as % of the backbone."""
+        """Trainable parameters with and without the head, and (without it) as % of the backbone."""
         total = sum(p.numel() for p in self.trainable_parameters())
         head = sum(p.numel() for _, p in head_parameters(self.model, self.layout.head))
         return {
             "trainable": total,
             "trainable_without_head": total - head,
             "backbone": self.backbone_size,
-            "trainable_pct_of_backbone": 100.0 * total / self.backbone_size,
+            # the head is new for every task: full fine-tuning is 100% of the backbone, not more
+            "trainable_pct_of_backbone": 100.0 * (total - head) / self.backbone_size,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -31,12 +31,14 @@ from peftkit.common_kernels.training.engine import TrainConfig, launch_world, tr
 from .backbones import create_backbone, normalization
 from .data import Preprocess, load_task
 from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter, read_vision_adapter
+from .recipes import method_defaults
 
 
 @dataclass
 class ViTTrainConfig:
     """Everything a run needs. Defaults follow the VTAB-1k recipes of VPT/SSF: 100 epochs,
-    batch 64, AdamW, 10 warm-up epochs then cosine, no augmentation."""
+    batch 64, AdamW, 10 warm-up epochs then cosine, no augmentation; `lr` / `weight_decay` None
+    take the method's own (recipes.py)."""
 
     data: str = "builtin:counting"
     model: str = "vit_base_patch16_224"
@@ -53,8 +55,8 @@ class ViTTrainConfig:
     epochs: int = 100
     steps: int | None = None
     batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: float | None = None
+    weight_decay: float | None = None
     warmup_epochs: float = 10.0
     grad_accum: int = 1
     mixed_precision: str = "auto"  # bf16 on a GPU that supports it, else "no"
@@ -83,6 +85,14 @@ class ViTTrainConfig:
             )
         ViTMethodConfig.parse(self.method, **self.method_options)
 
+    def optimizer_settings(self) -> tuple[float, float]:
+        """(lr, weight decay): the ones given, else the method's defaults (recipes.py)."""
+        lr, wd = method_defaults(self.method)
+        return (
+            lr if self.lr is None else self.lr,
+            wd if self.weight_decay is None else self.weight_decay,
+        )
+
     def backbone_spec(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -106,7 +116,16 @@ def build_model(
             open_clip_config=kwargs.get("open_clip_config"),
         )
         native = model.visual.image_size[0]
+        if spec.get("img_size") not in (None, native):
+            raise PeftkitError(
+                f"open_clip towers take their own input size ({native}), not --img-size "
+                f"{spec['img_size']}: drop --img-size"
+            )
     else:
+        if spec.get("img_size"):
+            # timm builds position embeddings (and Swin windows) for this size and resamples
+            # pretrained ones to it (DINOv2 ships at 518); the starter's size is fixed
+            kwargs.setdefault("img_size", spec["img_size"])
         model = create_backbone(
             spec["model"],
             num_classes=num_classes,
@@ -224,15 +243,20 @@ def train_vit(
     )
 
     rank, world = launch_world()
-    # batch_size is per process: an epoch is over the global batch, as one process with it would see.
-    per_epoch = max(1, len(data.train) // (config.batch_size * config.grad_accum * world))
+    # batch_size is per process: an epoch is over the global batch, as one process with it would
+    # see; its last batch is filled up from the epoch's start, so every image is seen each epoch.
+    per_epoch = -(-len(data.train) // (config.batch_size * config.grad_accum * world))
     steps = config.steps or config.epochs * per_epoch
+    warmup, note = warmup_steps(config.warmup_epochs, per_epoch, steps)
+    if note and rank == 0:
+        print(note)
+    lr, weight_decay = config.optimizer_settings()
     engine = TrainConfig(
         steps=steps,
         batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=min(steps - 1, int(config.warmup_epochs * per_epoch)),
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup,
         schedule="cosine",
         grad_accum=config.grad_accum,
         mixed_precision=config.mixed_precision,
@@ -263,6 +287,9 @@ def train_vit(
         **counts,
         "steps": result.step,
         "steps_per_epoch": per_epoch,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup,
         "images_per_s": done_steps * config.batch_size * config.grad_accum * world / seconds
         if seconds > 0
         else 0.0,
@@ -290,6 +317,19 @@ def train_vit(
             out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
         )
     return results
+
+
+def warmup_steps(warmup_epochs: float, per_epoch: int, steps: int) -> tuple[int, str | None]:
+    """Warm-up steps, and a line saying so when the asked warm-up is not shorter than the run
+    (then it is scaled to a tenth of the run, the share of the 10-in-100-epoch recipe)."""
+    asked = int(warmup_epochs * per_epoch)
+    if asked < steps:
+        return asked, None
+    scaled = steps // 10
+    return scaled, (
+        f"warm-up of {asked} steps ({warmup_epochs:g} epochs) is not shorter than the run's "
+        f"{steps} steps: warming up for {scaled} steps (a tenth of the run) instead"
+    )
 
 
 def evaluate_vit(

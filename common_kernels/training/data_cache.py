@@ -24,10 +24,11 @@ HOST_LIMIT = 8 * 2**30  # larger datasets stream instead of filling pinned host 
 def batch_rows(n: int, batch_size: int, seed: int, index: int, rank: int = 0, world: int = 1):
     """The dataset rows of batch `index` for process `rank`: the seeded order every loader shares.
     Each global batch of batch_size * world rows is split by rank, so N processes see what one
-    process with the global batch would. A short final batch of an epoch is dropped; a dataset
-    smaller than one global batch is repeated to fill it."""
+    process with the global batch would. The last batch of an epoch is filled up from the start
+    of the epoch's order, so every row is seen each epoch at a fixed batch shape (120 rows at
+    batch 64: 2 batches, 8 rows seen twice); a dataset smaller than one batch is repeated."""
     total = batch_size * world
-    per_epoch = max(1, n // total)
+    per_epoch = -(-n // total)
     epoch, pos = divmod(index, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     rows = order[torch.arange(pos * total, (pos + 1) * total) % n]
