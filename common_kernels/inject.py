@@ -198,18 +198,22 @@ class AdapterHandle:
 
 
 def _batch_hooks(handle: AdapterHandle) -> list:
-    """Cores whose per-layer state depends on parameters alone (OFT's rotations) may build it for
-    all layers at once, before the model's forward, through a `prepare_all` hook."""
+    """Cores whose per-layer state depends on parameters alone (OFT's rotations, LoRA's cast
+    factors) may build it for all layers at once, before the model's forward, through a
+    `prepare_all` hook."""
     delta_cls = core_of(handle.config).delta
     if not hasattr(delta_cls, "prepare_all"):
         return []
 
     def deltas(live_only: bool) -> list[Delta]:
-        return [
-            layer.deltas[handle.name]
-            for layer in handle.layers.values()
-            if not live_only or (handle.name in layer.active and handle.name not in layer.merged)
-        ]
+        out = []
+        for layer in handle.layers.values():
+            if live_only and (handle.name not in layer.active or handle.name in layer.merged):
+                continue
+            out.append(layer.deltas[handle.name])
+            # Followed here, not only at inject: the model may have been cast since.
+            out[-1].weight_dtype = layer.base.weight.dtype
+        return out
 
     def before(module, args):
         # Under torch.compile the compiler fuses per-layer work itself; module state stays untouched.
@@ -331,27 +335,28 @@ def routing(
                 layer.active = active
         return
     ids = host.to(device)
-    runs = row_runs(host.tolist())
+    rows = host.tolist()
+    runs = row_runs(rows)
+    order = restore = None
+    if len(runs) > 2 * len(values):
+        # Scattered rows: the layers run them sorted by adapter (a gather in, one out) so that
+        # each adapter's rows form one run; the sort is made here on the host, once.
+        perm = sorted(range(len(rows)), key=rows.__getitem__)
+        runs = row_runs([rows[i] for i in perm])
+        order = torch.tensor(perm, device=device)
+        restore = torch.tensor(sorted(range(len(perm)), key=perm.__getitem__), device=device)
     plans: dict[tuple, RunPlan] = {}
     for layer in layers:
         layer.adapter_ids, layer.route_names = ids, list(names)
-        layer.route_plan = None
-        if len(runs) <= 2 * len({k for k, _ in runs}):  # few runs: one weight per run is cheap
-            present = [n for n in names if n in layer.deltas]
-            slots = tuple(
-                present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
-                for k, _ in runs
-            )
-            if (
-                slots not in plans
-            ):  # one device copy per distinct plan, made here and not inside a capture
-                index = (
-                    None
-                    if slots == tuple(range(len(present)))
-                    else torch.tensor(slots, device=device)
-                )
-                plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index)
-            layer.route_plan = plans[slots]
+        present = [n for n in names if n in layer.deltas]
+        slots = tuple(
+            present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
+            for k, _ in runs
+        )
+        if slots not in plans:  # one device copy per distinct plan, made here and not inside a capture
+            index = None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
+            plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index, order, restore)
+        layer.route_plan = plans[slots]
     try:
         yield
     finally:

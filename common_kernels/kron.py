@@ -181,6 +181,7 @@ class KronDelta(Delta):
                 continue
             key = (
                 d.geometry.weight_shape,
+                d.weight_dtype,
                 *((n, tuple(getattr(d, n).shape), getattr(d, n).dtype) for n in d._factors()),
             )
             groups.setdefault(key, []).append(d)
@@ -200,6 +201,8 @@ class KronDelta(Delta):
             W2 = W2.reshape(len(group), b, d_, -1)
             scale = torch.stack([d.scale * d.scaling for d in group])
             delta = torch.einsum("gac,gbdk->gabcdk", W1 * scale[:, None, None], W2)
+            # Cast once for the group: per layer the add is then the one kernel left.
+            delta = delta.to(first.weight_dtype or delta.dtype)
             for d, one in zip(group, delta.reshape(len(group), *first.geometry.weight_shape)):
                 d._batched = one
 
