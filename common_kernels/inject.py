@@ -353,8 +353,12 @@ def routing(
             present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
             for k, _ in runs
         )
-        if slots not in plans:  # one device copy per distinct plan, made here and not inside a capture
-            index = None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
+        if (
+            slots not in plans
+        ):  # one device copy per distinct plan, made here and not inside a capture
+            index = (
+                None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
+            )
             plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index, order, restore)
         layer.route_plan = plans[slots]
     try:

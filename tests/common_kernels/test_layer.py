@@ -308,9 +308,7 @@ ROUTED_CORES = {
 def count_calls(monkeypatch, name):
     calls = []
     original = getattr(AdaptedLayer, name)
-    monkeypatch.setattr(
-        AdaptedLayer, name, lambda self, *a: calls.append(1) or original(self, *a)
-    )
+    monkeypatch.setattr(AdaptedLayer, name, lambda self, *a: calls.append(1) or original(self, *a))
     return calls
 
 
@@ -386,7 +384,10 @@ def test_prepared_lora_factors_give_exact_outputs_and_gradients_for_one_joined_a
         h = x
         for layer in (model[0], model[2]):
             W = layer.base.weight + sum(
-                layer.deltas[n].scale * layer.deltas[n].scaling * layer.deltas[n].B @ layer.deltas[n].A
+                layer.deltas[n].scale
+                * layer.deltas[n].scaling
+                * layer.deltas[n].B
+                @ layer.deltas[n].A
                 for n in active
             )
             h = h @ W.T + layer.base.bias
