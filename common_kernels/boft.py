@@ -208,4 +208,5 @@ register_core(
     BOFTDelta,
     aliases=(),
     summary="butterfly orthogonal fine-tuning: diag(s) W (B_m .. B_1)^T",
+    label="BOFT",
 )

@@ -252,4 +252,5 @@ register_core(
     KronDelta,
     aliases=("lokr",),
     summary="Kronecker update W + s W1 (x) W2 (LoKr)",
+    label="LoKr",
 )

@@ -250,5 +250,10 @@ def stacked_scales(deltas: list[LoRADelta]) -> torch.Tensor:
 
 
 register_core(
-    "lora", LoRAConfig, LoRADelta, aliases=(), summary="low-rank update W + (alpha/r) B A"
+    "lora",
+    LoRAConfig,
+    LoRADelta,
+    aliases=(),
+    summary="low-rank update W + (alpha/r) B A",
+    label="LoRA",
 )
