@@ -151,6 +151,8 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
     name = names.pop()
     targets = [f"re:{re.escape(m)}" for m in sorted(entries)]
     options = dict(next(iter(entries.values())).options)
+    if hasattr(core(name).delta, "file_options"):
+        return _rotation_config(name, targets, entries, geometries), False
     ranks = [e.rank for e in entries.values() if e.rank is not None]
     scales = Counter(e.scale for e in entries.values())
     fold = name in FOLD_INTO and (len(scales) > 1 or not ranks)
@@ -169,6 +171,36 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
     alpha = None if r is None else float(r) if fold else next(iter(scales)) * r
     options["rslora"] = False  # the entries' scale already says alpha / sqrt(r)
     return core(name).make_config(targets, **{**options, "rank": r, "alpha": alpha}), fold
+
+
+def _rotation_config(name: str, targets, entries: dict[str, Entry], geometries):
+    """LyCORIS OFT/BOFT: one constraint and rescale setting for the component, and the block size
+    LyCORIS was given, found as the candidate that rebuilds every module's blocks."""
+    settings = {
+        tuple(sorted((k, v) for k, v in e.options.items() if k != "block_size"))
+        for e in entries.values()
+    }
+    if len(settings) != 1:
+        raise PeftkitError(
+            f"the {name!r} file's modules disagree on {sorted(settings)}; peftkit holds one "
+            "setting per component: save the LyCORIS network with one constraint (alpha) and rescale"
+        )
+    spec, common = core(name), dict(next(iter(settings)))
+    for size in sorted({e.options["block_size"] for e in entries.values()}):
+        config = spec.make_config(targets, **common, block_size=size)
+        try:
+            with torch.device("meta"):
+                built = {m: spec.delta(geometries[m], config, m) for m in entries}
+        except PeftkitError:  # this block size splits some layer no way LyCORIS would
+            continue
+        if all(
+            built[m].oft_blocks.shape == e.tensors["oft_blocks"].shape for m, e in entries.items()
+        ):
+            return config
+    raise PeftkitError(
+        f"the {name!r} file's block shapes follow no block_size LyCORIS' factorization rebuilds "
+        "for these layers: the file was made for another base model"
+    )
 
 
 def _kron_factor(entries, geometries) -> int:
