@@ -13,6 +13,7 @@ from peftkit.common_kernels import (
     LoRAConfig,
     OFTConfig,
     PeftkitError,
+    core,
     inject,
     routing,
 )
@@ -26,6 +27,12 @@ CONFIGS = {
     "dora": lambda: DoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
     "loha": lambda: LoHaConfig(targets=["lin", "conv"], r=2, alpha=4),
     "boft": lambda: BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2),
+    "diag-oft": lambda: core("diag-oft").make_config(
+        ["lin", "conv"], block_size=4, constraint=0.01, rescaled=True
+    ),
+    "lycoris-boft": lambda: core("lycoris-boft").make_config(
+        ["lin", "conv"], block_size=6, rescaled=True
+    ),
 }
 
 
@@ -302,6 +309,8 @@ ROUTED_CORES = {
     "dora": lambda t: DoRAConfig(targets=t, r=2, alpha=3),
     "oft": lambda t: OFTConfig(targets=t, block_size=2),
     "boft": lambda t: BOFTConfig(targets=t, block_size=2, n_butterfly_factor=2),
+    "diag-oft": lambda t: core("diag-oft").make_config(t, block_size=2, rescaled=True),
+    "lycoris-boft": lambda t: core("lycoris-boft").make_config(t, block_size=6, rescaled=True),
 }
 
 
