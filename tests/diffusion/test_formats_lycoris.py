@@ -29,6 +29,14 @@ MADE_BY_LYCORIS = [
     ("loha", {}, "loha"),
     ("lora", {"dora_wd": True}, "dora"),
     ("lokr", {"linear_dim": 2, "conv_dim": 2, "use_tucker": True}, "kron"),
+    # LyCORIS orders a factor larger than dim / factor the other way round from peft, and
+    # unbalanced_factorization gives W1 the output's larger factor.
+    ("lokr", {"linear_dim": 2, "conv_dim": 2, "factor": 8}, "kron"),
+    (
+        "lokr",
+        {"linear_dim": 2, "conv_dim": 2, "factor": 4, "unbalanced_factorization": True},
+        "kron",
+    ),
 ]
 
 
