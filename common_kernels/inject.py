@@ -205,6 +205,8 @@ def _batch_hooks(handle: AdapterHandle) -> list:
     if not hasattr(delta_cls, "prepare_all"):
         return []
 
+    switches = checkpoint_switches(handle.model)
+
     def deltas(live_only: bool) -> list[Delta]:
         out = []
         for layer in handle.layers.values():
@@ -217,7 +219,9 @@ def _batch_hooks(handle: AdapterHandle) -> list:
 
     def before(module, args):
         # Under torch.compile the compiler fuses per-layer work itself; module state stays untouched.
-        if not torch.compiler.is_compiling():
+        # Under activation checkpointing the layers recompute in backward, after `after` released
+        # the batch, and must save the same tensors as the first pass: so each layer builds its own.
+        if not torch.compiler.is_compiling() and not checkpointing(switches):
             delta_cls.prepare_all(deltas(live_only=True))
 
     def after(module, args, output):
@@ -229,6 +233,19 @@ def _batch_hooks(handle: AdapterHandle) -> list:
         handle.model.register_forward_pre_hook(before),
         handle.model.register_forward_hook(after),
     ]
+
+
+CHECKPOINT_FLAGS = ("gradient_checkpointing", "grad_checkpointing")  # diffusers/transformers, timm
+
+
+def checkpoint_switches(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that carry an activation-checkpointing flag, found once."""
+    return [m for m in model.modules() if any(hasattr(m, f) for f in CHECKPOINT_FLAGS)]
+
+
+def checkpointing(switches: list[nn.Module]) -> bool:
+    """Whether any of `switches` recomputes activations in backward now."""
+    return any(getattr(m, f, False) is True for m in switches for f in CHECKPOINT_FLAGS)
 
 
 def inject(

@@ -480,3 +480,39 @@ def test_active_lora_adapters_join_into_one_gemm_pair_with_exact_outputs_and_gra
         torch.autograd.grad(expected.square().sum(), params),
     ):
         assert rel(g, e) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["lora-weight", "oft", "boft"])
+def test_batched_preparation_steps_aside_under_activation_checkpointing(method):
+    """A model that recomputes its blocks in backward (the flag diffusers and transformers set)
+    gets the gradients of a plain backward: the recomputed layers build their own state."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.gradient_checkpointing = False
+
+        def forward(self, x):
+            run = lambda h: torch.tanh(self.lin(h))  # noqa: E731
+            return (
+                checkpoint(run, x, use_reentrant=False) if self.gradient_checkpointing else run(x)
+            )
+
+    config = {
+        "lora-weight": LoRAConfig(targets=["lin"], r=2, apply="weight"),
+        "oft": OFTConfig(targets=["lin"], block_size=4),
+        "boft": BOFTConfig(targets=["lin"], block_size=2, n_butterfly_factor=2),
+    }[method]
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).double()
+    handle = inject(model, config)
+    randomize(handle)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    params = handle.trainable_parameters()
+    plain = torch.autograd.grad(model(x).square().sum(), params)
+    for block in model:
+        block.gradient_checkpointing = True
+    for g, e in zip(torch.autograd.grad(model(x).square().sum(), params), plain):
+        assert rel(g, e) < 1e-12
