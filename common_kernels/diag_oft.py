@@ -46,16 +46,20 @@ class DiagOFTConfig(AdapterConfig):
 def lycoris_rotations(
     blocks: torch.Tensor, constraint: float, scale: torch.Tensor | float = 1.0
 ) -> torch.Tensor:
-    """I + t (R - I) for stored blocks P (..., b, b): R the Cayley map of P - P^T after LyCORIS'
-    norm constraint (all blocks together; 0: none), in the blocks' precision even under autocast."""
+    """I + t (R - I) for the stored blocks P (L, ..., b, b) of L layers: R the Cayley map of
+    P - P^T after LyCORIS' norm constraint (each layer's blocks together; 0: none), t (L,) or a
+    number; in the blocks' precision even under autocast."""
     with torch.autocast(blocks.device.type, enabled=False):
         Q = blocks - blocks.transpose(-1, -2)
+        expand = (-1,) + (1,) * (Q.dim() - 1)
         if constraint > 0:
-            norm = torch.linalg.vector_norm(Q) + 1e-8  # LyCORIS' epsilon, kept for equal outputs
-            Q = Q * torch.where(norm > constraint, constraint / norm, torch.ones_like(norm))
+            # LyCORIS' epsilon kept for equal outputs; where, not `if`: no host sync, compilable.
+            norm = torch.linalg.vector_norm(Q.flatten(1), dim=1) + 1e-8
+            Q = Q * torch.where(norm > constraint, constraint / norm, 1.0).view(expand)
         R = cayley(Q.reshape(-1, *Q.shape[-2:])).reshape(Q.shape)
         eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        return eye + scale * (R - eye)
+        t = scale.reshape(expand) if isinstance(scale, torch.Tensor) and scale.dim() else scale
+        return eye + t * (R - eye)
 
 
 def rotate_rows(weight: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,7 @@ class OutputRotationDelta(Delta):
             ones = (1,) * (len(geometry.weight_shape) - 1)
             self.rescale = nn.Parameter(torch.ones(geometry.out_features, *ones))
         self.constraint = config.constraint * geometry.out_features
+        self._batched: torch.Tensor | None = None
 
     @staticmethod
     def file_options(tensors: dict[str, torch.Tensor]) -> dict:
@@ -90,6 +95,32 @@ class OutputRotationDelta(Delta):
             "block_size": int(tensors["oft_blocks"].shape[-1]),
             "rescaled": "rescale" in tensors,
         }
+
+    @staticmethod
+    def prepare_all(deltas: list[OutputRotationDelta]) -> None:
+        """Every layer's blocks I + t (R - I) from one batched solve per block shape before a
+        model's forward, as OFT does (oft.py): per layer only the row rotation is left."""
+        groups: dict[tuple, list[OutputRotationDelta]] = {}
+        for d in deltas:
+            key = (d.oft_blocks.shape, d.oft_blocks.dtype, d.oft_blocks.device, d.constraint)
+            groups.setdefault(key, []).append(d)
+        for (_, dtype, _, constraint), group in groups.items():
+            scale = torch.stack([d.scale.to(dtype) for d in group])
+            blocks = torch.stack([d.oft_blocks for d in group])
+            for d, M in zip(group, lycoris_rotations(blocks, constraint, scale)):
+                d._batched = M
+
+    @staticmethod
+    def release_all(deltas: list[OutputRotationDelta]) -> None:
+        for d in deltas:
+            d._batched = None
+
+    def rotations(self, scale, inverse: bool) -> torch.Tensor:
+        """This layer's blocks I + t (R - I) (their inverses with `inverse`)."""
+        if self._batched is not None and not inverse:
+            return self._batched
+        M = lycoris_rotations(self.oft_blocks[None], self.constraint, scale)[0]
+        return torch.linalg.inv(M) if inverse else M
 
     def stages(self, weight: torch.Tensor, scale, inverse: bool) -> torch.Tensor:
         raise NotImplementedError
@@ -125,9 +156,8 @@ class DiagOFTDelta(OutputRotationDelta):
         super().__init__(geometry, config, (n, b, b))
 
     def stages(self, weight: torch.Tensor, scale, inverse: bool) -> torch.Tensor:
-        M = lycoris_rotations(self.oft_blocks, self.constraint, scale)
         # LyCORIS contracts the block's first index with the rows: M^T W; its inverse M^-T.
-        M = torch.linalg.inv(M) if inverse else M
+        M = self.rotations(scale, inverse)
         return rotate_rows(weight, M.transpose(1, 2).to(weight.dtype))
 
 

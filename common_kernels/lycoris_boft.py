@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from .delta import Geometry
-from .diag_oft import DiagOFTConfig, OutputRotationDelta, lycoris_rotations, rotate_rows
+from .diag_oft import DiagOFTConfig, OutputRotationDelta, rotate_rows
 from .errors import PeftkitError
 from .registry import register_core
 
@@ -68,10 +68,7 @@ class LycorisBOFTDelta(OutputRotationDelta):
             self.register_buffer(f"inv{i}", inv, persistent=False)
 
     def stages(self, weight: torch.Tensor, scale, inverse: bool) -> torch.Tensor:
-        M = lycoris_rotations(self.oft_blocks, self.constraint, scale)
-        if inverse:
-            M = torch.linalg.inv(M)
-        M = M.to(weight.dtype)
+        M = self.rotations(scale, inverse).to(weight.dtype)
         order = range(M.shape[0] - 1, -1, -1) if inverse else range(M.shape[0])
         for i in order:
             shuffled = weight.index_select(0, getattr(self, f"perm{i}"))
