@@ -202,7 +202,7 @@ class AdaptedLayer(nn.Module):
 
     def _masked_forward(self, x: torch.Tensor, routed: list[tuple[int, Delta]]) -> torch.Tensor:
         """Each adapter's full pass, kept on its rows: the fallback for LoRA with input dropout
-        (its weight form would drop the dropout) when routing left no run plan."""
+        (its weight form would drop the dropout) and for ids set without `routing` (no run plan)."""
         view = (-1,) + (1,) * (x.dim() - 1)
         masks = {k: (self.adapter_ids == k).view(view) for k, _ in routed}
         h = x
