@@ -1,5 +1,5 @@
-"""The app's Personalize tab: train a concept from a few images (LoRA, LoKr or OFT through DreamBooth,
-or Textual Inversion), watch the loss, then generate side by side with the base model at an
+"""The app's Personalize tab: train a concept from a few images (any adapter core of the registry
+through DreamBooth, or Textual Inversion), watch the loss, then generate side by side with the base model at an
 adapter scale, combine two concepts, and download or import adapter files.
 
 `Personalizer` holds the logic (validation, training jobs, generation) so tests can call it without
@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..common_kernels.adapter_file import atomic_write, read_tensors
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.registry import core, core_names
 from ..diffusion.concept_defaults import CONCEPT_DEFAULTS
 from ..diffusion.multitenant import ConceptJob
 from .concept_queue import ConceptQueue
@@ -36,7 +37,12 @@ from .jobs import (
     whole_number,
 )
 
-METHODS = {"LoRA": "lora", "LoKr": "lokr", "OFT": "oft", "Textual Inversion": "ti"}
+# Dropdown label -> method: every registered core (the concept trainer takes each), LoRA first,
+# then Textual Inversion.
+METHODS = {
+    **{core(n).label: n for n in sorted(core_names(), key=lambda n: (n != "lora", n))},
+    "Textual Inversion": "ti",
+}
 MIN_IMAGES, MAX_IMAGES, MAX_BYTES, MAX_PIXELS = 3, 20, 10 * 2**20, 4096 * 4096
 # Bounds of the page's inputs, enforced again on the server for API clients.
 MAX_STEPS, MAX_RANK, MAX_LR, MAX_SAMPLE_STEPS, MAX_GUIDANCE, MAX_SCALE = 2000, 64, 1.0, 100, 30, 2
@@ -116,7 +122,7 @@ class Personalizer:
         self._gen = None
         self._ti_tokens: dict[str, str] = {}  # token -> file it was loaded from
         self._lock = threading.Lock()
-        # LoRA/LoKr/OFT jobs train together, joining as they are queued (concept_queue.py).
+        # Adapter-core jobs train together, joining as they are queued (concept_queue.py).
         self.concepts = ConceptQueue(self._load, device)
 
     def _load(self):
@@ -368,7 +374,7 @@ def build_tab(p: Personalizer) -> None:
                     1, MAX_STEPS, CONCEPT_DEFAULTS.steps, step=1, label="steps", elem_id="steps"
                 )
                 rank = gr.Slider(
-                    1, MAX_RANK, CONCEPT_DEFAULTS.rank, step=1, label="rank (LoRA / LoKr)"
+                    1, MAX_RANK, CONCEPT_DEFAULTS.rank, step=1, label="rank (cores with a rank)"
                 )
                 lr = gr.Number(
                     0, label="learning rate (0: method default)", minimum=0, maximum=MAX_LR

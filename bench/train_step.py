@@ -27,10 +27,12 @@ from models import UNET_TARGETS, VIT_TARGETS, build, compile_regions  # noqa: E4
 
 from peftkit.common_kernels import (  # noqa: E402
     BOFTConfig,
+    DiagOFTConfig,
     DoRAConfig,
     KronConfig,
     LoHaConfig,
     LoRAConfig,
+    LycorisBOFTConfig,
     OFTConfig,
     inject,
 )
@@ -54,6 +56,8 @@ def adapt(net, variant: str, targets: list[str]):
             "loha": LoHaConfig(targets=targets, r=8, alpha=8),
             "loha-f": LoHaConfig(targets=targets, r=8, alpha=8, apply="factored"),
             "boft": BOFTConfig(targets=targets, block_size=32, n_butterfly_factor=2),
+            "diag-oft": DiagOFTConfig(targets=targets, block_size=32),
+            "lycoris-boft": LycorisBOFTConfig(targets=targets, block_size=32),
         }[method]
         handle = inject(net, config)
         return net, handle.trainable_parameters()
@@ -140,7 +144,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="floor,peftkit-lora,peft-lora,peftkit-lokr,peft-lokr,peftkit-oft,peft-oft,"
-        "peftkit-dora,peft-dora,peftkit-loha,peft-loha,peftkit-boft,peft-boft",
+        "peftkit-dora,peft-dora,peftkit-loha,peft-loha,peftkit-boft,peft-boft,peftkit-diag-oft,"
+        "peftkit-lycoris-boft",
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(

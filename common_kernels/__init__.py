@@ -5,6 +5,7 @@ diffusers, timm or open_clip."""
 from .adapter_file import load_adapter, read_adapter_config, save_adapter
 from .boft import BOFTConfig
 from .config import AdapterConfig
+from .diag_oft import DiagOFTConfig
 from .dora import DoRAConfig, dora_weight
 from .errors import PeftkitError
 from .inject import AdapterHandle, adapted_layers, find_targets, inject, remove_adapters, routing
@@ -12,6 +13,7 @@ from .kron import KronConfig, factorize, kron_delta_weight, kron_linear_delta
 from .layer import AdaptedLayer
 from .loha import LoHaConfig, loha_delta_weight
 from .lora import LoRAConfig, lora_conv_delta, lora_delta_weight, lora_linear_delta
+from .lycoris_boft import LycorisBOFTConfig
 from .oft import OFTConfig, cayley, oft_rotation, rotate_input, rotate_weight, skew
 from .registry import Core, core, core_names, register_core
 
@@ -20,10 +22,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterHandle",
     "BOFTConfig",
+    "DiagOFTConfig",
     "DoRAConfig",
     "KronConfig",
     "LoHaConfig",
     "LoRAConfig",
+    "LycorisBOFTConfig",
     "OFTConfig",
     "PeftkitError",
     "adapted_layers",

@@ -6,8 +6,10 @@ Each B_i is OFT's block-diagonal rotation (oft.py) conjugated by a butterfly per
 sparse factors reach every input column. Layout as HF peft, so weights map 1:1: `boft_R` (m, n, b, b)
 holds full matrices whose skew part (R - R^T) / 2 enters the Cayley map, `boft_s` (d_out,) scales
 output rows (peft's (d_out, 1) / (1, d_out) flattened). Adapter scale t multiplies the skew part and
-gives rows 1 + t (s - 1), so t = 0 is the base model. W M^T is formed factor by factor (column
-gathers and block products), never the fan_in x fan_in M; Linear and Conv2d both rotate the kernel.
+gives rows 1 + t (s - 1), so t = 0 is the base model. Linear and Conv2d both rotate the kernel.
+Before a model's forward all layers' M^T of one shape are formed together (the butterfly applied
+to identities, one batched pass), so each layer costs one GEMM and one row scale; alone (merge,
+compiled code, fan_in past `DENSE_LIMIT`) W M^T is formed factor by factor, never forming M.
 """
 
 from __future__ import annotations
@@ -96,6 +98,28 @@ def butterfly_weight(
     return weight
 
 
+# Largest fan_in whose fan_in x fan_in M^T is formed before the forward (6.5 MB in fp32 at 1280,
+# the SD1.5 attention width); wider layers (3x3 convs of wide channels) rotate factor by factor.
+DENSE_LIMIT = 2048
+
+
+def butterfly_matrices(
+    blocks: torch.Tensor, perms: list[tuple[torch.Tensor, torch.Tensor] | None]
+) -> torch.Tensor:
+    """(L, f, f): M^T of L layers at once from their (L, m, n, b, b) orthogonal blocks, the
+    butterfly applied to identities (W M^T = W (I M^T)); the layers share `perms`."""
+    L, m, n, b, _ = blocks.shape
+    f = n * b
+    X = torch.eye(f, dtype=blocks.dtype, device=blocks.device).expand(L, f, f)
+    for i in range(m):
+        if perms[i] is not None:
+            X = X.index_select(2, perms[i][1])
+        X = torch.einsum("lonj,lnij->loni", X.reshape(L, f, n, b), blocks[:, i]).reshape(L, f, f)
+        if perms[i] is not None:
+            X = X.index_select(2, perms[i][0])
+    return X
+
+
 class BOFTDelta(Delta):
     additive = False
     side = "weight"
@@ -113,11 +137,14 @@ class BOFTDelta(Delta):
             self.register_buffer(f"perm{i}", perm, persistent=False)
             self.register_buffer(f"inv{i}", torch.argsort(perm), persistent=False)
         self._batched: torch.Tensor | None = None
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def prepare_all(deltas: list[BOFTDelta]) -> None:
         """Every layer's blocks of one size from one batched Cayley solve before a model's
-        forward, as OFT does (oft.py): a few launches per forward instead of a few per layer."""
+        forward, as OFT does (oft.py), then each shape's M^T and row scales in one batched pass
+        each, cast once: per layer the forward is one GEMM and one multiply instead of a dozen
+        gathers, block products and casts (bench/NOTES.md)."""
         groups: dict[tuple, list[BOFTDelta]] = {}
         for d in deltas:
             groups.setdefault((d.boft_R.shape[-1], d.boft_R.dtype, d.boft_R.device), []).append(d)
@@ -127,11 +154,26 @@ class BOFTDelta(Delta):
             scale = torch.cat([d.scale.to(R.dtype).expand(n) for d, n in zip(group, sizes)])
             for d, blocks in zip(group, boft_blocks(R, scale[:, None, None]).split(sizes)):
                 d._batched = blocks.reshape(d.boft_R.shape)
+        dense: dict[tuple, list[BOFTDelta]] = {}
+        for d in deltas:
+            if d.geometry.fan_in <= DENSE_LIMIT:
+                key = (d.geometry.weight_shape, d.boft_R.shape, d.boft_R.dtype, d.weight_dtype)
+                dense.setdefault(key, []).append(d)
+        for group in dense.values():
+            first = group[0]
+            with torch.autocast(first.boft_R.device.type, enabled=False):
+                Mt = butterfly_matrices(torch.stack([d._batched for d in group]), first.perms())
+                s = torch.stack([d.boft_s for d in group])
+                scale = torch.stack([d.scale.to(s.dtype) for d in group])[:, None]
+                rows = 1 + scale * (s - 1)
+            dtype = first.weight_dtype or Mt.dtype
+            for d, one, row in zip(group, Mt.to(dtype).unbind(0), rows.to(dtype).unbind(0)):
+                d._dense = (one, row[:, None])
 
     @staticmethod
     def release_all(deltas: list[BOFTDelta]) -> None:
         for d in deltas:
-            d._batched = None
+            d._batched = d._dense = None
 
     def perms(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         m = self.boft_R.shape[0]
@@ -147,6 +189,9 @@ class BOFTDelta(Delta):
         return (butterfly_weight(flat, blocks, self.perms(), False) * rows).reshape(weight.shape)
 
     def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None and self._dense[0].dtype == weight.dtype:
+            Mt, rows = self._dense
+            return (weight.reshape(weight.shape[0], -1) @ Mt * rows).reshape(weight.shape)
         return self._rotate(weight, scale)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -163,4 +208,5 @@ register_core(
     BOFTDelta,
     aliases=(),
     summary="butterfly orthogonal fine-tuning: diag(s) W (B_m .. B_1)^T",
+    label="BOFT",
 )

@@ -84,6 +84,8 @@ class Delta(nn.Module):
     additive: bool = True
     side: str = "output"
     apply_mode: str = "factored"
+    # Whether `effective_weight` gives this delta's whole effect (LoRA with input dropout: no).
+    weight_form: bool = True
 
     def uses_weight_space(self, x: torch.Tensor) -> bool:
         """Weight space on CUDA under "auto": there kernel launches, not FLOPs, bound adapter cost
@@ -93,6 +95,8 @@ class Delta(nn.Module):
     def __init__(self, geometry: Geometry) -> None:
         super().__init__()
         self.geometry = geometry
+        # The base weight's dtype, kept by the layer: what batched preparations cast to.
+        self.weight_dtype: torch.dtype | None = None
 
     def init_from_base(self, weight: torch.Tensor) -> None:
         """Set parameters whose starting value depends on the base weight (DoRA's magnitude);
@@ -109,6 +113,13 @@ class Delta(nn.Module):
 
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def effective_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The base weight with this delta folded in (y = base_op(x, result) equals the layer with
+        this delta alone live): what routed rows taking this adapter run through."""
+        if self.additive:
+            return self.add_to_weight(weight, scale)
+        return self.transform_weight(weight, scale)
 
     def group_key(self) -> tuple | None:
         """Deltas with equal keys can run as one gathered batch under per-sample routing

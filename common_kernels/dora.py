@@ -122,4 +122,5 @@ register_core(
     DoRADelta,
     aliases=(),
     summary="weight-decomposed LoRA: m (W + s B A) / ||W + s B A||",
+    label="DoRA",
 )

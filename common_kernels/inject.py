@@ -198,22 +198,30 @@ class AdapterHandle:
 
 
 def _batch_hooks(handle: AdapterHandle) -> list:
-    """Cores whose per-layer state depends on parameters alone (OFT's rotations) may build it for
-    all layers at once, before the model's forward, through a `prepare_all` hook."""
+    """Cores whose per-layer state depends on parameters alone (OFT's rotations, LoRA's cast
+    factors) may build it for all layers at once, before the model's forward, through a
+    `prepare_all` hook."""
     delta_cls = core_of(handle.config).delta
     if not hasattr(delta_cls, "prepare_all"):
         return []
 
+    switches = checkpoint_switches(handle.model)
+
     def deltas(live_only: bool) -> list[Delta]:
-        return [
-            layer.deltas[handle.name]
-            for layer in handle.layers.values()
-            if not live_only or (handle.name in layer.active and handle.name not in layer.merged)
-        ]
+        out = []
+        for layer in handle.layers.values():
+            if live_only and (handle.name not in layer.active or handle.name in layer.merged):
+                continue
+            out.append(layer.deltas[handle.name])
+            # Followed here, not only at inject: the model may have been cast since.
+            out[-1].weight_dtype = layer.base.weight.dtype
+        return out
 
     def before(module, args):
         # Under torch.compile the compiler fuses per-layer work itself; module state stays untouched.
-        if not torch.compiler.is_compiling():
+        # Under activation checkpointing the layers recompute in backward, after `after` released
+        # the batch, and must save the same tensors as the first pass: so each layer builds its own.
+        if not torch.compiler.is_compiling() and not checkpointing(switches):
             delta_cls.prepare_all(deltas(live_only=True))
 
     def after(module, args, output):
@@ -225,6 +233,19 @@ def _batch_hooks(handle: AdapterHandle) -> list:
         handle.model.register_forward_pre_hook(before),
         handle.model.register_forward_hook(after),
     ]
+
+
+CHECKPOINT_FLAGS = ("gradient_checkpointing", "grad_checkpointing")  # diffusers/transformers, timm
+
+
+def checkpoint_switches(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that carry an activation-checkpointing flag, found once."""
+    return [m for m in model.modules() if any(hasattr(m, f) for f in CHECKPOINT_FLAGS)]
+
+
+def checkpointing(switches: list[nn.Module]) -> bool:
+    """Whether any of `switches` recomputes activations in backward now."""
+    return any(getattr(m, f, False) is True for m in switches for f in CHECKPOINT_FLAGS)
 
 
 def inject(
@@ -331,27 +352,32 @@ def routing(
                 layer.active = active
         return
     ids = host.to(device)
-    runs = row_runs(host.tolist())
+    rows = host.tolist()
+    runs = row_runs(rows)
+    order = restore = None
+    if len(runs) > 2 * len(values):
+        # Scattered rows: the layers run them sorted by adapter (a gather in, one out) so that
+        # each adapter's rows form one run; the sort is made here on the host, once.
+        perm = sorted(range(len(rows)), key=rows.__getitem__)
+        runs = row_runs([rows[i] for i in perm])
+        order = torch.tensor(perm, device=device)
+        restore = torch.tensor(sorted(range(len(perm)), key=perm.__getitem__), device=device)
     plans: dict[tuple, RunPlan] = {}
     for layer in layers:
         layer.adapter_ids, layer.route_names = ids, list(names)
-        layer.route_plan = None
-        if len(runs) <= 2 * len({k for k, _ in runs}):  # few runs: one weight per run is cheap
-            present = [n for n in names if n in layer.deltas]
-            slots = tuple(
-                present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
-                for k, _ in runs
+        present = [n for n in names if n in layer.deltas]
+        slots = tuple(
+            present.index(names[k]) if k >= 0 and names[k] in layer.deltas else len(present)
+            for k, _ in runs
+        )
+        if (
+            slots not in plans
+        ):  # one device copy per distinct plan, made here and not inside a capture
+            index = (
+                None if slots == tuple(range(len(present))) else torch.tensor(slots, device=device)
             )
-            if (
-                slots not in plans
-            ):  # one device copy per distinct plan, made here and not inside a capture
-                index = (
-                    None
-                    if slots == tuple(range(len(present)))
-                    else torch.tensor(slots, device=device)
-                )
-                plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index)
-            layer.route_plan = plans[slots]
+            plans[slots] = RunPlan(tuple(n for _, n in runs), slots, index, order, restore)
+        layer.route_plan = plans[slots]
     try:
         yield
     finally:

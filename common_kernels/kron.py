@@ -42,6 +42,11 @@ class KronConfig(AdapterConfig):
     decompose_both: bool = False
     init: str = "w1_zero"
     apply: str = "auto"
+    # LyCORIS 4.1.3's factor sizes: the smaller of a pair first even when `factor` is the larger
+    # (peft keeps (factor, dim / factor)), and `unbalanced_factorization` (W1 takes the output's
+    # larger factor). Set by the file readers to rebuild such files exactly.
+    lycoris_order: bool = False
+    unbalanced: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +131,10 @@ class KronDelta(Delta):
         r = config.r
         a, b = factorize(geometry.out_features, config.factor)
         c, d = factorize(geometry.in_features, config.factor)
+        if config.lycoris_order:
+            (a, b), (c, d) = sorted((a, b)), sorted((c, d))
+        if config.unbalanced:
+            a, b = b, a
         kh, kw = geometry.kernel_size
         self.scaling = config.scaling
         self.shape = (a, b, c, d)
@@ -135,9 +144,9 @@ class KronDelta(Delta):
         else:
             self.W1 = nn.Parameter(torch.empty(a, c))
             w1_parts = [self.W1]
+        # A rank above min(b, d kh kw) (a very unbalanced split) is wasteful but exact, and LyCORIS
+        # files hold such pairs: kept, not refused.
         if r < max(b, d) / 2:
-            if r > min(b, d * kh * kw):
-                raise PeftkitError(f"Kron rank r={r} is too large for module {name!r}: lower r")
             self.W2a, self.W2b = (
                 nn.Parameter(torch.empty(b, r)),
                 nn.Parameter(torch.empty(r, d * kh * kw)),
@@ -181,6 +190,7 @@ class KronDelta(Delta):
                 continue
             key = (
                 d.geometry.weight_shape,
+                d.weight_dtype,
                 *((n, tuple(getattr(d, n).shape), getattr(d, n).dtype) for n in d._factors()),
             )
             groups.setdefault(key, []).append(d)
@@ -200,6 +210,8 @@ class KronDelta(Delta):
             W2 = W2.reshape(len(group), b, d_, -1)
             scale = torch.stack([d.scale * d.scaling for d in group])
             delta = torch.einsum("gac,gbdk->gabcdk", W1 * scale[:, None, None], W2)
+            # Cast once for the group: per layer the add is then the one kernel left.
+            delta = delta.to(first.weight_dtype or delta.dtype)
             for d, one in zip(group, delta.reshape(len(group), *first.geometry.weight_shape)):
                 d._batched = one
 
@@ -249,4 +261,5 @@ register_core(
     KronDelta,
     aliases=("lokr",),
     summary="Kronecker update W + s W1 (x) W2 (LoKr)",
+    label="LoKr",
 )

@@ -11,10 +11,12 @@ make it see R x. Merging folds the same expression into the weight in the same o
 unmerged outputs agree.
 
 Per-sample routing: with `adapter_ids` set (one index per batch row into `route_names`, -1 for
-none), row i sees only adapter route_names[ids[i]], all rows in one forward. When the rows come in
-a few contiguous runs (`route_plan`) and the adapters are one weight-space LoRA group, each run
-gets its own merged weight W + s_k B_k A_k and all runs go through one batched GEMM: the same
-FLOPs as a single adapter, the segmented GEMM of Punica (SGMV) with whole weights per segment.
+none), row i sees only adapter route_names[ids[i]], all rows in one forward. `routing` lays the
+rows out as runs (`route_plan`, sorting them when they are scattered); each run gets its adapter's
+effective weight (LoRA: W + s_k B_k A_k for all K in one batched GEMM; any other core: its own
+folded weight) and all runs go through one batched GEMM: the FLOPs of a single adapter, the
+segmented GEMM of Punica (SGMV) with whole weights per segment. Scattered rows of one LoRA group
+take a gathered factored pass instead; only LoRA with input dropout masks rows per adapter.
 Several active LoRA adapters of one shape join along the rank: one GEMM pair (or addmm) for all.
 """
 
@@ -34,11 +36,14 @@ from .errors import PeftkitError
 class RunPlan:
     """Routed rows as contiguous runs, found on the host by `routing`: run j has `lengths[j]` rows
     and takes adapter `slots[j]` of the layer's adapters in routing order (slot == their count:
-    the base weight alone); `index` holds the slots on the device, None when they are 0, 1, ..."""
+    the base weight alone); `index` holds the slots on the device, None when they are 0, 1, ...
+    With `order` set the runs are of the rows sorted by adapter (x[order]); `restore` undoes it."""
 
     lengths: tuple[int, ...]
     slots: tuple[int, ...]
     index: torch.Tensor | None
+    order: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
 
 
 def joinable(deltas: list[Delta]) -> list[list[Delta]]:
@@ -81,6 +86,7 @@ class AdaptedLayer(nn.Module):
         ref = self.base.weight
         # Adapter params stay at least fp32 even on a bf16/fp16 base: tiny updates vanish in half precision.
         delta.to(device=ref.device, dtype=torch.promote_types(ref.dtype, torch.float32))
+        delta.weight_dtype = ref.dtype
         delta.init_from_base(ref)
         self.deltas[adapter] = delta
         self.active.append(adapter)
@@ -164,75 +170,77 @@ class AdaptedLayer(nn.Module):
                 f"adapter_ids has {ids.shape[0]} entries but module {self.name!r} got a batch of {x.shape[0]} rows: "
                 "give one adapter index per batch row"
             )
-        view = (-1,) + (1,) * (x.dim() - 1)
         routed = [(k, self.deltas[n]) for k, n in enumerate(self.route_names) if n in self.deltas]
         deltas = [d for _, d in routed]
-        if self._segmentable(x, deltas):
+        if not deltas:
+            return self.base(x)
+        plan, key = self.route_plan, deltas[0].group_key()
+        one_lora_group = (
+            deltas[0].additive
+            and key is not None
+            and hasattr(type(deltas[0]), "routed_delta")
+            and all(d.group_key() == key for d in deltas)
+        )
+        weights_pay = all(d.uses_weight_space(x) for d in deltas) and plan is not None
+        if one_lora_group and not (weights_pay and plan.order is None):
+            # Factored, or rows scattered: one gathered pass with no weight-sized tensors.
+            slot = self._slots([k for k, _ in routed])
+            return self._base_op(x, None) + type(deltas[0]).routed_delta(deltas, x, slot)
+        if plan is not None and all(d.weight_form for d in deltas):
             return self._segmented_forward(x, deltas)
-        masks: dict[int, torch.Tensor] = {}
+        return self._masked_forward(x, routed)
 
-        def mask(k: int) -> torch.Tensor:
-            # Made on demand: grouped adapters need none, and K of them would cost 2K launches per layer.
-            if k not in masks:
-                masks[k] = (ids == k).view(view)
-            return masks[k]
+    def _slots(self, order: list[int]) -> torch.Tensor:
+        """Each row's position among the routed deltas `order` (routing indices), -1 for none."""
+        ids = self.adapter_ids
+        if order == list(range(len(self.route_names))):
+            return ids  # every routed adapter, in routing order: ids index them as they are
+        lut = torch.full((len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device)
+        for j, k in enumerate(order):
+            lut[k + 1] = j
+        return lut[ids + 1]
 
+    def _masked_forward(self, x: torch.Tensor, routed: list[tuple[int, Delta]]) -> torch.Tensor:
+        """Each adapter's full pass, kept on its rows: the fallback for LoRA with input dropout
+        (its weight form would drop the dropout) and for ids set without `routing` (no run plan)."""
+        view = (-1,) + (1,) * (x.dim() - 1)
+        masks = {k: (self.adapter_ids == k).view(view) for k, _ in routed}
         h = x
         for k, d in routed:
             if not d.additive and d.side == "input":
-                h = torch.where(mask(k), d.transform_input(x, d.scale), h)
+                h = torch.where(masks[k], d.transform_input(x, d.scale), h)
         y = self._base_op(h, None)
-        groups: dict[tuple, list[tuple[int, Delta]]] = {}
         for k, d in routed:
             if d.additive:
-                groups.setdefault(d.group_key(), []).append((k, d))
+                y = y + d.delta(x, d.scale) * masks[k].to(y.dtype)
             elif d.side == "weight":
                 y = torch.where(
-                    mask(k), self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y
+                    masks[k], self._base_op(h, d.transform_weight(self.base.weight, d.scale)), y
                 )
-        for key, members in groups.items():
-            if key is not None and len(members) > 1:
-                # One gathered pass for all adapters of the group: K adapters cost about one.
-                order = [k for k, _ in members]
-                if order == list(range(len(self.route_names))):
-                    slot = ids  # the group is every routed adapter, in routing order: ids index it as they are
-                else:
-                    lut = torch.full(
-                        (len(self.route_names) + 1,), -1, dtype=torch.long, device=ids.device
-                    )
-                    for j, k in enumerate(order):
-                        lut[k + 1] = j
-                    slot = lut[ids + 1]
-                y = y + type(members[0][1]).routed_delta([d for _, d in members], x, slot)
-            else:
-                for k, d in members:
-                    y = y + d.delta(x, d.scale) * mask(k).to(y.dtype)
         return y
-
-    def _segmentable(self, x: torch.Tensor, deltas: list[Delta]) -> bool:
-        if self.route_plan is None or self.geometry.kind != "linear" or not deltas:
-            return False
-        key = deltas[0].group_key()
-        return (
-            key is not None
-            and hasattr(type(deltas[0]), "routed_weights")
-            and all(d.group_key() == key and d.uses_weight_space(x) for d in deltas)
-        )
 
     def _segmented_forward(self, x: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
         plan, weight, bias = self.route_plan, self.base.weight, self.base.bias
-        stacked = type(deltas[0]).routed_weights(deltas, weight)
+        cls, key = type(deltas[0]), deltas[0].group_key()
+        if key is not None and hasattr(cls, "routed_weights") and len(joinable(deltas)) == 1:
+            stacked = cls.routed_weights(deltas, weight)
+        else:
+            stacked = torch.stack([d.effective_weight(weight, d.scale) for d in deltas])
         if len(deltas) in plan.slots:  # some runs take the base weight alone
             stacked = torch.cat([stacked, weight.unsqueeze(0).to(stacked.dtype)])
         if plan.index is not None:
             stacked = stacked.index_select(0, plan.index)
-        if len(set(plan.lengths)) == 1:
+        if plan.order is not None:
+            x = x.index_select(0, plan.order)
+        if self.geometry.kind == "linear" and len(set(plan.lengths)) == 1:
             flat = x.reshape(len(plan.lengths), -1, x.shape[-1])
             w_t = stacked.transpose(1, 2)
             y = torch.bmm(flat, w_t) if bias is None else torch.baddbmm(bias, flat, w_t)
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-        parts = x.split(list(plan.lengths))
-        return torch.cat([F.linear(p, w, bias) for p, w in zip(parts, stacked.unbind(0))])
+            y = y.reshape(*x.shape[:-1], weight.shape[0])
+        else:
+            parts = x.split(list(plan.lengths))
+            y = torch.cat([self._base_op(p, w) for p, w in zip(parts, stacked.unbind(0))])
+        return y if plan.restore is None else y.index_select(0, plan.restore)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.deltas)}, active={self.active}, merged={list(self.merged)}"

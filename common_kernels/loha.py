@@ -126,4 +126,5 @@ register_core(
     LoHaDelta,
     aliases=(),
     summary="Hadamard product of two low-rank updates (w1a w1b) * (w2a w2b)",
+    label="LoHa",
 )

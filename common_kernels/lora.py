@@ -117,8 +117,43 @@ class LoRADelta(Delta):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Input dropout only exists in the factored form.
         self.apply_mode = "factored" if config.dropout > 0 else config.apply
+        self.weight_form = config.dropout == 0
+        self._batched: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def prepare_all(deltas: list[LoRADelta]) -> None:
+        """Scale, transpose and cast the factors of all weight-space layers of one shape in one
+        batched op before a model's forward, as kron.py does: each layer's weight-space add is then
+        one addmm (routed runs: one baddbmm) instead of four kernels. `_batched` = (A as
+        (r, fan_in), s B^T as (r, d_out)), both in the base weight's dtype."""
+        groups: dict[tuple, list[LoRADelta]] = {}
+        for d in deltas:
+            # DoRA (a subclass) keeps its factors in fp32 for the row norm: not prepared here.
+            if d.additive and d.weight_form and d.uses_weight_space(d.A):
+                key = (tuple(d.A.shape), tuple(d.B.shape), d.A.dtype, d.weight_dtype)
+                groups.setdefault(key, []).append(d)
+        for (_, _, _, dtype), group in groups.items():
+            r = group[0].A.shape[0]
+            A = torch.stack([d.A.reshape(r, -1) for d in group]).to(dtype)
+            Bt = torch.stack([d.B.reshape(-1, r).T for d in group])
+            Bt = (Bt * stacked_scales(group)[:, None, None]).to(dtype)
+            for d, a, bt in zip(group, A.unbind(0), Bt.unbind(0)):
+                d._batched = (a, bt)
+
+    @staticmethod
+    def release_all(deltas: list[LoRADelta]) -> None:
+        for d in deltas:
+            d._batched = None
+
+    def _prepared(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        batched = self._batched
+        return batched if batched is not None and batched[0].dtype == dtype else None
 
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        prepared = self._prepared(weight.dtype)
+        if prepared is not None:
+            flat = weight.reshape(weight.shape[0], -1)
+            return torch.addmm(flat, prepared[1].T, prepared[0]).reshape(weight.shape)
         # Scaled in the factors' precision, then cast once: each elementwise kernel here is paid
         # per layer per step, and at these sizes a kernel costs its launch, not its arithmetic.
         s = scale if self.scaling == 1.0 else scale * self.scaling
@@ -161,6 +196,11 @@ class LoRADelta(Delta):
     def routed_weights(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
         """(K, d_out, d_in): W + s_k B_k A_k for each of the K deltas, in one batched GEMM; scaled
         in the factors' precision and cast once, as `add_to_weight`."""
+        prepared = [d._prepared(weight.dtype) for d in deltas]
+        if all(p is not None for p in prepared):
+            A = torch.stack([a for a, _ in prepared])
+            B = torch.stack([bt for _, bt in prepared]).transpose(1, 2)
+            return torch.baddbmm(weight.unsqueeze(0), B, A)
         A = torch.stack([d.A for d in deltas]).to(weight.dtype)
         B = torch.stack([d.B for d in deltas])
         B = (B * stacked_scales(deltas)[:, None, None]).to(weight.dtype)
@@ -181,6 +221,11 @@ class LoRADelta(Delta):
 
     @staticmethod
     def joined_weight(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
+        prepared = [d._prepared(weight.dtype) for d in deltas]
+        if all(p is not None for p in prepared):
+            A = torch.cat([a for a, _ in prepared])
+            B = torch.cat([bt for _, bt in prepared]).T
+            return torch.addmm(weight, B, A)
         A, B = LoRADelta.joined_factors(deltas)
         return torch.addmm(weight, B.to(weight.dtype), A.to(weight.dtype))
 
@@ -205,5 +250,10 @@ def stacked_scales(deltas: list[LoRADelta]) -> torch.Tensor:
 
 
 register_core(
-    "lora", LoRAConfig, LoRADelta, aliases=(), summary="low-rank update W + (alpha/r) B A"
+    "lora",
+    LoRAConfig,
+    LoRADelta,
+    aliases=(),
+    summary="low-rank update W + (alpha/r) B A",
+    label="LoRA",
 )

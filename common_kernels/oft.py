@@ -251,4 +251,5 @@ register_core(
     OFTDelta,
     aliases=(),
     summary="orthogonal fine-tuning: W R, R block-diagonal Cayley",
+    label="OFT",
 )

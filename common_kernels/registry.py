@@ -21,6 +21,7 @@ class Core:
     delta: type  # a `delta.Delta` subclass
     aliases: tuple[str, ...] = ()
     summary: str = ""
+    label: str = ""  # how apps show it ("LoKr"); the name when empty
 
     @property
     def uses_rank(self) -> bool:
@@ -48,8 +49,9 @@ def register_core(
     delta: type,
     aliases: tuple[str, ...] = (),
     summary: str = "",
+    label: str = "",
 ) -> Core:
-    entry = Core(name, config, delta, tuple(aliases), summary)
+    entry = Core(name, config, delta, tuple(aliases), summary, label or name)
     for n in (name, *aliases):
         if _NAMES.get(n, name) != name:
             raise PeftkitError(f"adapter core name {n!r} is registered twice")

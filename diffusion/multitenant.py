@@ -7,7 +7,8 @@ rows come in contiguous runs, so on a GPU each Linear layer forms every job's me
 W + s_k B_k A_k in one batched GEMM and runs all runs through one batched GEMM over them (the
 segmented GEMM of Punica/S-LoRA, `AdaptedLayer._segmented_forward`): the FLOPs of one adapter, plus
 K weight-sized copies. On the CPU LoRAs of one shape run as one gathered factored pass
-(`LoRADelta.routed_delta`). LoKr and OFT route too, at one pass per adapter in each layer.
+(`LoRADelta.routed_delta`). Other cores route through the same segmented GEMM, with each
+job's own folded weight.
 
 Each job ends with the adapter `train_concept` gives it alone, to floating-point rounding:
 - the same rows, latent draws, noise and timesteps: its own seeded data order (`engine.batches`)

@@ -1,9 +1,11 @@
 """kohya / A1111 / LyCORIS files: `lora_unet_<module_with_underscores>.<suffix>` plus `.alpha`.
 
 Each core's Delta names its kohya suffixes (`kohya_names`: LoRA lora_down/lora_up, DoRA + dora_scale,
-LoHa hada_w*_a/b, LoKr lokr_w1(_a/_b)/lokr_w2(_a/_b)); the scale is alpha / rank, rank as LyCORIS
-reads it (1 for a LoKr with both factors full; alpha = rank when `.alpha` is absent). Cores with no
-kohya layout of their own (OFT, BOFT) are written as LyCORIS' `full` weight difference (`.diff`).
+LoHa hada_w*_a/b, LoKr lokr_w1(_a/_b)/lokr_w2(_a/_b) (Tucker lokr_t2 read), LyCORIS OFT/BOFT
+oft_blocks + rescale); the scale is alpha / rank, rank as LyCORIS reads it (1 for a LoKr with both
+factors full; alpha = rank when `.alpha` is absent), except where `.alpha` is a setting
+(`kohya_alpha`: LyCORIS OFT's constraint). Cores with no layout of their own (peftkit's OFT and
+BOFT act on inputs) are written as LyCORIS' `full` weight difference (`.diff`).
 """
 
 from __future__ import annotations
@@ -42,11 +44,9 @@ TO_FILE = {
 FROM_FILE = {"magnitude": lambda t: t.flatten()}
 # Suffixes of LyCORIS layouts peftkit has no core for, and what to say about them.
 UNSUPPORTED = {
-    "oft_blocks": "LyCORIS diag-OFT rotates outputs, peftkit's OFT inputs",
-    "oft_diag": "LyCORIS BOFT/OFT blocks",
+    "oft_diag": "OFT blocks of LyCORIS before 2.0",
     "lora_mid.weight": "LoCon with Tucker decomposition (use_tucker)",
     "hada_t1": "LoHa with Tucker decomposition (use_tucker)",
-    "lokr_t2": "LoKr with Tucker decomposition (use_tucker)",
     "diff": "LyCORIS 'full' weight differences",
     "w_norm": "LyCORIS norm layers",
 }
@@ -90,17 +90,24 @@ def _split(flat: str) -> str:
     return ".".join(out)
 
 
-def _core_of(stem: str, suffixes: set[str], path) -> str:
+def _core_of(stem: str, found: dict[str, torch.Tensor], path) -> str:
+    suffixes = set(found)
     for suffix, what in UNSUPPORTED.items():
         if suffix in suffixes:
             raise PeftkitError(
                 f"{str(path)!r} module {stem!r} holds {what} ('.{suffix}'), which peftkit does not "
-                "read: merge it into the base with LyCORIS, or export LoRA/LoCon/LoHa/LoKr"
+                "read: merge it into the base with LyCORIS, or export one of "
+                f"{', '.join(kohya_layouts())} from LyCORIS"
             )
+
+    def ranks_fit(name: str) -> bool:  # LyCORIS' OFT and BOFT share suffixes, not tensor ranks
+        ndim = getattr(core(name).delta, "kohya_ndim", {})
+        return all(found[s].dim() == n for s, n in ndim.items() if s in found)
+
     fits = [
         (len(names), n)
         for n, names in kohya_layouts().items()
-        if suffixes - {"alpha"} <= set(names.values())
+        if suffixes - {"alpha"} <= set(names.values()) and ranks_fit(n)
     ]
     if not fits:
         raise PeftkitError(
@@ -145,7 +152,9 @@ def read_kohya(tensors, path, components, default_component: str) -> AdapterSet:
                 f"kohya key {stem!r} in {str(path)!r} has no lora_unet_/lora_te_/lycoris_ prefix"
             )
         _check_pairs(stem, set(found), path)
-        name = _core_of(stem, set(found), path)
+        found = _untucker(found)
+        name = _core_of(stem, found, path)
+        delta_cls = core(name).delta
         names = kohya_layouts()[name]
         ours = {p: FROM_FILE.get(p, lambda t: t)(found[s]) for p, s in names.items() if s in found}
         component = KOHYA_PREFIX[match.group(2)] if match.group(2) else default_component
@@ -154,9 +163,25 @@ def read_kohya(tensors, path, components, default_component: str) -> AdapterSet:
         rank = entry.rank
         alpha = found.get("alpha")
         entry.scale = 1.0 if rank is None or alpha is None else float(alpha) / rank
+        if hasattr(delta_cls, "file_options"):
+            entry.options = delta_cls.file_options(ours)
+        if getattr(delta_cls, "kohya_alpha", None):  # `.alpha` is a setting there, not a scale
+            entry.options[delta_cls.kohya_alpha] = 0.0 if alpha is None else float(alpha)
         module = exact.get(component, {}).get(flat) or _split(flat)
         out.setdefault(component, {})[canonical(component, module)] = entry
     return out
+
+
+def _untucker(found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoKr conv's Tucker second factor (LyCORIS use_tucker: W2 = t2 x_1 w2_a x_2 w2_b) as the
+    low-rank pair peftkit holds, exactly: W2a = w2_a^T (b, r), W2b = t2 x_2 w2_b flattened."""
+    if "lokr_t2" not in found:
+        return found
+    found = dict(found)
+    t, wa, wb = found.pop("lokr_t2"), found["lokr_w2_a"], found["lokr_w2_b"]
+    found["lokr_w2_a"] = wa.T.contiguous()
+    found["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t, wb).reshape(t.shape[0], -1)
+    return found
 
 
 def _stem_prefixes(adapters: AdapterSet) -> dict[str, str]:
@@ -203,12 +228,16 @@ def kohya_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
                 continue
             tensors = dict(entry.tensors)
             rank = entry.rank
-            if rank is None:  # both LoKr factors full: LyCORIS reads scale 1, so fold it in
+            if rank is None and "W1" in tensors:  # LoKr, both factors full: LyCORIS reads scale 1
                 tensors["W1"] = tensors["W1"] * entry.scale
             for p, t in tensors.items():
                 t = TO_FILE.get(p, lambda t, e: t)(t, entry)
                 out[f"{stem}.{layouts[entry.core][p]}"] = t.contiguous()
-            out[f"{stem}.alpha"] = torch.tensor(1.0 if rank is None else entry.scale * rank)
+            setting = getattr(core(entry.core).delta, "kohya_alpha", None)
+            if setting:
+                out[f"{stem}.alpha"] = torch.tensor(float(entry.options.get(setting, 0.0)))
+            else:
+                out[f"{stem}.alpha"] = torch.tensor(1.0 if rank is None else entry.scale * rank)
     return out
 
 

@@ -151,6 +151,8 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
     name = names.pop()
     targets = [f"re:{re.escape(m)}" for m in sorted(entries)]
     options = dict(next(iter(entries.values())).options)
+    if hasattr(core(name).delta, "file_options"):
+        return _rotation_config(name, targets, entries, geometries), False
     ranks = [e.rank for e in entries.values() if e.rank is not None]
     scales = Counter(e.scale for e in entries.values())
     fold = name in FOLD_INTO and (len(scales) > 1 or not ranks)
@@ -159,7 +161,7 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
         full_r = max(max(g.out_features, g.in_features) for g in geometries.values())
         r = max(low) if low else full_r
         options["decompose_both"] = any("W1a" in e.tensors for e in entries.values())
-        options["factor"] = _kron_factor(entries, geometries)
+        options.update(_kron_factor(entries, geometries))
     elif ranks:
         r = max(ranks)
     else:
@@ -171,15 +173,52 @@ def _component_config(entries: dict[str, Entry], geometries: dict[str, Geometry]
     return core(name).make_config(targets, **{**options, "rank": r, "alpha": alpha}), fold
 
 
-def _kron_factor(entries, geometries) -> int:
-    # KronConfig.factor rebuilds the files' factor sizes: the most-square rule (-1) or a fixed one.
-    for factor in (-1, *sorted({_w1_shape(e)[0] for e in entries.values()})):
-        if all(_w1_shape(e) == _kron_w1(geometries[m], factor) for m, e in entries.items()):
-            return factor
+def _rotation_config(name: str, targets, entries: dict[str, Entry], geometries):
+    """LyCORIS OFT/BOFT: one constraint and rescale setting for the component, and the block size
+    LyCORIS was given, found as the candidate that rebuilds every module's blocks."""
+    settings = {
+        tuple(sorted((k, v) for k, v in e.options.items() if k != "block_size"))
+        for e in entries.values()
+    }
+    if len(settings) != 1:
+        raise PeftkitError(
+            f"the {name!r} file's modules disagree on {sorted(settings)}; peftkit holds one "
+            "setting per component: save the LyCORIS network with one constraint (alpha) and rescale"
+        )
+    spec, common = core(name), dict(next(iter(settings)))
+    for size in sorted({e.options["block_size"] for e in entries.values()}):
+        config = spec.make_config(targets, **common, block_size=size)
+        try:
+            with torch.device("meta"):
+                built = {m: spec.delta(geometries[m], config, m) for m in entries}
+        except PeftkitError:  # this block size splits some layer no way LyCORIS would
+            continue
+        if all(
+            built[m].oft_blocks.shape == e.tensors["oft_blocks"].shape for m, e in entries.items()
+        ):
+            return config
     raise PeftkitError(
-        "the LoKr file's factor sizes follow no `factor` rule KronConfig rebuilds (LyCORIS orders a "
-        "factor larger than dim / factor the other way round; or unbalanced factorization): save "
-        "it with factor=-1, or merge it into the base with LyCORIS"
+        f"the {name!r} file's block shapes follow no block_size LyCORIS' factorization rebuilds "
+        "for these layers: the file was made for another base model"
+    )
+
+
+def _kron_factor(entries, geometries) -> dict:
+    """The KronConfig options (factor, and LyCORIS' ordering flags) that rebuild every module's
+    factor sizes: the most-square rule (-1) or a fixed factor, in peft's or LyCORIS' order."""
+    sizes = {n for e in entries.values() for n in (*_w1_shape(e), *_w2_shape(e))}
+    for factor in (-1, *sorted(sizes)):
+        for lycoris_order in (False, True):
+            for unbalanced in (False, True):
+                options = dict(factor=factor, lycoris_order=lycoris_order, unbalanced=unbalanced)
+                if all(
+                    _w1_shape(e) == _kron_w1(geometries[m], options) for m, e in entries.items()
+                ):
+                    return options
+    raise PeftkitError(
+        "the LoKr file's factor sizes follow no factorization rule KronConfig rebuilds (peft's or "
+        "LyCORIS' `factor`, unbalanced or not): the file was made for another base model, or by a "
+        "tool with its own rule; merge it into the base with that tool"
     )
 
 
@@ -188,10 +227,17 @@ def _w1_shape(entry: Entry) -> tuple[int, int]:
     return tuple(t["W1"].shape) if "W1" in t else (t["W1a"].shape[0], t["W1b"].shape[1])
 
 
-def _kron_w1(geometry: Geometry, factor: int) -> tuple[int, int]:
-    from ...common_kernels.kron import factorize
+def _w2_shape(entry: Entry) -> tuple[int, int]:
+    t = entry.tensors
+    return tuple(t["W2"].shape[:2]) if "W2" in t else (t["W2a"].shape[0], t["W2b"].shape[1])
 
-    return factorize(geometry.out_features, factor)[0], factorize(geometry.in_features, factor)[0]
+
+def _kron_w1(geometry: Geometry, options: dict) -> tuple[int, int]:
+    from ...common_kernels.kron import KronConfig, KronDelta
+
+    with torch.device("meta"):
+        delta = KronDelta(geometry, KronConfig(targets=["_"], r=1, **options))
+    return delta.shape[0], delta.shape[2]
 
 
 def config_and_state(entries: dict[str, Entry], geometries: dict[str, Geometry], path=""):

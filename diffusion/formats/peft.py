@@ -143,7 +143,7 @@ def diffusers_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
                 raise PeftkitError(
                     f"component {component!r} holds a {entry.core!r} adapter, but diffusers' SD/SDXL "
                     "load_lora_weights only carries LoRA and DoRA: write the kohya/LyCORIS format "
-                    "(--to kohya; LoHa/LoKr/OFT), or keep the peftkit format (save_adapter)"
+                    "(--to kohya), which carries every core, or keep the peftkit format (save_adapter)"
                 )
             a, b = entry.tensors["A"], entry.tensors["B"]
             out[f"{component}.{m}.lora_A.weight"] = a.contiguous()

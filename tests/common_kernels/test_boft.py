@@ -100,6 +100,33 @@ def test_boft_matches_explicit_formula(base64, inputs64):
     assert rel(yc, conv) < 1e-12
 
 
+@pytest.mark.parametrize("factors", [1, 2])
+def test_boft_dense_butterflies_formed_before_the_forward_equal_the_factor_by_factor_path(
+    base64, inputs64, factors
+):
+    """Through the model each layer applies its M^T formed with all layers' before the forward;
+    called alone it rotates factor by factor: same outputs and gradients in float64."""
+    ours = copy.deepcopy(base64)
+    handle = inject(
+        ours, BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=factors)
+    )
+    randomized(ours)
+    handle.set_scale(0.6)
+    dense = []
+    ours.lin.register_forward_hook(lambda m, a, o: dense.append(m.deltas["default"]._dense))
+    x, img = inputs64
+    params = handle.trainable_parameters()
+    y, yc = ours(x, img)
+    alone, alone_c = ours.lin(x), ours.conv(img)
+    assert dense[0] is not None and dense[1] is None
+    assert rel(y, alone) < 1e-12 and rel(yc, alone_c) < 1e-12
+    for g, e in zip(
+        torch.autograd.grad(y.square().sum() + yc.square().sum(), params),
+        torch.autograd.grad(alone.square().sum() + alone_c.square().sum(), params),
+    ):
+        assert rel(g, e) < 1e-12
+
+
 def test_boft_blocks_are_orthogonal_and_the_butterfly_inverts():
     g = torch.Generator().manual_seed(0)
     R = torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=g)

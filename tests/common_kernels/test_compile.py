@@ -12,6 +12,7 @@ from peftkit.common_kernels import (
     LoHaConfig,
     LoRAConfig,
     OFTConfig,
+    core,
     inject,
 )
 
@@ -24,6 +25,8 @@ CONFIGS = {
     "loha": LoHaConfig(targets=["0", "2"], r=2, apply="factored"),
     "loha-weight": LoHaConfig(targets=["0", "2"], r=2, apply="weight"),
     "boft": BOFTConfig(targets=["0", "2"], block_size=4, n_butterfly_factor=2),
+    "diag-oft": core("diag-oft").make_config(["0", "2"], block_size=4, constraint=0.01),
+    "lycoris-boft": core("lycoris-boft").make_config(["0", "2"], block_size=4, rescaled=True),
 }
 
 

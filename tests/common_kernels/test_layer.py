@@ -13,6 +13,7 @@ from peftkit.common_kernels import (
     LoRAConfig,
     OFTConfig,
     PeftkitError,
+    core,
     inject,
     routing,
 )
@@ -26,6 +27,12 @@ CONFIGS = {
     "dora": lambda: DoRAConfig(targets=["lin", "conv"], r=4, alpha=8),
     "loha": lambda: LoHaConfig(targets=["lin", "conv"], r=2, alpha=4),
     "boft": lambda: BOFTConfig(targets=["lin", "conv"], block_size=2, n_butterfly_factor=2),
+    "diag-oft": lambda: core("diag-oft").make_config(
+        ["lin", "conv"], block_size=4, constraint=0.01, rescaled=True
+    ),
+    "lycoris-boft": lambda: core("lycoris-boft").make_config(
+        ["lin", "conv"], block_size=6, rescaled=True
+    ),
 }
 
 
@@ -295,22 +302,123 @@ def test_weight_space_routing_by_runs_equals_each_row_alone(monkeypatch, ids, se
     assert bool(calls) == segmented
 
 
-@pytest.mark.parametrize("ids", [[0, 1, 2, -1, 3, 1, 0], [0, 0, 1, 1, 2, 2, 3]])
-def test_new_cores_route_per_row_with_gradients(ids):
-    """DoRA, LoHa and BOFT have no gathered pass of their own: the layer masks their rows."""
+ROUTED_CORES = {
+    "kron-weight": lambda t: KronConfig(targets=t, r=2, alpha=3, apply="weight"),
+    "kron-factored": lambda t: KronConfig(targets=t, r=2, alpha=3, apply="factored"),
+    "loha": lambda t: LoHaConfig(targets=t, r=2, alpha=3),
+    "dora": lambda t: DoRAConfig(targets=t, r=2, alpha=3),
+    "oft": lambda t: OFTConfig(targets=t, block_size=2),
+    "boft": lambda t: BOFTConfig(targets=t, block_size=2, n_butterfly_factor=2),
+    "diag-oft": lambda t: core("diag-oft").make_config(t, block_size=2, rescaled=True),
+    "lycoris-boft": lambda t: core("lycoris-boft").make_config(t, block_size=6, rescaled=True),
+}
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(AdaptedLayer, name)
+    monkeypatch.setattr(AdaptedLayer, name, lambda self, *a: calls.append(1) or original(self, *a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("ids", [[0, 1, 2, -1, 2, 1, 0], [0, 0, 1, 1, -1, 2, 2]])
+@pytest.mark.parametrize("method", [*ROUTED_CORES, "mixed"])
+def test_every_core_routes_rows_through_per_adapter_weights_in_one_segmented_pass(
+    monkeypatch, method, ids, kind
+):
+    """Scattered rows are sorted into runs; each run goes through its adapter's folded weight, and
+    no adapter's full pass is computed and masked."""
+    segmented = count_calls(monkeypatch, "_segmented_forward")
+    masked = count_calls(monkeypatch, "_masked_forward")
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 8)).double()
+        x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 6, 1))
+        model = model.double()
+        x = torch.randn(len(ids), 4, 5, 5, dtype=torch.float64)
+    targets = ["0", "2"]
+    if method == "mixed":
+        configs = [
+            LoRAConfig(targets=targets, r=2, apply="weight"),
+            ROUTED_CORES["dora"](targets),
+            ROUTED_CORES["boft"](targets),
+        ]
+    else:
+        configs = [ROUTED_CORES[method](targets) for _ in range(3)]
+    handles = [inject(model, c, name=f"a{i}") for i, c in enumerate(configs)]
+    for h in handles:
+        randomize(h)
+    handles[1].set_scale(0.5)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+    assert segmented and not masked
+
+
+def test_lora_with_input_dropout_routes_by_masking_each_adapters_rows(monkeypatch):
+    masked = count_calls(monkeypatch, "_masked_forward")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 6)).double()
-    targets = ["0", "2"]
     handles = [
-        inject(model, LoRAConfig(targets=targets, r=2), name="lora"),
-        inject(model, DoRAConfig(targets=targets, r=2, alpha=3), name="dora"),
-        inject(model, LoHaConfig(targets=targets, r=2, apply="factored"), name="loha"),
-        inject(model, BOFTConfig(targets=targets, block_size=2, n_butterfly_factor=2), name="boft"),
+        inject(model, LoRAConfig(targets=["0", "2"], r=2, dropout=0.5), name="drop"),
+        inject(model, KronConfig(targets=["0", "2"], r=2), name="kron"),
     ]
     for h in handles:
         randomize(h)
-    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
-    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+    model.eval()  # dropout off, so each row alone is the reference
+    x = torch.randn(4, 5, 12, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, [0, 1, 1, 0], x, out_tol=1e-12, grad_tol=1e-12)
+    assert masked
+
+
+def test_prepared_lora_factors_give_exact_outputs_and_gradients_for_one_joined_and_routed():
+    """Through the model, weight-space LoRA layers use factors cast and scaled for all layers at
+    once before the forward: one adapter, two joined, and rows routed over three."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 10)).double()
+    handles = [
+        inject(model, LoRAConfig(targets=["0", "2"], r=2, alpha=a, apply="weight"), name=n)
+        for n, a in (("a", 2.0), ("b", 3.0), ("c", 5.0))
+    ]
+    for h, scale in zip(handles, (1.0, 0.5, -0.7)):
+        randomize(h)
+        h.set_scale(scale)
+    seen = []
+    model[2].register_forward_hook(
+        lambda m, a, o: seen.append(all(m.deltas[n]._batched is not None for n in m.active))
+    )
+
+    def reference(x, active):
+        h = x
+        for layer in (model[0], model[2]):
+            W = layer.base.weight + sum(
+                layer.deltas[n].scale
+                * layer.deltas[n].scaling
+                * layer.deltas[n].B
+                @ layer.deltas[n].A
+                for n in active
+            )
+            h = h @ W.T + layer.base.bias
+            h = torch.nn.functional.gelu(h) if layer is model[0] else h
+        return h
+
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    params = [p for h in handles for p in h.trainable_parameters()]
+    for active in (["a"], ["a", "b"]):
+        for h in handles:
+            (h.enable if h.name in active else h.disable)()
+        y, expected = model(x), reference(x, active)
+        assert rel(y, expected) < 1e-12
+        for g, e in zip(
+            torch.autograd.grad(y.square().sum(), params, allow_unused=True),
+            torch.autograd.grad(expected.square().sum(), params, allow_unused=True),
+        ):
+            assert (g is None) == (e is None) and (g is None or rel(g, e) < 1e-12)
+    for h in handles:
+        h.enable()
+    assert_routed_equals_rows_alone(model, handles, [0, 1, 2], x, out_tol=1e-12, grad_tol=1e-12)
+    assert all(seen) and len(seen) > 4
 
 
 def test_dora_routed_by_runs_takes_the_segmented_path_and_equals_each_row_alone(monkeypatch):
@@ -371,4 +479,40 @@ def test_active_lora_adapters_join_into_one_gemm_pair_with_exact_outputs_and_gra
         torch.autograd.grad(y.square().sum(), params),
         torch.autograd.grad(expected.square().sum(), params),
     ):
+        assert rel(g, e) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["lora-weight", "oft", "boft"])
+def test_batched_preparation_steps_aside_under_activation_checkpointing(method):
+    """A model that recomputes its blocks in backward (the flag diffusers and transformers set)
+    gets the gradients of a plain backward: the recomputed layers build their own state."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.gradient_checkpointing = False
+
+        def forward(self, x):
+            run = lambda h: torch.tanh(self.lin(h))  # noqa: E731
+            return (
+                checkpoint(run, x, use_reentrant=False) if self.gradient_checkpointing else run(x)
+            )
+
+    config = {
+        "lora-weight": LoRAConfig(targets=["lin"], r=2, apply="weight"),
+        "oft": OFTConfig(targets=["lin"], block_size=4),
+        "boft": BOFTConfig(targets=["lin"], block_size=2, n_butterfly_factor=2),
+    }[method]
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block()).double()
+    handle = inject(model, config)
+    randomize(handle)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    params = handle.trainable_parameters()
+    plain = torch.autograd.grad(model(x).square().sum(), params)
+    for block in model:
+        block.gradient_checkpointing = True
+    for g, e in zip(torch.autograd.grad(model(x).square().sum(), params), plain):
         assert rel(g, e) < 1e-12

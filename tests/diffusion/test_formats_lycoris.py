@@ -28,6 +28,15 @@ MADE_BY_LYCORIS = [
     ("lokr", {"linear_dim": 2, "conv_dim": 2, "decompose_both": True}, "kron"),
     ("loha", {}, "loha"),
     ("lora", {"dora_wd": True}, "dora"),
+    ("lokr", {"linear_dim": 2, "conv_dim": 2, "use_tucker": True}, "kron"),
+    # LyCORIS orders a factor larger than dim / factor the other way round from peft, and
+    # unbalanced_factorization gives W1 the output's larger factor.
+    ("lokr", {"linear_dim": 2, "conv_dim": 2, "factor": 8}, "kron"),
+    (
+        "lokr",
+        {"linear_dim": 2, "conv_dim": 2, "factor": 4, "unbalanced_factorization": True},
+        "kron",
+    ),
 ]
 
 
@@ -116,8 +125,84 @@ def test_lycoris_layouts_peftkit_lacks_are_refused_by_name(tmp_path):
     from lycoris import create_lycoris
 
     unet = tiny_unet()
-    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2.0, algo="diag-oft")
+    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2.0, algo="full")
     network.apply_to()
-    network.save_weights(str(tmp_path / "oft.safetensors"), torch.float32, None)
-    with pytest.raises(PeftkitError, match="diag-OFT rotates outputs"):
-        formats.read_adapters(tmp_path / "oft.safetensors")
+    network.save_weights(str(tmp_path / "full.safetensors"), torch.float32, None)
+    with pytest.raises(PeftkitError, match="'full' weight differences.*export one of .*diag-oft"):
+        formats.read_adapters(tmp_path / "full.safetensors")
+
+
+def output32(unet):
+    """`output` of a float32 UNet: LyCORIS' OFT inverts in float32 whatever the model's dtype."""
+    with torch.no_grad():
+        return output(_Cast(unet)).double()
+
+
+class _Cast(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, t, context):
+        return self.unet(sample.float(), t, context.float())
+
+
+# LyCORIS' own output-side OFT and BOFT, plain and with its row rescale and norm constraint (the
+# constraint 1e-3 * d_out binds at these weights). Tolerance 1e-4: LyCORIS runs them in float32.
+LYCORIS_OFT = [
+    ("diag-oft", {}, "diag-oft"),
+    ("diag-oft", {"rescaled": True, "constraint": 1e-3}, "diag-oft"),
+    ("boft", {}, "lycoris-boft"),
+    ("boft", {"rescaled": True, "constraint": 1e-3}, "lycoris-boft"),
+]
+
+
+@pytest.mark.parametrize("algo,options,ours", LYCORIS_OFT)
+def test_lycoris_oft_and_boft_files_load_with_lycoris_output(algo, options, ours, tmp_path):
+    from lycoris import create_lycoris
+
+    unet = tiny_unet().float()
+    base = output32(unet)
+    network = create_lycoris(
+        unet, 1.0, linear_dim=4, conv_dim=4, algo=algo, preset="full", **options
+    )
+    network.apply_to()
+    randomize(network.parameters())
+    want = output32(unet)
+    network.save_weights(str(tmp_path / "ly.safetensors"), torch.float32, None)
+
+    fresh = tiny_unet()
+    handle = formats.load_lora_file({"unet": fresh}, tmp_path / "ly.safetensors")["unet"]
+    assert handle.config.method == ours and handle.config.rescaled == ("rescaled" in options)
+    assert len(handle.layers) == len(network.loras) > 40
+    assert relative(want, base) > 0.1
+    assert relative(output(fresh), want) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["diag-oft", "lycoris-boft"])
+def test_peftkit_lycoris_oft_file_loads_in_lycoris_with_peftkit_output(name, tmp_path):
+    from lycoris import create_lycoris_from_weights
+
+    unet = tiny_unet()
+    base = output(unet)
+    config = core(name).make_config(
+        UNET_LINEAR + UNET_CONV, block_size=4, constraint=1e-3, rescaled=True
+    )
+    handle = inject(unet, config)
+    randomize(handle.trainable_parameters())
+    want = output(unet)
+    path = formats.save_kohya_lora({"unet": handle}, tmp_path / "k.safetensors")
+    tensors = formats.read_tensors(path)[0]
+    assert {k.split(".", 1)[1] for k in tensors} == {"oft_blocks", "rescale", "alpha"}
+
+    renamed = {k.replace("lora_unet_", "lycoris_", 1): v.float() for k, v in tensors.items()}
+    fresh = tiny_unet().float()
+    network, _ = create_lycoris_from_weights(1.0, "", fresh, weights_sd=renamed)
+    network.apply_to()
+    assert len(network.loras) == len(handle.layers)
+    assert relative(want, base) > 0.1
+    assert relative(output32(fresh), want) < 1e-4
+
+    again = tiny_unet()
+    formats.load_lora_file({"unet": again}, path)
+    assert relative(output(again), want) < 1e-6  # the constraint went through float32
