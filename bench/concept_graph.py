@@ -9,6 +9,7 @@ vs eager, for train-concept at 512 px bs 1 and 4 and for vit-train bs 64.
 
     python bench/concept_graph.py --out bench/results/concept-graph      # ~3-4 min on an H200
     python bench/concept_graph.py --out /tmp/smoke --cpu-smoke            # the logic, tiny, CPU
+    python bench/concept_graph.py --out DIR --parity-only                 # the parity rows alone
 """
 
 from __future__ import annotations
@@ -132,10 +133,59 @@ def ti(folder, graph, steps, cpu, resolution):
     return {"rows": task.embedding.rows.detach().float().cpu()}, result, lines
 
 
+def timings(base, root: Path, graph: bool, smoke: bool) -> list[dict]:
+    """bf16 (the GPU default) ms/step, set-up and peak memory, graphed vs eager."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    timing = []
+    px = 32 if smoke else 512
+    big = mt.image_folders(root / "images-512", 1, px)[0]
+    for bs in (1, 4):
+        for mode in (False, graph):
+            _, result, lines = concept(
+                base,
+                big,
+                root / f"time-{bs}-{mode}",
+                "lora",
+                mode,
+                "auto",
+                4 if smoke else 100,
+                bs,
+                px,
+                smoke,
+            )
+            done = len(result.losses)
+            timing.append(
+                dict(
+                    command=f"train-concept lora r4 bs{bs} {px}px",
+                    mode="graph" if mode else "eager",
+                    ms_per_step=1000 * result.timing["train"] / done,
+                    setup_s=result.timing["prepare"] + result.timing["capture"],
+                    capture_s=result.timing["capture"],
+                    peak_gib=result.peak_memory_gib,
+                    line=next((l for l in lines if l.startswith("set-up")), ""),
+                )
+            )
+    for mode in (False, graph):
+        _, results, lines = vit(
+            root / f"vit-time-{mode}", mode, "auto", 4 if smoke else 100, smoke, smoke
+        )
+        timing.append(
+            dict(
+                command="vit-train lora bs64",
+                mode="graph" if mode else "eager",
+                images_per_s=results["images_per_s"],
+                peak_gib=results["peak_memory_gib"],
+                line=next((l for l in lines if l.startswith("set-up")), ""),
+            )
+        )
+    return timing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--parity-only", action="store_true", help="skip the timing rows")
     args = parser.parse_args()
     smoke = args.cpu_smoke
     if smoke:
@@ -183,49 +233,7 @@ def main() -> None:
         notes += lines
     rows.append(compare("vit-train fp32", *runs, tolerance=1e-3))
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    timing = []
-    px = 32 if smoke else 512
-    big = mt.image_folders(root / "images-512", 1, px)[0]
-    for bs in (1, 4):
-        for mode in (False, graph):
-            _, result, lines = concept(
-                base,
-                big,
-                root / f"time-{bs}-{mode}",
-                "lora",
-                mode,
-                "auto",
-                4 if smoke else 100,
-                bs,
-                px,
-                smoke,
-            )
-            done = len(result.losses)
-            timing.append(
-                dict(
-                    command=f"train-concept lora r4 bs{bs} {px}px",
-                    mode="graph" if mode else "eager",
-                    ms_per_step=1000 * result.timing["train"] / done,
-                    setup_s=result.timing["prepare"] + result.timing["capture"],
-                    capture_s=result.timing["capture"],
-                    peak_gib=result.peak_memory_gib,
-                    line=next((l for l in lines if l.startswith("set-up")), ""),
-                )
-            )
-    for mode in (False, graph):
-        _, results, lines = vit(
-            root / f"vit-time-{mode}", mode, "auto", 4 if smoke else 100, smoke, smoke
-        )
-        timing.append(
-            dict(
-                command="vit-train lora bs64",
-                mode="graph" if mode else "eager",
-                images_per_s=results["images_per_s"],
-                peak_gib=results["peak_memory_gib"],
-                line=next((l for l in lines if l.startswith("set-up")), ""),
-            )
-        )
+    timing = [] if args.parity_only else timings(base, root, graph, smoke)
     table = [
         "| check | adapter rel. error | loss rel. error | graphed | ok |",
         "|---|---|---|---|---|",
