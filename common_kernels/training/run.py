@@ -97,7 +97,8 @@ class Run:
                 "step": result.step,
                 "total": config.steps,
                 "loss": loss,
-                "lr": self.scheduler.get_last_lr()[0],
+                # a tensor under CUDA graphs (capturable AdamW): events carry plain numbers
+                "lr": float(self.scheduler.get_last_lr()[0]),
                 "elapsed": time.perf_counter() - self.started,
             }
         )
