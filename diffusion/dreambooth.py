@@ -31,7 +31,8 @@ from ..common_kernels.registry import core
 from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
-from .objective import denoising_targets, prediction_loss, sample_latents
+from .dit import DIT_PRESETS
+from .objective import WEIGHTING_SCHEMES, denoising_targets, prediction_loss, sample_latents
 
 # Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
 UNET_PRESETS = {
@@ -73,6 +74,7 @@ class ConceptConfig:
     validation_steps: int = 25
     caption_dropout: float = 0.0  # instance rows trained on the empty prompt, this often
     flip: bool = False  # instance and class rows mirrored left-right half of the time
+    weighting_scheme: str = "auto"  # SD3/Flux timestep density or loss weight; auto: the family's
 
     def __post_init__(self) -> None:
         self.method = core(self.method).name  # aliases (lokr) name the canonical core
@@ -102,6 +104,11 @@ class ConceptConfig:
             raise PeftkitError(
                 f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}"
             )
+        if self.weighting_scheme not in ("auto", *WEIGHTING_SCHEMES):
+            raise PeftkitError(
+                f"ConceptConfig.weighting_scheme must be one of {['auto', *WEIGHTING_SCHEMES]}, "
+                f"got {self.weighting_scheme!r}"
+            )
         if not self.targets:
             raise PeftkitError(
                 f"ConceptConfig.targets is empty: use presets {sorted(UNET_PRESETS)} or module patterns"
@@ -114,8 +121,9 @@ class ConceptConfig:
     def from_json(text: str) -> ConceptConfig:
         return ConceptConfig(**json.loads(text))
 
-    def unet_adapter(self) -> AdapterConfig:
-        patterns = [p for t in self.targets for p in UNET_PRESETS.get(t, [t])]
+    def unet_adapter(self, presets: dict[str, list[str]] = UNET_PRESETS) -> AdapterConfig:
+        """The denoiser's adapter; `presets`: the UNet's, or DIT_PRESETS for SD3/Flux."""
+        patterns = [p for t in self.targets for p in presets.get(t, [t])]
         return self._core(patterns, self.rank)
 
     def text_adapter(self) -> AdapterConfig:
@@ -204,16 +212,17 @@ class ConceptTask:
             seed,
         )
         self.rank, self.world = 0, 1  # set by prepare() under DDP
-        self.scheduler = base.noise_scheduler()
+        self.scheduler = base.noise_scheduler(config.weighting_scheme)
+        presets = DIT_PRESETS if base.is_transformer else UNET_PRESETS
         # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
                 self.unet_handle = inject(
-                    base.unet, config.unet_adapter(), name=name, base_model=base.source
+                    base.unet, config.unet_adapter(presets), name=name, base_model=base.source
                 )
             except PeftkitError as err:
-                raise PeftkitError(f"{err} (presets: {sorted(UNET_PRESETS)})") from None
+                raise PeftkitError(f"{err} (presets: {sorted(presets)})") from None
             self.text_handles: list[AdapterHandle] = []
             if config.text_encoder_rank:
                 self.text_handles = [
@@ -223,7 +232,8 @@ class ConceptTask:
         if not self.text_handles:
             for encoder in base.text_encoders:
                 encoder.requires_grad_(False)
-        base.vae.requires_grad_(False)
+        for module in (base.vae, *base.frozen_text_encoders):
+            module.requires_grad_(False)
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         self.model = ConceptModel(
@@ -268,7 +278,8 @@ class ConceptTask:
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32
         )
-        for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
+        base = self.base
+        for module in (base.unet, base.vae, *base.text_encoders, *base.frozen_text_encoders):
             # Cast while moving, tensor by tensor: moving a whole fp32 copy first would set the
             # run's peak GPU memory. Adapters stay fp32; the frozen base runs in half precision.
             for p in module.parameters():
@@ -304,7 +315,8 @@ class ConceptTask:
     def encoders(self) -> list[nn.Module]:
         """The frozen modules whose outputs are cached: the VAE, and the text encoders unless a
         LoRA trains them."""
-        return [self.base.vae] + ([] if self.text_handles else list(self.base.text_encoders))
+        text = [] if self.text_handles else list(self.base.text_encoders)
+        return [self.base.vae, *text, *self.base.frozen_text_encoders]
 
     def _rows(self, which: int, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which]
@@ -322,7 +334,10 @@ class ConceptTask:
         if self.text_handles:
             ids = [i[index.cpu()] for i in self.ids[which]]
             if drop is not None:
-                ids = [torch.where(drop.cpu()[:, None], e, i) for e, i in zip(self.empty, ids)]
+                ids = [
+                    torch.where(drop.cpu().view(-1, *[1] * (i.dim() - 1)), e, i)
+                    for e, i in zip(self.empty, ids)
+                ]
             return latents, {"ids": ids}
         hidden, extra = self.conds[which]
         hidden, extra = hidden[index], {k: v[index] for k, v in extra.items()}
@@ -331,7 +346,7 @@ class ConceptTask:
             hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
             extra = {
                 k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty_extra[k], v)
-                if k == "text_embeds"
+                if k in ("text_embeds", "pooled_projections")
                 else v
                 for k, v in extra.items()
             }
@@ -482,7 +497,8 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
     """Write the trained adapter(s): peftkit files (any core), plus for LoRA a diffusers file that
     `pipe.load_lora_weights(output_dir)` loads. The files move in together (staged_folder)."""
     output_dir = Path(output_dir)
-    extra = {"instance_prompt": task.config.instance_prompt, "component": "unet"}
+    denoiser = task.base.component
+    extra = {"instance_prompt": task.config.instance_prompt, "component": denoiser}
     with staged_folder(output_dir) as stage:
         written = [save_adapter(task.unet_handle, stage / UNET_FILE, extra)]
         # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
@@ -498,7 +514,7 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
 
             written.append(
                 save_diffusers_lora(
-                    {"unet": task.unet_handle, **components}, stage / DIFFUSERS_FILE
+                    {denoiser: task.unet_handle, **components}, stage / DIFFUSERS_FILE
                 )
             )
         atomic_write(stage / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
