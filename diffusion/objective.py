@@ -105,9 +105,9 @@ def flow_loss_weights(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tens
     """Per-sample loss weights of the uniformly drawn schemes: 1/s^2 (sigma_sqrt) or the cosine
     map's 2 / (pi (1 - 2s + 2s^2)) (cosmap); None for the others."""
     if weighting_scheme == "sigma_sqrt":
-        return sigmas.float() ** -2.0
+        return (sigmas**-2.0).float()
     if weighting_scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas.float() + 2 * sigmas.float() ** 2))
+        return (2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))).float()
     return None
 
 
