@@ -182,13 +182,15 @@ def _summary(output: str, result) -> None:
 
 
 def train_concept(argv: list[str]) -> int:
-    """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet, or the SD3/Flux transformer,
+    from a few images of a concept."""
     import time
 
     started = time.perf_counter()
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
+    from .objective import WEIGHTING_SCHEMES
 
     d = CONCEPT_DEFAULTS
     parser = argparse.ArgumentParser(
@@ -218,7 +220,8 @@ def train_concept(argv: list[str]) -> int:
     parser.add_argument(
         "--targets",
         default="attn",
-        help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)",
+        help="comma list of presets (UNet: attn, ff, conv; SD3/Flux transformer: attn, ff, "
+        "all-linear) and module patterns (globs or re:...)",
     )
     parser.add_argument(
         "--text-encoder-rank",
@@ -264,6 +267,13 @@ def train_concept(argv: list[str]) -> int:
         default=0.0,
         help="offset noise strength, e.g. 0.05",
     )
+    parser.add_argument(
+        "--weighting-scheme",
+        choices=["auto", *WEIGHTING_SCHEMES],
+        default="auto",
+        help="SD3/Flux timestep density (logit_normal, mode) or loss weight (sigma_sqrt, cosmap); "
+        "auto: diffusers' default of the family (SD3 logit_normal, Flux none)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--validation-prompt", action="append", default=[], help="repeatable")
     parser.add_argument(
@@ -305,6 +315,7 @@ def train_concept(argv: list[str]) -> int:
             validation_every=args.validation_every,
             caption_dropout=args.caption_dropout,
             flip=args.flip,
+            weighting_scheme=args.weighting_scheme,
         )
         images, class_dir = args.images, args.class_dir
         train_config = _train_config(args, d.lr_for(args.method))

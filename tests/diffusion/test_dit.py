@@ -242,3 +242,21 @@ def test_an_unsupported_family_is_named_with_the_supported_ones(tmp_path):
 def test_xformers_is_refused_for_transformers(dit_paths):
     with pytest.raises(PeftkitError, match="sdpa"):
         load_base(str(dit_paths["flux"]), attention="xformers")
+
+
+def test_train_concept_command_trains_an_sd3_adapter_with_a_weighting_scheme(
+    dit_paths, concept_dir, tmp_path
+):
+    from peftkit.diffusion.cli import generate, train_concept
+
+    out = tmp_path / "oft"
+    argv = ["--model", str(dit_paths["sd3"]), "--images", str(concept_dir), "--output", str(out)]
+    argv += ["--prompt", "a photo of sks toy", "--method", "oft", "--block-size", "8"]
+    argv += ["--targets", "attn,ff", "--weighting-scheme", "cosmap", "--resolution", "16"]
+    assert train_concept([*argv, "--steps", "2", "--no-progress", "--cpu"]) == 0
+    assert json.loads((out / "concept.json").read_text())["weighting_scheme"] == "cosmap"
+    samples = tmp_path / "samples"
+    argv = ["--model", str(dit_paths["sd3"]), "--adapter", str(out), "--prompt", "sks toy"]
+    argv += ["--output", str(samples), "--steps", "2", "--resolution", "16"]
+    assert generate([*argv, "--cpu"]) == 0
+    assert (samples / "p0-s0.png").is_file()
