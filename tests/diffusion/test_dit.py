@@ -211,7 +211,7 @@ def test_train_concepts_routes_flux_jobs_each_as_trained_alone(dit_paths, tmp_pa
     jobs_file.write_text(f"""
 model: {dit_paths["flux"]}
 output: out
-defaults: {{resolution: 16, rank: 4, lr: 1e-2, targets: [attn, ff]}}
+defaults: {{resolution: 16, rank: 4, lr: 1e-2, targets: [all-linear]}}
 jobs:
   - {{name: a, images: {folders[0]}, prompt: a photo of sksa toy, steps: 4, seed: 0}}
   - {{name: b, images: {folders[1]}, prompt: a photo of sksb toy, steps: 3, batch_size: 2,
