@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common_kernels.errors import PeftkitError
+
 # Named groups of transformer Linear layers (diffusers' module names; both families). attn: the
 # image stream's q/k/v/out and the context stream's; ff: the MLPs of both streams and of Flux's
 # single blocks; all-linear: every Linear inside a block (AdaLN modulations too).
@@ -118,3 +120,30 @@ def predict(
         return_dict=False,
     )[0]
     return unpack_latents(out, h, w)
+
+
+def fsdp_blocks(base, method: str) -> list[nn.Module]:
+    """The FSDP units of a concept run on `base`: the transformer's blocks. Only LoRA shards with
+    them: LoKr and OFT build every layer's delta in one batched pass before the blocks gather."""
+    if not base.is_transformer:
+        raise PeftkitError(
+            "FSDP shards SD3/Flux transformers; a UNet's adapter trains with DDP: launch "
+            "without --fsdp / --use_fsdp"
+        )
+    if method != "lora":
+        raise PeftkitError(
+            f"FSDP trains LoRA on SD3/Flux, not {method!r}: use --method lora, or launch without "
+            "--fsdp / --use_fsdp (DDP)"
+        )
+    transformer = base.unet
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def gather_whole(model: nn.Module) -> None:
+    """Every FSDP unit in `model` gathered whole and left so (a collective: every process calls
+    it), so its adapters save as plain tensors; nothing happens to a model FSDP did not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()

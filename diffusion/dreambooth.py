@@ -28,10 +28,11 @@ from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
 from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.registry import core
+from ..common_kernels.training.fsdp import like
 from ..common_kernels.training.random_stream import RandomStream
 from .base import DiffusionBase
 from .data import ConceptDataset
-from .dit import DIT_PRESETS
+from .dit import DIT_PRESETS, fsdp_blocks, gather_whole
 from .objective import WEIGHTING_SCHEMES, denoising_targets, prediction_loss, sample_latents
 
 # Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
@@ -266,8 +267,15 @@ class ConceptTask:
         for prefix, h in [("unet.", self.unet_handle)] + [
             (f"text{i}.", h) for i, h in enumerate(self.text_handles)
         ]:
+            own = dict(h.named_parameters())  # sharded like them under FSDP (fsdp.like)
             h.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                {
+                    k[len(prefix) :]: like(own[k[len(prefix) :]], v)
+                    if k[len(prefix) :] in own
+                    else v
+                    for k, v in state.items()
+                    if k.startswith(prefix)
+                }
             )
 
     @torch.no_grad()
@@ -426,6 +434,11 @@ class ConceptTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.drawn_loss(model, self.draw(batch))
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """FSDP units (common_kernels/training/fsdp.py): an SD3/Flux transformer's blocks, each
+        sharding its frozen weights with its LoRA (dit.fsdp_blocks)."""
+        return fsdp_blocks(self.base, self.config.method)
+
     @property
     def graph_unsafe(self) -> str | None:
         """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
@@ -576,6 +589,8 @@ def train_concept(
         on_event=lambda e: [c(e) for c in callbacks],
         started=started,
     )
-    if train_config.output_dir and launch_world()[0] == 0:
-        save_concept(task, train_config.output_dir)
+    if train_config.output_dir:
+        gather_whole(task.model)  # under FSDP every process joins the gather; process 0 writes
+        if launch_world()[0] == 0:
+            save_concept(task, train_config.output_dir)
     return task, result
