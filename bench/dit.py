@@ -171,13 +171,10 @@ def adapt(net, variant: str):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def measure(kind, shape, variant, mode, bs, device, smoke) -> dict:
+def train_step(kind, net, rows, params, device, graph: bool = False):
+    """One training step of `net` on the fixed `rows`: the floor's input-gradient backward when
+    `params` is empty, else backward and a fused AdamW step of `params`."""
     cuda = device.type == "cuda"
-    net, rows = build(kind, shape, bs, device, torch.bfloat16 if cuda else torch.float32)
-    params = adapt(net, variant)
-    for p in params:  # adapters train in fp32 whatever the base dtype (peft's default too)
-        p.data = p.data.float()
-    graph = mode == "graph"
     opt = (
         torch.optim.AdamW(params, lr=1e-4, fused=cuda, capturable=graph, foreach=not cuda)
         if params
@@ -195,6 +192,18 @@ def measure(kind, shape, variant, mode, bs, device, smoke) -> dict:
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=not graph)
+
+    return step
+
+
+def measure(kind, shape, variant, mode, bs, device, smoke) -> dict:
+    cuda = device.type == "cuda"
+    net, rows = build(kind, shape, bs, device, torch.bfloat16 if cuda else torch.float32)
+    params = adapt(net, variant)
+    for p in params:  # adapters train in fp32 whatever the base dtype (peft's default too)
+        p.data = p.data.float()
+    graph = mode == "graph"
+    step = train_step(kind, net, rows, params, device, graph)
 
     t0 = time.perf_counter()
     if graph:
@@ -223,7 +232,7 @@ def measure(kind, shape, variant, mode, bs, device, smoke) -> dict:
         trainable=sum(p.numel() for p in params),
         frozen=sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in params),
     )
-    del net, opt, params, rows, noisy
+    del net, params, rows, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
