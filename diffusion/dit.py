@@ -123,8 +123,9 @@ def predict(
 
 
 def fsdp_blocks(base, method: str) -> list[nn.Module]:
-    """The FSDP units of a concept run on `base`: the transformer's blocks. Only LoRA shards with
-    them: LoKr and OFT build every layer's delta in one batched pass before the blocks gather."""
+    """The FSDP units of a concept run on `base`: the transformer's blocks, each with its LoRA.
+    Only LoRA is tested sharded: LoKr and OFT can build all layers' deltas in one batched pass
+    outside the blocks (bench/NOTES.md), where their parameters are still shards."""
     if not base.is_transformer:
         raise PeftkitError(
             "FSDP shards SD3/Flux transformers; a UNet's adapter trains with DDP: launch "

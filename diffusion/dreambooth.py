@@ -267,16 +267,10 @@ class ConceptTask:
         for prefix, h in [("unet.", self.unet_handle)] + [
             (f"text{i}.", h) for i, h in enumerate(self.text_handles)
         ]:
-            own = dict(h.named_parameters())  # sharded like them under FSDP (fsdp.like)
-            h.load_state_dict(
-                {
-                    k[len(prefix) :]: like(own[k[len(prefix) :]], v)
-                    if k[len(prefix) :] in own
-                    else v
-                    for k, v in state.items()
-                    if k.startswith(prefix)
-                }
-            )
+            own = dict(h.named_parameters())
+            mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            # Under FSDP the parameters are shards: cut the whole tensors the same way.
+            h.load_state_dict({k: like(own[k], v) if k in own else v for k, v in mine.items()})
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
