@@ -23,18 +23,14 @@ from peftkit.diffusion.objective import (
     flow_timestep_density,
 )
 
-from .tiny_dit import build_tiny_flux, build_tiny_sd3
+from .tiny_dit import build_tiny_pipelines
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dit_paths(tiny_sd_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-dit")
-    return {
-        "sd3": build_tiny_sd3(tiny_sd_path, root / "sd3"),
-        "flux": build_tiny_flux(tiny_sd_path, root / "flux"),
-    }
+    return build_tiny_pipelines(tiny_sd_path, tmp_path_factory.mktemp("tiny-dit"))
 
 
 def _pipeline(kind, path):

@@ -24,13 +24,18 @@ from peftkit.diffusion.dreambooth import (
 )
 
 from .dit_fsdp_script import main
-from .test_dit import dit_paths  # noqa: F401  (the session fixture)
+from .tiny_dit import build_tiny_pipelines
 
 PROMPT = "a photo of sks toy"
 
 
+@pytest.fixture(scope="module")
+def dit_paths(tiny_sd_path, tmp_path_factory):
+    return build_tiny_pipelines(tiny_sd_path, tmp_path_factory.mktemp("tiny-dit"))
+
+
 def test_two_fsdp_processes_train_the_flux_lora_one_process_trains(
-    dit_paths,  # noqa: F811
+    dit_paths,
     concept_dir,
     tmp_path,
 ):
@@ -68,7 +73,7 @@ def test_two_fsdp_processes_train_the_flux_lora_one_process_trains(
     "kind,method,fix", [("flux", "oft", "--method lora"), ("sd", "lora", "DDP")]
 )
 def test_fsdp_is_refused_where_it_cannot_shard(
-    dit_paths,  # noqa: F811
+    dit_paths,
     tiny_sd_path,
     concept_dir,
     kind,

@@ -143,3 +143,11 @@ def build_tiny_flux(sd_path, out, guidance: bool = True):
     )
     pipe.save_pretrained(out)
     return out
+
+
+def build_tiny_pipelines(sd_path, root) -> dict:
+    """{"sd3": folder, "flux": folder}: both tiny pipelines saved under `root`."""
+    return {
+        "sd3": build_tiny_sd3(sd_path, root / "sd3"),
+        "flux": build_tiny_flux(sd_path, root / "flux"),
+    }
