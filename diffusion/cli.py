@@ -188,7 +188,8 @@ def _frozen_dtype(args):
 
 
 def train_concept(argv: list[str]) -> int:
-    """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet from a few images of a concept."""
+    """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet, or the SD3/Flux transformer,
+    from a few images of a concept."""
     import dataclasses
     import time
 
@@ -196,6 +197,7 @@ def train_concept(argv: list[str]) -> int:
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
+    from .objective import WEIGHTING_SCHEMES
 
     d = CONCEPT_DEFAULTS
     parser = argparse.ArgumentParser(
@@ -225,7 +227,8 @@ def train_concept(argv: list[str]) -> int:
     parser.add_argument(
         "--targets",
         default="attn",
-        help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)",
+        help="comma list of presets (UNet: attn, ff, conv; SD3/Flux transformer: attn, ff, "
+        "all-linear) and module patterns (globs or re:...)",
     )
     parser.add_argument(
         "--text-encoder-rank",
@@ -270,6 +273,13 @@ def train_concept(argv: list[str]) -> int:
         type=non_negative_float,
         default=0.0,
         help="offset noise strength, e.g. 0.05",
+    )
+    parser.add_argument(
+        "--weighting-scheme",
+        choices=["auto", *WEIGHTING_SCHEMES],
+        default="auto",
+        help="SD3/Flux timestep density (logit_normal, mode) or loss weight (sigma_sqrt, cosmap); "
+        "auto: diffusers' default of the family (SD3 logit_normal, Flux none)",
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--validation-prompt", action="append", default=[], help="repeatable")
@@ -316,6 +326,7 @@ def train_concept(argv: list[str]) -> int:
             caption_dropout=args.caption_dropout,
             flip=args.flip,
             **{k: getattr(args, k) for k in CONCEPT_EXTRAS},
+            weighting_scheme=args.weighting_scheme,
         )
         images, class_dir = args.images, args.class_dir
         train_config = dataclasses.replace(

@@ -29,13 +29,15 @@ from ..common_kernels.errors import PeftkitError
 from ..common_kernels.inject import AdapterHandle, inject
 from ..common_kernels.lora import LoRAConfig
 from ..common_kernels.registry import core
+from ..common_kernels.training.fsdp import like
 from ..common_kernels.training.graphed_step import active_dropout, capturable_checkpoint
 from ..common_kernels.training.random_stream import RandomStream
 from ..common_kernels.training.trackers import MetricsLog, check_report_to
 from .base import DiffusionBase
 from .buckets import BucketedRows, assign_buckets, bucket_sizes
 from .data import ConceptDataset, held_out
-from .objective import denoising_targets, prediction_loss, sample_latents
+from .dit import DIT_PRESETS, fsdp_blocks, gather_whole
+from .objective import WEIGHTING_SCHEMES, denoising_targets, prediction_loss, sample_latents
 
 # Named groups of UNet modules; anything else in `targets` is a module pattern (glob or re:).
 UNET_PRESETS = {
@@ -93,6 +95,7 @@ class ConceptConfig:
     init_word: str | None = None
     token_vectors: int = 1
     token_lr: float = 1e-3
+    weighting_scheme: str = "auto"  # SD3/Flux timestep density or loss weight; auto: the family's
 
     def __post_init__(self) -> None:
         self.method = core(self.method).name  # aliases (lokr) name the canonical core
@@ -121,6 +124,11 @@ class ConceptConfig:
         if self.resolution % 8:
             raise PeftkitError(
                 f"ConceptConfig.resolution must be a multiple of 8, got {self.resolution}"
+            )
+        if self.weighting_scheme not in ("auto", *WEIGHTING_SCHEMES):
+            raise PeftkitError(
+                f"ConceptConfig.weighting_scheme must be one of {['auto', *WEIGHTING_SCHEMES]}, "
+                f"got {self.weighting_scheme!r}"
             )
         if not self.targets:
             raise PeftkitError(
@@ -165,8 +173,9 @@ class ConceptConfig:
     def from_json(text: str) -> ConceptConfig:
         return ConceptConfig(**json.loads(text))
 
-    def unet_adapter(self) -> AdapterConfig:
-        patterns = [p for t in self.targets for p in UNET_PRESETS.get(t, [t])]
+    def unet_adapter(self, presets: dict[str, list[str]] = UNET_PRESETS) -> AdapterConfig:
+        """The denoiser's adapter; `presets`: the UNet's, or DIT_PRESETS for SD3/Flux."""
+        patterns = [p for t in self.targets for p in presets.get(t, [t])]
         return self._core(patterns, self.rank)
 
     def text_adapter(self) -> AdapterConfig:
@@ -259,16 +268,17 @@ class ConceptTask:
             seed,
         )
         self.rank, self.world = 0, 1  # set by prepare() under DDP
-        self.scheduler = base.noise_scheduler()
+        self.scheduler = base.noise_scheduler(config.weighting_scheme)
+        presets = DIT_PRESETS if base.is_transformer else UNET_PRESETS
         # A seeded adapter init makes two runs with one seed identical, which exact resume relies on.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
                 self.unet_handle = inject(
-                    base.unet, config.unet_adapter(), name=name, base_model=base.source
+                    base.unet, config.unet_adapter(presets), name=name, base_model=base.source
                 )
             except PeftkitError as err:
-                raise PeftkitError(f"{err} (presets: {sorted(UNET_PRESETS)})") from None
+                raise PeftkitError(f"{err} (presets: {sorted(presets)})") from None
             self.text_handles: list[AdapterHandle] = []
             if config.text_encoder_rank:
                 self.text_handles = [
@@ -278,7 +288,8 @@ class ConceptTask:
         if not self.text_handles:
             for encoder in base.text_encoders:
                 encoder.requires_grad_(False)
-        base.vae.requires_grad_(False)
+        for module in (base.vae, *base.frozen_text_encoders):
+            module.requires_grad_(False)
         self.pivotal = None
         if config.new_token is not None:
             from .pivotal import PivotalTokens
@@ -354,9 +365,10 @@ class ConceptTask:
         for prefix, h in [("unet.", self.unet_handle)] + [
             (f"text{i}.", h) for i, h in enumerate(self.text_handles)
         ]:
-            h.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            )
+            own = dict(h.named_parameters())
+            mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            # Under FSDP the parameters are shards: cut the whole tensors the same way.
+            h.load_state_dict({k: like(own[k], v) if k in own else v for k, v in mine.items()})
 
     @torch.no_grad()
     def prepare(self, accelerator) -> None:
@@ -364,7 +376,8 @@ class ConceptTask:
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32
         )
-        for module in (self.base.unet, self.base.vae, *self.base.text_encoders):
+        base = self.base
+        for module in (base.unet, base.vae, *base.text_encoders, *base.frozen_text_encoders):
             # Cast while moving, tensor by tensor: moving a whole fp32 copy first would set the
             # run's peak GPU memory. Adapters stay fp32; the frozen base runs in half precision.
             for p in module.parameters():
@@ -427,7 +440,8 @@ class ConceptTask:
     def encoders(self) -> list[nn.Module]:
         """The frozen modules whose outputs are cached: the VAE, and the text encoders unless a
         LoRA or new token embeddings train there."""
-        return [self.base.vae] + ([] if self.encodes_text else list(self.base.text_encoders))
+        text = [] if self.encodes_text else list(self.base.text_encoders)
+        return [self.base.vae, *text, *self.base.frozen_text_encoders]
 
     def _bucket(self, which: int, index: torch.Tensor) -> int | None:
         """The bucket a batch of set `which` is drawn in: its first instance image's (every row of
@@ -456,7 +470,10 @@ class ConceptTask:
         if self.encodes_text:
             ids = [i[image.cpu()] for i in self.ids[which]]
             if drop is not None:
-                ids = [torch.where(drop.cpu()[:, None], e, i) for e, i in zip(self.empty, ids)]
+                ids = [
+                    torch.where(drop.cpu().view(-1, *[1] * (i.dim() - 1)), e, i)
+                    for e, i in zip(self.empty, ids)
+                ]
             return latents, {"ids": ids, "time_ids": sizes}
         hidden, extra = self.conds[which]
         image = to_device_async(image, hidden.device)
@@ -466,7 +483,7 @@ class ConceptTask:
             hidden = torch.where(drop.view(-1, 1, 1), empty_hidden.to(hidden.dtype), hidden)
             extra = {
                 k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty_extra[k], v)
-                if k == "text_embeds"
+                if k in ("text_embeds", "pooled_projections")
                 else v
                 for k, v in extra.items()
             }
@@ -555,6 +572,11 @@ class ConceptTask:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.drawn_loss(model, self.draw(batch))
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """FSDP units (common_kernels/training/fsdp.py): an SD3/Flux transformer's blocks, each
+        sharding its frozen weights with its LoRA (dit.fsdp_blocks)."""
+        return fsdp_blocks(self.base, self.config.method)
 
     @property
     def graph_unsafe(self) -> str | None:
@@ -652,7 +674,8 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
     """Write the trained adapter(s): peftkit files (any core), plus for LoRA a diffusers file that
     `pipe.load_lora_weights(output_dir)` loads. The files move in together (staged_folder)."""
     output_dir = Path(output_dir)
-    extra = {"instance_prompt": task.config.instance_prompt, "component": "unet"}
+    denoiser = task.base.component
+    extra = {"instance_prompt": task.config.instance_prompt, "component": denoiser}
     with staged_folder(output_dir) as stage:
         written = [save_adapter(task.unet_handle, stage / UNET_FILE, extra)]
         # Component names follow the diffusers pipeline attributes: text_encoder, text_encoder_2.
@@ -670,7 +693,7 @@ def save_concept(task: ConceptTask, output_dir: str | Path) -> list[Path]:
 
             written.append(
                 save_diffusers_lora(
-                    {"unet": task.unet_handle, **components}, stage / DIFFUSERS_FILE
+                    {denoiser: task.unet_handle, **components}, stage / DIFFUSERS_FILE
                 )
             )
         atomic_write(stage / CONFIG_FILE, lambda tmp: Path(tmp).write_text(task.config.to_json()))
@@ -749,6 +772,8 @@ def train_concept(
         on_event=lambda e: [c(e) for c in callbacks],
         started=started,
     )
-    if train_config.output_dir and launch_world()[0] == 0:
-        save_concept(task, train_config.output_dir)
+    if train_config.output_dir:
+        gather_whole(task.model)  # under FSDP every process joins the gather; process 0 writes
+        if launch_world()[0] == 0:
+            save_concept(task, train_config.output_dir)
     return task, result

@@ -1,7 +1,7 @@
 """`peftkit train-concepts --jobs jobs.yaml`: train several concept adapters together over one
 frozen UNet (multitenant.py), each job's folder ending with what train-concept writes.
 
-    model: ./sd15                  # base pipeline for every job (--model overrides)
+    model: ./sd15                  # base pipeline for every job (--model overrides); SD3/Flux too
     mixed_precision: auto          # auto (bf16 on a GPU that has it) | no | bf16, for the whole run
     attention: auto                # auto | sdpa | xformers;  cpu: true trains on the CPU
     cuda_graph: auto               # auto (on when training on a GPU) | true | false: each step as one CUDA graph
@@ -19,8 +19,8 @@ frozen UNet (multitenant.py), each job's folder ending with what train-concept w
 
 Job keys: name, images, prompt, output, class_dir; the concept settings of train-concept
 (method, rank, alpha, block_size, targets, class_prompt, num_class_images, prior_weight,
-min_snr_gamma, offset_noise, gradient_checkpointing, resolution); a validation loss
-(validation_images: a folder, or validation_fraction; report_to: none | tensorboard); and the
+min_snr_gamma, offset_noise, gradient_checkpointing, resolution, weighting_scheme); a validation
+loss (validation_images: a folder, or validation_fraction; report_to: none | tensorboard); and the
 job's own schedule (steps, batch_size, lr, weight_decay, warmup_steps, schedule, max_grad_norm,
 seed, checkpoint_every, keep_checkpoints, optimizer, max_bad_steps, eval_every). Defaults are
 train-concept's: 800 steps, batch 1, lr 1e-4, constant schedule, LoRA rank 4, 512 px.
