@@ -30,12 +30,23 @@ def build_optimizer(
     accelerator,
     register: bool = True,
     graphed: bool = False,
+    groups: list[tuple[list[nn.Parameter], TrainConfig]] | None = None,
 ) -> tuple[Any, Any]:
     """The optimizer and LR schedule the loop steps for `params` (`graphed`: capturable AdamW with a
     tensor learning rate). Trainers that update several parameter sets from one backward
     (multi-tenant concept training) build one pair per set, with register=False when sets come and
     go: accelerate keeps every optimizer it prepares, and their states, for the accelerator's
-    lifetime. Unregistered optimizers get no fp16 loss scaling."""
+    lifetime. Unregistered optimizers get no fp16 loss scaling. `groups` (a sweep's configurations
+    trained together): one param group per (params, config), each with its own lr, weight decay
+    and schedule, instead of `params` with `config`'s."""
+    if groups is not None:
+        optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": c.lr, "weight_decay": c.weight_decay} for ps, c in groups]
+        )
+        if register:
+            optimizer = accelerator.prepare_optimizer(optimizer)
+        factors = [lambda s, c=c: lr_factor(s, c) for _, c in groups]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     if graphed:
         optimizer = graph_optimizer(params, config.lr, config.weight_decay, accelerator.device)
     else:
@@ -54,9 +65,11 @@ def apply_gradients(
 ) -> None:
     """Clip the gradient norm of `params` alone, take the optimizer step, clear the gradients. The
     norm covers exactly the parameters the optimizer owns, so parameter sets stepped side by side
-    are clipped as each would be trained alone."""
+    are clipped as each would be trained alone; so is each param group of an optimizer with several."""
     if config.max_grad_norm:
-        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        groups = optimizer.param_groups
+        for clipped in [g["params"] for g in groups] if len(groups) > 1 else [params]:
+            accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=set_to_none)
 

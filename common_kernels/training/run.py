@@ -44,8 +44,14 @@ class Run:
             model,
         )
         self.emit, self.graphed, self.saves, self.writes = emit, graphed, saves, writes
+        groups = getattr(task, "param_groups", None)  # a sweep: one group per configuration
         self.optimizer, self.scheduler = build_optimizer(
-            params, config, accelerator, register=register, graphed=graphed
+            params,
+            config,
+            accelerator,
+            register=register,
+            graphed=graphed,
+            groups=groups() if groups is not None else None,
         )
         self.result = TrainResult(step=0)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
