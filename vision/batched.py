@@ -413,7 +413,7 @@ def train_together(
     """Train `configs` (one group of `group_configs`) in one pass; checkpoints go to `group_dir`
     (a rerun resumes every configuration there), each configuration's adapter and results.json
     to its own output_dir, as `train_vit` writes them. Returns each one's results, with "status"
-    "done" or "failed" (its loss diverged; "error" says where)."""
+    "done", "failed" (its loss diverged; "error" says where) or "stopped" (`should_stop`)."""
     entered = time.perf_counter()
     first = configs[0]
     if len({group_key(c) for c in configs}) != 1 or group_key(first) is None:
@@ -454,6 +454,8 @@ def train_together(
     except SweepDiverged:
         result = None
     seconds = time.perf_counter() - start - task.eval_seconds
+    # Stopped early: nothing is written, so the group reruns as the same group and resumes.
+    stopped = result is not None and result.step < engine.steps
     final = [{key: p.detach().clone() for key, p in sweep.named(k)} for k in range(len(configs))]
     sweep.remove()
     out = []
@@ -481,7 +483,9 @@ def train_together(
                 error=f"the loss was NaN/inf for {engines[k].max_bad_steps} steps in a row at "
                 f"step {task.failed_at[k]}: lower the learning rate",
             )
-        if c.output_dir and rank == 0:
+        if stopped:
+            results["status"] = "stopped"
+        elif c.output_dir and rank == 0:
             write_run(c, adapter, data.num_classes, results)
         adapter.unload()
         out.append(results)

@@ -37,6 +37,12 @@ def folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and lose much when the cores are busy.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def float64():
     torch.set_default_dtype(torch.float64)
@@ -149,3 +155,41 @@ def test_groups_split_what_cannot_share_a_pass(base):
     assert sizes == [[0, 1], [2, 3], [4], [5], [6], [7], [8], [9]]
     with pytest.raises(PeftkitError, match="cannot share a pass"):
         train_together([grid[0], grid[4]])
+
+
+def test_a_diverging_configuration_fails_alone_and_the_others_end_as_alone(base, tmp_path):
+    good, bad = _pair(base, tmp_path / "together", "lora", r=2)
+    bad = replace(bad, lr=1e36)  # its weights overflow float32 within a few steps
+    results = train_together([good, bad], group_dir=str(tmp_path / "group"))
+    assert results[1]["status"] == "failed" and results[1]["top1"] is None
+    assert "NaN/inf for 3 steps in a row" in results[1]["error"]
+    assert results[0]["status"] == "done" and results[0]["steps"] == 12
+    solo = replace(good, output_dir=str(tmp_path / "alone"))
+    alone = train_vit(solo)
+    for name, want in _tensors(solo).items():
+        torch.testing.assert_close(_tensors(good)[name], want, rtol=1e-5, atol=1e-6)
+    assert results[0]["top1"] == pytest.approx(alone["top1"])
+
+
+def test_an_interrupted_group_resumes_every_configuration_where_it_stopped(
+    base, tmp_path, float64
+):
+    def configs(where):
+        return _pair(replace(base, checkpoint_every_epochs=1), tmp_path / where, "vpt-deep+ssf")
+
+    train_together(configs("straight"), group_dir=str(tmp_path / "g1"))
+    steps = []
+    stopped = train_together(
+        configs("resumed"),
+        group_dir=str(tmp_path / "g2"),
+        on_event=lambda e: steps.append(e["step"]) if e["kind"] == "step" else None,
+        should_stop=lambda: len(steps) >= 5,
+    )
+    assert [r["status"] for r in stopped] == ["stopped", "stopped"]
+    assert not (tmp_path / "resumed" / "a" / "results.json").exists()
+    resumed = train_together(configs("resumed"), group_dir=str(tmp_path / "g2"))
+    assert [r["resumed_from"] for r in resumed] == [5, 5]
+    for a, b in zip(configs("straight"), configs("resumed")):
+        got, want = _tensors(b), _tensors(a)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
