@@ -213,7 +213,9 @@ def _sweep(args: argparse.Namespace, datas: list[str], methods: list[str]) -> in
     from .sweep import label, parse_grid, run_sweep, write_table
 
     if not args.output:
-        raise PeftkitError("--sweep needs --output: every run and the results table are written there")
+        raise PeftkitError(
+            "--sweep needs --output: every run and the results table are written there"
+        )
     grid = parse_grid(args.grid)
     base = _config(args, datas[0], methods[0])
     if args.protocol == "auto":

@@ -59,7 +59,9 @@ def run_protocol(
             output_dir=str(Path(output_dir) / "final" / task / method),
         )
         done = Path(final.output_dir) / "results.json"
-        results = json.loads(done.read_text()) if done.is_file() else train_vit(final, on_event=on_event)
+        results = (
+            json.loads(done.read_text()) if done.is_file() else train_vit(final, on_event=on_event)
+        )
         finals.append({**results, "point": ""})
         top1 = "NaN" if results["top1"] is None else f"{results['top1']:.1f}"
         chosen.append([task, method, row["point"] or "(base)", f"{row['top1']:.1f}", top1])

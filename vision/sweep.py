@@ -189,9 +189,7 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body]) + "\n"
 
 
-def write_table(
-    rows: list[dict[str, Any]], output_dir: str | Path, extra: str = ""
-) -> str:
+def write_table(rows: list[dict[str, Any]], output_dir: str | Path, extra: str = "") -> str:
     """results.md (the table, its legend and `extra`) and results.csv (the table) in `output_dir`."""
     header, body = table(rows)
     md = markdown(header, body) + "\n" + LEGEND + "\n" + extra

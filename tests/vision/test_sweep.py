@@ -171,9 +171,7 @@ def test_a_diverging_configuration_fails_alone_and_the_others_end_as_alone(base,
     assert results[0]["top1"] == pytest.approx(alone["top1"])
 
 
-def test_an_interrupted_group_resumes_every_configuration_where_it_stopped(
-    base, tmp_path, float64
-):
+def test_an_interrupted_group_resumes_every_configuration_where_it_stopped(base, tmp_path, float64):
     def configs(where):
         return _pair(replace(base, checkpoint_every_epochs=1), tmp_path / where, "vpt-deep+ssf")
 
