@@ -103,6 +103,8 @@ METHODS = [
     ("oft", {"block_size": 8}),
     ("kron", {"r": 2, "factor": 4}),
     ("dora", {"r": 2}),
+    ("loha", {"r": 2}),
+    ("boft", {"block_size": 4}),
     ("ssf", {}),
     ("adaptformer", {"bottleneck": 4}),
     ("vpt-shallow", {"vpt_length": 3}),
