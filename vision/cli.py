@@ -224,7 +224,12 @@ def _sweep(args: argparse.Namespace, datas: list[str], methods: list[str]) -> in
         rows = run_sweep(base, methods, datas, args.output, grid)
         md = write_table(rows, args.output)
     for r in rows:
-        print(_summary(r) if r["top1"] is not None else f"{label(r)} on {r['task']}: {r['error']}")
+        named = {**r, "method": label(r)}
+        print(
+            _summary(named)
+            if r["top1"] is not None
+            else f"{named['method']} on {r['task']}: {r['error']}"
+        )
     print(md)
     print(f"table written to {args.output}/results.md and results.csv")
     return 0
