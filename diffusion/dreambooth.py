@@ -336,14 +336,18 @@ class ConceptTask:
         tokens = self.pivotal.parameters() if self.pivotal is not None else []
         return self.unet_handle.trainable_parameters() + text + tokens
 
-    def param_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
-        """Optimizer groups: the new token embeddings at token_lr, the adapters at `lr`."""
+    def param_groups(self, params: list[nn.Parameter], config) -> list[tuple[list, object]]:
+        """Optimizer groups: the adapters with the run's settings, the new token embeddings (when
+        pivotal tuning) at token_lr on the same schedule."""
         tokens = {id(p) for p in (self.pivotal.parameters() if self.pivotal is not None else [])}
         groups = [
-            {"params": [p for p in params if id(p) not in tokens], "lr": lr},
-            {"params": [p for p in params if id(p) in tokens], "lr": self.config.token_lr},
+            ([p for p in params if id(p) not in tokens], config),
+            (
+                [p for p in params if id(p) in tokens],
+                dataclasses.replace(config, lr=self.config.token_lr),
+            ),
         ]
-        return [g for g in groups if g["params"]]
+        return [g for g in groups if g[0]]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"unet.{k}": v for k, v in self.unet_handle.state_dict().items()}

@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         help="train every method on every task; write results.md/csv",
     )
     p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="with --sweep, repeatable: train every combination (lr, weight_decay, warmup_epochs, "
+        "label_smoothing, seed, epochs, vpt_length, r, ...); the combinations of one method and "
+        "task train together in one pass over the frozen backbone",
+    )
+    p.add_argument(
         "--output",
         type=output_dir,
         help="run folder: adapter, results.json, checkpoints (a rerun resumes)",
@@ -106,9 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument(
         "--protocol",
-        choices=["tune", "final"],
+        choices=["tune", "final", "auto"],
         default="final",
-        help="tune: train -> val; final: train+val -> test",
+        help="final: train800val200 -> test; tune: train800 -> val200; auto (with --sweep): tune "
+        "the grid, retrain each task's best val200 configuration, report test top-1 once",
     )
     t.add_argument(
         "--epochs", type=positive_int, default=100, help="passes over the training split"
@@ -225,24 +234,44 @@ def vit_train(argv: list[str]) -> int:
     datas = [d for d in args.data.split(",") if d] if args.sweep else [args.data]
     methods = [m for m in args.method.split(",") if m] if args.sweep else [args.method]
     if args.sweep:
-        from .sweep import run_sweep, write_table
-
-        if not args.output:
-            raise PeftkitError(
-                "--sweep needs --output: every run and the results table are written there"
-            )
-        rows = run_sweep(_config(args, datas[0], methods[0]), methods, datas, args.output)
-        for r in rows:
-            print(_summary(r))
-        print(write_table(rows, args.output))
-        print(f"table written to {args.output}/results.md and results.csv")
-        return 0
+        return _sweep(args, datas, methods)
+    if args.protocol == "auto" or args.grid:
+        raise PeftkitError(
+            "--protocol auto and --grid need --sweep: add it (a sweep may have one method and task)"
+        )
     from .train import train_vit
 
     results = train_vit(_config(args, args.data, args.method))
     print(_summary(results))
     if args.output:
         print(f"adapter: {args.output}/adapter.safetensors, results: {args.output}/results.json")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, datas: list[str], methods: list[str]) -> int:
+    from .protocol import run_protocol
+    from .sweep import label, parse_grid, run_sweep, write_table
+
+    if not args.output:
+        raise PeftkitError(
+            "--sweep needs --output: every run and the results table are written there"
+        )
+    grid = parse_grid(args.grid)
+    base = _config(args, datas[0], methods[0])
+    if args.protocol == "auto":
+        rows, md = run_protocol(base, methods, datas, args.output, grid)
+    else:
+        rows = run_sweep(base, methods, datas, args.output, grid)
+        md = write_table(rows, args.output)
+    for r in rows:
+        named = {**r, "method": label(r)}
+        print(
+            _summary(named)
+            if r["top1"] is not None
+            else f"{named['method']} on {r['task']}: {r['error']}"
+        )
+    print(md)
+    print(f"table written to {args.output}/results.md and results.csv")
     return 0
 
 

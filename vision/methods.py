@@ -28,7 +28,7 @@ from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.registry import core, core_names
 
 from .adaptformer import AdaptFormer, AdaptFormerConfig
-from .backbones import backbone_parameters, vit_layout
+from .backbones import ViTLayout, backbone_parameters, vit_layout
 from .baselines import BASE_TUNING, backbone_trainable, head_parameters
 from .ssf import SSF, SSFConfig
 from .vpt import VPT, VPTConfig
@@ -159,6 +159,11 @@ class ViTMethodConfig:
         return ViTMethodConfig.from_dict(json.loads(text))
 
 
+def core_targets(layout: ViTLayout, sites: list[str]) -> list[str]:
+    """`inject` patterns matching exactly the modules at `sites` in every block."""
+    return ["re:" + n.replace(".", r"\.") for s in sites for n in layout.site_names(s)]
+
+
 def _plain_name(name: str) -> str:
     """A backbone parameter's name as in the plain ViT (without a core wrapper's '.base')."""
     return name.replace(".base.", ".")
@@ -177,11 +182,7 @@ class VisionAdapter:
         self.saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.core = None
         if config.core is not None:
-            targets = [
-                "re:" + n.replace(".", r"\.")
-                for s in config.core_sites
-                for n in self.layout.site_names(s)
-            ]
+            targets = core_targets(self.layout, config.core_sites)
             self.core = inject(
                 model, config.core_config(targets), name="vision", base_model=base_model
             )

@@ -51,9 +51,12 @@ class SSFConfig:
 def scale_shift(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, channel_dim: int = -1
 ) -> torch.Tensor:
-    """gamma ⊙ x + beta along `channel_dim` (-1 for tokens, 1 for conv feature maps)."""
+    """gamma ⊙ x + beta along `channel_dim` (-1 for tokens, 1 for conv feature maps); gamma and
+    beta (C,) for every row, or (rows, C) one pair per row (a batched sweep's configurations)."""
     shape = [1] * x.dim()
     shape[channel_dim] = -1
+    if gamma.dim() == 2:
+        shape[0] = gamma.shape[0]
     return x * gamma.view(shape).to(x.dtype) + beta.view(shape).to(x.dtype)
 
 

@@ -213,18 +213,11 @@ def evaluate_model(
     return {"top1": 100.0 * correct / total, "eval_loss": loss / total, "eval_examples": total}
 
 
-def train_vit(
-    config: ViTTrainConfig,
-    on_event: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[str, Any]:
-    """Train `config.method` on `config.data` and return (and write) the results."""
-    entered = time.perf_counter()
-    spec = config.backbone_spec()
-    probe, img_size = build_model(spec, 1, False, None)  # input size and normalization before data
+def load_data(config: ViTTrainConfig):
+    """The task's train and eval sets, preprocessed for the backbone's input size."""
+    probe, img_size = build_model(config.backbone_spec(), 1, False, None)
     transform = Preprocess(img_size, *normalization(probe))
-    del probe
-    data = load_task(
+    return load_task(
         config.data,
         config.protocol,
         transform,
@@ -232,23 +225,16 @@ def train_vit(
         config.builtin_sizes,
         config.seed,
     )
-    torch.manual_seed(config.seed)
-    model, _ = build_model(spec, data.num_classes, config.pretrained, config.checkpoint)
-    base_name = config.checkpoint or (config.open_clip or config.model)
-    adapter = VisionAdapter(
-        model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name
-    )
-    task = ViTTask(
-        model, adapter, data.eval, config.eval_batch_size, config.label_smoothing, should_stop
-    )
 
-    rank, world = launch_world()
+
+def engine_config(config: ViTTrainConfig, n_train: int, world: int) -> tuple[TrainConfig, int]:
+    """The engine's settings for `config` on `n_train` examples, and the steps of one epoch."""
     # batch_size is per process: an epoch is over the global batch, as one process with it would
     # see; its last batch is filled up from the epoch's start, so every image is seen each epoch.
-    per_epoch = -(-len(data.train) // (config.batch_size * config.grad_accum * world))
+    per_epoch = -(-n_train // (config.batch_size * config.grad_accum * world))
     steps = config.steps or config.epochs * per_epoch
     warmup, note = warmup_steps(config.warmup_epochs, per_epoch, steps)
-    if note and rank == 0:
+    if note and launch_world()[0] == 0:
         print(note)
     lr, weight_decay = config.optimizer_settings()
     engine = TrainConfig(
@@ -268,55 +254,109 @@ def train_vit(
         progress=config.progress,
         cpu=config.cpu,
     )
+    return engine, per_epoch
+
+
+def train_vit(
+    config: ViTTrainConfig,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Train `config.method` on `config.data` and return (and write) the results."""
+    entered = time.perf_counter()
+    spec = config.backbone_spec()
+    data = load_data(config)  # input size and normalization before the model
+    torch.manual_seed(config.seed)
+    model, _ = build_model(spec, data.num_classes, config.pretrained, config.checkpoint)
+    base_name = config.checkpoint or (config.open_clip or config.model)
+    adapter = VisionAdapter(
+        model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name
+    )
+    task = ViTTask(
+        model, adapter, data.eval, config.eval_batch_size, config.label_smoothing, should_stop
+    )
+
+    rank, world = launch_world()
+    engine, per_epoch = engine_config(config, len(data.train), world)
     start = time.perf_counter()
     result = train(
         task, data.train, engine, on_event=on_event, should_stop=should_stop, started=entered
     )
     seconds = time.perf_counter() - start - task.eval_seconds
     done_steps = result.step - (result.resumed_from or 0)
-    counts = adapter.parameter_counts()
-    results = {
+    images = done_steps * config.batch_size * config.grad_accum * world
+    images_per_s = images / seconds if seconds > 0 else 0.0
+    results = run_results(
+        config,
+        data,
+        adapter,
+        result,
+        task.history,
+        engine,
+        per_epoch,
+        images_per_s,
+    )
+    if config.output_dir and rank == 0:
+        write_run(config, adapter, data.num_classes, results)
+    return results
+
+
+def run_results(
+    config: ViTTrainConfig,
+    data,
+    adapter: VisionAdapter,
+    result,
+    history: list[dict[str, float]],
+    engine: TrainConfig,
+    per_epoch: int,
+    images_per_s: float,
+) -> dict[str, Any]:
+    """What results.json holds for one run (also each configuration of a batched sweep)."""
+    return {
         "method": adapter.config.name,
         "task": data.name,
         "data": config.data,
         "protocol": config.protocol,
         "splits": list(data.splits),
         "num_classes": data.num_classes,
-        "top1": result.metrics.get("top1"),
-        "eval_loss": result.metrics.get("eval_loss"),
-        **counts,
+        "top1": history[-1].get("top1") if history else None,
+        "eval_loss": history[-1].get("eval_loss") if history else None,
+        **adapter.parameter_counts(),
         "steps": result.step,
         "steps_per_epoch": per_epoch,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "warmup_steps": warmup,
-        "images_per_s": done_steps * config.batch_size * config.grad_accum * world / seconds
-        if seconds > 0
-        else 0.0,
+        "lr": engine.lr,
+        "weight_decay": engine.weight_decay,
+        "warmup_steps": engine.warmup_steps,
+        "images_per_s": images_per_s,
         "peak_memory_gib": result.peak_memory_gib,
         "timing": result.timing,
         "resumed_from": result.resumed_from,
         "final_loss": result.losses[-1] if result.losses else None,
-        "history": task.history,
+        "history": history,
         "method_config": adapter.config.to_dict(),
         "config": asdict(config),
     }
-    if config.output_dir and rank == 0:
-        out = Path(config.output_dir)
-        weights = {"pretrained": config.pretrained, "checkpoint": config.checkpoint}
-        adapter.save(
-            out / "adapter.safetensors",
-            extra={
-                "backbone": json.dumps(spec),
-                "weights": json.dumps(weights),
-                "num_classes": str(data.num_classes),
-                "seed": str(config.seed),
-            },
-        )
-        atomic_write(
-            out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
-        )
-    return results
+
+
+def write_run(
+    config: ViTTrainConfig, adapter: VisionAdapter, num_classes: int, results: dict[str, Any]
+) -> None:
+    """<output_dir>/adapter.safetensors (with what vit-eval needs to rebuild the backbone) and
+    results.json."""
+    out = Path(config.output_dir)
+    weights = {"pretrained": config.pretrained, "checkpoint": config.checkpoint}
+    adapter.save(
+        out / "adapter.safetensors",
+        extra={
+            "backbone": json.dumps(config.backbone_spec()),
+            "weights": json.dumps(weights),
+            "num_classes": str(num_classes),
+            "seed": str(config.seed),
+        },
+    )
+    atomic_write(
+        out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
+    )
 
 
 def warmup_steps(warmup_epochs: float, per_epoch: int, steps: int) -> tuple[int, str | None]:

@@ -55,14 +55,17 @@ def vpt_init_bound(patch_size: tuple[int, int], dim: int) -> float:
 
 
 def insert_prompts(tokens: torch.Tensor, prompts: torch.Tensor, n_prefix: int) -> torch.Tensor:
-    """[prefix, patches] -> [prefix, prompts, patches]; prompts (p, d) are shared by the batch."""
-    batch = prompts.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    """[prefix, patches] -> [prefix, prompts, patches]; prompts (p, d) are shared by the batch,
+    (batch, p, d) are one set per row (a batched sweep's configurations)."""
+    batch = prompts.to(tokens.dtype)
+    if batch.dim() == 2:
+        batch = batch.unsqueeze(0).expand(tokens.shape[0], -1, -1)
     return torch.cat([tokens[:, :n_prefix], batch, tokens[:, n_prefix:]], dim=1)
 
 
 def replace_prompts(tokens: torch.Tensor, prompts: torch.Tensor, n_prefix: int) -> torch.Tensor:
     """Swap the p prompt tokens after the prefix for fresh ones (VPT-Deep)."""
-    p = prompts.shape[0]
+    p = prompts.shape[-2]
     return insert_prompts(
         torch.cat([tokens[:, :n_prefix], tokens[:, n_prefix + p :]], dim=1), prompts, n_prefix
     )

@@ -3,8 +3,10 @@
 A task plugs in what differs: the model, its trainable parameters, `loss(model, batch)`, and
 optionally `evaluate(model)`, `prepare(accelerator)`, `state_dict`/`load_state_dict` for what
 checkpoints hold, `draw(batch)` + `drawn_loss(model, drawn)` when a step has random inputs of its
-own (drawn eagerly, so the rest of the step can be captured), and `graph_unsafe` (why its step
-cannot be captured). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
+own (drawn eagerly, so the rest of the step can be captured), `graph_unsafe` (why its step
+cannot be captured), and for several configurations in one pass (vision/batched.py) `batches(start)`
+(its joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
+configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
 AdamW and its schedule, gradient accumulation and clipping, the NaN guard, progress events,
 eval/checkpoint cadence and exact resume (run.py), and whole-step CUDA graphs (graphed_step.py)
 chosen by default on one GPU (fast_path.py).
@@ -177,16 +179,22 @@ def train(
         graph = GraphedStep(
             step_loss, [(params, run.optimizer, config.max_grad_norm)], accelerator.autocast
         )
-    data = training_batches(
-        dataset,
-        config.batch_size,
-        config.seed,
-        run.result.step * config.grad_accum,
-        collate,
-        accelerator.process_index,
-        world,
-        device,
-        say,
+    # A task that joins several data orders in each batch (a sweep) makes its own batches.
+    own = getattr(task, "batches", None)
+    data = (
+        own(run.result.step * config.grad_accum)
+        if own is not None
+        else training_batches(
+            dataset,
+            config.batch_size,
+            config.seed,
+            run.result.step * config.grad_accum,
+            collate,
+            accelerator.process_index,
+            world,
+            device,
+            say,
+        )
     )
     bar = tqdm(
         total=config.steps,

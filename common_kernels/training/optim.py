@@ -30,22 +30,25 @@ def build_optimizer(
     accelerator,
     register: bool = True,
     graphed: bool = False,
-    groups: list[dict] | None = None,
+    groups: list[tuple[list[nn.Parameter], TrainConfig]] | None = None,
 ) -> tuple[Any, Any]:
     """The optimizer and LR schedule the loop steps for `params` (`graphed`: capturable AdamW with a
     tensor learning rate). Trainers that update several parameter sets from one backward
     (multi-tenant concept training) build one pair per set, with register=False when sets come and
     go: accelerate keeps every optimizer it prepares, and their states, for the accelerator's
     lifetime. Unregistered optimizers get no fp16 loss scaling. `groups`: the params split into
-    {"params", "lr"} groups with their own learning rates (the schedule scales each)."""
-    groups = groups or [{"params": params, "lr": config.lr}]
+    (params, config) groups, each with its own learning rate, weight decay and schedule (a sweep's
+    configurations trained together; pivotal tuning's token embeddings)."""
+    groups = groups or [(params, config)]
+    specs = [{"params": ps, "lr": c.lr, "weight_decay": c.weight_decay} for ps, c in groups]
     if graphed:
-        optimizer = graph_optimizer(groups, config.lr, config.weight_decay, accelerator.device)
+        optimizer = graph_optimizer(specs, config.lr, config.weight_decay, accelerator.device)
     else:
-        optimizer = _optimizer(groups, params, config)
+        optimizer = _optimizer(specs, params, config)
         if register:
             optimizer = accelerator.prepare_optimizer(optimizer)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    factors = [lambda s, c=c: lr_factor(s, c) for _, c in groups]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def apply_gradients(
@@ -57,9 +60,11 @@ def apply_gradients(
 ) -> None:
     """Clip the gradient norm of `params` alone, take the optimizer step, clear the gradients. The
     norm covers exactly the parameters the optimizer owns, so parameter sets stepped side by side
-    are clipped as each would be trained alone."""
+    are clipped as each would be trained alone; so is each param group of an optimizer with several."""
     if config.max_grad_norm:
-        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        groups = optimizer.param_groups
+        for clipped in [g["params"] for g in groups] if len(groups) > 1 else [params]:
+            accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -44,8 +44,9 @@ class Run:
             model,
         )
         self.emit, self.graphed, self.saves, self.writes = emit, graphed, saves, writes
-        # A task may give some parameters their own learning rate (pivotal tuning's tokens).
-        groups = task.param_groups(params, config.lr) if hasattr(task, "param_groups") else None
+        # A task may split its parameters into groups with their own lr, weight decay and
+        # schedule (a sweep's configurations, pivotal tuning's tokens).
+        groups = task.param_groups(params, config) if hasattr(task, "param_groups") else None
         self.optimizer, self.scheduler = build_optimizer(
             params, config, accelerator, register=register, graphed=graphed, groups=groups
         )
