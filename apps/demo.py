@@ -146,6 +146,7 @@ def train_adapter(
     should_stop: Callable[[], bool] | None = None,
     class_prompt: str | None = None,
     num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
+    targets: tuple[str, ...] = CONCEPT_DEFAULTS.targets,
 ):
     """Train a concept adapter (method: lora, lokr or oft) on the UNet of `base` with
     peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`;
@@ -175,6 +176,7 @@ def train_adapter(
         progress,
         class_prompt=class_prompt,
         num_class_images=num_class_images,
+        targets=targets,
     )
     classes = None
     if class_prompt:
@@ -211,6 +213,7 @@ def concept_job(
     progress: bool = False,
     class_prompt: str | None = None,
     num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
+    targets: tuple[str, ...] = CONCEPT_DEFAULTS.targets,
 ):
     """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob,
     from the shared defaults (diffusion/concept_defaults.py): what `train_adapter` trains alone and
@@ -225,6 +228,7 @@ def concept_job(
         method=core,
         rank=rank,
         block_size=block_size,
+        targets=list(targets),
         resolution=resolution,
         class_prompt=class_prompt,
         num_class_images=num_class_images,
@@ -316,6 +320,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
+    p.add_argument(
+        "--targets",
+        default=",".join(d.targets),
+        help="UNet modules the adapter wraps: comma list of presets (attn, ff, conv)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -410,6 +419,7 @@ def demo(argv: list[str]) -> int:
         progress=not args.no_progress,
         class_prompt=args.class_prompt or None,
         num_class_images=args.num_class_images,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
     after = render(base, prompts + [CONTROL_PROMPT], label="adapted images", **sample)
 

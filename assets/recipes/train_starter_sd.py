@@ -39,7 +39,7 @@ from .recipe_run import (
     pick_device,
     save_folder,
 )
-from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, take
+from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, rotate_hue, take
 
 ASSETS = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,8 @@ class SDRecipe:
 
     size: int = 64
     minutes: float = 5.0
-    vae_share: float = 0.25  # fraction of the budget spent on the VAE
+    vae_share: float = 0.3  # fraction of the budget spent on the VAE
+    vae_hue: float = 0.7  # share of the VAE's images with their hues turned (shapes.rotate_hue)
     steps: int | None = None  # fixed UNet step count instead of the clock (tests)
     vae_steps: int | None = None
     batch: int = 256
@@ -79,7 +80,7 @@ class SDRecipe:
             block_out_channels=(32, 64, 64),
             layers_per_block=1,
             norm_num_groups=32,
-            latent_channels=4,
+            latent_channels=8,
         )
     )
     text: dict = field(
@@ -192,7 +193,10 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
         idx = torch.randint(
             0, len(pool["shape"]), (recipe.vae_batch,), device=device, generator=gen
         )
-        x = scenes.render(take(pool, idx), device) * 2 - 1
+        x = scenes.render(take(pool, idx), device)
+        turn = torch.rand(len(x), device=device, generator=gen) < recipe.vae_hue
+        angles = torch.rand(len(x), device=device, generator=gen) * 2 * torch.pi * turn
+        x = rotate_hue(x, angles) * 2 - 1
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             out = vae.decode(posterior.sample(generator=gen)).sample.float()
@@ -409,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         "--vae-steps", type=int, default=None, help="fixed VAE steps instead of the clock"
     )
     parser.add_argument("--batch", type=int, default=SDRecipe.batch)
+    parser.add_argument(
+        "--latent-channels", type=int, default=8, help="VAE latent channels (16x16 latents)"
+    )
+    parser.add_argument(
+        "--vae-share", type=float, default=SDRecipe.vae_share, help="budget share of the VAE"
+    )
     parser.add_argument("--lr", type=float, default=SDRecipe.lr, help="UNet and text encoder")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -423,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny
         else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
     )
+    recipe.vae_share = args.vae_share
+    if not args.tiny:
+        recipe.vae["latent_channels"] = args.latent_channels
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )
