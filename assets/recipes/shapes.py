@@ -284,12 +284,14 @@ def rotate_hue(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(rotate_hue(gray, torch.tensor([1.0])), gray)
         True
     """
-    k = torch.full((3,), 3**-0.5, device=images.device)
-    cross = torch.zeros(3, 3, device=images.device)
+    like = dict(device=images.device, dtype=images.dtype)
+    k = torch.full((3,), 3**-0.5, **like)
+    cross = torch.zeros(3, 3, **like)
     cross[0, 1], cross[0, 2], cross[1, 2] = -k[2], k[1], -k[0]
     cross = cross - cross.T
-    sin, cos = torch.sin(angles).view(-1, 1, 1), torch.cos(angles).view(-1, 1, 1)
-    turn = torch.eye(3, device=images.device) + sin * cross + (1 - cos) * (cross @ cross)
+    angles = angles.to(images.dtype).view(-1, 1, 1)
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    turn = torch.eye(3, **like) + sin * cross + (1 - cos) * (cross @ cross)
     return torch.einsum("nij,njhw->nihw", turn, images).clamp(0, 1)
 
 

@@ -3,6 +3,7 @@ describe its pixels, the tokenizer covers any word, and a few steps of each reci
 that diffusers, load_base and create_backbone("starter") load."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from peftkit.assets.recipes.shapes import (
     VIT_SHAPES,
     ShapeScenes,
     dominant_colors,
+    rotate_hue,
 )
 
 
@@ -83,6 +85,19 @@ def test_flowers_show_their_center_and_checkerboards_both_colors():
     # the ViT's scenes never draw the new shapes or textures
     vit = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True).params(400, seed=5)
     assert int(vit["texture"].max()) < 3 and int(vit["hub"].max()) == -1
+
+
+def test_hue_turn_keeps_grays_and_a_third_of_a_turn_cycles_the_channels():
+    # the VAE's color augmentation: a rotation about the gray axis, so 120 degrees maps R->G->B
+    images = torch.rand(3, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    third = torch.full((3,), 2 * math.pi / 3, dtype=torch.float64)
+    torch.testing.assert_close(rotate_hue(images, third), images[:, [2, 0, 1]])
+    torch.testing.assert_close(rotate_hue(images, 2 * third), images[:, [1, 2, 0]])
+    gray = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(rotate_hue(gray, torch.tensor([0.3, 1.0, 2.5])), gray)
+    # any other angle keeps each pixel's brightness (the gray axis component)
+    turned = rotate_hue(images * 0.5 + 0.25, torch.tensor([0.5, 1.5, 4.0]))
+    torch.testing.assert_close(turned.mean(dim=1), (images * 0.5 + 0.25).mean(dim=1))
 
 
 def test_vit_labels_ignore_what_does_not_apply():
