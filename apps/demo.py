@@ -367,6 +367,33 @@ def judge_counts(judge, before, after, n_concept: int) -> dict[str, int]:
     return counts
 
 
+def judge_line(counts: dict[str, int]) -> str:
+    """The demo's one-line verdict from `judge_counts`."""
+    return (
+        f"concept present in {counts['concept_adapted']}/{counts['images']} adapted images vs "
+        f"{counts['concept_base']}/{counts['images']} base; control prompt kept in "
+        f"{counts['control_kept']}/{counts['control_images']}"
+    )
+
+
+def judge_adapter(base, adapter: str | Path, judge, progress: bool = False) -> dict[str, int]:
+    """`judge_counts` for an adapter folder that is not loaded yet (the app's Personalize tab):
+    the demo's prompts and seeds on `base` as it is, then with the adapter added at scale 1."""
+    from ..diffusion.generate import ConceptRef, load_concepts
+
+    sample = dict(
+        seeds=SEEDS,
+        steps=SAMPLE_STEPS,
+        guidance=GUIDANCE,
+        resolution=native_resolution(base),
+        progress=progress,
+    )
+    before = render(base, PROMPTS + [CONTROL_PROMPT], label="base images", **sample)
+    load_concepts(base, [ConceptRef(str(adapter), 1.0, name="judged")])
+    after = render(base, PROMPTS + [CONTROL_PROMPT], label="adapted images", **sample)
+    return judge_counts(judge, before, after, len(PROMPTS))
+
+
 def demo(argv: list[str]) -> int:
     """Train a concept adapter on sample images and write a before/after grid, the adapter and metrics."""
     from ..diffusion.cli import smoothed_loss
@@ -473,11 +500,7 @@ def demo(argv: list[str]) -> int:
         out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
     )
     if judge is not None:
-        print(
-            f"concept present in {counts['concept_adapted']}/{counts['images']} adapted images vs "
-            f"{counts['concept_base']}/{counts['images']} base; control prompt kept in "
-            f"{counts['control_kept']}/{counts['control_images']}"
-        )
+        print(judge_line(counts))
     print(
         f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
         f"{record['after']:.4f}"
