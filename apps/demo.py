@@ -376,15 +376,22 @@ def judge_line(counts: dict[str, int]) -> str:
     )
 
 
-def judge_adapter(base, adapter: str | Path, judge, progress: bool = False) -> dict[str, int]:
+def judge_adapter(
+    base,
+    adapter: str | Path,
+    judge,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    progress: bool = False,
+) -> dict[str, int]:
     """`judge_counts` for an adapter folder that is not loaded yet (the app's Personalize tab):
     the demo's prompts and seeds on `base` as it is, then with the adapter added at scale 1."""
     from ..diffusion.generate import ConceptRef, load_concepts
 
     sample = dict(
         seeds=SEEDS,
-        steps=SAMPLE_STEPS,
-        guidance=GUIDANCE,
+        steps=steps,
+        guidance=guidance,
         resolution=native_resolution(base),
         progress=progress,
     )

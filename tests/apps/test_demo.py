@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from peftkit.apps.demo import SAMPLES, color_similarity, demo, red_circle_on_white
+from peftkit.apps.demo import (
+    SAMPLES,
+    color_similarity,
+    demo,
+    judge_adapter,
+    judge_line,
+    open_base,
+    red_circle_on_white,
+)
 from peftkit.common_kernels.adapter_file import read_adapter_config
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.diffusion.base import STARTER
@@ -117,6 +125,21 @@ def test_demo_writes_a_before_after_grid_the_adapter_and_metrics(
     printed = capsys.readouterr().out
     assert "concept present in" in printed and "control prompt kept in" in printed
     assert str(out / "grid.png") in printed
+
+
+def test_judging_a_saved_adapter_gives_the_demos_line(tiny_sd_path, tmp_path, capsys):
+    # the Personalize tab judges an adapter folder after the fact: same prompts, seeds, counts
+    from peftkit.diffusion.concept_judge import ConceptJudge
+
+    out = tmp_path / "demo"
+    argv = ["--base", str(tiny_sd_path), "--output", str(out), "--steps", "3", "--rank", "2"]
+    argv += ["--sample-steps", "2", "--device", "cpu", "--no-progress", "--num-class-images", "1"]
+    assert demo(argv) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "concept present" in ln]
+    base = open_base(str(tiny_sd_path), "cpu")
+    counts = judge_adapter(base, out / "adapter", ConceptJudge(), steps=2)
+    assert counts == json.loads((out / "metrics.json").read_text())["judge"]
+    assert printed == [judge_line(counts)]
 
 
 def test_demo_reports_clip_i_with_an_open_clip_model(tiny_sd_path, tmp_path):
