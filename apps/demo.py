@@ -193,6 +193,7 @@ def train_adapter(
         base, ConceptDataset(images, instance_prompt, resolution), job.concept, classes, seed=seed
     )
     result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
+    base.pipe.to(device)  # training parks the cached encoders on the CPU; sampling needs them back
     save_concept(task, output_dir)
     return task, result
 

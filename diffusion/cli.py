@@ -217,7 +217,7 @@ def train_concept(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--targets",
-        default="attn",
+        default=",".join(d.targets),
         help="comma list of presets (attn, ff, conv) and module patterns (globs or re:...)",
     )
     parser.add_argument(

@@ -186,6 +186,8 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     budget = Budget(recipe.minutes * recipe.vae_share, recipe.vae_steps)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    # a stream of its own, so the scenes and noise are those of a run without hue turns
+    hue_gen = torch.Generator(device=device).manual_seed(recipe.seed + 7)
     step, recon = 0, float("nan")
     while not budget.done(step):
         for group in opt.param_groups:
@@ -194,8 +196,8 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
             0, len(pool["shape"]), (recipe.vae_batch,), device=device, generator=gen
         )
         x = scenes.render(take(pool, idx), device)
-        turn = torch.rand(len(x), device=device, generator=gen) < recipe.vae_hue
-        angles = torch.rand(len(x), device=device, generator=gen) * 2 * torch.pi * turn
+        angles = torch.rand(len(x), device=device, generator=hue_gen) * 2 * torch.pi
+        angles = angles * (torch.rand(len(x), device=device, generator=hue_gen) < recipe.vae_hue)
         x = rotate_hue(x, angles) * 2 - 1
         with autocast(device):
             posterior = vae.encode(x).latent_dist
