@@ -193,7 +193,9 @@ def train_adapter(
         base, ConceptDataset(images, instance_prompt, resolution), job.concept, classes, seed=seed
     )
     result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
-    base.pipe.to(device)  # training parks the cached encoders on the CPU; sampling needs them back
+    # on a GPU, training casts the frozen base to bf16 and parks the cached encoders on the CPU;
+    # sampling wants the fp32 pipeline open_base loaded, on the device
+    base.pipe.to(device, torch.float32)
     save_concept(task, output_dir)
     return task, result
 

@@ -52,6 +52,9 @@ class SDRecipe:
     minutes: float = 5.0
     vae_share: float = 0.3  # fraction of the budget spent on the VAE
     vae_hue: float = 0.7  # share of the VAE's images with their hues turned (shapes.rotate_hue)
+    # share of plain objects in the VAE's own scenes (None: the captioned pool's 0.55); fine
+    # checks are what a short VAE run blurs first
+    vae_plain: float | None = None
     steps: int | None = None  # fixed UNet step count instead of the clock (tests)
     vae_steps: int | None = None
     batch: int = 256
@@ -384,7 +387,18 @@ def train_starter_sd(
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    results.update(train_vae(vae, scenes, pool, recipe, device, log))
+    vae_scenes, vae_pool = scenes, pool
+    if recipe.vae_plain is not None:
+        vae_scenes = ShapeScenes(
+            size=recipe.size,
+            shapes=SD_SHAPES,
+            max_count=4,
+            textures=SD_TEXTURES,
+            plain=recipe.vae_plain,
+        )
+        vae_params = vae_scenes.params(max(recipe.pool // 4, 1), recipe.seed + 3)
+        vae_pool = {k: v.to(device) for k, v in vae_params.items()}
+    results.update(train_vae(vae, vae_scenes, vae_pool, recipe, device, log))
     results.update(
         train_unet(unet, text, vae, tokenizer, scheduler, scenes, pool, ids, recipe, device, log)
     )
@@ -421,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vae-share", type=float, default=SDRecipe.vae_share, help="budget share of the VAE"
     )
+    parser.add_argument(
+        "--vae-plain", type=float, help="share of plain objects in the VAE's own scenes"
+    )
+    parser.add_argument(
+        "--vae-width", type=int, default=32, help="VAE channels (w, 2w, 2w); a multiple of 32"
+    )
     parser.add_argument("--lr", type=float, default=SDRecipe.lr, help="UNet and text encoder")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -435,9 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny
         else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
     )
-    recipe.vae_share = args.vae_share
+    recipe.vae_share, recipe.vae_plain = args.vae_share, args.vae_plain
     if not args.tiny:
-        recipe.vae["latent_channels"] = args.latent_channels
+        w = args.vae_width
+        if w % recipe.vae["norm_num_groups"]:
+            parser.error(f"--vae-width must be a multiple of {recipe.vae['norm_num_groups']}")
+        recipe.vae.update(
+            latent_channels=args.latent_channels, block_out_channels=(w, 2 * w, 2 * w)
+        )
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )

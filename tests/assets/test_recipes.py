@@ -133,7 +133,8 @@ def starter_sd(tmp_path_factory):
     from peftkit.assets.recipes.train_starter_sd import SDRecipe, train_starter_sd
 
     folder = tmp_path_factory.mktemp("sd") / "starter-sd"
-    train_starter_sd(SDRecipe.tiny(steps=2, vae_steps=2, pool=64), folder, torch.device("cpu"))
+    recipe = SDRecipe.tiny(steps=2, vae_steps=2, pool=64, vae_plain=0.2)  # the VAE's own scenes
+    train_starter_sd(recipe, folder, torch.device("cpu"))
     return folder
 
 
@@ -159,6 +160,7 @@ def test_sd_recipe_writes_a_pipeline_that_diffusers_and_load_base_load(starter_s
     recipe = json.loads((starter_sd / "recipe.json").read_text())
     assert recipe["results"]["unet_steps"] == 2 and recipe["results"]["scaling_factor"] > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(recipe["results"]["scaling_factor"])
+    assert recipe["recipe"]["vae_plain"] == 0.2 and recipe["results"]["vae_steps"] == 2
     assert "unet step 2" in (starter_sd / "train_log.txt").read_text()
     assert not list(starter_sd.parent.glob(".starter-sd*")), (
         "the atomic save left its temporary folder"
@@ -172,6 +174,22 @@ def starter_vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit") / "starter-vit"
     train_starter_vit(ViTRecipe.tiny(steps=2), folder, torch.device("cpu"))
     return folder
+
+
+def test_vae_check_scores_the_samples_round_trip(starter_sd, tmp_path):
+    # tune_demo's first question: what of the sample flower survives the starter's VAE
+    from PIL import Image
+
+    from peftkit.assets.recipes.tune_demo import SAMPLES, vae_check
+
+    report = vae_check(starter_sd, tmp_path)
+    n = len(list(SAMPLES.glob("*.png")))
+    assert len(report["psnr_db"]) == len(report["judge_on_reconstructions"]) == n
+    # two VAE steps reconstruct nothing: low PSNR, and the judge does not see the flower
+    assert max(report["psnr_db"]) < 15 and max(report["judge_on_reconstructions"]) < 0.5
+    sheet = Image.open(tmp_path / "vae_check.png").convert("RGB")
+    first = Image.open(sorted(SAMPLES.glob("*.png"))[0]).convert("RGB")
+    assert sheet.size == (64 * n, 128) and sheet.crop((0, 0, 64, 64)).tobytes() == first.tobytes()
 
 
 def test_vit_recipe_writes_a_backbone_that_create_backbone_loads(starter_vit):
