@@ -319,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", default="peftkit-demo", help="where the grid, adapter and metrics go"
     )
-    p.add_argument("--method", choices=core_names(aliases=True), default="lora")
+    p.add_argument(
+        "--method", choices=core_names(aliases=True), default=d.method, help="adapter core"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
