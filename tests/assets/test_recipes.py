@@ -133,7 +133,8 @@ def starter_sd(tmp_path_factory):
     from peftkit.assets.recipes.train_starter_sd import SDRecipe, train_starter_sd
 
     folder = tmp_path_factory.mktemp("sd") / "starter-sd"
-    recipe = SDRecipe.tiny(steps=2, vae_steps=2, pool=64, vae_plain=0.2)  # the VAE's own scenes
+    # the VAE on its own, more textured scenes, half of them hue-turned
+    recipe = SDRecipe.tiny(steps=2, vae_steps=2, pool=64, vae_plain=0.2, vae_hue=0.5)
     train_starter_sd(recipe, folder, torch.device("cpu"))
     return folder
 
