@@ -63,8 +63,9 @@ def vae_check(starter: Path, out: Path) -> dict:
     }
 
 
-def sweep(starter: Path, out: Path, device: str, names: list[str]) -> dict:
-    """Run the demo once per setting, all at once (they share the GPU); returns name -> judge."""
+def sweep(starter: Path, out: Path, device: str, names: list[str], extra: list[str] = ()) -> dict:
+    """Run the demo once per setting (plus `extra` flags), all at once (they share the GPU);
+    returns name -> the demo's judge counts."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     runs = {}
     for name in names:
@@ -72,7 +73,8 @@ def sweep(starter: Path, out: Path, device: str, names: list[str]) -> dict:
         argv += ["--device", device, "--output", str(out / name), "--no-progress"]
         (out / name).mkdir(parents=True, exist_ok=True)
         log = open(out / name / "log.txt", "w")
-        runs[name] = (subprocess.Popen(argv + SETTINGS[name], stdout=log, stderr=log, env=env), log)
+        argv += SETTINGS[name] + list(extra)
+        runs[name] = (subprocess.Popen(argv, stdout=log, stderr=log, env=env), log)
     results = {}
     for name, (proc, log) in runs.items():
         proc.wait()
@@ -92,12 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"comma list from {list(SETTINGS)}"
     )
+    parser.add_argument(
+        "--extra", default="", help="flags added to every demo run, e.g. '--sample-steps 25'"
+    )
     args = parser.parse_args(argv)
     out, starter = Path(args.out), Path(args.starter)
     out.mkdir(parents=True, exist_ok=True)
     report = {"starter": str(starter), "vae": vae_check(starter, out)}
     print(f"VAE on the samples: {report['vae']}", flush=True)
-    report["demo"] = sweep(starter, out, args.device, args.settings.split(","))
+    names, extra = args.settings.split(","), args.extra.split()
+    report["demo"] = sweep(starter, out, args.device, names, extra)
     lines = [f"# Demo settings on {starter}", "", f"VAE on the samples: {report['vae']}", ""]
     lines += [f"- {name} `{' '.join(SETTINGS[name])}`: {j}" for name, j in report["demo"].items()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

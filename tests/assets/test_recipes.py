@@ -193,6 +193,24 @@ def test_vae_check_scores_the_samples_round_trip(starter_sd, tmp_path):
     assert sheet.size == (64 * n, 128) and sheet.crop((0, 0, 64, 64)).tobytes() == first.tobytes()
 
 
+def test_tune_demo_runs_the_demo_per_setting_and_sums_up_the_judge(starter_sd, tmp_path):
+    from peftkit.assets.recipes.tune_demo import main
+
+    extra = "--steps 2 --rank 2 --sample-steps 2 --num-class-images 1"
+    argv = ["--starter", str(starter_sd), "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*argv, "--settings", "defaults,attn-lr1e-3", "--extra", extra]) == 0
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert set(report["demo"]) == {"defaults", "attn-lr1e-3"}
+    for name, judge in report["demo"].items():
+        assert judge["images"] == 12 and judge["control_images"] == 3, (name, judge)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["lr"] == (1e-3 if "1e-3" in name else 2e-4)
+    assert (
+        len(report["vae"]["psnr_db"]) == 5
+        and "attn-lr1e-3" in (tmp_path / "summary.md").read_text()
+    )
+
+
 def test_vit_recipe_writes_a_backbone_that_create_backbone_loads(starter_vit):
     from safetensors.torch import load_file
 
