@@ -88,7 +88,11 @@ def launch(
 
 def app(argv: list[str]) -> int:
     """Open the Gradio app: Personalize (concept training + generation) and ViT tuner tabs."""
-    parser = argparse.ArgumentParser(prog="peftkit app", description=app.__doc__)
+    from ..diffusion.cli import DefaultsHelp
+
+    parser = argparse.ArgumentParser(
+        prog="peftkit app", description=app.__doc__, formatter_class=DefaultsHelp
+    )
     parser.add_argument(
         "--base", default="starter", help="'starter', a diffusers folder or a hub id"
     )
@@ -103,7 +107,7 @@ def app(argv: list[str]) -> int:
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the app"
     )
-    parser.add_argument("--port", type=non_negative_int, default=7860)
+    parser.add_argument("--port", type=non_negative_int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument(
         "--workers", type=positive_int, default=1, help="training jobs run at the same time"

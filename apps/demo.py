@@ -146,6 +146,7 @@ def train_adapter(
     should_stop: Callable[[], bool] | None = None,
     class_prompt: str | None = None,
     num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
+    targets: tuple[str, ...] = CONCEPT_DEFAULTS.targets,
 ):
     """Train a concept adapter (method: lora, lokr or oft) on the UNet of `base` with
     peftkit.diffusion's DreamBooth task and the shared engine, and save it to `output_dir`;
@@ -175,6 +176,7 @@ def train_adapter(
         progress,
         class_prompt=class_prompt,
         num_class_images=num_class_images,
+        targets=targets,
     )
     classes = None
     if class_prompt:
@@ -191,6 +193,9 @@ def train_adapter(
         base, ConceptDataset(images, instance_prompt, resolution), job.concept, classes, seed=seed
     )
     result = train(task, task.dataset(), job.train, on_event=on_event, should_stop=should_stop)
+    # on a GPU, training casts the frozen base to bf16 and parks the cached encoders on the CPU;
+    # sampling wants the fp32 pipeline open_base loaded, on the device
+    base.pipe.to(device, torch.float32)
     save_concept(task, output_dir)
     return task, result
 
@@ -211,6 +216,7 @@ def concept_job(
     progress: bool = False,
     class_prompt: str | None = None,
     num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
+    targets: tuple[str, ...] = CONCEPT_DEFAULTS.targets,
 ):
     """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob,
     from the shared defaults (diffusion/concept_defaults.py): what `train_adapter` trains alone and
@@ -225,6 +231,7 @@ def concept_job(
         method=core,
         rank=rank,
         block_size=block_size,
+        targets=list(targets),
         resolution=resolution,
         class_prompt=class_prompt,
         num_class_images=num_class_images,
@@ -312,10 +319,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", default="peftkit-demo", help="where the grid, adapter and metrics go"
     )
-    p.add_argument("--method", choices=core_names(aliases=True), default="lora")
+    p.add_argument(
+        "--method", choices=core_names(aliases=True), default=d.method, help="adapter core"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch 1)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA/LoKr rank")
     p.add_argument("--block-size", type=int, default=d.block_size, help="OFT block size")
+    p.add_argument(
+        "--targets",
+        default=",".join(d.targets),
+        help="UNet modules the adapter wraps: comma list of presets (attn, ff, conv)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -356,6 +370,40 @@ def judge_counts(judge, before, after, n_concept: int) -> dict[str, int]:
     counts["control_kept"] = sum(bool(red_circle_on_white(im)) for im in after[n_concept])
     counts["control_base"] = sum(bool(red_circle_on_white(im)) for im in before[n_concept])
     return counts
+
+
+def judge_line(counts: dict[str, int]) -> str:
+    """The demo's one-line verdict from `judge_counts`."""
+    return (
+        f"concept present in {counts['concept_adapted']}/{counts['images']} adapted images vs "
+        f"{counts['concept_base']}/{counts['images']} base; control prompt kept in "
+        f"{counts['control_kept']}/{counts['control_images']}"
+    )
+
+
+def judge_adapter(
+    base,
+    adapter: str | Path,
+    judge,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = GUIDANCE,
+    progress: bool = False,
+) -> dict[str, int]:
+    """`judge_counts` for an adapter folder that is not loaded yet (the app's Personalize tab):
+    the demo's prompts and seeds on `base` as it is, then with the adapter added at scale 1."""
+    from ..diffusion.generate import ConceptRef, load_concepts
+
+    sample = dict(
+        seeds=SEEDS,
+        steps=steps,
+        guidance=guidance,
+        resolution=native_resolution(base),
+        progress=progress,
+    )
+    before = render(base, PROMPTS + [CONTROL_PROMPT], label="base images", **sample)
+    load_concepts(base, [ConceptRef(str(adapter), 1.0, name="judged")])
+    after = render(base, PROMPTS + [CONTROL_PROMPT], label="adapted images", **sample)
+    return judge_counts(judge, before, after, len(PROMPTS))
 
 
 def demo(argv: list[str]) -> int:
@@ -410,6 +458,7 @@ def demo(argv: list[str]) -> int:
         progress=not args.no_progress,
         class_prompt=args.class_prompt or None,
         num_class_images=args.num_class_images,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     )
     after = render(base, prompts + [CONTROL_PROMPT], label="adapted images", **sample)
 
@@ -463,11 +512,7 @@ def demo(argv: list[str]) -> int:
         out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
     )
     if judge is not None:
-        print(
-            f"concept present in {counts['concept_adapted']}/{counts['images']} adapted images vs "
-            f"{counts['concept_base']}/{counts['images']} base; control prompt kept in "
-            f"{counts['control_kept']}/{counts['control_images']}"
-        )
+        print(judge_line(counts))
     print(
         f"similarity to the instance images ({metric}): before {record['before']:.4f} -> after "
         f"{record['after']:.4f}"

@@ -332,6 +332,22 @@ class Personalizer:
         after.save(folder / f"{stem}-adapted.png")
         return before, after
 
+    def judge(self, adapter: str) -> str:
+        """`peftkit demo`'s judge line for a LoRA/LoKr/OFT adapter: the demo's prompts and seeds
+        without and with it, counted by the bundled concept judge (it knows the sample flower)."""
+        from ..common_kernels.inject import remove_adapters
+        from ..diffusion.concept_judge import ConceptJudge
+        from .demo import judge_adapter, judge_line
+
+        if not adapter or self._ti_of(adapter) or not Path(adapter).exists():
+            raise PeftkitError("choose a LoRA, LoKr or OFT adapter to judge")
+        with self._lock:
+            if self._gen is None:
+                self._gen, self._ti_tokens = self._load(), {}
+            for model in (self._gen.unet, *self._gen.text_encoders):
+                remove_adapters(model)
+            return judge_line(judge_adapter(self._gen, adapter, ConceptJudge()))
+
     @staticmethod
     def _ti_of(path: str) -> dict[str, str]:
         """Textual Inversion tokens an adapter folder adds (token -> folder), {} for other adapters."""
@@ -411,6 +427,8 @@ def build_tab(p: Personalizer) -> None:
                 file_types=[".safetensors"],
             )
             gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            judge_btn = gr.Button("Judge: count the sample flower (as peftkit demo does)")
+            verdict = gr.Markdown(elem_id="judge-line")
         base_img = gr.Image(label="base model", type="pil", format="png", interactive=False)
         adapted_img = gr.Image(label="with adapter(s)", type="pil", format="png", interactive=False)
 
@@ -475,6 +493,12 @@ def build_tab(p: Personalizer) -> None:
         except PeftkitError as err:
             raise gr.Error(str(err)) from None
 
+    def judge(adapter):
+        try:
+            return p.judge(adapter)
+        except PeftkitError as err:
+            raise gr.Error(str(err)) from None
+
     def load(file):
         if not file:
             return gr.update(), gr.update()
@@ -499,4 +523,5 @@ def build_tab(p: Personalizer) -> None:
         api_name="generate",
         concurrency_limit=1,
     )
+    judge_btn.click(judge, [adapter], [verdict], api_name="judge", concurrency_limit=1)
     imported.upload(load, [imported], [adapter, adapter_b], api_name="import_adapter")

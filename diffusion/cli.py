@@ -226,7 +226,7 @@ def train_concept(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--targets",
-        default="attn",
+        default=",".join(d.targets),
         help="comma list of presets (UNet: attn, ff, conv; SD3/Flux transformer: attn, ff, "
         "all-linear) and module patterns (globs or re:...)",
     )

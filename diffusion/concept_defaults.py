@@ -17,6 +17,8 @@ class ConceptDefaults:
     steps: int = 300
     rank: int = 8
     block_size: int = 32
+    # UNet module presets (dreambooth.UNET_PRESETS) the adapter wraps
+    targets: tuple[str, ...] = ("attn",)
     # Per core (canonical names); a core missing here takes LoRA's rate. Rotations (OFT, BOFT)
     # move less per step than additive updates, so they get a higher one.
     lr: dict[str, float] = field(

@@ -39,7 +39,7 @@ from .recipe_run import (
     pick_device,
     save_folder,
 )
-from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, take
+from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, rotate_hue, take
 
 ASSETS = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,12 @@ class SDRecipe:
     size: int = 64
     minutes: float = 5.0
     vae_share: float = 0.25  # fraction of the budget spent on the VAE
+    # share of the VAE's images with their hues turned (shapes.rotate_hue), so it also meets
+    # colors no caption names, like the sample flower's teal and magenta
+    vae_hue: float = 0.0
+    # share of plain objects in the VAE's own scenes (None: the captioned pool's 0.55); fine
+    # checks are what a short VAE run blurs first
+    vae_plain: float | None = None
     steps: int | None = None  # fixed UNet step count instead of the clock (tests)
     vae_steps: int | None = None
     batch: int = 256
@@ -185,6 +191,8 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     budget = Budget(recipe.minutes * recipe.vae_share, recipe.vae_steps)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
+    # a stream of its own, so the scenes and noise are those of a run without hue turns
+    hue_gen = torch.Generator(device=device).manual_seed(recipe.seed + 7)
     step, recon = 0, float("nan")
     while not budget.done(step):
         for group in opt.param_groups:
@@ -192,7 +200,12 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
         idx = torch.randint(
             0, len(pool["shape"]), (recipe.vae_batch,), device=device, generator=gen
         )
-        x = scenes.render(take(pool, idx), device) * 2 - 1
+        x = scenes.render(take(pool, idx), device)
+        if recipe.vae_hue:
+            angles = torch.rand(len(x), device=device, generator=hue_gen) * 2 * torch.pi
+            turn = torch.rand(len(x), device=device, generator=hue_gen) < recipe.vae_hue
+            x = rotate_hue(x, angles * turn)
+        x = x * 2 - 1
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             out = vae.decode(posterior.sample(generator=gen)).sample.float()
@@ -378,7 +391,18 @@ def train_starter_sd(
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    results.update(train_vae(vae, scenes, pool, recipe, device, log))
+    vae_scenes, vae_pool = scenes, pool
+    if recipe.vae_plain is not None:
+        vae_scenes = ShapeScenes(
+            size=recipe.size,
+            shapes=SD_SHAPES,
+            max_count=4,
+            textures=SD_TEXTURES,
+            plain=recipe.vae_plain,
+        )
+        vae_params = vae_scenes.params(max(recipe.pool // 4, 1), recipe.seed + 3)
+        vae_pool = {k: v.to(device) for k, v in vae_params.items()}
+    results.update(train_vae(vae, vae_scenes, vae_pool, recipe, device, log))
     results.update(
         train_unet(unet, text, vae, tokenizer, scheduler, scenes, pool, ids, recipe, device, log)
     )
@@ -409,6 +433,21 @@ def main(argv: list[str] | None = None) -> int:
         "--vae-steps", type=int, default=None, help="fixed VAE steps instead of the clock"
     )
     parser.add_argument("--batch", type=int, default=SDRecipe.batch)
+    parser.add_argument(
+        "--latent-channels", type=int, default=4, help="VAE latent channels (16x16 latents)"
+    )
+    parser.add_argument(
+        "--vae-share", type=float, default=SDRecipe.vae_share, help="budget share of the VAE"
+    )
+    parser.add_argument(
+        "--vae-hue", type=float, default=SDRecipe.vae_hue, help="share of hue-turned VAE images"
+    )
+    parser.add_argument(
+        "--vae-plain", type=float, help="share of plain objects in the VAE's own scenes"
+    )
+    parser.add_argument(
+        "--vae-width", type=int, default=32, help="VAE channels (w, 2w, 2w); a multiple of 32"
+    )
     parser.add_argument("--lr", type=float, default=SDRecipe.lr, help="UNet and text encoder")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -423,6 +462,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny
         else SDRecipe(batch=args.batch, lr=args.lr, text_lr=args.lr, **settings)
     )
+    recipe.vae_share, recipe.vae_plain, recipe.vae_hue = (
+        args.vae_share,
+        args.vae_plain,
+        args.vae_hue,
+    )
+    if not args.tiny:
+        w = args.vae_width
+        if w % recipe.vae["norm_num_groups"]:
+            parser.error(f"--vae-width must be a multiple of {recipe.vae['norm_num_groups']}")
+        recipe.vae.update(
+            latent_channels=args.latent_channels, block_out_channels=(w, 2 * w, 2 * w)
+        )
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )

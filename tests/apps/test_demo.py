@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from peftkit.apps.demo import SAMPLES, color_similarity, demo, red_circle_on_white
+from peftkit.apps.demo import (
+    SAMPLES,
+    color_similarity,
+    demo,
+    judge_line,
+    red_circle_on_white,
+)
 from peftkit.common_kernels.adapter_file import read_adapter_config
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.diffusion.base import STARTER
@@ -119,6 +125,28 @@ def test_demo_writes_a_before_after_grid_the_adapter_and_metrics(
     assert str(out / "grid.png") in printed
 
 
+def test_personalize_tab_judges_an_adapter_with_the_demos_line(tiny_sd_path, tmp_path, capsys):
+    # the tab judges a saved adapter folder after the fact: same prompts, seeds and counts
+    from peftkit.apps.jobs import JobRunner
+    from peftkit.apps.personalize_tab import Personalizer
+
+    out = tmp_path / "demo"
+    argv = ["--base", str(tiny_sd_path), "--output", str(out), "--steps", "3", "--rank", "2"]
+    argv += ["--device", "cpu", "--no-progress", "--num-class-images", "1"]
+    assert demo(argv) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "concept present" in ln]
+    counts = json.loads((out / "metrics.json").read_text())["judge"]
+    assert printed == [judge_line(counts)]
+    runner = JobRunner(tmp_path / "runs")
+    try:
+        tab = Personalizer(str(tiny_sd_path), "cpu", runner, tmp_path / "app")
+        assert tab.judge(str(out / "adapter")) == printed[0]
+        with pytest.raises(PeftkitError, match="choose a LoRA, LoKr or OFT adapter"):
+            tab.judge("")
+    finally:
+        runner.shutdown()
+
+
 def test_demo_reports_clip_i_with_an_open_clip_model(tiny_sd_path, tmp_path):
     import open_clip
     from safetensors.torch import save_file
@@ -214,3 +242,20 @@ def test_demo_on_the_starter_model_learns_the_concept_and_keeps_the_control(tmp_
     if judge["concept_adapted"] < 8:
         # issue 14 is open on this point: see assets/recipes/results/demo/ (0/12 so far)
         pytest.xfail(f"the demo's adapter does not show the concept yet: {judge}")
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("demo", ["(default: 300)", "(default: lora)", "(default: attn)", "(default: 15)"]),
+        ("app", ["(default: 7860)", "(default: starter)", "(default: 127.0.0.1)"]),
+    ],
+)
+def test_help_lists_the_defaults(command, shown, capsys):
+    from peftkit.apps.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert all(s in text for s in shown), text

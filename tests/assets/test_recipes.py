@@ -3,6 +3,7 @@ describe its pixels, the tokenizer covers any word, and a few steps of each reci
 that diffusers, load_base and create_backbone("starter") load."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from peftkit.assets.recipes.shapes import (
     VIT_SHAPES,
     ShapeScenes,
     dominant_colors,
+    rotate_hue,
 )
 
 
@@ -85,6 +87,19 @@ def test_flowers_show_their_center_and_checkerboards_both_colors():
     assert int(vit["texture"].max()) < 3 and int(vit["hub"].max()) == -1
 
 
+def test_hue_turn_keeps_grays_and_a_third_of_a_turn_cycles_the_channels():
+    # the VAE's color augmentation: a rotation about the gray axis, so 120 degrees maps R->G->B
+    images = torch.rand(3, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    third = torch.full((3,), 2 * math.pi / 3, dtype=torch.float64)
+    torch.testing.assert_close(rotate_hue(images, third), images[:, [2, 0, 1]])
+    torch.testing.assert_close(rotate_hue(images, 2 * third), images[:, [1, 2, 0]])
+    gray = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(rotate_hue(gray, torch.tensor([0.3, 1.0, 2.5])), gray)
+    # any other angle keeps each pixel's brightness (the gray axis component)
+    turned = rotate_hue(images * 0.5 + 0.25, torch.tensor([0.5, 1.5, 4.0]))
+    torch.testing.assert_close(turned.mean(dim=1), (images * 0.5 + 0.25).mean(dim=1))
+
+
 def test_vit_labels_ignore_what_does_not_apply():
     scenes = ShapeScenes(size=32, shapes=VIT_SHAPES, max_count=6, rotate=True, noise=0.05).sample(
         64, seed=1
@@ -118,7 +133,9 @@ def starter_sd(tmp_path_factory):
     from peftkit.assets.recipes.train_starter_sd import SDRecipe, train_starter_sd
 
     folder = tmp_path_factory.mktemp("sd") / "starter-sd"
-    train_starter_sd(SDRecipe.tiny(steps=2, vae_steps=2, pool=64), folder, torch.device("cpu"))
+    # the VAE on its own, more textured scenes, half of them hue-turned
+    recipe = SDRecipe.tiny(steps=2, vae_steps=2, pool=64, vae_plain=0.2, vae_hue=0.5)
+    train_starter_sd(recipe, folder, torch.device("cpu"))
     return folder
 
 
@@ -144,6 +161,7 @@ def test_sd_recipe_writes_a_pipeline_that_diffusers_and_load_base_load(starter_s
     recipe = json.loads((starter_sd / "recipe.json").read_text())
     assert recipe["results"]["unet_steps"] == 2 and recipe["results"]["scaling_factor"] > 0
     assert pipe.vae.config.scaling_factor == pytest.approx(recipe["results"]["scaling_factor"])
+    assert recipe["recipe"]["vae_plain"] == 0.2 and recipe["results"]["vae_steps"] == 2
     assert "unet step 2" in (starter_sd / "train_log.txt").read_text()
     assert not list(starter_sd.parent.glob(".starter-sd*")), (
         "the atomic save left its temporary folder"
@@ -157,6 +175,40 @@ def starter_vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit") / "starter-vit"
     train_starter_vit(ViTRecipe.tiny(steps=2), folder, torch.device("cpu"))
     return folder
+
+
+def test_vae_check_scores_the_samples_round_trip(starter_sd, tmp_path):
+    # tune_demo's first question: what of the sample flower survives the starter's VAE
+    from PIL import Image
+
+    from peftkit.assets.recipes.tune_demo import SAMPLES, vae_check
+
+    report = vae_check(starter_sd, tmp_path)
+    n = len(list(SAMPLES.glob("*.png")))
+    assert len(report["psnr_db"]) == len(report["judge_on_reconstructions"]) == n
+    # two VAE steps reconstruct nothing: low PSNR, and the judge does not see the flower
+    assert max(report["psnr_db"]) < 15 and max(report["judge_on_reconstructions"]) < 0.5
+    sheet = Image.open(tmp_path / "vae_check.png").convert("RGB")
+    first = Image.open(sorted(SAMPLES.glob("*.png"))[0]).convert("RGB")
+    assert sheet.size == (64 * n, 128) and sheet.crop((0, 0, 64, 64)).tobytes() == first.tobytes()
+
+
+def test_tune_demo_runs_the_demo_per_setting_and_sums_up_the_judge(starter_sd, tmp_path):
+    from peftkit.assets.recipes.tune_demo import main
+
+    extra = "--steps 2 --rank 2 --sample-steps 2 --num-class-images 1"
+    argv = ["--starter", str(starter_sd), "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*argv, "--settings", "defaults,attn-lr1e-3", "--extra", extra]) == 0
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert set(report["demo"]) == {"defaults", "attn-lr1e-3"}
+    for name, judge in report["demo"].items():
+        assert judge["images"] == 12 and judge["control_images"] == 3, (name, judge)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["lr"] == (1e-3 if "1e-3" in name else 2e-4)
+    assert (
+        len(report["vae"]["psnr_db"]) == 5
+        and "attn-lr1e-3" in (tmp_path / "summary.md").read_text()
+    )
 
 
 def test_vit_recipe_writes_a_backbone_that_create_backbone_loads(starter_vit):
