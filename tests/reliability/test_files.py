@@ -71,6 +71,7 @@ def _concept_task(rank: int, fill: float):
         unet_handle=_handle(_model(), rank, "unet", fill),
         text_handles=[_handle(_model(), rank, "text", fill)],
         pivotal=None,
+        base=SimpleNamespace(component="unet"),
     )
 
 
