@@ -21,6 +21,7 @@ from peftkit.diffusion.control_cli import train_control
 from peftkit.diffusion.pairs import load_pairs, load_pixels
 
 from .conftest import write_box_pairs
+from .resume_check import assert_resume_is_exact
 
 CPU = SimpleNamespace(
     device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1
@@ -302,28 +303,9 @@ def test_evaluation_loss_is_fixed_across_training_draws(base, pair_folder):
 
 
 def test_resumed_run_ends_with_the_uninterrupted_branch(base, pair_folder, tmp_path):
-    def run(out, steps, seed=3):
-        task = ControlTask(
+    assert_resume_is_exact(
+        lambda seed: ControlTask(
             base, load_pairs(pair_folder), ControlConfig(mode="lora"), resolution=16, seed=seed
-        )
-        config = TrainConfig(
-            steps=steps,
-            batch_size=2,
-            lr=1e-2,
-            schedule="constant",
-            progress=False,
-            cpu=True,
-            seed=seed,
-            output_dir=str(out),
-            checkpoint_every=2,
-        )
-        return task, train(task, task.dataset(), config)
-
-    whole, _ = run(tmp_path / "whole", 4)
-    run(tmp_path / "cut", 2)
-    resumed, result = run(tmp_path / "cut", 4)
-    assert result.resumed_from == 2
-    a, b = whole.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and "rng.stream" in a
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+        ),
+        tmp_path,
+    )
