@@ -18,6 +18,7 @@ transformer with no adapter: forward + input-gradient backward. Peak memory over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -282,6 +283,12 @@ def main() -> None:
     )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, CPU, eager")
     parser.add_argument(
+        "--sdpa",
+        default="default",
+        help="attention kernels allowed: default (torch's choice) or a comma list of "
+        "flash,efficient,cudnn,math",
+    )
+    parser.add_argument(
         "--deadline", type=float, default=540, help="skip what would start after this many seconds"
     )
     args = parser.parse_args()
@@ -300,6 +307,19 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
     start, rows = time.perf_counter(), []
+    attention = contextlib.nullcontext  # a fresh context per row: sdpa_kernel's is single-use
+    if args.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }
+        allowed = [names[n] for n in args.sdpa.split(",")]
+        attention = lambda: sdpa_kernel(allowed)  # noqa: E731
+        meta["sdpa"] = args.sdpa
     for kind in args.models.split(","):
         for mode in modes:
             for variant in args.variants.split(","):
@@ -307,7 +327,8 @@ def main() -> None:
                     print(f"skip {kind} {mode} {variant}: deadline", flush=True)
                     continue
                 try:
-                    row = measure(kind, table_of[kind], variant, mode, args.bs, device, smoke)
+                    with attention():
+                        row = measure(kind, table_of[kind], variant, mode, args.bs, device, smoke)
                 except Exception as exc:  # one failure must not cost the whole GPU run
                     row = dict(
                         model=kind,
