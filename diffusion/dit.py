@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..common_kernels.errors import PeftkitError
+
+# cuDNN's fused attention is left out of the transformer's steps: on an H200 (torch 2.11) its
+# backward over Flux's 4096 + 512 tokens (head dim 128, bf16) fails inside cuDNN and leaves an
+# illegal memory access (bench/results/2026-12-02-h200-dit/flux-blocking.log); flash and
+# memory-efficient attention run the same step (flux-flash.log).
+_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Named groups of transformer Linear layers (diffusers' module names; both families). attn: the
 # image stream's q/k/v/out and the context stream's; ff: the MLPs of both streams and of Flux's
@@ -98,6 +105,11 @@ def predict(
 ) -> torch.Tensor:
     """The velocity the transformer predicts for latents `noisy` (B, C, H, W) at timesteps `t`
     (noise level x 1000), in the latents' layout."""
+    with sdpa_kernel(_ATTENTION):
+        return _predict(kind, transformer, noisy, t, hidden, extra)
+
+
+def _predict(kind, transformer, noisy, t, hidden, extra) -> torch.Tensor:
     pooled = extra["pooled_projections"].to(noisy.dtype)
     if kind == "sd3":
         return transformer(
