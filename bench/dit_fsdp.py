@@ -45,8 +45,12 @@ def timed(step, device: torch.device, repeats: int) -> tuple[float, float | None
     return statistics.median(times), peak
 
 
-def run(shape, bs, device, world, reshard: bool | None, repeats: int) -> dict:
-    """One configuration: unsharded (`reshard` None) or FSDP2 with reshard_after_forward=reshard."""
+def run(
+    shape, bs, device, world, reshard: bool | None, repeats: int, prefetch: bool = False
+) -> dict:
+    """One configuration: unsharded (`reshard` None) or FSDP2 with reshard_after_forward=reshard;
+    `prefetch`: each block also starts the next block's all-gather (forward) and the previous
+    one's (backward) explicitly, instead of when the host reaches that block."""
     cuda = device.type == "cuda"
     net, rows = build("flux", shape, bs, device, torch.bfloat16 if cuda else torch.float32)
     params = adapt(net, "peftkit-lora")
@@ -57,14 +61,19 @@ def run(shape, bs, device, world, reshard: bool | None, repeats: int) -> dict:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
-        for block in [*net.transformer_blocks, *net.single_transformer_blocks]:
+        blocks = [*net.transformer_blocks, *net.single_transformer_blocks]
+        for block in blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(net, mesh=mesh)
+        if prefetch:
+            for i, block in enumerate(blocks):
+                block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 2])
+                block.set_modules_to_backward_prefetch(blocks[max(i - 1, 0) : i])
         params = [p for p in net.parameters() if p.requires_grad]  # the sharded ones
     ms, peak = timed(train_step("flux", net, rows, params, device), device, repeats)
     processes = 1 if reshard is None else world
     row = dict(
-        mode="single" if reshard is None else f"fsdp x{world}",
+        mode="single" if reshard is None else f"fsdp x{world}" + (" prefetch" if prefetch else ""),
         reshard_after_forward=reshard,
         bs_per_process=bs,
         ms=round(ms, 1),
@@ -98,8 +107,8 @@ def main() -> None:
     if rank == 0:
         rows.append(run(shape, args.bs, device, world, None, args.repeats))
     dist.barrier()
-    for reshard in (True, False):
-        row = run(shape, args.bs, device, world, reshard, args.repeats)
+    for reshard, prefetch in ((True, False), (False, False), (True, True)):
+        row = run(shape, args.bs, device, world, reshard, args.repeats, prefetch)
         if row["peak_gib"] is not None:  # the largest process's peak
             peak = torch.tensor(row["peak_gib"], device=device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
