@@ -26,7 +26,7 @@ def _components(base: str | None) -> dict | None:
     from .base import load_base
 
     loaded = load_base(base)
-    components = {"unet": loaded.unet}
+    components = {("transformer" if loaded.is_transformer else "unet"): loaded.unet}
     components.update(
         {
             ("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): e

@@ -63,6 +63,15 @@ def shape_only(path: Path, header: dict[str, dict]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def transformer_family(modules) -> str | None:
+    """The DiT family a transformer adapter's module names point to: only Flux has single blocks."""
+    if not modules:
+        return None
+    if any(m.startswith("single_transformer_blocks.") for m in modules):
+        return "a Flux transformer (FluxPipeline.load_lora_weights)"
+    return "an SD3 transformer (StableDiffusion3Pipeline.load_lora_weights)"
+
+
 def describe(path: str | Path) -> list[str]:
     """The lines `peftkit inspect` prints for `path` (a .safetensors file or a peft folder)."""
     path = Path(path)
@@ -92,6 +101,9 @@ def describe(path: str | Path) -> list[str]:
     if alphas:
         lines.append("alpha: " + ", ".join(f"{a:g} x{n}" for a, n in sorted(alphas.items())))
     lines.append(f"targets: {len(entries)}, e.g. " + ", ".join(m for _, m, _ in entries[:3]))
+    family = transformer_family(adapters.get("transformer", {}))
+    if family:
+        lines.append(f"made for: {family}")
     if metadata.get("config"):
         lines.append(f"config: {metadata['config']}")
     for key, label in (("base_model", "base model"), ("base_fingerprint", "base fingerprint")):

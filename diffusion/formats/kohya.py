@@ -63,7 +63,7 @@ def kohya_layouts() -> dict[str, dict[str, str]]:
 
 def is_kohya(keys) -> bool:
     return any(STEM.match(k.split(".", 1)[0]) and "." in k for k in keys) and not any(
-        k.startswith(("unet.", "text_encoder")) for k in keys
+        k.startswith(("unet.", "transformer.", "text_encoder")) for k in keys
     )
 
 
@@ -219,7 +219,9 @@ def kohya_tensors(adapters: AdapterSet) -> dict[str, torch.Tensor]:
     for component, entries in adapters.items():
         if component not in prefixes:
             raise PeftkitError(
-                f"kohya files name only unet/text_encoder/text_encoder_2, not {component!r}"
+                f"kohya files name only unet/text_encoder/text_encoder_2, not {component!r}: "
+                "write SD3/Flux transformer adapters with --to diffusers (the pipelines' "
+                "load_lora_weights reads it)"
             )
         for m, entry in entries.items():
             stem = f"lora_{prefixes[component]}_{m.replace('.', '_')}"

@@ -20,7 +20,7 @@ from ...common_kernels.errors import PeftkitError
 from ...common_kernels.inject import AdapterHandle, candidate_modules, inject
 from ...common_kernels.registry import core
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # transformer: SD3/Flux
 # Where each core's rank sits (tensor, axis), first present wins: LyCORIS' rule for LoKr, whose
 # scale is 1 when neither factor is low rank. Zero-padding along these axes is exact.
 RANK_AXES = {

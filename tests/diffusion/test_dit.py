@@ -180,6 +180,30 @@ def test_saved_lora_loads_in_diffusers_with_peftkits_output(trained):
     assert read_tensors(out / UNET_FILE)[1]["component"] == "transformer"
 
 
+def test_inspect_and_convert_know_transformer_adapters(trained, tmp_path):
+    from peftkit.diffusion.convert_cli import convert
+    from peftkit.diffusion.inspect_cli import describe
+
+    kind, _, _, out, _, _ = trained
+    original = out / "pytorch_lora_weights.safetensors"
+    lines = describe(original)
+    assert any(line.startswith("components: ") and "transformer (" in line for line in lines)
+    family = {"flux": "Flux", "sd3": "SD3"}[kind]
+    assert any(line.startswith("made for: ") and family in line for line in lines), lines
+    # diffusers -> peftkit -> diffusers gives the same transformer tensors back
+    convert([str(original), str(tmp_path / "peftkit"), "--to", "peftkit"])
+    ours = tmp_path / "peftkit" / "transformer.safetensors"
+    assert read_tensors(ours)[1]["component"] == "transformer"
+    convert([str(ours), str(tmp_path / "back.safetensors"), "--to", "diffusers"])
+    before = {k: v for k, v in read_tensors(original)[0].items() if k.startswith("transformer.")}
+    after = read_tensors(tmp_path / "back.safetensors")[0]
+    assert after.keys() == before.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
+    with pytest.raises(PeftkitError, match="--to diffusers"):
+        convert([str(original), str(tmp_path / "k.safetensors"), "--to", "kohya"])
+
+
 def test_presets_name_the_transformer_layers(dit_paths):
     from peftkit.common_kernels.inject import find_targets
     from peftkit.common_kernels.lora import LoRAConfig
