@@ -36,7 +36,9 @@ class Router:
         return torch.stack([self.params[k][name] for k in self.which])
 
     def per_row(self, stacked: torch.Tensor) -> torch.Tensor:
-        return stacked.repeat_interleave(self.rows // len(self.which), dim=0)
+        # expand, not repeat_interleave: its sizes are known on the host, nothing to sync in a capture
+        k = len(self.which)
+        return stacked.unsqueeze(1).expand(k, self.rows // k, *stacked.shape[1:]).flatten(0, 1)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(0, (len(self.which), -1))
