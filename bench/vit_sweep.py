@@ -45,7 +45,14 @@ from peftkit.vision.sweep import grid_configs  # noqa: E402
 from peftkit.vision.train import ViTTrainConfig, train_vit  # noqa: E402
 
 GRID = {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-2]}
-METHODS = {"lora": {"r": 8}, "vpt-deep": {"vpt_length": 10}}
+# name -> (method, options). LoRA runs in weight space on a GPU by default (W + s B A formed per
+# configuration, one more weight-gradient GEMM each); "lora-factored" times the factored pass.
+METHODS = {
+    "lora": ("lora", {"r": 8}),
+    "lora-factored": ("lora", {"r": 8, "apply": "factored"}),
+    "vpt-deep": ("vpt-deep", {"vpt_length": 10}),
+}
+PARITY = ("lora", "vpt-deep")
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
@@ -60,7 +67,8 @@ def quietly(fn, *args, **kwargs):
 
 
 def configs(base: ViTTrainConfig, method: str, out: Path) -> list[ViTTrainConfig]:
-    point = replace(base, method=method, method_options=METHODS[method])
+    name, options = METHODS[method]
+    point = replace(base, method=name, method_options=options)
     return [replace(c, output_dir=str(out / name)) for name, c in grid_configs(point, GRID)]
 
 
@@ -182,10 +190,10 @@ def main() -> None:
         checkpoint_every_epochs=0,
     )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    checks = [row for m in METHODS for row in parity(replace(base, epochs=1), m, root / f"p-{m}")]
+    checks = [row for m in PARITY for row in parity(replace(base, epochs=1), m, root / f"p-{m}")]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = [timing(base, m, root / f"time-{m}") for m in METHODS]
-    guess = estimate(rows, base.batch_size)
+    guess = estimate([r for r in rows if r["method"] in ("lora", "vpt-deep")], base.batch_size)
     head = "method | K | steps | one pass s | 8 in a row s | one run s | one pass / one run"
     lines = [f"| {head} | ms/step together | ms/step one |", "|" + "---|" * 9]
     for r in rows:

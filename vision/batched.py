@@ -26,6 +26,7 @@ from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.training.data_cache import batches, cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, TrainResult, launch_world, train
 
+from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig
 from .sweep_adapters import SweepAdapters
 from .train import ViTTrainConfig, build_model, engine_config, load_data, run_results, write_run
@@ -84,6 +85,10 @@ class SweepTask:
         self.failed_at: dict[int, int] = {}
         self.history: list[list[dict[str, float]]] = [[] for _ in configs]
         self.device, self.eval_seconds, self.step = torch.device("cpu"), 0.0, 0
+        # Random crops (FGVC): each configuration draws its batches' from its own seed, as alone.
+        self.transform = data.train.transform if crop_generator(data.train) else None
+        seeds = [c.seed for c in configs] if self.transform is not None else []
+        self.crops = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def prepare(self, accelerator) -> None:
         if accelerator.num_processes > 1:
@@ -110,7 +115,11 @@ class SweepTask:
         streams = [batches(self.train_set, c.batch_size, c.seed, start, None) for c in self.engines]
         for step in itertools.count(start):
             self.step = step
-            parts = [next(s) for s in streams]
+            parts = []
+            for k, stream in enumerate(streams):
+                if self.transform is not None:
+                    self.transform.generator = self.crops[k]
+                parts.append(next(stream))
             yield (
                 torch.cat([p[0] for p in parts]),
                 torch.cat([torch.as_tensor(p[1]) for p in parts]),
@@ -204,8 +213,10 @@ class SweepTask:
             for key, p in self.sweep.named(k)
         }
         failed = [self.failed_at.get(k, -1) for k in range(len(self.engines))]
+        crops = {f"crops.{k}": g.get_state() for k, g in enumerate(self.crops)}
         return {
             **state,
+            **crops,
             "bad": torch.tensor(self.bad),
             "last_bad": torch.tensor(self.last_bad),
             "failed_at": torch.tensor(failed),
@@ -216,6 +227,8 @@ class SweepTask:
             for k in range(len(self.engines)):
                 for key, p in self.sweep.named(k):
                     p.copy_(state[f"{k}.{key}"])
+        for k, generator in enumerate(self.crops):
+            generator.set_state(state[f"crops.{k}"])
         self.bad, self.last_bad = state["bad"].tolist(), state["last_bad"].tolist()
         for k, at in enumerate(state["failed_at"].tolist()):
             if at >= 0:

@@ -4,7 +4,8 @@ A task plugs in what differs: the model, its trainable parameters, `loss(model, 
 optionally `evaluate(model)`, `prepare(accelerator)`, `state_dict`/`load_state_dict` for what
 checkpoints hold, `draw(batch)` + `drawn_loss(model, drawn)` when a step has random inputs of its
 own (drawn eagerly, so the rest of the step can be captured), `graph_unsafe` (why its step
-cannot be captured) or `graph_loss`/`graph_context`/`graph_key` (below), and for several configurations in one pass (vision/batched.py) `batches(start)`
+cannot be captured) or `graph_loss`/`graph_context`/`graph_key` (see `train`), and for several
+configurations in one pass (vision/batched.py) `batches(start)`
 (its joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
 configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
 AdamW and its schedule, gradient accumulation and clipping, the NaN guard, progress events,
