@@ -124,6 +124,24 @@ def parity(base: ViTTrainConfig, method: str, out: Path) -> list[dict]:
     return rows
 
 
+def divergence(base: ViTTrainConfig, out: Path) -> dict:
+    """A LoRA configuration whose weights overflow (lr 1e36) trained with a good one in fp32: it
+    fails alone (under CUDA graphs: its steps redone eagerly, then the step captured again for the
+    good one), and the good one ends as alone (its error to read against the parity floor)."""
+    good, bad = configs(replace(base, mixed_precision="no"), "lora", out)[::5]
+    results, _ = quietly(train_together, [good, replace(bad, lr=1e36)], str(out / "group"))
+    alone = replace(good, output_dir=good.output_dir + "-alone")
+    quietly(train_vit, alone)
+    got = read_tensors(Path(good.output_dir) / "adapter.safetensors")[0]
+    want = read_tensors(Path(alone.output_dir) / "adapter.safetensors")[0]
+    return {
+        "method": "lora",
+        "check": "lr 1e36 beside a good configuration, fp32: the good one vs alone",
+        "statuses": [r["status"] for r in results],
+        "max_rel_error": max(rel_error(got[k], want[k]) for k in want),
+    }
+
+
 def timing(base: ViTTrainConfig, method: str, out: Path) -> dict:
     grid = configs(base, method, out / "together")
     assert len(group_configs(grid)) == 1
@@ -146,6 +164,9 @@ def timing(base: ViTTrainConfig, method: str, out: Path) -> dict:
         "sequential_vs_together": t_seq / t_together,
         "together_ms_per_step": 1000 * together[0]["timing"]["train"] / steps,
         "one_ms_per_step": 1000 * alone[0][0]["timing"]["train"] / steps,
+        # capture > 0: the step ran as one CUDA graph (0: eager)
+        "together_capture_s": together[0]["timing"]["capture"],
+        "one_capture_s": alone[0][0]["timing"]["capture"],
         "together_top1": [r["top1"] for r in together],
         "alone_top1": [r["top1"] for r, _ in alone],
     }
@@ -191,16 +212,19 @@ def main() -> None:
     )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     checks = [row for m in PARITY for row in parity(replace(base, epochs=1), m, root / f"p-{m}")]
+    diverged = divergence(replace(base, epochs=1), root / "diverged")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rows = [timing(base, m, root / f"time-{m}") for m in METHODS]
     guess = estimate([r for r in rows if r["method"] in ("lora", "vpt-deep")], base.batch_size)
     head = "method | K | steps | one pass s | 8 in a row s | one run s | one pass / one run"
-    lines = [f"| {head} | ms/step together | ms/step one |", "|" + "---|" * 9]
+    tail = "ms/step together | ms/step one | capture s together / one (0: eager)"
+    lines = [f"| {head} | {tail} |", "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['K']} | {r['steps']} | {r['together_s']:.1f} | "
             f"{r['sequential_s']:.1f} | {r['one_run_s']:.1f} | {r['together_vs_one']:.2f}x | "
-            f"{r['together_ms_per_step']:.1f} | {r['one_ms_per_step']:.1f} |"
+            f"{r['together_ms_per_step']:.1f} | {r['one_ms_per_step']:.1f} | "
+            f"{r['together_capture_s']:.1f} / {r['one_capture_s']:.1f} |"
         )
     lines += [
         "",
@@ -213,11 +237,16 @@ def main() -> None:
     ]
     lines += [
         "",
+        f"Divergence ({diverged['check']}): statuses {diverged['statuses']}, max rel error "
+        f"{diverged['max_rel_error']:.2e}.",
+        "",
         f"Estimated 19-task x 6-method VTAB-1k sweep (K = 8 per pass, 100 epochs, then the chosen "
         f"configuration retrained): {guess['vtab_19x6_gpu_hours']:.2f} GPU-hours.",
     ]
     meta = {"gpu": "cpu smoke"} if smoke else environment()
-    write_results(args.out, "vit_sweep", rows + checks + [guess], "\n".join(lines) + "\n", meta)
+    write_results(
+        args.out, "vit_sweep", rows + checks + [diverged, guess], "\n".join(lines) + "\n", meta
+    )
     print("\n".join(lines))
     print(json.dumps(guess))
 
