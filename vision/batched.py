@@ -1,11 +1,11 @@
 """Batched sweeps: K configurations of one task trained in one pass over one frozen ViT.
 
 Each step joins the configurations' batches (configuration k's rows are the k-th block) and runs
-one forward and backward, each block through its configuration's own adapter (sweep_adapters.py).
-Every configuration keeps its own initialization (its seed), data order,
-AdamW param group (lr, weight decay), schedule and clipping, so it ends where `train_vit` alone
-ends. A configuration whose loss turns NaN/inf skips the step alone (the step is redone without
-its rows) and fails after `max_bad_steps` in a row; the others go on.
+one forward and backward, each block through its configuration's own adapter (sweep_adapters.py),
+as one CUDA graph on a GPU. Every configuration keeps its own initialization (its seed), data order
+and crops, AdamW param group (lr, weight decay), schedule and clipping, so it ends where
+`train_vit` alone ends. A configuration whose loss turns NaN/inf skips the step alone (the step is
+redone eagerly without its rows) and fails after `max_bad_steps` in a row; the others go on.
 """
 
 from __future__ import annotations
