@@ -1,15 +1,16 @@
 """Batched sweeps: K configurations of one task trained in one pass over one frozen ViT.
 
 Each step joins the configurations' batches (configuration k's rows are the k-th block) and runs
-one forward and backward, each block through its configuration's own adapter (sweep_adapters.py).
-Every configuration keeps its own initialization (its seed), data order,
-AdamW param group (lr, weight decay), schedule and clipping, so it ends where `train_vit` alone
-ends. A configuration whose loss turns NaN/inf skips the step alone (the step is redone without
-its rows) and fails after `max_bad_steps` in a row; the others go on.
+one forward and backward, each block through its configuration's own adapter (sweep_adapters.py),
+as one CUDA graph on a GPU. Every configuration keeps its own initialization (its seed), data order
+and crops, AdamW param group (lr, weight decay), schedule and clipping, so it ends where
+`train_vit` alone ends. A configuration whose loss turns NaN/inf skips the step alone (the step is
+redone eagerly without its rows) and fails after `max_bad_steps` in a row; the others go on.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.training.data_cache import batches, cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, TrainResult, launch_world, train
 
+from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig
 from .sweep_adapters import SweepAdapters
 from .train import ViTTrainConfig, build_model, engine_config, load_data, run_results, write_run
@@ -70,19 +72,23 @@ class SweepDiverged(PeftkitError):
 
 class SweepTask:
     """The engine's task for a group: joined batches, per-configuration losses, param groups and
-    NaN guards, and one evaluation pass over every live configuration."""
-
-    graph_unsafe = "configurations trained together are routed per step on the host"
+    NaN guards, and one evaluation pass over every live configuration. Under CUDA graphs the live
+    configurations' step is captured (`graph_loss`); a step that is not finite is redone eagerly
+    by `loss`, which drops the diverged configurations' rows, as eager steps always do."""
 
     def __init__(self, model, sweep: SweepAdapters, engines: list[TrainConfig], data, configs):
         self.model, self.sweep, self.engines, self.data = model, sweep, engines, data
         self.smoothing = [c.label_smoothing for c in configs]
         self.eval_batch_size = max(1, configs[0].eval_batch_size // len(configs))
         self.status = ["running"] * len(configs)
-        self.bad = [0] * len(configs)
+        self.bad, self.last_bad = [0] * len(configs), [-2] * len(configs)
         self.failed_at: dict[int, int] = {}
         self.history: list[list[dict[str, float]]] = [[] for _ in configs]
         self.device, self.eval_seconds, self.step = torch.device("cpu"), 0.0, 0
+        # Random crops (FGVC): each configuration draws its batches' from its own seed, as alone.
+        self.transform = data.train.transform if crop_generator(data.train) else None
+        seeds = [c.seed for c in configs] if self.transform is not None else []
+        self.crops = [torch.Generator().manual_seed(seed) for seed in seeds]
 
     def prepare(self, accelerator) -> None:
         if accelerator.num_processes > 1:
@@ -104,44 +110,71 @@ class SweepTask:
         return [([p for _, p in self.sweep.named(k)], c) for k, c in enumerate(self.engines)]
 
     def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every configuration's batch in its own seeded order (as alone), joined in blocks."""
-        self.step = start
+        """Every configuration's batch in its own seeded order (as alone), joined in blocks;
+        `step` is the index of the batch last drawn."""
         streams = [batches(self.train_set, c.batch_size, c.seed, start, None) for c in self.engines]
-        while True:
-            parts = [next(s) for s in streams]
+        for step in itertools.count(start):
+            self.step = step
+            parts = []
+            for k, stream in enumerate(streams):
+                if self.transform is not None:
+                    self.transform.generator = self.crops[k]
+                parts.append(next(stream))
             yield (
                 torch.cat([p[0] for p in parts]),
                 torch.cat([torch.as_tensor(p[1]) for p in parts]),
             )
 
-    def _losses(self, model, images, labels, which: list[int]) -> list[torch.Tensor]:
-        rows = lambda t: t.unflatten(0, (len(self.engines), -1))[which].flatten(0, 1)  # noqa: E731
-        logits = self.sweep.forward(model, rows(images), which).unflatten(0, (len(which), -1))
-        labels = rows(labels).unflatten(0, (len(which), -1))
+    def _losses(self, model, batch, which: list[int], routed: bool = False) -> list[torch.Tensor]:
+        """The losses of configurations `which` on their row blocks of the joined `batch`
+        (`routed`: their routing is held already, as `graph_context` holds it)."""
+        if len(which) == len(self.engines):
+            images, labels = batch
+        else:  # slices, not an index list: that would be copied from the host in a capture
+            images, labels = (
+                torch.cat([t.unflatten(0, (len(self.engines), -1))[k] for k in which])
+                for t in batch
+            )
+        logits = model(images) if routed else self.sweep.forward(model, images, which)
+        logits, labels = (t.unflatten(0, (len(which), -1)) for t in (logits, labels))
         return [
             F.cross_entropy(logits[j], labels[j], label_smoothing=self.smoothing[k])
             for j, k in enumerate(which)
         ]
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        images, labels = batch
+    def graph_key(self) -> tuple[int, ...]:
+        return tuple(self.live())
+
+    def graph_context(self):
         live = self.live()
-        if not live:
-            raise SweepDiverged("every configuration of this group diverged")
-        losses = self._losses(model, images, labels, live)
+        return self.sweep.routed(live, len(live) * self.engines[0].batch_size)
+
+    def graph_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The live configurations' summed loss, no host work: what a CUDA graph captures."""
+        return sum(self._losses(model, batch, self.live(), routed=True))
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The summed loss of the configurations whose loss is finite; the others skip the step,
+        and fail after max_bad_steps batches in a row."""
+        live = self.live()
+        losses = self._losses(model, batch, live)
         values = torch.stack([loss.detach().float() for loss in losses]).tolist()
         good = [k for k, v in zip(live, values) if math.isfinite(v)]
-        for k, v in zip(live, values):
-            self.bad[k] = 0 if math.isfinite(v) else self.bad[k] + 1
+        for k in set(live) - set(good):
+            self.bad[k] = self.bad[k] + 1 if self.last_bad[k] == self.step - 1 else 1
+            self.last_bad[k] = self.step
+            for _, p in self.sweep.named(k):
+                p.grad = None  # a captured step's gradient: the eager update must skip it
+                if self.bad[k] >= self.engines[k].max_bad_steps:
+                    p.requires_grad_(False)  # out of the captured step from now on
             if self.bad[k] >= self.engines[k].max_bad_steps:
                 self.status[k], self.failed_at[k] = "failed", self.step
-        self.step += 1
-        if len(good) == len(live):
-            return sum(losses)
-        if not good:
-            return sum(losses)  # the engine skips the step
+        if not self.live():
+            raise SweepDiverged("every configuration of this group diverged")
+        if len(good) == len(live) or not good:
+            return sum(losses)  # not finite: the engine skips the step
         # Masked routes would carry a bad configuration's NaN into the others' gradients.
-        return sum(self._losses(model, images, labels, good))
+        return sum(self._losses(model, batch, good))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -180,17 +213,28 @@ class SweepTask:
             for key, p in self.sweep.named(k)
         }
         failed = [self.failed_at.get(k, -1) for k in range(len(self.engines))]
-        return {**state, "bad": torch.tensor(self.bad), "failed_at": torch.tensor(failed)}
+        crops = {f"crops.{k}": g.get_state() for k, g in enumerate(self.crops)}
+        return {
+            **state,
+            **crops,
+            "bad": torch.tensor(self.bad),
+            "last_bad": torch.tensor(self.last_bad),
+            "failed_at": torch.tensor(failed),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k in range(len(self.engines)):
                 for key, p in self.sweep.named(k):
                     p.copy_(state[f"{k}.{key}"])
-        self.bad = state["bad"].tolist()
+        for k, generator in enumerate(self.crops):
+            generator.set_state(state[f"crops.{k}"])
+        self.bad, self.last_bad = state["bad"].tolist(), state["last_bad"].tolist()
         for k, at in enumerate(state["failed_at"].tolist()):
             if at >= 0:
                 self.status[k], self.failed_at[k] = "failed", at
+                for _, p in self.sweep.named(k):
+                    p.requires_grad_(False)
 
 
 def train_together(

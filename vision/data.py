@@ -337,7 +337,7 @@ def load_task(
     if kind == "fgvc":
         from .fgvc import load_fgvc
 
-        return load_fgvc(Path(where), protocol, transform, num_classes)
+        return load_fgvc(Path(where), protocol, transform, num_classes, seed)
     if kind == "folder":
         root = Path(where)
         train_ex, classes = read_image_folder(root / "train")

@@ -1,8 +1,9 @@
 """Fine-grained classification (FGVC) data: CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs
 and Stanford Cars as the VPT benchmark uses them (`fgvc:<dir>`), with VPT's FGVC augmentation:
 resize to 256 x 256, a random 224 crop and a horizontal flip for training, a center 224 crop for
-evaluation (scaled to other input sizes by 256/224). Protocols as VTAB's: "tune" trains on train
-and evaluates on val; "final" trains on train + val and reports test.
+evaluation (scaled to other input sizes by 256/224), the crops drawn from the run's own seeded
+generator, which checkpoints keep. Protocols as VTAB's: "tune" trains on train and evaluates on
+val; "final" trains on train + val and reports test.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ HELD_OUT = 10  # without a val split, tune holds out every 10th training image o
 class FGVCTransform(Preprocess):
     """`decode`: resize to r x r (r = size * 256 / 224, bilinear as torchvision's Resize) as uint8;
     `normalize`: a random crop + flip (train) or the center crop (eval) of one image or a batch,
-    then mean/std. The crop runs where the pixels are, so a cached split is augmented per batch."""
+    then mean/std. The crop runs where the pixels are, so a cached split is augmented per batch;
+    its offsets and flips come from `generator` (seeded by `seed`), never from the global RNG."""
 
     def __init__(
-        self, size: int, mean: tuple[float, ...], std: tuple[float, ...], train: bool
+        self, size: int, mean: tuple[float, ...], std: tuple[float, ...], train: bool, seed: int = 0
     ) -> None:
         super().__init__(size, mean, std)
         self.resize, self.train = round(size * 256 / 224), train
+        self.generator = torch.Generator().manual_seed(seed) if train else None
 
     def decode(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB").resize((self.resize, self.resize), Image.BILINEAR)
@@ -43,8 +46,11 @@ class FGVCTransform(Preprocess):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         batch = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)
-        crop = random_crop_flip if self.train else center_crop
-        out = super().normalize(crop(batch, self.size))
+        if self.train:
+            batch = random_crop_flip(batch, self.size, self.generator)
+        else:
+            batch = center_crop(batch, self.size)
+        out = super().normalize(batch)
         return out if pixels.dim() == 4 else out[0]
 
 
@@ -55,23 +61,41 @@ def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return pixels[..., top : top + size, left : left + size]
 
 
-def random_crop_flip(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Per image: a uniformly placed size x size window, mirrored left-right with probability 1/2."""
+def random_crop_flip(
+    pixels: torch.Tensor, size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per image: a uniformly placed size x size window, mirrored left-right with probability 1/2;
+    drawn on the CPU from `generator`, so a CPU and a GPU run of one seed crop alike."""
     b, c, h, w = pixels.shape
     dev = pixels.device
-    top = torch.randint(0, h - size + 1, (b, 1), device=dev) + torch.arange(size, device=dev)
-    left = torch.randint(0, w - size + 1, (b, 1), device=dev) + torch.arange(size, device=dev)
-    flip = torch.rand(b, 1, device=dev) < 0.5
+    draws = (
+        torch.randint(0, h - size + 1, (b, 1), generator=generator),
+        torch.randint(0, w - size + 1, (b, 1), generator=generator),
+        torch.rand(b, 1, generator=generator, dtype=torch.float32) < 0.5,
+    )
+    top, left, flip = (t.to(dev, non_blocking=True) for t in draws)
+    top, left = top + torch.arange(size, device=dev), left + torch.arange(size, device=dev)
     left = torch.where(flip, left.flip(-1), left)
     rows = torch.arange(b, device=dev).view(b, 1, 1, 1)
     chans = torch.arange(c, device=dev).view(1, c, 1, 1)
     return pixels[rows, chans, top.view(b, 1, size, 1), left.view(b, 1, 1, size)]
 
 
+def crop_generator(dataset) -> torch.Generator | None:
+    """The generator a training set's random crops draw from (None: it draws none): the state a
+    run's checkpoint keeps, and each configuration of a batched sweep has its own."""
+    return getattr(getattr(dataset, "transform", None), "generator", None)
+
+
 def load_fgvc(
-    root: Path, protocol: str, transform: Preprocess, num_classes: int | None = None
+    root: Path,
+    protocol: str,
+    transform: Preprocess,
+    num_classes: int | None = None,
+    seed: int = 0,
 ) -> TaskData:
-    """Train and eval splits of the FGVC dataset in `root` under `protocol` ("tune" or "final")."""
+    """Train and eval splits of the FGVC dataset in `root` under `protocol` ("tune" or "final");
+    the training crops drawn from a generator seeded by `seed` (the run's)."""
     if not root.is_dir():
         raise PeftkitError(f"FGVC dataset folder {str(root)!r} does not exist")
     if all((root / f"{s}.json").is_file() for s in ("train", "val", "test")):
@@ -91,7 +115,7 @@ def load_fgvc(
     check_labels(train + evals, n)
     stats = (transform.size, transform.mean.flatten().tolist(), transform.std.flatten().tolist())
     return TaskData(
-        ImageListDataset(train, FGVCTransform(*stats, train=True), f"{root}/{names[0]}"),
+        ImageListDataset(train, FGVCTransform(*stats, True, seed), f"{root}/{names[0]}"),
         ImageListDataset(evals, FGVCTransform(*stats, train=False), f"{root}/{names[1]}"),
         n,
         root.name,

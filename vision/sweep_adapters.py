@@ -6,12 +6,15 @@ Used by batched sweeps (batched.py); each configuration's tensors keep their ada
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftkit.common_kernels import inject
-from peftkit.common_kernels.inject import routing
+from peftkit.common_kernels.inject import adapted_layers, routing
 
 from .adaptformer import AdaptFormer
 from .backbones import vit_layout
@@ -33,7 +36,9 @@ class Router:
         return torch.stack([self.params[k][name] for k in self.which])
 
     def per_row(self, stacked: torch.Tensor) -> torch.Tensor:
-        return stacked.repeat_interleave(self.rows // len(self.which), dim=0)
+        # expand, not repeat_interleave: its sizes are known on the host, nothing to sync in a capture
+        k = len(self.which)
+        return stacked.unsqueeze(1).expand(k, self.rows // k, *stacked.shape[1:]).flatten(0, 1)
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(0, (len(self.which), -1))
@@ -206,13 +211,22 @@ class SweepAdapters:
             for key in self.keys
         ]
 
+    @contextlib.contextmanager
+    def routed(self, which: list[int], rows: int) -> Iterator[torch.Tensor | None]:
+        """Within the block a batch of `rows` rows goes through configurations `which`, one equal
+        row block each; yields the device row ids that a captured step reads (None: no cores)."""
+        self.router.which, self.router.rows = which, rows
+        if not self.handles:
+            yield None
+            return
+        ids = [j for j in range(len(which)) for _ in range(rows // len(which))]
+        with routing(self.model, ids, [f"sweep{k}" for k in which]):
+            layers = adapted_layers(self.model)
+            yield next((l.adapter_ids for l in layers if l.adapter_ids is not None), None)
+
     def forward(self, model: nn.Module, images: torch.Tensor, which: list[int]) -> torch.Tensor:
         """Logits of `images`, whose len(which) row blocks go through configurations `which`."""
-        self.router.which, self.router.rows = which, images.shape[0]
-        if not self.handles:
-            return model(images)
-        ids = [j for j in range(len(which)) for _ in range(images.shape[0] // len(which))]
-        with routing(self.model, ids, [f"sweep{k}" for k in which]):
+        with self.routed(which, images.shape[0]):
             return model(images)
 
     def remove(self) -> None:

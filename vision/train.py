@@ -30,6 +30,7 @@ from peftkit.common_kernels.training.engine import TrainConfig, launch_world, tr
 
 from .backbones import create_backbone, normalization
 from .data import Preprocess, load_task
+from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter, read_vision_adapter
 from .recipes import method_defaults
 
@@ -148,8 +149,10 @@ class ViTTask:
         eval_batch_size: int,
         label_smoothing: float = 0.0,
         should_stop: Callable[[], bool] | None = None,
+        crops: torch.Generator | None = None,
     ) -> None:
         self.model, self.adapter, self.eval_set = model, adapter, eval_set
+        self.crops = crops  # the training set's random crops (FGVC): checkpoints keep its state
         self.should_stop = should_stop
         self.eval_batch_size, self.label_smoothing = eval_batch_size, label_smoothing
         self.device = torch.device("cpu")
@@ -180,10 +183,13 @@ class ViTTask:
         return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.adapter.state_dict()
+        crops = {} if self.crops is None else {"data.crops": self.crops.get_state()}
+        return {**self.adapter.state_dict(), **crops}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state)
+        if self.crops is not None:
+            self.crops.set_state(state["data.crops"])
+        self.adapter.load_state_dict({k: v for k, v in state.items() if k != "data.crops"})
 
 
 @torch.no_grad()
@@ -273,7 +279,13 @@ def train_vit(
         model, ViTMethodConfig.parse(config.method, **config.method_options), base_model=base_name
     )
     task = ViTTask(
-        model, adapter, data.eval, config.eval_batch_size, config.label_smoothing, should_stop
+        model,
+        adapter,
+        data.eval,
+        config.eval_batch_size,
+        config.label_smoothing,
+        should_stop,
+        crop_generator(data.train),
     )
 
     rank, world = launch_world()

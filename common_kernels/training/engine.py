@@ -4,7 +4,8 @@ A task plugs in what differs: the model, its trainable parameters, `loss(model, 
 optionally `evaluate(model)`, `prepare(accelerator)`, `state_dict`/`load_state_dict` for what
 checkpoints hold, `draw(batch)` + `drawn_loss(model, drawn)` when a step has random inputs of its
 own (drawn eagerly, so the rest of the step can be captured), `graph_unsafe` (why its step
-cannot be captured), and for several configurations in one pass (vision/batched.py) `batches(start)`
+cannot be captured) or `graph_loss`/`graph_context`/`graph_key` (see `train`), and for several
+configurations in one pass (vision/batched.py) `batches(start)`
 (its joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
 configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
 AdamW and its schedule, gradient accumulation and clipping, the NaN guard, progress events,
@@ -14,6 +15,7 @@ chosen by default on one GPU (fast_path.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -174,11 +176,22 @@ def train(
     def step_loss(inputs: Any) -> torch.Tensor:
         return task.drawn_loss(model, inputs) if draw is not None else task.loss(model, inputs)
 
-    graph = None
-    if graphed:
-        graph = GraphedStep(
-            step_loss, [(params, run.optimizer, config.max_grad_norm)], accelerator.autocast
+    # A task whose `loss` does host-side work (a sweep dropping a diverged configuration) has the
+    # step captured from `graph_loss` with its `graph_context` held, redone eagerly with `loss` when
+    # not finite, and captured again when its `graph_key` changes (a configuration left).
+    graph_loss, graph_key = getattr(task, "graph_loss", None), getattr(task, "graph_key", None)
+
+    def capture() -> GraphedStep:
+        step = GraphedStep(
+            (lambda inputs: graph_loss(model, inputs)) if graph_loss else step_loss,
+            [([p for p in params if p.requires_grad], run.optimizer, config.max_grad_norm)],
+            accelerator.autocast,
+            context=getattr(task, "graph_context", contextlib.nullcontext),
         )
+        step.key = graph_key() if graph_key else None
+        return step
+
+    graph = capture() if graphed else None
     # A task that joins several data orders in each batch (a sweep) makes its own batches.
     own = getattr(task, "batches", None)
     data = (
@@ -215,6 +228,10 @@ def train(
             emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
             break
         inputs = step_inputs(next(data))
+        if graph is not None and graph_key and graph.key != graph_key():
+            graph = None  # frees the old graph's memory before the next capture
+            graph = capture()
+        redone = False
         if graph is not None:
             try:
                 total = float(graph.launch(inputs)[0])
@@ -229,6 +246,11 @@ def train(
             finite = np.isfinite(total)
             if not finite:
                 graph.skip_pending()
+                if graph_loss:
+                    total, finite = _eager_step(
+                        model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
+                    )
+                    redone = True
         else:
             total, finite = _eager_step(
                 model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
@@ -245,7 +267,8 @@ def train(
             continue
         if world > 1:
             total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
-        run.advance(total, config.batch_size * config.grad_accum, stepped=graph is not None)
+        stepped = graph is not None and not redone
+        run.advance(total, config.batch_size * config.grad_accum, stepped=stepped)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
     bar.close()

@@ -105,6 +105,15 @@ def clone_batch(batch: Any) -> Any:
     return batch
 
 
+def clip_sets(params: list[nn.Parameter], optimizer) -> list[list[nn.Parameter]]:
+    """`params` as their optimizer's param groups hold them when it has several, else whole."""
+    if len(optimizer.param_groups) == 1:
+        return [params]
+    mine = {id(p) for p in params}
+    sets = [[p for p in g["params"] if id(p) in mine] for g in optimizer.param_groups]
+    return [s for s in sets if s]
+
+
 class GraphedStep:
     """A step captured once and replayed: `launch(inputs)` copies `inputs` into the captured ones,
     replays, and returns the device tensor of losses (one per group; read it to sync).
@@ -132,8 +141,13 @@ class GraphedStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
-        # 0-dim, like the capturable optimizer's step counters it is subtracted from.
-        self.found_inf = torch.zeros((), device=self.params[0].device)
+        # Clipped as apply_gradients clips: each param group of an optimizer with several alone.
+        self.clipped = [
+            (clip_sets(params, optimizer), optimizer, norm) for params, optimizer, norm in groups
+        ]
+        # 0-dim, like the capturable optimizer's step counters it is subtracted from; float32,
+        # which fused AdamW reads it as whatever the default dtype.
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         for _, optimizer, _ in groups:
             optimizer.found_inf = self.found_inf
         self.static: Any = None
@@ -152,8 +166,8 @@ class GraphedStep:
             self.found_inf.fill_(1.0)
         else:
             self.found_inf.copy_((~torch.isfinite(values)).any().float())
-        for params, optimizer, max_grad_norm in self.groups:
-            if max_grad_norm:
+        for sets, optimizer, max_grad_norm in self.clipped:
+            for params in sets if max_grad_norm else []:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
             optimizer.step()
         return values

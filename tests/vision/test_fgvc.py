@@ -105,3 +105,23 @@ def test_evaluation_takes_the_center_crop_of_the_resized_image():
         transform.normalize(pixels.expand(2, -1, -1, -1)), expected.expand(2, -1, -1, -1)
     )
     assert torch.equal(center_crop(pixels, 16), pixels[:, 1:17, 1:17])
+
+
+def test_crops_come_from_the_runs_own_seeded_generator_and_resume_from_its_state():
+    pixels = torch.arange(8 * 3 * 20 * 20).view(8, 3, 20, 20) % 251
+
+    def transform(seed):
+        return FGVCTransform(16, (0.0,) * 3, (1.0,) * 3, train=True, seed=seed)
+
+    a, b = transform(0), transform(0)
+    first = a.normalize(pixels)
+    torch.manual_seed(123)  # draws from the global RNG in between change nothing
+    torch.rand(5)
+    assert torch.equal(b.normalize(pixels), first)
+    saved = a.generator.get_state()
+    second = a.normalize(pixels)
+    assert not torch.equal(second, first)  # the generator moves on between batches
+    assert not torch.equal(transform(1).normalize(pixels), first)
+    resumed = transform(7)
+    resumed.generator.set_state(saved)
+    assert torch.equal(resumed.normalize(pixels), second)

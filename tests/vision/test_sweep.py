@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from peftkit.common_kernels.errors import PeftkitError
+from peftkit.common_kernels.training import engine
+from peftkit.common_kernels.training.graphed_step import GraphedStep, clone_batch
 from peftkit.vision.batched import group_configs, train_together
 from peftkit.vision.methods import read_vision_adapter
 from peftkit.vision.train import ViTTrainConfig, train_vit
@@ -139,6 +141,68 @@ def test_configurations_trained_together_end_as_each_alone(
     assert not torch.allclose(a["head.weight"], b["head.weight"])
 
 
+@pytest.fixture(scope="module")
+def fgvc(tmp_path_factory):
+    """A 4-class FGVC folder (train/ and test/ class folders): its crops are random."""
+    root = tmp_path_factory.mktemp("fgvc")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 8), ("test", 3)):
+        for label, color in enumerate(COLORS):
+            (root / split / str(label)).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(color, 60, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / str(label) / f"{i}.png")
+    return root
+
+
+def test_fgvc_configurations_together_crop_and_end_as_each_alone_and_resume_exactly(
+    base, tmp_path, float64, fgvc
+):
+    def configs(where, **kw):
+        point = replace(base, data=f"fgvc:{fgvc}", protocol="final", **kw)
+        return _pair(point, tmp_path / where, "lora", r=2)
+
+    together = configs("together")
+    train_together(together, group_dir=str(tmp_path / "g0"))
+    for k, config in enumerate(together):
+        solo = replace(config, output_dir=str(tmp_path / f"alone{k}"))
+        train_vit(solo)
+        for name, want in _tensors(solo).items():
+            torch.testing.assert_close(_tensors(config)[name], want, rtol=1e-9, atol=1e-11)
+    # Stopped after 3 steps and resumed: the crops go on where they stopped.
+    steps = []
+    resumed = configs("resumed", checkpoint_every_epochs=1, epochs=3)
+    train_together(
+        resumed,
+        group_dir=str(tmp_path / "g1"),
+        on_event=lambda e: steps.append(e["step"]) if e["kind"] == "step" else None,
+        should_stop=lambda: len(steps) >= 5,
+    )
+    train_together(resumed, group_dir=str(tmp_path / "g1"))
+    straight = configs("straight", epochs=3)
+    train_together(straight, group_dir=str(tmp_path / "g2"))
+    for a, b in zip(straight, resumed):
+        for name, want in _tensors(a).items():
+            torch.testing.assert_close(_tensors(b)[name], want, rtol=1e-12, atol=1e-14)
+
+
+def test_an_fgvc_run_alone_resumes_its_crops_exactly(base, tmp_path, float64, fgvc):
+    point = replace(base, data=f"fgvc:{fgvc}", protocol="final", epochs=3, seed=2)
+    straight = replace(point, output_dir=str(tmp_path / "straight"))
+    train_vit(straight)
+    resumed = replace(point, output_dir=str(tmp_path / "resumed"), checkpoint_every_epochs=1)
+    steps = []
+    train_vit(
+        resumed,
+        on_event=lambda e: steps.append(e["step"]) if e["kind"] == "step" else None,
+        should_stop=lambda: len(steps) >= 5,
+    )
+    torch.manual_seed(99)  # a resumed run starts from another global RNG state
+    assert train_vit(resumed)["resumed_from"] == 5
+    for name, want in _tensors(straight).items():
+        torch.testing.assert_close(_tensors(resumed)[name], want, rtol=1e-12, atol=1e-14)
+
+
 def test_groups_split_what_cannot_share_a_pass(base):
     grid = [
         replace(base, lr=1e-2),
@@ -195,3 +259,62 @@ def test_an_interrupted_group_resumes_every_configuration_where_it_stopped(base,
         got, want = _tensors(b), _tensors(a)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """The captured-step path on the CPU: graphs planned as on one GPU, and each "replay" runs the
+    captured body eagerly with the capture's context held (the routing its kernels read).
+    Yields the list of captures."""
+    captures = []
+
+    class Replay:
+        def __init__(self, step):
+            self.step = step
+
+        def replay(self):
+            with self.step.context():
+                self.step.losses = self.step._body(warmup=False)
+
+    def capture(self, inputs):
+        captures.append(self)
+        self.static, self.graph = clone_batch(inputs), Replay(self)
+
+    monkeypatch.setattr(engine, "graph_plan", lambda *args, **kwargs: (True, None))
+    monkeypatch.setattr(GraphedStep, "_capture", capture)
+    yield captures
+
+
+@pytest.mark.parametrize(
+    "method,options", [("lora", {"r": 2}), ("vpt-deep+ssf", {"vpt_length": 2})]
+)
+def test_the_captured_step_trains_configurations_together_as_each_alone(
+    base, tmp_path, float64, replayed, method, options
+):
+    configs = _pair(base, tmp_path / "together", method, **options)
+    together = train_together(configs, group_dir=str(tmp_path / "group"))
+    assert len(replayed) == 1  # one capture served every step
+    for k, config in enumerate(configs):
+        solo = replace(config, output_dir=str(tmp_path / f"alone{k}"))
+        alone = train_vit(solo)
+        for name, want in _tensors(solo).items():
+            torch.testing.assert_close(_tensors(config)[name], want, rtol=1e-9, atol=1e-11)
+        assert together[k]["top1"] == alone["top1"]
+
+
+def test_under_captured_steps_a_diverging_configuration_fails_alone_and_the_rest_is_recaptured(
+    base, tmp_path, replayed
+):
+    good, bad = _pair(base, tmp_path / "together", "lora", r=2)
+    bad = replace(bad, lr=1e36)
+    results = train_together([good, bad], group_dir=str(tmp_path / "group"))
+    assert results[1]["status"] == "failed" and "3 steps in a row" in results[1]["error"]
+    assert results[0]["status"] == "done" and results[0]["steps"] == 12
+    # Captured for both, then again for the good one alone once the other failed.
+    mine = len(replayed[-1].params)
+    assert [len(step.params) for step in replayed] == [2 * mine, mine]
+    solo = replace(good, output_dir=str(tmp_path / "alone"))
+    alone = train_vit(solo)
+    for name, want in _tensors(solo).items():
+        torch.testing.assert_close(_tensors(good)[name], want, rtol=1e-5, atol=1e-6)
+    assert results[0]["top1"] == pytest.approx(alone["top1"])
