@@ -4,12 +4,14 @@ A task plugs in what differs: the model, its trainable parameters, `loss(model, 
 optionally `evaluate(model)`, `prepare(accelerator)`, `state_dict`/`load_state_dict` for what
 checkpoints hold, `draw(batch)` + `drawn_loss(model, drawn)` when a step has random inputs of its
 own (drawn eagerly, so the rest of the step can be captured), `graph_unsafe` (why its step
-cannot be captured), and for several configurations in one pass (vision/batched.py) `batches(start)`
-(its joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
-configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
-AdamW and its schedule, gradient accumulation and clipping, the NaN guard, progress events,
-eval/checkpoint cadence and exact resume (run.py), and whole-step CUDA graphs (graphed_step.py)
-chosen by default on one GPU (fast_path.py).
+cannot be captured), `reads_model_every` (steps whose step event reads the model: validation
+images), and for several configurations in one pass (vision/batched.py) `batches(start)` (its
+joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
+configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest:
+accelerate (devices, mixed precision, DDP, FSDP), AdamW and its schedule, gradient accumulation
+and clipping, the NaN guard, progress events, eval/checkpoint cadence and exact resume (run.py),
+and whole-step CUDA graphs (graphed_step.py) chosen by default on one GPU (fast_path.py), their
+losses read one step late (late_read.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .data_cache import batches, training_batches
 from .fast_path import default_device_type, fallback_line, graph_plan, resolve_precision
 from .fsdp import fsdp_requested, shard
 from .graphed_step import GraphedStep
+from .late_read import LateLoss
 from .optim import apply_gradients, build_optimizer, lr_factor
 from .run import Event, Run
 from .train_config import TrainConfig, TrainResult
@@ -177,7 +180,10 @@ def train(
     graph = None
     if graphed:
         graph = GraphedStep(
-            step_loss, [(params, run.optimizer, config.max_grad_norm)], accelerator.autocast
+            step_loss,
+            [(params, run.optimizer, config.max_grad_norm)],
+            accelerator.autocast,
+            schedule=run.device_schedule(),
         )
     # A task that joins several data orders in each batch (a sweep) makes its own batches.
     own = getattr(task, "batches", None)
@@ -209,31 +215,12 @@ def train(
     run.started = prepared
     first_step = run.result.step
     model.train()
-    while not run.done:
-        if should_stop is not None and should_stop():
-            path = run.save_progress()
-            emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
-            break
-        inputs = step_inputs(next(data))
-        if graph is not None:
-            try:
-                total = float(graph.launch(inputs)[0])
-            except RuntimeError as err:
-                if graph.graph is not None:
-                    raise
-                # Something in the step does not survive capture: fall back, never fail the run.
-                graph.abandon()
-                graph, run.graphed = None, False
-                say(fallback_line(f"capturing the step failed ({str(err).splitlines()[0]})"))
-        if graph is not None:
-            finite = np.isfinite(total)
-            if not finite:
-                graph.skip_pending()
-        else:
-            total, finite = _eager_step(
-                model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
-            )
+
+    def finish(total: float, finite: bool, stepped: bool) -> None:
+        """Count a step whose loss is known: skip it (NaN/inf; nothing was updated), or advance."""
         if not finite:
+            if stepped:
+                graph.skip_pending()
             error = run.skip()
             if error:
                 saved = run.save_progress() if run.ckpt_dir is not None else None
@@ -242,12 +229,52 @@ def train(
                     f"{error}{where}: lower the learning rate, use bf16 instead of fp16, or check "
                     "the data for broken examples"
                 )
-            continue
+            return
         if world > 1:
             total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
-        run.advance(total, config.batch_size * config.grad_accum, stepped=graph is not None)
+        run.advance(total, config.batch_size * config.grad_accum, stepped=stepped)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
+
+    def finish_late(late: LateLoss) -> None:
+        total = late.read()[0]
+        finish(total, bool(np.isfinite(total)), stepped=True)
+
+    # A captured step's loss is read after the next step is launched (late_read.py), unless the
+    # run needs its outcome first (Run.must_read); at most one step is in flight unread. A stop
+    # request therefore lands after the step in flight, which is counted and saved with the rest.
+    late = None
+    while True:
+        stop = should_stop is not None and should_stop()
+        if late is not None and (stop or run.must_read()):
+            finish_late(late)
+            late = None
+        if run.done:
+            break
+        if stop:
+            path = run.save_progress()
+            emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
+            break
+        inputs = step_inputs(next(data))
+        if graph is not None:
+            try:
+                launched = LateLoss(graph.launch(inputs))
+            except RuntimeError as err:
+                if graph.graph is not None:
+                    raise
+                # Something in the step does not survive capture: fall back, never fail the run.
+                graph.abandon()
+                graph, run.graphed = None, False
+                say(fallback_line(f"capturing the step failed ({str(err).splitlines()[0]})"))
+            else:
+                if late is not None:
+                    finish_late(late)
+                late = launched
+                continue
+        total, finite = _eager_step(
+            model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
+        )
+        finish(total, finite, stepped=False)
     bar.close()
     ended = time.perf_counter()
     result = run.finish()
@@ -309,6 +336,9 @@ class _null:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
+        if device.type == "cuda" and not batch.is_cuda and not batch.is_pinned():
+            # From pageable memory the copy may wait for the queued steps; pinned, it never does.
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
