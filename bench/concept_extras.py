@@ -1,10 +1,12 @@
-"""train-concept's validation loss, aspect buckets and pivotal tuning on the default fast path, on
-an SD1.5-shaped pipeline with random weights (bench/multitenant.py's).
+"""train-concept's validation loss, aspect buckets, pivotal tuning and a text-encoder LoRA on the
+default fast path, on an SD1.5-shaped pipeline with random weights (bench/multitenant.py's).
 
 Parity first, in fp32 without TF32: a run scoring the validation loss every 2 steps is still
 captured as one CUDA graph and ends with the eager run's adapter, losses and validation losses;
-images of one aspect bucket keep the graph; images in several buckets fall back to eager steps
-with the one-line notice. Then timing in bf16 at 512 px bs 2 (steady ms/step, peak memory).
+so do images of one aspect bucket, pivotal tuning and a text-encoder LoRA (token ids gathered on
+the device); images in several buckets fall back to eager steps with the one-line notice. Then
+timing in bf16 at 512 px bs 2 (steady ms/step; peak memory of the steps and of the whole run,
+each run starting from an emptied allocator).
 
     python bench/concept_extras.py --out bench/results/concept-extras     # ~3 min on an H200
     python bench/concept_extras.py --out /tmp/smoke --cpu-smoke            # the logic, tiny, CPU
@@ -70,7 +72,12 @@ def run(folder, out, graph, precision, steps, px, smoke, every=2, **concept):
         eval_every=every if config.validates else 0,
     )
     (task, result), lines = quiet(train_concept, base, folder, config, train_config)
-    state = {k: v.detach().float().cpu().clone() for k, v in task.unet_handle.state_dict().items()}
+    # every trained tensor: the UNet adapter, a text-encoder LoRA, the new token's rows
+    state = {
+        k: v.detach().float().cpu().clone()
+        for k, v in task.state_dict().items()
+        if not k.startswith("rng.")
+    }
     log = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     del task
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -111,6 +118,7 @@ def main() -> None:
         "one aspect bucket": (wide, {"buckets": True, "bucket_step": step}),
         "several aspect buckets": (mixed, {"buckets": True, "bucket_step": step}),
         "pivotal tuning": (square, {"new_token": "<sks>", "init_word": "toy"}),
+        "text-encoder LoRA": (square, {"text_encoder_rank": 4}),
     }
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
