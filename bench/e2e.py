@@ -193,7 +193,8 @@ def import_profile(log: Path, least_s: float = 0.05) -> str:
         depth = (len(name) - len(name.lstrip()) - 1) // 2
         rows.append((int(cumulative) / 1e6, depth, name.strip()))
     total = sum(c for c, d, _ in rows if d == 0)
-    lines = [f"all imports: {total:.2f} s", "", "| s (cumulative) | module |", "|---|---|"]
+    lines = [f"all imports: {total:.2f} s (each module listed after the ones it imported)", ""]
+    lines += ["| s (cumulative) | module |", "|---|---|"]
     lines += [f"| {c:.2f} | {'. ' * d}{n} |" for c, d, n in rows if d <= 2 and c >= least_s]
     return "\n".join(lines) + "\n"
 
