@@ -1,10 +1,12 @@
-"""train-concept's validation loss, aspect buckets and pivotal tuning on the default fast path, on
-an SD1.5-shaped pipeline with random weights (bench/multitenant.py's).
+"""train-concept's validation loss, aspect buckets, pivotal tuning and a text-encoder LoRA on the
+default fast path, on an SD1.5-shaped pipeline with random weights (bench/multitenant.py's).
 
 Parity first, in fp32 without TF32: a run scoring the validation loss every 2 steps is still
 captured as one CUDA graph and ends with the eager run's adapter, losses and validation losses;
-images of one aspect bucket keep the graph; images in several buckets fall back to eager steps
-with the one-line notice. Then timing in bf16 at 512 px bs 2 (steady ms/step, peak memory).
+so do images of one aspect bucket, pivotal tuning and a text-encoder LoRA (token ids gathered on
+the device); images in several buckets fall back to eager steps with the one-line notice. Then
+timing in bf16 at 512 px bs 2 (steady ms/step; peak memory of the steps and of the whole run,
+each run starting from an emptied allocator).
 
     python bench/concept_extras.py --out bench/results/concept-extras     # ~3 min on an H200
     python bench/concept_extras.py --out /tmp/smoke --cpu-smoke            # the logic, tiny, CPU
@@ -13,6 +15,7 @@ with the one-line notice. Then timing in bf16 at 512 px bs 2 (steady ms/step, pe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -41,8 +44,19 @@ def images(folder: Path, shapes: list[tuple[int, int]]) -> Path:
     return folder
 
 
+def fresh_memory() -> None:
+    """Free what earlier runs left (pipelines and graph pools held in reference cycles until a
+    collection) and restart the peak: otherwise a row's peak counts the rows before it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def run(folder, out, graph, precision, steps, px, smoke, every=2, **concept):
-    """(adapter, TrainResult, printed lines, validation losses) of one train-concept run."""
+    """(adapter, TrainResult, printed lines, validation losses, peak GiB of the whole run: loading,
+    caching latents and the steps) of one train-concept run."""
+    fresh_memory()
     base = mt.bench_base()  # a fresh pipeline: pivotal runs add tokens to the tokenizer
     config = ConceptConfig("a photo of <sks> toy", rank=4, resolution=px, **concept)
     train_config = TrainConfig(
@@ -58,13 +72,20 @@ def run(folder, out, graph, precision, steps, px, smoke, every=2, **concept):
         eval_every=every if config.validates else 0,
     )
     (task, result), lines = quiet(train_concept, base, folder, config, train_config)
-    state = {k: v.detach().float().cpu().clone() for k, v in task.unet_handle.state_dict().items()}
+    # every trained tensor: the UNet adapter, a text-encoder LoRA, the new token's rows
+    state = {
+        k: v.detach().float().cpu().clone()
+        for k, v in task.state_dict().items()
+        if not k.startswith("rng.")
+    }
     log = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-    return state, result, lines, [r["validation_loss"] for r in log if "validation_loss" in r]
+    del task
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return state, result, lines, [r["validation_loss"] for r in log if "validation_loss" in r], peak
 
 
 def parity(name, eager, graphed, tolerance=1e-4) -> dict:
-    (a, ra, _, va), (b, rb, lines, vb) = eager, graphed
+    (a, ra, _, va, _), (b, rb, lines, vb, _) = eager, graphed
     pairs = list(zip(ra.losses + va, rb.losses + vb))
     losses = max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)
     err = max(rel_error(b[k], a[k]) for k in a)
@@ -97,6 +118,7 @@ def main() -> None:
         "one aspect bucket": (wide, {"buckets": True, "bucket_step": step}),
         "several aspect buckets": (mixed, {"buckets": True, "bucket_step": step}),
         "pivotal tuning": (square, {"new_token": "<sks>", "init_word": "toy"}),
+        "text-encoder LoRA": (square, {"text_encoder_rank": 4}),
     }
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
@@ -111,13 +133,16 @@ def main() -> None:
     for name, (folder, concept) in {"square": (square, {}), **cases}.items():
         steps = 4 if smoke else 60
         out = root / f"time-{name}"
-        _, result, lines, _ = run(folder, out, "auto", "auto", steps, px, smoke, 20, **concept)
+        _, result, lines, _, peak = run(
+            folder, out, "auto", "auto", steps, px, smoke, 20, **concept
+        )
         timing.append(
             dict(
                 case=name,
                 graphed=result.timing["capture"] > 0,
                 ms_per_step=1000 * result.timing["train"] / max(1, len(result.losses)),
                 peak_gib=result.peak_memory_gib,
+                run_peak_gib=peak,
                 line=next((line for line in lines if line.startswith("set-up")), ""),
             )
         )
@@ -128,9 +153,11 @@ def main() -> None:
         f"{r['graphed']} | {r['ok']} | {r['notice']} |"
         for r in rows
     ]
-    table += ["", f"| bf16, {px} px, bs 2 | graphed | ms/step | peak GiB |", "|---|---|---|---|"]
+    table += ["", f"| bf16, {px} px, bs 2 | graphed | ms/step | peak GiB, steps | peak GiB, run |"]
+    table += ["|---|---|---|---|---|"]
     table += [
-        f"| {t['case']} | {t['graphed']} | {t['ms_per_step']:.1f} | {t['peak_gib']:.2f} |"
+        f"| {t['case']} | {t['graphed']} | {t['ms_per_step']:.1f} | {t['peak_gib']:.2f} | "
+        f"{t['run_peak_gib']:.2f} |"
         for t in timing
     ]
     markdown = "\n".join(table) + "\n"

@@ -3,7 +3,8 @@ and vit-train trained with CUDA graphs (what `cuda_graph="auto"` picks on one GP
 `--eager`, on an SD1.5-shaped pipeline with random weights (bench/multitenant.py's) and ViT-B/16.
 
 Parity first, in fp32 without TF32: the adapter trained on the graphed path equals the eager one
-(max relative error over adapter tensors, and over per-step losses). Then timing in bf16 (the
+(max relative error over adapter tensors, and over per-step losses), and a graphed bf16 run makes
+no host<->device sync between its steps (CUDA sync debug mode "error"). Then timing in bf16 (the
 default precision on a GPU): steady ms/step, set-up (prepare + capture) and peak memory, graphed
 vs eager, for train-concept at 512 px bs 1 and 4 and for vit-train bs 64.
 
@@ -56,7 +57,7 @@ def quiet(fn, *args, **kwargs):
     return value, out.getvalue().splitlines()
 
 
-def concept(base, folder, out, method, graph, precision, steps, bs, resolution, cpu):
+def concept(base, folder, out, method, graph, precision, steps, bs, resolution, cpu, watch=None):
     checkpointing = method.endswith("+ckpt")  # "lora+ckpt": with --gradient-checkpointing
     config = ConceptConfig(
         "a photo of sks toy",
@@ -77,7 +78,7 @@ def concept(base, folder, out, method, graph, precision, steps, bs, resolution, 
         output_dir=str(out),
         cpu=cpu,
     )
-    (task, result), lines = quiet(train_concept, base, folder, config, train_config)
+    (task, result), lines = quiet(train_concept, base, folder, config, train_config, on_event=watch)
     state = {k: v.detach().float().cpu().clone() for k, v in task.unet_handle.state_dict().items()}
     task.unet_handle.unload()
     base.unet.disable_gradient_checkpointing()  # the next run shares this base
@@ -96,6 +97,28 @@ def compare(name, eager, graphed, tolerance) -> dict:
         graphed=captured,
         ok=err < tolerance and losses < tolerance,
     )
+
+
+def no_host_sync(base, folder, out, steps, resolution) -> dict:
+    """A graphed bf16 run with CUDA's sync debug mode set to "error" from its 3rd step event to
+    its last: a step that made the host wait for the GPU (a loss or lr read, a copy from pageable
+    memory, an index read on the host) fails the run. Step events come one step late, so the
+    check covers the draw, launch and bookkeeping of every step in between."""
+
+    def watch(event: dict) -> None:
+        if event["kind"] == "step":
+            torch.cuda.set_sync_debug_mode("error" if 3 <= event["step"] < steps else 0)
+
+    row = dict(check="no host sync in graphed bf16 steps", adapter_rel_error=0.0)
+    try:
+        _, result, _ = concept(
+            base, folder, out, "lora", True, "bf16", steps, 2, resolution, False, watch
+        )
+    except RuntimeError as err:
+        return {**row, "loss_rel_error": 0.0, "graphed": True, "ok": False, "notice": str(err)}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return {**row, "loss_rel_error": 0.0, "graphed": result.timing["capture"] > 0, "ok": True}
 
 
 def vit(out, graph, precision, steps, cpu, smoke, sizes=None):
@@ -232,6 +255,9 @@ def main() -> None:
         runs.append((state, [results["final_loss"]], results["timing"]["capture"] > 0))
         notes += lines
     rows.append(compare("vit-train fp32", *runs, tolerance=1e-3))
+    if not smoke:
+        # its own pipeline: a failed run would leave its adapter in the shared one
+        rows.append(no_host_sync(mt.bench_base(), folders[0], root / "no-sync", 12, parity_px))
 
     timing = [] if args.parity_only else timings(base, root, graph, smoke)
     table = [
@@ -254,6 +280,7 @@ def main() -> None:
         f"{t['peak_gib']:.2f} |"
         for t in timing
     ]
+    notes += [f"{r['check']}: {r['notice']}" for r in rows if r.get("notice")]
     markdown = "\n".join(table) + "\n\nNotices printed:\n" + "\n".join(sorted(set(notes))) + "\n"
     print(markdown)
     meta = {"gpu": "cpu smoke"} if smoke else environment()

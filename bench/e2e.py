@@ -4,6 +4,8 @@ unmodified copy, --diffusers-script) on a random-weight SD1.5-shaped pipeline, a
 vit-train` vs a plain timm + peft loop (bench/e2e_workloads.py) on a VTAB-1k-layout JPEG folder.
 Each run is a subprocess timed from start to exit while nvidia-smi samples GPU memory; steady
 step = (long - short) / (step difference), set-up = short - its steps x steady step.
+`--import-profile` adds one short train-concept run under `python -X importtime` and writes what
+its imports cost (imports-<kind>.md): most of its "load" time before the first step.
 """
 
 from __future__ import annotations
@@ -178,6 +180,25 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def import_profile(log: Path, least_s: float = 0.05) -> str:
+    """A markdown table of the imports in `-X importtime` output `log` costing `least_s` or more
+    (cumulative), the top-level ones and the two levels below them, in import order."""
+    rows = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line.split("|")
+        if not cumulative.strip().isdigit():
+            continue  # the header line
+        depth = (len(name) - len(name.lstrip()) - 1) // 2
+        rows.append((int(cumulative) / 1e6, depth, name.strip()))
+    total = sum(c for c, d, _ in rows if d == 0)
+    lines = [f"all imports: {total:.2f} s (each module listed after the ones it imported)", ""]
+    lines += ["| s (cumulative) | module |", "|---|---|"]
+    lines += [f"| {c:.2f} | {'. ' * d}{n} |" for c, d, n in rows if d <= 2 and c >= least_s]
+    return "\n".join(lines) + "\n"
+
+
 def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
     """train-concept vs diffusers' DreamBooth LoRA script, same pipeline, images and settings."""
     smoke = args.cpu_smoke
@@ -218,6 +239,16 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
             else:
                 row = run(name, cmd, TIMEOUT_S[kind], clear=out, tool=tool, **info)
                 row["reported"] = read_json(out / summary) if summary else None
+    if args.import_profile and built["status"] == "ok":
+        out = run.work / f"{kind}-peftkit-imports"
+        cmd = [sys.executable, "-X", "importtime"] + PEFTKIT[1:] + ["train-concept"]
+        cmd += ["--model", base, "--images", images, "--prompt", PROMPT, "--output", out]
+        cmd += ["--steps", WARM, "--resolution", res, "--batch-size", 1, "--method", "lora"]
+        cmd += ["--rank", 4] + args.peftkit_args.split()
+        name = f"{kind}-peftkit-imports"
+        run(name, cmd, TIMEOUT_S[kind], clear=out, workload=kind, tool="imports", size=WARM)
+        table = import_profile(run.work / "logs" / f"{name}.log")
+        (run.log.parent / f"imports-{kind}.md").write_text(table)
 
 
 def vit(run: Runner, args: argparse.Namespace) -> None:
@@ -246,7 +277,7 @@ def vit(run: Runner, args: argparse.Namespace) -> None:
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per (workload, tool): wall clock per run size, steady step, set-up, peak memory."""
     lines = []
-    timed = [r for r in rows if r["tool"] not in ("build", "warm-up")]
+    timed = [r for r in rows if r["tool"] not in ("build", "warm-up", "imports")]
     for key in dict.fromkeys((r["workload"], r["tool"]) for r in timed):
         runs = sorted(
             (r for r in timed if (r["workload"], r["tool"]) == key), key=lambda r: r["size"]
@@ -337,6 +368,11 @@ def main() -> None:
     )
     p.add_argument(
         "--budget-s", type=float, default=540, help="total wall clock; later runs are skipped"
+    )
+    p.add_argument(
+        "--import-profile",
+        action="store_true",
+        help="also time train-concept's imports (python -X importtime) into imports-<kind>.md",
     )
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument(

@@ -141,10 +141,10 @@ class DiffusionBase:
             # SDXL reads the penultimate layer of both encoders and the projected pooled output of the second.
             states.append(out.hidden_states[-2])
             pooled = out[0]
-        size = torch.tensor(
-            [resolution, resolution, 0, 0, resolution, resolution], dtype=states[0].dtype
-        )
-        time_ids = size.to(states[0].device).expand(states[0].shape[0], -1)
+        # Filled on the device: a copy from the host could not be captured in a training step.
+        size = states[0].new_full((6,), resolution)
+        size[2:4] = 0
+        time_ids = size.expand(states[0].shape[0], -1)
         return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
     def encode_prompt(

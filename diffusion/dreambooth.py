@@ -391,16 +391,18 @@ class ConceptTask:
         for which in range(len(self.sets)):
             self._encode(which, device)
         self.device = device
+        # Token ids live on the device, so a step gathers its captions' ids there: nothing in a
+        # step that encodes text waits for the GPU, and the step can be captured.
         if self.config.caption_dropout:
             self.empty = (
-                self.base.tokenize([""])
+                [i.to(device) for i in self.base.tokenize([""])]
                 if self.encodes_text
                 else self.base.encode_prompt([""], self.config.resolution)
             )
         prompt = self.pivotal.prompt if self.pivotal is not None else (lambda text: text)
         self.captions = [[prompt(c) for c in s.captions] for s in self.sets]
         if self.encodes_text:
-            self.ids = [self.base.tokenize(c) for c in self.captions]
+            self.ids = [[i.to(device) for i in self.base.tokenize(c)] for c in self.captions]
         else:
             self.conds = [self.base.encode_prompt(c, self.config.resolution) for c in self.captions]
         self.stream = RandomStream(self.seed, device)
@@ -432,7 +434,7 @@ class ConceptTask:
         self.latents.append(latents)
         self.mirrored.append(mirrored)
         self.size_ids.append(size_ids)
-        self.slot.append(slot)
+        self.slot.append(slot.to(device))
 
     def release_encoders(self) -> None:
         """Move the VAE (and text encoders without a LoRA) off the GPU once their outputs are
@@ -452,14 +454,17 @@ class ConceptTask:
         a batch shares it, `BucketedRows`); class rows follow the instance rows' bucket."""
         if self.bucket_of is None or which == self.held:
             return None
+        if len(set(self.bucket_of)) == 1:  # without reading `index`, which may be on the GPU
+            return self.bucket_of[0]
         return self.bucket_of[int(index[0])]
 
     def _rows(
         self, which: int, index: torch.Tensor, bucket: int | None
     ) -> tuple[torch.Tensor, dict]:
         mean, std = self.latents[which][bucket]
-        image = index  # the image's number in its set, which picks its caption
-        index = to_device_async(self.slot[which][index.cpu()], mean.device)
+        # the image's number in its set, which picks its caption
+        image = to_device_async(index, mean.device)
+        index = self.slot[which][image]
         sizes = self.size_ids[which][bucket][index]
         latents = sample_latents(mean[index], std[index])
         n, config = len(index), self.config
@@ -472,15 +477,14 @@ class ConceptTask:
         if config.caption_dropout and which == 0:
             drop = torch.rand(n, device=mean.device) < config.caption_dropout
         if self.encodes_text:
-            ids = [i[image.cpu()] for i in self.ids[which]]
+            ids = [i[image] for i in self.ids[which]]
             if drop is not None:
                 ids = [
-                    torch.where(drop.cpu().view(-1, *[1] * (i.dim() - 1)), e, i)
+                    torch.where(drop.view(-1, *[1] * (i.dim() - 1)), e, i)
                     for e, i in zip(self.empty, ids)
                 ]
             return latents, {"ids": ids, "time_ids": sizes}
         hidden, extra = self.conds[which]
-        image = to_device_async(image, hidden.device)
         hidden, extra = hidden[image], {k: v[image] for k, v in extra.items()}
         if drop is not None:
             empty_hidden, empty_extra = self.empty
@@ -521,7 +525,7 @@ class ConceptTask:
         if self.encodes_text:
             cond = {
                 **rows.cond,
-                "ids": [i[keep.cpu()] for i in rows.cond["ids"]],
+                "ids": [i[keep] for i in rows.cond["ids"]],
                 "time_ids": rows.cond["time_ids"][keep],
             }
         else:
@@ -585,10 +589,6 @@ class ConceptTask:
     @property
     def graph_unsafe(self) -> str | None:
         """Why the step cannot be captured as one CUDA graph (the engine then runs it eagerly)."""
-        if self.text_handles:
-            return "a text-encoder LoRA re-encodes token ids gathered on the host every step"
-        if self.pivotal is not None:
-            return "new token embeddings re-encode token ids gathered on the host every step"
         if self.config.gradient_checkpointing and active_dropout(self.base.unet):
             return (
                 "gradient checkpointing of a UNet with dropout restores the RNG state on the host"
@@ -597,6 +597,11 @@ class ConceptTask:
             # One graph per bucket would hold one copy of the step's activations per shape.
             return "aspect-ratio buckets give batches of several shapes"
         return None
+
+    @property
+    def reads_model_every(self) -> int:
+        """Steps whose step event generates validation images with the adapter being trained."""
+        return self.config.validation_every if self.config.validation_prompts else 0
 
     def fixed_loss(self, seed: int = 1234, repeats: int = 4, which: int = 0) -> float:
         """Loss of set `which` (the instance images, or the held-out ones) under fixed noise and

@@ -52,6 +52,14 @@ def _json_groups(groups: list[dict]) -> list[dict]:
     return [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in groups]
 
 
+def _json_scheduler(state: dict) -> dict:
+    """A schedule's state with tensor rates (a graphed step's base and last lr) as plain numbers."""
+    return {
+        k: [float(x) if torch.is_tensor(x) else x for x in v] if isinstance(v, list) else v
+        for k, v in state.items()
+    }
+
+
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -120,7 +128,7 @@ def save_checkpoint(
     meta = {
         "step": step,
         "optimizer": opt_meta,
-        "scheduler": scheduler.state_dict(),
+        "scheduler": _json_scheduler(scheduler.state_dict()),
         "rng": rng_meta,
         "config": asdict(config),
         "task_config": _task_settings(task),

@@ -4,13 +4,14 @@ A task plugs in what differs: the model, its trainable parameters, `loss(model, 
 optionally `evaluate(model)`, `prepare(accelerator)`, `state_dict`/`load_state_dict` for what
 checkpoints hold, `draw(batch)` + `drawn_loss(model, drawn)` when a step has random inputs of its
 own (drawn eagerly, so the rest of the step can be captured), `graph_unsafe` (why its step
-cannot be captured) or `graph_loss`/`graph_context`/`graph_key` (see `train`), and for several
-configurations in one pass (vision/batched.py) `batches(start)`
-(its joined batches from batch `start`) and `param_groups(params, config)` ((params, TrainConfig) per
-configuration: its own lr, weight decay, schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
+cannot be captured) or `graph_loss`/`graph_context`/`graph_key` (see `train`), `reads_model_every`
+(steps whose step event reads the model: validation images), and for several configurations in
+one pass (vision/batched.py) `batches(start)` (its joined batches from batch `start`) and
+`param_groups(params, config)` ((params, TrainConfig) per configuration: its own lr, weight decay,
+schedule and clipping). The loop owns the rest: accelerate (devices, mixed precision, DDP, FSDP),
 AdamW and its schedule, gradient accumulation and clipping, the NaN guard, progress events,
 eval/checkpoint cadence and exact resume (run.py), and whole-step CUDA graphs (graphed_step.py)
-chosen by default on one GPU (fast_path.py).
+chosen by default on one GPU (fast_path.py), their losses read one step late (late_read.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .data_cache import batches, training_batches
 from .fast_path import default_device_type, fallback_line, graph_plan, resolve_precision
 from .fsdp import fsdp_requested, shard
 from .graphed_step import GraphedStep
+from .late_read import LateLoss
 from .optim import apply_gradients, build_optimizer, lr_factor
 from .run import Event, Run
 from .train_config import TrainConfig, TrainResult
@@ -187,6 +189,7 @@ def train(
             [([p for p in params if p.requires_grad], run.optimizer, config.max_grad_norm)],
             accelerator.autocast,
             context=getattr(task, "graph_context", contextlib.nullcontext),
+            schedule=run.device_schedule(),
         )
         step.key = graph_key() if graph_key else None
         return step
@@ -222,40 +225,12 @@ def train(
     run.started = prepared
     first_step = run.result.step
     model.train()
-    while not run.done:
-        if should_stop is not None and should_stop():
-            path = run.save_progress()
-            emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
-            break
-        inputs = step_inputs(next(data))
-        if graph is not None and graph_key and graph.key != graph_key():
-            graph = None  # frees the old graph's memory before the next capture
-            graph = capture()
-        redone = False
-        if graph is not None:
-            try:
-                total = float(graph.launch(inputs)[0])
-            except RuntimeError as err:
-                if graph.graph is not None:
-                    raise
-                # Something in the step does not survive capture: fall back, never fail the run.
-                graph.abandon()
-                graph, run.graphed = None, False
-                say(fallback_line(f"capturing the step failed ({str(err).splitlines()[0]})"))
-        if graph is not None:
-            finite = np.isfinite(total)
-            if not finite:
-                graph.skip_pending()
-                if graph_loss:
-                    total, finite = _eager_step(
-                        model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
-                    )
-                    redone = True
-        else:
-            total, finite = _eager_step(
-                model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
-            )
+
+    def finish(total: float, finite: bool, stepped: bool) -> None:
+        """Count a step whose loss is known: skip it (NaN/inf; nothing was updated), or advance."""
         if not finite:
+            if stepped:
+                graph.skip_pending()
             error = run.skip()
             if error:
                 saved = run.save_progress() if run.ckpt_dir is not None else None
@@ -264,13 +239,69 @@ def train(
                     f"{error}{where}: lower the learning rate, use bf16 instead of fp16, or check "
                     "the data for broken examples"
                 )
-            continue
+            return
         if world > 1:
             total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
-        stepped = graph is not None and not redone
         run.advance(total, config.batch_size * config.grad_accum, stepped=stepped)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
+
+    def finish_late(late: LateLoss) -> None:
+        total = late.read()[0]
+        finish(total, bool(np.isfinite(total)), stepped=True)
+
+    # A captured step's loss is read after the next step is launched (late_read.py), unless the
+    # run needs its outcome first (Run.must_read); at most one step is in flight unread. A stop
+    # request therefore lands after the step in flight, which is counted and saved with the rest.
+    late = None
+    while True:
+        stop = should_stop is not None and should_stop()
+        if late is not None and (stop or run.must_read()):
+            finish_late(late)
+            late = None
+        if run.done:
+            break
+        if stop:
+            path = run.save_progress()
+            emit({"kind": "stopped", "step": run.result.step, "path": str(path) if path else None})
+            break
+        inputs = step_inputs(next(data))
+        if graph is not None and graph_key and graph.key != graph_key():
+            graph = None  # frees the old graph's memory before the next capture
+            graph = capture()
+        if graph is not None:
+            try:
+                launched = LateLoss(graph.launch(inputs))
+            except RuntimeError as err:
+                if graph.graph is not None:
+                    raise
+                # Something in the step does not survive capture: fall back, never fail the run.
+                graph.abandon()
+                graph, run.graphed = None, False
+                say(fallback_line(f"capturing the step failed ({str(err).splitlines()[0]})"))
+            else:
+                if graph_loss is None:
+                    if late is not None:
+                        finish_late(late)
+                    late = launched
+                    continue
+                # A task that redoes a non-finite step eagerly (a sweep) reads each step at once.
+                total = launched.read()[0]
+                if np.isfinite(total):
+                    finish(total, True, stepped=True)
+                    continue
+                graph.skip_pending()
+                total, finite = _eager_step(
+                    model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
+                )
+                if finite:  # the device-side schedule counts good steps: this one too
+                    graph.schedule.good += 1
+                finish(total, finite, stepped=False)
+                continue
+        total, finite = _eager_step(
+            model, accelerator, config, inputs, data, step_inputs, step_loss, fsdp
+        )
+        finish(total, finite, stepped=False)
     bar.close()
     ended = time.perf_counter()
     result = run.finish()
@@ -332,6 +363,9 @@ class _null:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
+        if device.type == "cuda" and not batch.is_cuda and not batch.is_pinned():
+            # From pageable memory the copy may wait for the queued steps; pinned, it never does.
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}

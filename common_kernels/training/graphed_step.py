@@ -124,6 +124,7 @@ class GraphedStep:
     entered around warm-up and capture (routing copies its row ids to the device there); what it
     yields is kept, since captured kernels read that memory at every replay. Warm-ups run the step
     without updating (found_inf set), to allocate optimizer state and autotune outside the capture.
+    `schedule(found_inf)`, if given, runs in the step before the optimizers (late_read.DeviceSchedule).
     """
 
     def __init__(
@@ -133,9 +134,10 @@ class GraphedStep:
         autocast,
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         warmups: int = WARMUP_STEPS,
+        schedule: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.loss_fn, self.groups, self.autocast = loss_fn, groups, autocast
-        self.context, self.warmups = context, warmups
+        self.context, self.warmups, self.schedule = context, warmups, schedule
         self.params = [p for params, _, _ in groups for p in params]
         for p in self.params:
             if p.grad is None:
@@ -166,6 +168,8 @@ class GraphedStep:
             self.found_inf.fill_(1.0)
         else:
             self.found_inf.copy_((~torch.isfinite(values)).any().float())
+        if self.schedule is not None:
+            self.schedule(self.found_inf)
         for sets, optimizer, max_grad_norm in self.clipped:
             for params in sets if max_grad_norm else []:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)

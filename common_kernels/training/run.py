@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import resume, save_checkpoint
+from .late_read import DeviceSchedule, lr_table
 from .optim import apply_gradients, build_optimizer
 from .train_config import TrainConfig, TrainResult
 
@@ -50,6 +51,11 @@ class Run:
         self.optimizer, self.scheduler = build_optimizer(
             params, config, accelerator, register=register, graphed=graphed, groups=groups
         )
+        # Under graphs the rates are tensors: the schedule's values are known here once, so
+        # neither the step event nor the captured step reads the rate back from the device.
+        self.lrs = lr_table(self.scheduler, config.steps) if graphed else None
+        self.host_lrs = self.lrs[:, 0].tolist() if graphed else None
+        self.reads_model_every = getattr(task, "reads_model_every", 0)
         self.result = TrainResult(step=0)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
         out = config.output_dir
@@ -65,6 +71,35 @@ class Run:
     @property
     def done(self) -> bool:
         return self.result.step >= self.config.steps
+
+    def device_schedule(self) -> DeviceSchedule:
+        """The learning rates of a captured step chosen on the device from the good steps so far
+        (from this run's step on, after a resume), so its loss can be read late."""
+        rates = [g["lr"] for g in self.optimizer.param_groups]
+        return DeviceSchedule(self.lrs, rates, self.result.step)
+
+    def must_read(self) -> bool:
+        """Whether the launched step's outcome must be known before another step is launched:
+        one more step may end the run or fail it (max_bad_steps), or be due an evaluation, a
+        checkpoint or a task's own look at the model (`reads_model_every`: validation images),
+        which must see the parameters before the next step changes them."""
+        step, config = self.result.step + 1, self.config
+        cadences = (
+            config.eval_every,
+            config.checkpoint_every if self.ckpt_dir is not None else 0,
+            self.reads_model_every,
+        )
+        return (
+            step >= config.steps
+            or self.bad + 1 >= config.max_bad_steps
+            or any(every and step % every == 0 for every in cadences)
+        )
+
+    def last_lr(self) -> float:
+        """The first group's learning rate for the next step, read on the host."""
+        if self.host_lrs is not None:
+            return self.host_lrs[min(self.result.step, len(self.host_lrs) - 1)]
+        return float(self.scheduler.get_last_lr()[0])
 
     def skip(self) -> str | None:
         """Count a step whose loss was NaN/inf (nothing is updated); returns the error once
@@ -98,8 +133,7 @@ class Run:
                 "step": result.step,
                 "total": config.steps,
                 "loss": loss,
-                # a tensor under CUDA graphs (capturable AdamW): events carry plain numbers
-                "lr": float(self.scheduler.get_last_lr()[0]),
+                "lr": self.last_lr(),
                 "elapsed": time.perf_counter() - self.started,
             }
         )

@@ -147,8 +147,8 @@ def test_concept_steps_are_capturable_unless_a_feature_works_on_the_host(tiny_sd
     base = load_base(str(tiny_sd_path))
     data = ConceptDataset(concept_dir, "x", 16)
     assert ConceptTask(base, data, _config(), name="plain").graph_unsafe is None
-    text = ConceptTask(base, data, _config(text_encoder_rank=2), name="text")
-    assert "text-encoder LoRA" in text.graph_unsafe
+    # token ids are gathered on the device, so a step that encodes text is capturable too
+    assert ConceptTask(base, data, _config(text_encoder_rank=2), name="text").graph_unsafe is None
     checkpointed = ConceptTask(base, data, _config(gradient_checkpointing=True), name="ckpt")
     assert checkpointed.graph_unsafe is None  # no dropout: recomputation needs no RNG state
     base.unet.extra = torch.nn.Dropout(0.1)

@@ -130,3 +130,31 @@ def test_prompts_without_the_token_are_refused(tiny_sd_path, concept_dir):
         ConceptTask(load_base(str(tiny_sd_path)), images, _config(instance_prompt="sks toy"))
     with pytest.raises(PeftkitError, match="init_word"):
         ConceptConfig(instance_prompt=PROMPT, new_token="<sks>")
+
+
+def test_a_step_gathers_its_token_ids_from_the_captions_ids_and_can_be_captured(
+    tiny_sd_path, concept_dir
+):
+    from types import SimpleNamespace
+
+    task = ConceptTask(
+        load_base(str(tiny_sd_path)),
+        ConceptDataset(concept_dir, PROMPT, 16),
+        _config(caption_dropout=0.5),
+    )
+    cpu = SimpleNamespace(
+        device=torch.device("cpu"), mixed_precision="no", process_index=0, num_processes=1
+    )
+    task.prepare(cpu)
+    # the ids the host tokenizes for each image's caption (the token spelled as its vectors)
+    captions = task.base.tokenize(task.captions[0])[0]
+    empty = task.base.tokenize([""])[0][0]
+    assert task.graph_unsafe is None
+    dropped = 0
+    for index in (torch.tensor([0, 3]), torch.tensor([2, 2]), torch.tensor([1, 0])):
+        for _ in range(10):
+            ids = task.draw({"instance": index}).cond["ids"][0]
+            for row, image in zip(ids, index):
+                assert torch.equal(row, captions[image]) or torch.equal(row, empty)
+                dropped += torch.equal(row, empty)
+    assert 0.3 < dropped / 60 < 0.7  # caption_dropout 0.5 still drops from the task's stream
