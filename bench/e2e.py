@@ -228,6 +228,7 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
         if importlib.util.find_spec("tensorboard") is None:  # the script's default tracker
             cmd += ["--report_to", "all"]  # = whatever trackers exist: none
         pairs.append(("diffusers", f"{kind}-diffusers-{n}", cmd, out, None))
+        pairs = [pair for pair in pairs if pair[0] in args.tools.split(",")]
         for tool, name, cmd, out, summary in pairs:
             tool, name = ("warm-up", f"{name}-warm-up") if warm else (tool, name)
             if built["status"] != "ok":
@@ -373,6 +374,11 @@ def main() -> None:
         "--import-profile",
         action="store_true",
         help="also time train-concept's imports (python -X importtime) into imports-<kind>.md",
+    )
+    p.add_argument(
+        "--tools",
+        default="peftkit,diffusers",
+        help="concept runs of these tools only (diffusers' side unchanged since a previous run)",
     )
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument(
