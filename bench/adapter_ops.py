@@ -1,0 +1,137 @@
+"""What an adapter adds to a step, counted on the CPU: aten ops (each a kernel on the GPU) and bytes
+they write, for the SD1.5-shaped UNet's attention layers (their real shapes, 8 tokens a layer so that
+the adapter's own work dominates), bf16 base as in bench/train_step.py. A proxy for GPU time where
+launches and memory traffic, not FLOPs, bound the adapter's share of the step (bench/NOTES.md).
+
+    python bench/adapter_ops.py --variants boft-train,lora-routed4 --out /tmp/ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import SD15_UNET, UNET_TARGETS  # noqa: E402
+
+from peftkit.common_kernels import BOFTConfig, LoRAConfig, inject, routing  # noqa: E402
+
+TOKENS = 8
+ALL = ["re:layers\\..*"]
+
+
+class Count(TorchDispatchMode):
+    """Non-view aten ops and the bytes of the tensors they return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # no kernel, no bytes
+            return out
+        self.ops[func.overloadpacket.__name__] += 1
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def attention_layers() -> nn.ModuleDict:
+    """Linear layers of the SD1.5 UNet's attention targets, at their shapes, in bf16."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    layers = nn.ModuleDict()
+    for name, m in unet.named_modules():
+        if isinstance(m, nn.Linear) and any(name.endswith(t) for t in UNET_TARGETS):
+            bias = m.bias is not None
+            layers[name.replace(".", "_")] = nn.Linear(m.in_features, m.out_features, bias=bias)
+    return layers.to(torch.bfloat16)
+
+
+class Stack(nn.Module):
+    """Every layer on its own input: the adapter's cost without the UNet's."""
+
+    def __init__(self, layers: nn.ModuleDict, rows: int, grad: bool = False) -> None:
+        super().__init__()
+        self.layers = layers
+        self.inputs = {
+            n: torch.randn(rows, TOKENS, m.in_features, dtype=torch.bfloat16, requires_grad=grad)
+            for n, m in layers.items()
+        }
+
+    def forward(self) -> torch.Tensor:
+        return sum(m(self.inputs[n]).float().sum() for n, m in self.layers.items())
+
+
+def run(variant: str) -> dict:
+    torch.manual_seed(0)
+    layers = attention_layers()
+    if variant == "boft-train":
+        model = Stack(layers, 1, grad=True)
+        handle = inject(model, BOFTConfig(targets=ALL, block_size=32, n_butterfly_factor=2))
+        for p in handle.trainable_parameters():
+            p.data.normal_(std=0.01)
+
+        def step():
+            model().backward()
+    elif variant.startswith("lora-routed"):
+        k = int(variant.removeprefix("lora-routed"))
+        model = Stack(layers, k)
+        config = LoRAConfig(targets=ALL, r=16, apply="weight")
+        names = [inject(model, config, name=f"a{i}").name for i in range(k)]
+
+        def step():
+            with torch.no_grad(), routing(model, list(range(k)), names):
+                model()
+    elif variant == "floor-train":  # forward + input-gradient backward, no adapter
+        model = Stack(layers, 1, grad=True)
+
+        def step():
+            model().backward()
+    elif variant == "floor":
+        model = Stack(layers, 4)
+
+        def step():
+            with torch.no_grad():
+                model()
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    step()  # first call: lazy state
+    counter = Count()
+    with counter:
+        step()
+    return dict(
+        variant=variant,
+        layers=len(layers),
+        ops=sum(counter.ops.values()),
+        mbytes_written=round(counter.bytes / 2**20, 1),
+        top=dict(counter.ops.most_common(12)),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variants", default="floor-train,boft-train,floor,lora-routed4")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run(v) for v in args.variants.split(",")]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    (args.out / "adapter_ops.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
