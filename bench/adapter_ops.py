@@ -57,7 +57,7 @@ def attention_layers() -> nn.ModuleDict:
         if isinstance(m, nn.Linear) and any(name.endswith(t) for t in UNET_TARGETS):
             bias = m.bias is not None
             layers[name.replace(".", "_")] = nn.Linear(m.in_features, m.out_features, bias=bias)
-    return layers.to(torch.bfloat16)
+    return layers.to(torch.bfloat16).requires_grad_(False)  # frozen, as under an adapter
 
 
 class Stack(nn.Module):

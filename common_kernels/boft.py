@@ -7,10 +7,10 @@ sparse factors reach every input column. Layout as HF peft, so weights map 1:1: 
 holds full matrices whose skew part (R - R^T) / 2 enters the Cayley map, `boft_s` (d_out,) scales
 output rows (peft's (d_out, 1) / (1, d_out) flattened). Adapter scale t multiplies the skew part and
 gives rows 1 + t (s - 1), so t = 0 is the base model. Linear and Conv2d both rotate the kernel.
-M^T is block-diagonal with blocks of 2^(m-1) b, formed at that size. Before a model's forward all
-layers' M^T of one shape are formed together and written out dense once, so each layer costs one
-GEMM and one row scale; alone (merge, compiled code, fan_in past `DENSE_LIMIT`) W is rotated by
-M^T's blocks.
+M^T is block-diagonal with blocks of 2^(m-1) b, formed at that size. Before a model's forward the
+rotated weights of all layers of one shape are formed together (one batched GEMM with M^T written
+dense), so a layer adds no kernel of its own; alone (merge, compiled code, fan_in past
+`DENSE_LIMIT`) W is rotated by M^T's blocks.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def butterfly_blocks(blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> 
 
 
 # Largest fan_in whose fan_in x fan_in M^T is formed before the forward (3.3 MB in bf16 at 1280,
-# the SD1.5 attention width); wider layers (3x3 convs of wide channels) rotate by M^T's blocks.
+# the SD1.5 attention width); wider layers (3x3 convs of wide channels) rotate by M^T's blocks
+# in their own forward.
 DENSE_LIMIT = 2048
 
 
@@ -128,21 +129,27 @@ class BOFTDelta(Delta):
                 f"perm{i}", butterfly_permutation(g, 2 ** (m - 1 - i), b // 2), persistent=False
             )
         self._batched: torch.Tensor | None = None
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (base weight, its rotation diag(s) W M^T) formed before the forward with its shape's.
+        self._rotated: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._base: tuple[torch.Tensor, ...] = ()
+
+    def init_from_base(self, weight: torch.Tensor) -> None:
+        # Held in a tuple: a reference for `prepare_all`, not a parameter of this module.
+        self._base = (weight,)
 
     def dense_key(self) -> tuple | None:
-        """Layers with equal keys form their M^T together before the forward; None: too wide."""
-        if self.geometry.fan_in > DENSE_LIMIT:
+        """Layers with equal keys are rotated together before the forward; None: alone."""
+        if self.geometry.fan_in > DENSE_LIMIT or not self._base:
             return None
         return (self.geometry.weight_shape, self.boft_R.shape, self.weight_dtype)
 
     @staticmethod
     def prepare_all(deltas: list[BOFTDelta]) -> None:
         """Every layer's blocks of one size from one batched Cayley solve before a model's
-        forward, as OFT does (oft.py), then each shape's M^T blocks, row scales and dense M^T
-        (written once, in the weight's dtype) in one batched pass each: per layer the forward is
-        one GEMM and one multiply instead of a dozen gathers, block products and casts. Layers
-        of one shape sit side by side in the solve, so their blocks are a slice, not a copy."""
+        forward, as OFT does (oft.py), then for each shape all layers' diag(s) W M^T in one
+        batched GEMM and one multiply, M^T written dense once in the weight's dtype: per layer the
+        step then has no kernel of its own but the base op's, forward and backward. Layers of one
+        shape sit side by side in the solve, so their blocks are a slice, not a copy."""
         groups: dict[tuple, dict[tuple | None, list[BOFTDelta]]] = {}
         for d in deltas:
             solve = (d.boft_R.shape[-1], d.boft_R.dtype, d.boft_R.device)
@@ -151,35 +158,38 @@ class BOFTDelta(Delta):
             ordered = [d for group in shapes.values() for d in group]
             R = torch.cat([d.boft_R.flatten(0, 1) for d in ordered])
             scale = torch.cat(
-                [d.scale.to(R.dtype).expand(d.boft_R.shape[:2].numel()) for d in ordered]
+                [d.scale.to(R.dtype).expand(len(d.boft_R.flatten(0, 1))) for d in ordered]
             )
             blocks = boft_blocks(R, scale[:, None, None])
-            start = 0
-            for key, group in shapes.items():
-                counts = [d.boft_R.shape[0] * d.boft_R.shape[1] for d in group]
-                mine = blocks[start : start + sum(counts)]
-                start += sum(counts)
-                for d, one in zip(group, mine.split(counts)):
+            # split, not slices: its backward is one concatenation, a slice's a zero-filled
+            # tensor of the whole batch per group.
+            counts = [[d.boft_R.shape[:2].numel() for d in group] for group in shapes.values()]
+            mine = blocks.split([sum(c) for c in counts])
+            for (key, group), ours, count in zip(shapes.items(), mine, counts):
+                for d, one in zip(group, ours.split(count)):
                     d._batched = one.reshape(d.boft_R.shape)
                 if key is not None:
-                    BOFTDelta._prepare_dense(group, mine.reshape(len(group), *key[1]))
+                    BOFTDelta._rotate_all(group, ours.reshape(len(group), *key[1]))
 
     @staticmethod
-    def _prepare_dense(group: list[BOFTDelta], blocks: torch.Tensor) -> None:
-        first = group[0]
-        dtype = first.weight_dtype or blocks.dtype
+    def _rotate_all(group: list[BOFTDelta], blocks: torch.Tensor) -> None:
+        bases = [d._base[0] for d in group]
+        dtype = bases[0].dtype
         with torch.autocast(blocks.device.type, enabled=False):
-            Mt = block_diagonal(butterfly_blocks(blocks, first.perms()).to(dtype))
+            Mt = block_diagonal(butterfly_blocks(blocks, group[0].perms()).to(dtype))
             s = torch.stack([d.boft_s for d in group])
             scale = torch.stack([d.scale.to(s.dtype) for d in group])[:, None]
-            rows = torch.addcmul(1 - scale, scale, s)  # 1 + t (s - 1)
-        for d, one, row in zip(group, Mt.unbind(0), rows.to(dtype).unbind(0)):
-            d._dense = (one, row[:, None])
+            rows = torch.addcmul(1 - scale, scale, s).to(dtype)  # 1 + t (s - 1)
+            # Stacked anew each forward, so in-place changes to the base weights (merges) are seen.
+            W = torch.stack([w.reshape(w.shape[0], -1) for w in bases])
+            rotated = torch.bmm(W, Mt) * rows[:, :, None]
+        for d, base, one in zip(group, bases, rotated.unbind(0)):
+            d._rotated = (base, one.reshape(base.shape))
 
     @staticmethod
     def release_all(deltas: list[BOFTDelta]) -> None:
         for d in deltas:
-            d._batched = d._dense = None
+            d._batched = d._rotated = None
 
     def perms(self) -> list[torch.Tensor | None]:
         return [None] + [getattr(self, f"perm{i}") for i in range(1, self.boft_R.shape[0])]
@@ -194,9 +204,8 @@ class BOFTDelta(Delta):
         return (rotate_weight(flat, Mt) * rows).reshape(weight.shape)
 
     def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None and self._dense[0].dtype == weight.dtype:
-            Mt, rows = self._dense
-            return (weight.reshape(weight.shape[0], -1) @ Mt * rows).reshape(weight.shape)
+        if self._rotated is not None and self._rotated[0] is weight:
+            return self._rotated[1]
         return self._rotate(weight, scale)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:

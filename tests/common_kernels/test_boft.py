@@ -114,7 +114,7 @@ def test_boft_dense_butterflies_formed_before_the_forward_equal_the_factor_by_fa
     randomized(ours)
     handle.set_scale(0.6)
     dense = []
-    ours.lin.register_forward_hook(lambda m, a, o: dense.append(m.deltas["default"]._dense))
+    ours.lin.register_forward_hook(lambda m, a, o: dense.append(m.deltas["default"]._rotated))
     x, img = inputs64
     params = handle.trainable_parameters()
     y, yc = ours(x, img)
@@ -126,6 +126,32 @@ def test_boft_dense_butterflies_formed_before_the_forward_equal_the_factor_by_fa
         torch.autograd.grad(alone.square().sum() + alone_c.square().sum(), params),
     ):
         assert rel(g, e) < 1e-12
+
+
+def test_boft_layers_of_one_shape_rotated_together_equal_each_alone_and_see_merges():
+    """Three same-shape layers get diag(s) W M^T from one batched GEMM before the forward: equal
+    to each layer alone, gradients too, and a merge of another adapter into a base weight
+    (an in-place change) is part of the next forward's batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]).double()
+    handle = inject(model, BOFTConfig(targets=["0", "1", "2"], block_size=2, n_butterfly_factor=2))
+    randomized(model)
+    rotated = []
+    model[1].register_forward_hook(lambda m, a, o: rotated.append(m.deltas["default"]._rotated))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    params = handle.trainable_parameters()
+    for _ in range(2):
+        y = model(x)
+        alone = model[2](model[1](model[0](x)))
+        assert rotated[-2] is not None and rotated[-1] is None
+        assert rel(y, alone) < 1e-12
+        for g, e in zip(
+            torch.autograd.grad(y.square().sum(), params),
+            torch.autograd.grad(alone.square().sum(), params),
+        ):
+            assert rel(g, e) < 1e-12
+        with torch.no_grad():  # as a merged adapter writes into the base weight
+            model[1].base.weight.mul_(1.5)
 
 
 def butterfly_rotation(W, blocks, perms):
