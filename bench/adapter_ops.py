@@ -3,7 +3,7 @@ they write, for the SD1.5-shaped UNet's attention layers (their real shapes, 8 t
 the adapter's own work dominates), bf16 base as in bench/train_step.py. A proxy for GPU time where
 launches and memory traffic, not FLOPs, bound the adapter's share of the step (bench/NOTES.md).
 
-    python bench/adapter_ops.py --variants boft-train,lora-routed4 --out /tmp/ops
+    python bench/adapter_ops.py --out /tmp/ops    # floor-train,boft-train,floor,lora-routed4,lokr-routed4
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import SD15_UNET, UNET_TARGETS  # noqa: E402
 
-from peftkit.common_kernels import BOFTConfig, LoRAConfig, inject, routing  # noqa: E402
+from peftkit.common_kernels import BOFTConfig, KronConfig, LoRAConfig, inject, routing  # noqa: E402
 
 TOKENS = 8
 ALL = ["re:layers\\..*"]
@@ -37,8 +37,8 @@ class Count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view:  # no kernel, no bytes
-            return out
+        if func.is_view or func.overloadpacket.__name__ in ("empty", "new_empty"):
+            return out  # no kernel, no bytes
         self.ops[func.overloadpacket.__name__] += 1
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
@@ -86,10 +86,14 @@ def run(variant: str) -> dict:
 
         def step():
             model().backward()
-    elif variant.startswith("lora-routed"):
-        k = int(variant.removeprefix("lora-routed"))
+    elif "-routed" in variant:  # "<lora|lokr>-routed<K>": row i takes adapter i, inference
+        kind, _, k = variant.partition("-routed")
+        k = int(k)
         model = Stack(layers, k)
-        config = LoRAConfig(targets=ALL, r=16, apply="weight")
+        config = {
+            "lora": LoRAConfig(targets=ALL, r=16, apply="weight"),
+            "lokr": KronConfig(targets=ALL, r=16, apply="weight"),
+        }[kind]
         names = [inject(model, config, name=f"a{i}").name for i in range(k)]
 
         def step():
@@ -123,7 +127,9 @@ def run(variant: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variants", default="floor-train,boft-train,floor,lora-routed4")
+    parser.add_argument(
+        "--variants", default="floor-train,boft-train,floor,lora-routed4,lokr-routed4"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from torch import nn
 from .config import AdapterConfig, check_positive
 from .delta import Delta, Geometry
 from .errors import PeftkitError
+from .lora import stacked_scales
 from .registry import register_core
 
 
@@ -208,7 +209,7 @@ class KronDelta(Delta):
             )
             a, b, c, d_ = first.shape
             W2 = W2.reshape(len(group), b, d_, -1)
-            scale = torch.stack([d.scale * d.scaling for d in group])
+            scale = stacked_scales(group)
             delta = torch.einsum("gac,gbdk->gabcdk", W1 * scale[:, None, None], W2)
             # Cast once for the group: per layer the add is then the one kernel left.
             delta = delta.to(first.weight_dtype or delta.dtype)
