@@ -222,7 +222,11 @@ class AdaptedLayer(nn.Module):
     def _segmented_forward(self, x: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
         plan, weight, bias = self.route_plan, self.base.weight, self.base.bias
         cls, key = type(deltas[0]), deltas[0].group_key()
-        if key is not None and hasattr(cls, "routed_weights") and len(joinable(deltas)) == 1:
+        if (
+            key is not None
+            and hasattr(cls, "routed_weights")
+            and all(d.group_key() == key for d in deltas)
+        ):
             stacked = cls.routed_weights(deltas, weight)
         else:
             stacked = torch.stack([d.effective_weight(weight, d.scale) for d in deltas])
