@@ -203,6 +203,38 @@ class LoRADelta(Delta):
         return out.reshape(*x.shape[:-1], B.shape[1])
 
     @staticmethod
+    def segmented_pays(deltas: list[LoRADelta], x: torch.Tensor, plan) -> bool:
+        """Whether routed runs cost fewer bytes through the prepared factors than through K
+        folded weights: N (d_in + 2 d_out) against 4 K d_out d_in for N token rows (reading x,
+        writing and reading the output; writing, filling, reading K weights). Few tokens and wide
+        layers (deep UNet levels, cross-attention on text tokens) take the factors. Needs equal
+        runs in row order, all factors prepared in x's dtype."""
+        if plan is None or plan.order is not None or len(set(plan.lengths)) != 1:
+            return False
+        if any(d._prepared(x.dtype) is None for d in deltas):
+            return False
+        d_out, d_in = deltas[0].B.shape[0], deltas[0].A.shape[1]
+        return x.numel() // d_in * (d_in + 2 * d_out) < 4 * len(deltas) * d_out * d_in
+
+    @staticmethod
+    def segmented_delta(
+        deltas: list[LoRADelta], x: torch.Tensor, plan, y: torch.Tensor
+    ) -> torch.Tensor:
+        """y + each run's s_k B_k A_k x, runs as laid out by `plan` (equal, in row order), in two
+        batched GEMMs over the prepared factors: the segmented GEMM of Punica, one factor pair per
+        run; a run that takes no adapter gets zero factors."""
+        packed = [d._prepared(x.dtype) for d in deltas]
+        if len(deltas) in plan.slots:
+            packed.append(torch.zeros_like(packed[0]))
+        P = torch.stack(packed)
+        if plan.index is not None:
+            P = P.index_select(0, plan.index)
+        runs, d_in = len(plan.lengths), x.shape[-1]
+        h = torch.bmm(x.reshape(runs, -1, d_in), P[..., :d_in].transpose(1, 2))
+        out = torch.baddbmm(y.reshape(runs, -1, y.shape[-1]), h, P[..., d_in:])
+        return out.reshape(y.shape)
+
+    @staticmethod
     def routed_weights(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
         """(K, d_out, d_in): W + s_k B_k A_k for each of the K deltas, in one batched GEMM; scaled
         in the factors' precision and cast once, as `add_to_weight`."""
