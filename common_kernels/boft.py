@@ -180,9 +180,10 @@ class BOFTDelta(Delta):
             s = torch.stack([d.boft_s for d in group])
             scale = torch.stack([d.scale.to(s.dtype) for d in group])[:, None]
             rows = torch.addcmul(1 - scale, scale, s).to(dtype)  # 1 + t (s - 1)
-            # Stacked anew each forward, so in-place changes to the base weights (merges) are seen.
-            W = torch.stack([w.reshape(w.shape[0], -1) for w in bases])
-            rotated = torch.bmm(W, Mt) * rows[:, :, None]
+        # Stacked anew each forward, so in-place changes to the base weights (merges) are seen;
+        # the GEMM under the caller's autocast, as the base op's own would be.
+        W = torch.stack([w.reshape(w.shape[0], -1) for w in bases])
+        rotated = torch.bmm(W, Mt) * rows[:, :, None]
         for d, base, one in zip(group, bases, rotated.unbind(0)):
             d._rotated = (base, one.reshape(base.shape))
 
