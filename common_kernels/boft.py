@@ -205,8 +205,12 @@ class BOFTDelta(Delta):
         return (rotate_weight(flat, Mt) * rows).reshape(weight.shape)
 
     def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self._rotated is not None and self._rotated[0] is weight:
-            return self._rotated[1]
+        if self._rotated is not None:
+            if self._rotated[0] is weight:
+                return self._rotated[1]
+            # Another rotation ran first, or the model replaced its weight (FSDP shards): this
+            # layer rotates alone from now on, and the old weight is not held.
+            self._base = ()
         return self._rotate(weight, scale)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from peftkit.common_kernels import AdapterConfig, BOFTConfig, PeftkitError, inject
+from peftkit.common_kernels import AdapterConfig, BOFTConfig, OFTConfig, PeftkitError, inject
 from peftkit.common_kernels.boft import boft_blocks, butterfly_blocks, butterfly_permutation
 from peftkit.common_kernels.oft import rotate_weight
 
@@ -152,6 +152,25 @@ def test_boft_layers_of_one_shape_rotated_together_equal_each_alone_and_see_merg
             assert rel(g, e) < 1e-12
         with torch.no_grad():  # as a merged adapter writes into the base weight
             model[1].base.weight.mul_(1.5)
+
+
+def test_boft_after_another_rotation_rotates_alone_and_lets_the_base_go():
+    """A kernel rotated by OFT first reaches BOFT as a new tensor: the batched rotation of the
+    base does not apply; BOFT rotates what it gets and stops holding the base weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).double()
+    inject(model, OFTConfig(targets=["0"], block_size=4), name="oft")
+    inject(model, BOFTConfig(targets=["0"], block_size=2, n_butterfly_factor=2), name="boft")
+    randomized(model)
+    layer = model[0]
+    with torch.no_grad():
+        layer.deltas["oft"].Q.normal_(std=0.1)
+        W = layer.deltas["oft"].merge_weight(layer.base.weight, 1.0)
+        W = layer.deltas["boft"].merge_weight(W, 1.0)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    y = model(x)
+    assert rel(y, torch.nn.functional.conv2d(x, W, layer.base.bias, padding=1)) < 1e-12
+    assert layer.deltas["boft"]._base == ()
 
 
 def butterfly_rotation(W, blocks, perms):
