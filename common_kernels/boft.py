@@ -7,9 +7,10 @@ sparse factors reach every input column. Layout as HF peft, so weights map 1:1: 
 holds full matrices whose skew part (R - R^T) / 2 enters the Cayley map, `boft_s` (d_out,) scales
 output rows (peft's (d_out, 1) / (1, d_out) flattened). Adapter scale t multiplies the skew part and
 gives rows 1 + t (s - 1), so t = 0 is the base model. Linear and Conv2d both rotate the kernel.
-Before a model's forward all layers' M^T of one shape are formed together (the butterfly applied
-to identities, one batched pass), so each layer costs one GEMM and one row scale; alone (merge,
-compiled code, fan_in past `DENSE_LIMIT`) W M^T is formed factor by factor, never forming M.
+M^T is block-diagonal with blocks of 2^(m-1) b, formed at that size. Before a model's forward the
+rotated weights of all layers of one shape are formed together (one batched GEMM with M^T written
+dense), so a layer adds no kernel of its own; alone (merge, compiled code, fan_in past
+`DENSE_LIMIT`) W is rotated by M^T's blocks.
 """
 
 from __future__ import annotations
@@ -75,49 +76,39 @@ def boft_blocks(R: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Ten
     """(..., b, b) orthogonal blocks (I - S)(I + S)^-1 with S = scale (R - R^T) / 2, as peft."""
     # In the parameters' precision even under autocast: the blocks must stay orthogonal.
     with torch.autocast(R.device.type, enabled=False):
-        S = (R - R.transpose(-1, -2)) * (0.5 * scale)
-        return cayley(-S.reshape(-1, *R.shape[-2:])).reshape(R.shape)
+        # cayley(Q) = (I + Q)(I - Q)^-1 with Q = -S, the sign taken in the subtraction.
+        Q = (R.transpose(-1, -2) - R) * (0.5 * scale)
+        return cayley(Q.reshape(-1, *R.shape[-2:])).reshape(R.shape)
 
 
-def butterfly_weight(
-    weight: torch.Tensor,
-    blocks: torch.Tensor,
-    perms: list[tuple[torch.Tensor, torch.Tensor] | None],
-    inverse: bool,
-) -> torch.Tensor:
-    """W M^T (or W M with `inverse`) for W of shape (d_out, fan_in): W B^T = W P blockdiag(R^T) P^T
-    per factor; perms[i] is (perm, its inverse), None for the identity."""
-    order = range(len(perms) - 1, -1, -1) if inverse else range(len(perms))
-    for i in order:
-        R = blocks[i] if inverse else blocks[i].transpose(1, 2)
-        if perms[i] is None:
-            weight = rotate_weight(weight, R)
-        else:
-            perm, inv = perms[i]
-            weight = rotate_weight(weight.index_select(1, inv), R).index_select(1, perm)
-    return weight
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(L, k, b, c) -> (L, k b, k c): each of L block-diagonal matrices, in one batched write."""
+    L, k, b, c = blocks.shape
+    return torch.diag_embed(blocks.permute(0, 2, 3, 1), dim1=1, dim2=3).reshape(L, k * b, k * c)
 
 
-# Largest fan_in whose fan_in x fan_in M^T is formed before the forward (6.5 MB in fp32 at 1280,
-# the SD1.5 attention width); wider layers (3x3 convs of wide channels) rotate factor by factor.
-DENSE_LIMIT = 2048
-
-
-def butterfly_matrices(
-    blocks: torch.Tensor, perms: list[tuple[torch.Tensor, torch.Tensor] | None]
-) -> torch.Tensor:
-    """(L, f, f): M^T of L layers at once from their (L, m, n, b, b) orthogonal blocks, the
-    butterfly applied to identities (W M^T = W (I M^T)); the layers share `perms`."""
+def butterfly_blocks(blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
+    """M^T of L layers as its diagonal blocks, (L, G, g, g), from their (L, m, n, b, b) orthogonal
+    blocks. Factor i's permutation keeps columns within aligned groups of 2^i b, so M^T is
+    block-diagonal with blocks of g = 2^(m-1) b: (B_m .. B_1)^T = B_1^T .. B_m^T is formed at that
+    size, B_i^T = P_i blockdiag(R_i^T) P_i^T; `perms[i]` is P_i on g columns (None: identity)."""
     L, m, n, b, _ = blocks.shape
-    f = n * b
-    X = torch.eye(f, dtype=blocks.dtype, device=blocks.device).expand(L, f, f)
+    g = b * 2 ** (m - 1)
+    G, per = n * b // g, g // b
+    local = blocks.reshape(L, m, G, per, b, b).transpose(1, 2).reshape(L * G, m, per, b, b)
+    out = None
     for i in range(m):
+        factor = block_diagonal(local[:, i].transpose(-1, -2))
         if perms[i] is not None:
-            X = X.index_select(2, perms[i][1])
-        X = torch.einsum("lonj,lnij->loni", X.reshape(L, f, n, b), blocks[:, i]).reshape(L, f, f)
-        if perms[i] is not None:
-            X = X.index_select(2, perms[i][0])
-    return X
+            factor = factor.index_select(1, perms[i]).index_select(2, perms[i])
+        out = factor if out is None else torch.bmm(out, factor)
+    return out.reshape(L, G, g, g)
+
+
+# Largest fan_in whose fan_in x fan_in M^T is formed before the forward (3.3 MB in bf16 at 1280,
+# the SD1.5 attention width); wider layers (3x3 convs of wide channels) rotate by M^T's blocks
+# in their own forward.
+DENSE_LIMIT = 2048
 
 
 class BOFTDelta(Delta):
@@ -130,75 +121,102 @@ class BOFTDelta(Delta):
         m = config.n_butterfly_factor
         self.boft_R = nn.Parameter(torch.zeros(m, n, b, b))
         self.boft_s = nn.Parameter(torch.ones(geometry.out_features))
-        # Factor 0's permutation is the identity; the others' are fixed buffers, so compiled
-        # graphs and CUDA graphs see constant indices.
+        # Factor 0's permutation is the identity; the others' are fixed buffers on one block of
+        # M^T (g = 2^(m-1) b columns), so compiled graphs and CUDA graphs see constant indices.
+        g = b * 2 ** (m - 1)
         for i in range(1, m):
-            perm = butterfly_permutation(geometry.fan_in, n // 2**i, b // 2)
-            self.register_buffer(f"perm{i}", perm, persistent=False)
-            self.register_buffer(f"inv{i}", torch.argsort(perm), persistent=False)
+            self.register_buffer(
+                f"perm{i}", butterfly_permutation(g, 2 ** (m - 1 - i), b // 2), persistent=False
+            )
         self._batched: torch.Tensor | None = None
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (base weight, its rotation diag(s) W M^T) formed before the forward with its shape's.
+        self._rotated: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._base: tuple[torch.Tensor, ...] = ()
+
+    def init_from_base(self, weight: torch.Tensor) -> None:
+        # Held in a tuple: a reference for `prepare_all`, not a parameter of this module.
+        self._base = (weight,)
+
+    def dense_key(self) -> tuple | None:
+        """Layers with equal keys are rotated together before the forward; None: alone."""
+        if self.geometry.fan_in > DENSE_LIMIT or not self._base:
+            return None
+        return (self.geometry.weight_shape, self.boft_R.shape, self.weight_dtype)
 
     @staticmethod
     def prepare_all(deltas: list[BOFTDelta]) -> None:
         """Every layer's blocks of one size from one batched Cayley solve before a model's
-        forward, as OFT does (oft.py), then each shape's M^T and row scales in one batched pass
-        each, cast once: per layer the forward is one GEMM and one multiply instead of a dozen
-        gathers, block products and casts (bench/NOTES.md)."""
-        groups: dict[tuple, list[BOFTDelta]] = {}
+        forward, as OFT does (oft.py), then for each shape all layers' diag(s) W M^T in one
+        batched GEMM and one multiply, M^T written dense once in the weight's dtype: per layer the
+        step then has no kernel of its own but the base op's, forward and backward. Layers of one
+        shape sit side by side in the solve, so their blocks are a slice, not a copy."""
+        groups: dict[tuple, dict[tuple | None, list[BOFTDelta]]] = {}
         for d in deltas:
-            groups.setdefault((d.boft_R.shape[-1], d.boft_R.dtype, d.boft_R.device), []).append(d)
-        for group in groups.values():
-            sizes = [d.boft_R.shape[0] * d.boft_R.shape[1] for d in group]
-            R = torch.cat([d.boft_R.flatten(0, 1) for d in group])
-            scale = torch.cat([d.scale.to(R.dtype).expand(n) for d, n in zip(group, sizes)])
-            for d, blocks in zip(group, boft_blocks(R, scale[:, None, None]).split(sizes)):
-                d._batched = blocks.reshape(d.boft_R.shape)
-        dense: dict[tuple, list[BOFTDelta]] = {}
-        for d in deltas:
-            if d.geometry.fan_in <= DENSE_LIMIT:
-                key = (d.geometry.weight_shape, d.boft_R.shape, d.boft_R.dtype, d.weight_dtype)
-                dense.setdefault(key, []).append(d)
-        for group in dense.values():
-            first = group[0]
-            with torch.autocast(first.boft_R.device.type, enabled=False):
-                Mt = butterfly_matrices(torch.stack([d._batched for d in group]), first.perms())
-                s = torch.stack([d.boft_s for d in group])
-                scale = torch.stack([d.scale.to(s.dtype) for d in group])[:, None]
-                rows = 1 + scale * (s - 1)
-            dtype = first.weight_dtype or Mt.dtype
-            for d, one, row in zip(group, Mt.to(dtype).unbind(0), rows.to(dtype).unbind(0)):
-                d._dense = (one, row[:, None])
+            solve = (d.boft_R.shape[-1], d.boft_R.dtype, d.boft_R.device)
+            groups.setdefault(solve, {}).setdefault(d.dense_key(), []).append(d)
+        for shapes in groups.values():
+            ordered = [d for group in shapes.values() for d in group]
+            R = torch.cat([d.boft_R.flatten(0, 1) for d in ordered])
+            scale = torch.cat(
+                [d.scale.to(R.dtype).expand(len(d.boft_R.flatten(0, 1))) for d in ordered]
+            )
+            blocks = boft_blocks(R, scale[:, None, None])
+            # split, not slices: its backward is one concatenation, a slice's a zero-filled
+            # tensor of the whole batch per group.
+            counts = [[d.boft_R.shape[:2].numel() for d in group] for group in shapes.values()]
+            mine = blocks.split([sum(c) for c in counts])
+            for (key, group), ours, count in zip(shapes.items(), mine, counts):
+                for d, one in zip(group, ours.split(count)):
+                    d._batched = one.reshape(d.boft_R.shape)
+                if key is not None:
+                    BOFTDelta._rotate_all(group, ours.reshape(len(group), *key[1]))
+
+    @staticmethod
+    def _rotate_all(group: list[BOFTDelta], blocks: torch.Tensor) -> None:
+        bases = [d._base[0] for d in group]
+        dtype = bases[0].dtype
+        with torch.autocast(blocks.device.type, enabled=False):
+            Mt = block_diagonal(butterfly_blocks(blocks, group[0].perms()).to(dtype))
+            s = torch.stack([d.boft_s for d in group])
+            scale = torch.stack([d.scale.to(s.dtype) for d in group])[:, None]
+            rows = torch.addcmul(1 - scale, scale, s).to(dtype)  # 1 + t (s - 1)
+        # Stacked anew each forward, so in-place changes to the base weights (merges) are seen;
+        # the GEMM under the caller's autocast, as the base op's own would be.
+        W = torch.stack([w.reshape(w.shape[0], -1) for w in bases])
+        rotated = torch.bmm(W, Mt) * rows[:, :, None]
+        for d, base, one in zip(group, bases, rotated.unbind(0)):
+            d._rotated = (base, one.reshape(base.shape))
 
     @staticmethod
     def release_all(deltas: list[BOFTDelta]) -> None:
         for d in deltas:
-            d._batched = d._dense = None
+            d._batched = d._rotated = None
 
-    def perms(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        m = self.boft_R.shape[0]
-        return [None] + [(getattr(self, f"perm{i}"), getattr(self, f"inv{i}")) for i in range(1, m)]
+    def perms(self) -> list[torch.Tensor | None]:
+        return [None] + [getattr(self, f"perm{i}") for i in range(1, self.boft_R.shape[0])]
 
     def _rotate(self, weight: torch.Tensor, scale, inverse: bool = False) -> torch.Tensor:
         blocks = self._batched if self._batched is not None else boft_blocks(self.boft_R, scale)
-        blocks = blocks.to(weight.dtype)
+        Mt = butterfly_blocks(blocks[None], self.perms())[0].to(weight.dtype)
         rows = (1 + scale * (self.boft_s - 1)).to(weight.dtype)[:, None]
         flat = weight.reshape(weight.shape[0], -1)
-        if inverse:
-            return butterfly_weight(flat / rows, blocks, self.perms(), True).reshape(weight.shape)
-        return (butterfly_weight(flat, blocks, self.perms(), False) * rows).reshape(weight.shape)
+        if inverse:  # M is orthogonal: W M^T M = W up to rounding
+            return rotate_weight(flat / rows, Mt.transpose(1, 2)).reshape(weight.shape)
+        return (rotate_weight(flat, Mt) * rows).reshape(weight.shape)
 
     def transform_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None and self._dense[0].dtype == weight.dtype:
-            Mt, rows = self._dense
-            return (weight.reshape(weight.shape[0], -1) @ Mt * rows).reshape(weight.shape)
+        if self._rotated is not None:
+            if self._rotated[0] is weight:
+                return self._rotated[1]
+            # Another rotation ran first, or the model replaced its weight (FSDP shards): this
+            # layer rotates alone from now on, and the old weight is not held.
+            self._base = ()
         return self._rotate(weight, scale)
 
     def merge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
         return self._rotate(weight, scale)
 
     def unmerge_weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
-        # M is orthogonal, so (W M^T) M = W up to rounding.
         return self._rotate(weight, scale, inverse=True)
 
 

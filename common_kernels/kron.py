@@ -29,6 +29,7 @@ from torch import nn
 from .config import AdapterConfig, check_positive
 from .delta import Delta, Geometry
 from .errors import PeftkitError
+from .lora import stacked_scales
 from .registry import register_core
 
 
@@ -208,12 +209,27 @@ class KronDelta(Delta):
             )
             a, b, c, d_ = first.shape
             W2 = W2.reshape(len(group), b, d_, -1)
-            scale = torch.stack([d.scale * d.scaling for d in group])
-            delta = torch.einsum("gac,gbdk->gabcdk", W1 * scale[:, None, None], W2)
-            # Cast once for the group: per layer the add is then the one kernel left.
-            delta = delta.to(first.weight_dtype or delta.dtype)
+            scale = stacked_scales(group)
+            # Factors cast, not the product: each element of the Kronecker product is a single
+            # multiply, so the weight-sized tensor is written once, in the weight's dtype, at one
+            # extra rounding of the (small) factors; per layer the add is the one kernel left.
+            dtype = first.weight_dtype or W1.dtype
+            W1 = (W1 * scale[:, None, None]).to(dtype)
+            delta = torch.einsum("gac,gbdk->gabcdk", W1, W2.to(dtype))
             for d, one in zip(group, delta.reshape(len(group), *first.geometry.weight_shape)):
                 d._batched = one
+
+    def group_key(self) -> tuple | None:
+        return ("kron", self.geometry.weight_shape)
+
+    @staticmethod
+    def routed_weights(deltas: list[KronDelta], weight: torch.Tensor) -> torch.Tensor:
+        """(K, *weight.shape): W + s_k W1_k (x) W2_k for routed runs; with the deltas formed
+        before the forward, one stack and one broadcast add instead of K adds and a stack."""
+        prepared = [d._batched for d in deltas]
+        if all(p is not None and p.dtype == weight.dtype for p in prepared):
+            return torch.stack(prepared).add_(weight)
+        return torch.stack([d.add_to_weight(weight, d.scale) for d in deltas])
 
     @staticmethod
     def release_all(deltas: list[KronDelta]) -> None:

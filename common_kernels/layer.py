@@ -15,8 +15,10 @@ none), row i sees only adapter route_names[ids[i]], all rows in one forward. `ro
 rows out as runs (`route_plan`, sorting them when they are scattered); each run gets its adapter's
 effective weight (LoRA: W + s_k B_k A_k for all K in one batched GEMM; any other core: its own
 folded weight) and all runs go through one batched GEMM: the FLOPs of a single adapter, the
-segmented GEMM of Punica (SGMV) with whole weights per segment. Scattered rows of one LoRA group
-take a gathered factored pass instead; only LoRA with input dropout masks rows per adapter.
+segmented GEMM of Punica (SGMV) with whole weights per segment. Where K folded weights would move
+more bytes than the rows (few tokens, wide layers), LoRA runs take their prepared factors instead
+(`segmented_pays`); scattered rows of one LoRA group take a gathered factored pass; only LoRA with
+input dropout masks rows per adapter.
 Several active LoRA adapters of one shape join along the rank: one GEMM pair (or addmm) for all.
 """
 
@@ -182,6 +184,9 @@ class AdaptedLayer(nn.Module):
             and all(d.group_key() == key for d in deltas)
         )
         weights_pay = all(d.uses_weight_space(x) for d in deltas) and plan is not None
+        cls = type(deltas[0])
+        if one_lora_group and weights_pay and cls.segmented_pays(deltas, x, plan):
+            return cls.segmented_delta(deltas, x, plan, self._base_op(x, None))
         if one_lora_group and not (weights_pay and plan.order is None):
             # Factored, or rows scattered: one gathered pass with no weight-sized tensors.
             slot = self._slots([k for k, _ in routed])
@@ -222,7 +227,11 @@ class AdaptedLayer(nn.Module):
     def _segmented_forward(self, x: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
         plan, weight, bias = self.route_plan, self.base.weight, self.base.bias
         cls, key = type(deltas[0]), deltas[0].group_key()
-        if key is not None and hasattr(cls, "routed_weights") and len(joinable(deltas)) == 1:
+        if (
+            key is not None
+            and hasattr(cls, "routed_weights")
+            and all(d.group_key() == key for d in deltas)
+        ):
             stacked = cls.routed_weights(deltas, weight)
         else:
             stacked = torch.stack([d.effective_weight(weight, d.scale) for d in deltas])

@@ -118,14 +118,15 @@ class LoRADelta(Delta):
         # Input dropout only exists in the factored form.
         self.apply_mode = "factored" if config.dropout > 0 else config.apply
         self.weight_form = config.dropout == 0
-        self._batched: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batched: torch.Tensor | None = None
 
     @staticmethod
     def prepare_all(deltas: list[LoRADelta]) -> None:
         """Scale, transpose and cast the factors of all weight-space layers of one shape in one
         batched op before a model's forward, as kron.py does: each layer's weight-space add is then
-        one addmm (routed runs: one baddbmm) instead of four kernels. `_batched` = (A as
-        (r, fan_in), s B^T as (r, d_out)), both in the base weight's dtype."""
+        one addmm (routed runs: one baddbmm) instead of four kernels. `_batched` = [A | s B^T] as
+        one (r, fan_in + d_out) tensor in the base weight's dtype, so that K adapters' factors
+        are gathered by one stack or cat, not two."""
         groups: dict[tuple, list[LoRADelta]] = {}
         for d in deltas:
             # DoRA (a subclass) keeps its factors in fp32 for the row norm: not prepared here.
@@ -134,26 +135,35 @@ class LoRADelta(Delta):
                 groups.setdefault(key, []).append(d)
         for (_, _, _, dtype), group in groups.items():
             r = group[0].A.shape[0]
-            A = torch.stack([d.A.reshape(r, -1) for d in group]).to(dtype)
+            A = torch.stack([d.A.reshape(r, -1) for d in group])
             Bt = torch.stack([d.B.reshape(-1, r).T for d in group])
-            Bt = (Bt * stacked_scales(group)[:, None, None]).to(dtype)
-            for d, a, bt in zip(group, A.unbind(0), Bt.unbind(0)):
-                d._batched = (a, bt)
+            Bt = Bt * stacked_scales(group)[:, None, None]
+            packed = A.new_empty(*A.shape[:2], A.shape[2] + Bt.shape[2], dtype=dtype)
+            packed[..., : A.shape[2]].copy_(A)  # cast on the way in: no float32 concatenation
+            packed[..., A.shape[2] :].copy_(Bt)
+            for d, one in zip(group, packed.unbind(0)):
+                d._batched = one
 
     @staticmethod
     def release_all(deltas: list[LoRADelta]) -> None:
         for d in deltas:
             d._batched = None
 
-    def _prepared(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _prepared(self, dtype: torch.dtype) -> torch.Tensor | None:
         batched = self._batched
-        return batched if batched is not None and batched[0].dtype == dtype else None
+        return batched if batched is not None and batched.dtype == dtype else None
+
+    @staticmethod
+    def _unpacked(packed: torch.Tensor, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s B) as views of [A | s B^T] along its last dim (any leading dims)."""
+        return packed[..., :fan_in], packed[..., fan_in:].transpose(-1, -2)
 
     def add_to_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         prepared = self._prepared(weight.dtype)
         if prepared is not None:
             flat = weight.reshape(weight.shape[0], -1)
-            return torch.addmm(flat, prepared[1].T, prepared[0]).reshape(weight.shape)
+            A, B = self._unpacked(prepared, flat.shape[1])
+            return torch.addmm(flat, B, A).reshape(weight.shape)
         # Scaled in the factors' precision, then cast once: each elementwise kernel here is paid
         # per layer per step, and at these sizes a kernel costs its launch, not its arithmetic.
         s = scale if self.scaling == 1.0 else scale * self.scaling
@@ -193,13 +203,44 @@ class LoRADelta(Delta):
         return out.reshape(*x.shape[:-1], B.shape[1])
 
     @staticmethod
+    def segmented_pays(deltas: list[LoRADelta], x: torch.Tensor, plan) -> bool:
+        """Whether routed runs cost fewer bytes through the prepared factors than through K
+        folded weights: N (d_in + 2 d_out) against 4 K d_out d_in for N token rows (reading x,
+        writing and reading the output; writing, filling, reading K weights). Few tokens and wide
+        layers (deep UNet levels, cross-attention on text tokens) take the factors. Needs equal
+        runs in row order, all factors prepared in x's dtype."""
+        if plan is None or plan.order is not None or len(set(plan.lengths)) != 1:
+            return False
+        if any(d._prepared(x.dtype) is None for d in deltas):
+            return False
+        d_out, d_in = deltas[0].B.shape[0], deltas[0].A.shape[1]
+        return x.numel() // d_in * (d_in + 2 * d_out) < 4 * len(deltas) * d_out * d_in
+
+    @staticmethod
+    def segmented_delta(
+        deltas: list[LoRADelta], x: torch.Tensor, plan, y: torch.Tensor
+    ) -> torch.Tensor:
+        """y + each run's s_k B_k A_k x, runs as laid out by `plan` (equal, in row order), in two
+        batched GEMMs over the prepared factors: the segmented GEMM of Punica, one factor pair per
+        run; a run that takes no adapter gets zero factors."""
+        packed = [d._prepared(x.dtype) for d in deltas]
+        if len(deltas) in plan.slots:
+            packed.append(torch.zeros_like(packed[0]))
+        P = torch.stack(packed)
+        if plan.index is not None:
+            P = P.index_select(0, plan.index)
+        runs, d_in = len(plan.lengths), x.shape[-1]
+        h = torch.bmm(x.reshape(runs, -1, d_in), P[..., :d_in].transpose(1, 2))
+        out = torch.baddbmm(y.reshape(runs, -1, y.shape[-1]), h, P[..., d_in:])
+        return out.reshape(y.shape)
+
+    @staticmethod
     def routed_weights(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
         """(K, d_out, d_in): W + s_k B_k A_k for each of the K deltas, in one batched GEMM; scaled
         in the factors' precision and cast once, as `add_to_weight`."""
         prepared = [d._prepared(weight.dtype) for d in deltas]
         if all(p is not None for p in prepared):
-            A = torch.stack([a for a, _ in prepared])
-            B = torch.stack([bt for _, bt in prepared]).transpose(1, 2)
+            A, B = LoRADelta._unpacked(torch.stack(prepared), weight.shape[1])
             return torch.baddbmm(weight.unsqueeze(0), B, A)
         A = torch.stack([d.A for d in deltas]).to(weight.dtype)
         B = torch.stack([d.B for d in deltas])
@@ -223,8 +264,7 @@ class LoRADelta(Delta):
     def joined_weight(deltas: list[LoRADelta], weight: torch.Tensor) -> torch.Tensor:
         prepared = [d._prepared(weight.dtype) for d in deltas]
         if all(p is not None for p in prepared):
-            A = torch.cat([a for a, _ in prepared])
-            B = torch.cat([bt for _, bt in prepared]).T
+            A, B = LoRADelta._unpacked(torch.cat(prepared), weight.shape[1])
             return torch.addmm(weight, B, A)
         A, B = LoRADelta.joined_factors(deltas)
         return torch.addmm(weight, B.to(weight.dtype), A.to(weight.dtype))

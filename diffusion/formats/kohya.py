@@ -1,8 +1,8 @@
 """kohya / A1111 / LyCORIS files: `lora_unet_<module_with_underscores>.<suffix>` plus `.alpha`.
 
 Each core's Delta names its kohya suffixes (`kohya_names`: LoRA lora_down/lora_up, DoRA + dora_scale,
-LoHa hada_w*_a/b, LoKr lokr_w1(_a/_b)/lokr_w2(_a/_b) (Tucker lokr_t2 read), LyCORIS OFT/BOFT
-oft_blocks + rescale); the scale is alpha / rank, rank as LyCORIS reads it (1 for a LoKr with both
+LoHa hada_w*_a/b, LoKr lokr_w1(_a/_b)/lokr_w2(_a/_b), LyCORIS OFT/BOFT oft_blocks + rescale; Tucker
+convs `lora_mid`, `hada_t1/t2`, `lokr_t2` are read, folded into the plain pair, never written); the scale is alpha / rank, rank as LyCORIS reads it (1 for a LoKr with both
 factors full; alpha = rank when `.alpha` is absent), except where `.alpha` is a setting
 (`kohya_alpha`: LyCORIS OFT's constraint). Cores with no layout of their own (peftkit's OFT and
 BOFT act on inputs) are written as LyCORIS' `full` weight difference (`.diff`).
@@ -45,8 +45,6 @@ FROM_FILE = {"magnitude": lambda t: t.flatten()}
 # Suffixes of LyCORIS layouts peftkit has no core for, and what to say about them.
 UNSUPPORTED = {
     "oft_diag": "OFT blocks of LyCORIS before 2.0",
-    "lora_mid.weight": "LoCon with Tucker decomposition (use_tucker)",
-    "hada_t1": "LoHa with Tucker decomposition (use_tucker)",
     "diff": "LyCORIS 'full' weight differences",
     "w_norm": "LyCORIS norm layers",
 }
@@ -125,6 +123,7 @@ PAIRS = (
     ("hada_w2_a", "hada_w2_b"),
     ("lokr_w1_a", "lokr_w1_b"),
     ("lokr_w2_a", "lokr_w2_b"),
+    ("hada_t1", "hada_t2"),
 )
 
 
@@ -172,15 +171,31 @@ def read_kohya(tensors, path, components, default_component: str) -> AdapterSet:
     return out
 
 
+# LyCORIS' Tucker convs (use_tucker on k x k kernels): core tensor -> (its mode-1 factor, its mode-2
+# factor, whether the plain layout keeps conv-shaped factors as LoCon's lora_up/lora_down do).
+TUCKER = {
+    "lora_mid.weight": ("lora_up.weight", "lora_down.weight", True),
+    "hada_t1": ("hada_w1_a", "hada_w1_b", False),
+    "hada_t2": ("hada_w2_a", "hada_w2_b", False),
+    "lokr_t2": ("lokr_w2_a", "lokr_w2_b", False),
+}
+
+
 def _untucker(found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LoKr conv's Tucker second factor (LyCORIS use_tucker: W2 = t2 x_1 w2_a x_2 w2_b) as the
-    low-rank pair peftkit holds, exactly: W2a = w2_a^T (b, r), W2b = t2 x_2 w2_b flattened."""
-    if "lokr_t2" not in found:
-        return found
+    """Tucker factors as the plain low-rank pair peftkit holds, exactly and at the same rank.
+    LyCORIS builds W[o, c, k] = sum_ij u[i, o] t[i, j, k] d[j, c] (t: (R, R, kh, kw), u: (R, out),
+    d: (R, in)); that is u^T (out, R) times t x_2 d (R, in, kh, kw), the pair written here."""
     found = dict(found)
-    t, wa, wb = found.pop("lokr_t2"), found["lokr_w2_a"], found["lokr_w2_b"]
-    found["lokr_w2_a"] = wa.T.contiguous()
-    found["lokr_w2_b"] = torch.einsum("ij...,jq->iq...", t, wb).reshape(t.shape[0], -1)
+    for name, (up, down, conv_shaped) in TUCKER.items():
+        if name not in found:
+            continue
+        t, u, d = found.pop(name), found[up], found[down]
+        folded = torch.einsum("ij...,jc->ic...", t, d.reshape(d.shape[0], -1))
+        if conv_shaped:  # LoCon's lora_up is stored as (out, R, 1, 1) already
+            found[down] = folded
+        else:
+            found[up] = u.T.contiguous()
+            found[down] = folded.reshape(folded.shape[0], -1)
     return found
 
 

@@ -4,8 +4,9 @@ import types
 import pytest
 import torch
 
-from peftkit.common_kernels import AdapterConfig, BOFTConfig, PeftkitError, inject
-from peftkit.common_kernels.boft import boft_blocks, butterfly_permutation, butterfly_weight
+from peftkit.common_kernels import AdapterConfig, BOFTConfig, OFTConfig, PeftkitError, inject
+from peftkit.common_kernels.boft import boft_blocks, butterfly_blocks, butterfly_permutation
+from peftkit.common_kernels.oft import rotate_weight
 
 from .conftest import assert_grads_match_peft, peft_model, rel
 
@@ -113,7 +114,7 @@ def test_boft_dense_butterflies_formed_before_the_forward_equal_the_factor_by_fa
     randomized(ours)
     handle.set_scale(0.6)
     dense = []
-    ours.lin.register_forward_hook(lambda m, a, o: dense.append(m.deltas["default"]._dense))
+    ours.lin.register_forward_hook(lambda m, a, o: dense.append(m.deltas["default"]._rotated))
     x, img = inputs64
     params = handle.trainable_parameters()
     y, yc = ours(x, img)
@@ -127,28 +128,93 @@ def test_boft_dense_butterflies_formed_before_the_forward_equal_the_factor_by_fa
         assert rel(g, e) < 1e-12
 
 
+def test_boft_layers_of_one_shape_rotated_together_equal_each_alone_and_see_merges():
+    """Three same-shape layers get diag(s) W M^T from one batched GEMM before the forward: equal
+    to each layer alone, gradients too, and a merge of another adapter into a base weight
+    (an in-place change) is part of the next forward's batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]).double()
+    handle = inject(model, BOFTConfig(targets=["0", "1", "2"], block_size=2, n_butterfly_factor=2))
+    randomized(model)
+    rotated = []
+    model[1].register_forward_hook(lambda m, a, o: rotated.append(m.deltas["default"]._rotated))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    params = handle.trainable_parameters()
+    for _ in range(2):
+        y = model(x)
+        alone = model[2](model[1](model[0](x)))
+        assert rotated[-2] is not None and rotated[-1] is None
+        assert rel(y, alone) < 1e-12
+        for g, e in zip(
+            torch.autograd.grad(y.square().sum(), params),
+            torch.autograd.grad(alone.square().sum(), params),
+        ):
+            assert rel(g, e) < 1e-12
+        with torch.no_grad():  # as a merged adapter writes into the base weight
+            model[1].base.weight.mul_(1.5)
+
+
+def test_boft_after_another_rotation_rotates_alone_and_lets_the_base_go():
+    """A kernel rotated by OFT first reaches BOFT as a new tensor: the batched rotation of the
+    base does not apply; BOFT rotates what it gets and stops holding the base weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).double()
+    inject(model, OFTConfig(targets=["0"], block_size=4), name="oft")
+    inject(model, BOFTConfig(targets=["0"], block_size=2, n_butterfly_factor=2), name="boft")
+    randomized(model)
+    layer = model[0]
+    with torch.no_grad():
+        layer.deltas["oft"].Q.normal_(std=0.1)
+        W = layer.deltas["oft"].merge_weight(layer.base.weight, 1.0)
+        W = layer.deltas["boft"].merge_weight(W, 1.0)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    y = model(x)
+    assert rel(y, torch.nn.functional.conv2d(x, W, layer.base.bias, padding=1)) < 1e-12
+    assert layer.deltas["boft"]._base == ()
+
+
+def butterfly_rotation(W, blocks, perms):
+    """W M^T through M^T's diagonal blocks."""
+    return rotate_weight(W, butterfly_blocks(blocks[None], perms)[0])
+
+
 def test_boft_blocks_are_orthogonal_and_the_butterfly_inverts():
     g = torch.Generator().manual_seed(0)
     R = torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=g)
     blocks = boft_blocks(R)
     eye = torch.eye(2, dtype=torch.float64)
     assert (blocks @ blocks.transpose(-1, -2) - eye).abs().max() < 1e-12
-    perms = [None] + [
-        (p, torch.argsort(p)) for p in (butterfly_permutation(8, 4 // 2**i, 1) for i in (1, 2))
-    ]
+    # Three factors of 2x2 blocks: M^T is one 8x8 block, whose factors 1 and 2 are permuted.
+    perms = [None] + [butterfly_permutation(8, 4 // 2**i, 1) for i in (1, 2)]
+    Mt = butterfly_blocks(blocks[None], perms)[0, 0]
+    assert (Mt @ Mt.T - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-12
     W = torch.randn(5, 8, dtype=torch.float64, generator=g)
-    rotated = butterfly_weight(W, blocks, perms, inverse=False)
-    assert rel(butterfly_weight(rotated, blocks, perms, inverse=True), W) < 1e-12
+    rotated = butterfly_rotation(W, blocks, perms)
+    assert rel(rotated @ Mt.T, W) < 1e-12
+
+
+def test_boft_m_factors_give_a_block_diagonal_m_of_block_size_2_to_the_m_minus_1_b():
+    """Two factors of 2x2 blocks on 16 columns: M^T has four 4x4 diagonal blocks, zeros elsewhere."""
+    g = torch.Generator().manual_seed(1)
+    blocks = boft_blocks(torch.randn(2, 8, 2, 2, dtype=torch.float64, generator=g))
+    perms = [None, butterfly_permutation(4, 1, 1)]
+    diagonal = butterfly_blocks(blocks[None], perms)[0]
+    full = torch.eye(16, dtype=torch.float64)
+    for i in range(2):  # the factors on all 16 columns, as peft lays them out
+        perm = torch.arange(16) if i == 0 else butterfly_permutation(16, 4, 1)
+        D = torch.block_diag(*blocks[i].transpose(-1, -2))
+        full = full @ D[perm][:, perm]
+    assert diagonal.shape == (4, 4, 4)
+    assert rel(torch.block_diag(*diagonal), full) < 1e-14
 
 
 def test_boft_gradcheck():
     g = torch.Generator().manual_seed(0)
     R = torch.randn(2, 4, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    perm = butterfly_permutation(8, 2, 1)
-    perms = [None, (perm, torch.argsort(perm))]
+    perms = [None, butterfly_permutation(4, 1, 1)]
     assert torch.autograd.gradcheck(
-        lambda R, W: butterfly_weight(W, boft_blocks(R, 0.7), perms, inverse=False), (R, W)
+        lambda R, W: butterfly_rotation(W, boft_blocks(R, 0.7), perms), (R, W)
     )
 
 

@@ -297,9 +297,38 @@ def test_weight_space_routing_by_runs_equals_each_row_alone(monkeypatch, ids, se
     for h in handles:
         randomize(h)
     handles[1].set_scale(0.5)
-    x = torch.randn(len(ids), 5, 12, dtype=torch.float64)
+    # Enough tokens per row that three folded weights cost fewer bytes than the rows' factors.
+    x = torch.randn(len(ids), 40, 12, dtype=torch.float64)
     assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
     assert bool(calls) == segmented
+
+
+@pytest.mark.parametrize(
+    "ids", [[0, 1, 2], [0, 0, 1, 1, 2, 2], [2, 2, 0, 0, 1, 1], [0, 0, -1, -1, 1, 1]]
+)
+def test_routed_lora_runs_with_few_tokens_take_the_prepared_factors(monkeypatch, ids):
+    """Few tokens per row against wide layers: the runs go through two batched GEMMs over the
+    prepared factors (out-of-order and adapter-less runs included), no folded weight is formed,
+    and every row equals itself through its own adapter alone."""
+    from peftkit.common_kernels.lora import LoRADelta
+
+    factored = []
+    original = LoRADelta.segmented_delta
+    monkeypatch.setattr(LoRADelta, "segmented_delta", lambda *a: factored.append(1) or original(*a))
+    folded = []
+    monkeypatch.setattr(LoRADelta, "routed_weights", lambda *a: folded.append(1))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 32)).double()
+    handles = [
+        inject(model, LoRAConfig(targets=["0", "2"], r=2, alpha=3, apply="weight"), name=n)
+        for n in "abc"
+    ]
+    for h in handles:
+        randomize(h)
+    handles[1].set_scale(0.5)
+    x = torch.randn(len(ids), 2, 48, dtype=torch.float64)
+    assert_routed_equals_rows_alone(model, handles, ids, x, out_tol=1e-12, grad_tol=1e-12)
+    assert len(factored) == 2 and not folded  # both layers, one routed forward
 
 
 ROUTED_CORES = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peftkit.common_kernels import PeftkitError, core, core_names, inject
+from peftkit.common_kernels.adapter_file import save_tensors
 from peftkit.diffusion import formats
 
 from .tiny_unet import output, randomize, relative, tiny_unet
@@ -29,6 +30,9 @@ MADE_BY_LYCORIS = [
     ("loha", {}, "loha"),
     ("lora", {"dora_wd": True}, "dora"),
     ("lokr", {"linear_dim": 2, "conv_dim": 2, "use_tucker": True}, "kron"),
+    ("lora", {"use_tucker": True}, "lora"),
+    ("loha", {"use_tucker": True}, "loha"),
+    ("lora", {"use_tucker": True, "dora_wd": True}, "dora"),
     # LyCORIS orders a factor larger than dim / factor the other way round from peft, and
     # unbalanced_factorization gives W1 the output's larger factor.
     ("lokr", {"linear_dim": 2, "conv_dim": 2, "factor": 8}, "kron"),
@@ -54,13 +58,64 @@ def test_lycoris_made_file_loads_with_lycoris_output(algo, options, ours, tmp_pa
     randomize(network.parameters())
     want = output(unet)
     network.save_weights(str(tmp_path / "ly.safetensors"), torch.float64, None)
+    if options.get("use_tucker"):  # the file really holds Tucker convs
+        cores = {"lora": "lora_mid.weight", "loha": "hada_t1", "lokr": "lokr_t2"}
+        assert any(
+            k.endswith(cores[algo]) for k in formats.read_tensors(tmp_path / "ly.safetensors")[0]
+        )
 
     fresh = tiny_unet()
     handles = formats.load_lora_file({"unet": fresh}, tmp_path / "ly.safetensors")
     assert handles["unet"].config.method == ours
     assert len(handles["unet"].layers) == len(network.loras) > 40
-    assert relative(want, base) > 0.01
-    assert relative(output(fresh), want) < 1e-4
+    assert relative(want, base) > 1e-3  # Tucker LoHa's product of six 0.1-sized factors is small
+    got = output(fresh)
+    assert relative(got, want) < 1e-4
+    assert relative(got - base, want - base) < 1e-4  # the adapter's own effect, not only the sum
+
+
+def _tucker(t, u, d):
+    """LyCORIS' Tucker product written out: W[o, c, h, w] = sum_ij u[i, o] t[i, j, h, w] d[j, c]."""
+    return torch.einsum("ijhw,io,jc->ochw", t, u, d)
+
+
+def test_tucker_locon_and_loha_read_to_the_exact_delta(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    R, out, cin, alpha = 3, 6, 5, 2.0
+    t, u, d = rand(R, R, 3, 3), rand(R, out), rand(R, cin)
+    t2, u2, d2 = rand(R, R, 3, 3), rand(R, out), rand(R, cin)
+    files = {
+        "lora": (
+            {
+                "lora_mid.weight": t,
+                "lora_up.weight": u.T.reshape(out, R, 1, 1),
+                "lora_down.weight": d.reshape(R, cin, 1, 1),
+            },
+            _tucker(t, u, d),
+        ),
+        "loha": (
+            {"hada_t1": t, "hada_w1_a": u, "hada_w1_b": d, "hada_t2": t2}
+            | {"hada_w2_a": u2, "hada_w2_b": d2},
+            _tucker(t, u, d) * _tucker(t2, u2, d2),
+        ),
+    }
+    for name, (tensors, product) in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        stored = {f"lora_unet_conv.{k}": v for k, v in tensors.items()}
+        save_tensors(path, stored | {"lora_unet_conv.alpha": torch.tensor(alpha)}, {})
+        model = torch.nn.Sequential()
+        model.add_module("conv", torch.nn.Conv2d(cin, out, 3, padding=1).double())
+        before = model.conv.weight.detach().clone()
+        handle = formats.load_lora_file({"unet": model}, path)["unet"]
+        assert handle.config.method == name and handle.config.r == R
+        handle.merge()
+        got = model.conv.base.weight.detach() - before
+        want = alpha / R * product
+        assert ((got - want).norm() / want.norm()).item() < 1e-14
 
 
 UNET_LINEAR = ["to_q", "to_k", "to_out.0", "proj_in", "ff.net.0.proj", "time_emb_proj"]
