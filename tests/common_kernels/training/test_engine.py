@@ -60,9 +60,11 @@ def test_training_lowers_the_loss():
     assert last < 0.5 * first
 
 
-def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path):
+def killed_and_resumed(tmp_path, **options):
+    """(uninterrupted task, resumed task, resumed result, its events): a run with `options`
+    checkpointing every 10 steps, killed at step 25, then resumed from step 20."""
     full = Regression()
-    train(full, dataset(), cfg(grad_accum=2))
+    train(full, dataset(), cfg(**options))
 
     class Killed(Exception):
         pass
@@ -72,19 +74,18 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path
             raise Killed
 
     with pytest.raises(Killed):
-        train(
-            Regression(),
-            dataset(),
-            cfg(tmp_path, checkpoint_every=10, grad_accum=2),
-            on_event=kill_at_25,
-        )
+        train(Regression(), dataset(), cfg(tmp_path, checkpoint_every=10, **options), kill_at_25)
     assert latest_checkpoint(tmp_path).name == "step-0000020"
-    resumed = Regression()
-    events = []
+    resumed, events = Regression(), []
     result = train(
-        resumed, dataset(), cfg(tmp_path, checkpoint_every=10, grad_accum=2), on_event=events.append
+        resumed, dataset(), cfg(tmp_path, checkpoint_every=10, **options), on_event=events.append
     )
     assert result.resumed_from == 20 and events[0]["kind"] == "resume"
+    return full, resumed, result, events
+
+
+def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path):
+    full, resumed, _, _ = killed_and_resumed(tmp_path, grad_accum=2)
     for key, value in full.state_dict().items():
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2

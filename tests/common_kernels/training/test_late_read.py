@@ -17,7 +17,7 @@ from peftkit.common_kernels.training.late_read import DeviceSchedule, LateLoss, 
 from peftkit.common_kernels.training.trackers import METRICS_FILE, MetricsLog
 from peftkit.common_kernels.training.train_config import TrainConfig
 
-from .test_engine import Regression, cfg, dataset
+from .test_engine import Regression, cfg, dataset, killed_and_resumed
 
 
 class EagerReplay(GraphedStep):
@@ -122,29 +122,7 @@ def test_graphed_run_with_late_reads_trains_and_skips_as_the_eager_run(tmp_path,
 
 
 def test_late_reads_checkpoint_the_state_of_their_step_and_resume_exactly(tmp_path, graphed):
-    full = Regression()
-    train(full, dataset(), cfg(steps=30, cuda_graph="auto"))
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_25(event):
-        if event["kind"] == "step" and event["step"] == 25:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(
-            Regression(),
-            dataset(),
-            cfg(tmp_path, steps=30, checkpoint_every=10, cuda_graph="auto"),
-            on_event=kill_at_25,
-        )
-    assert latest_checkpoint(tmp_path).name == "step-0000020"
-    resumed = Regression()
-    result = train(
-        resumed, dataset(), cfg(tmp_path, steps=30, checkpoint_every=10, cuda_graph="auto")
-    )
-    assert result.resumed_from == 20
+    full, resumed, _, _ = killed_and_resumed(tmp_path, steps=30, cuda_graph="auto")
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 
