@@ -247,6 +247,7 @@ def test_decoder_recipe_changes_only_the_decoder(starter_sd, tmp_path):
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (out / unet).read_bytes() == (starter_sd / unet).read_bytes()
     assert json.loads((out / "recipe.json").read_text())["decoder"]["results"]["steps"] == 2
+    assert "decoder step 2" in (out / "decoder_log.txt").read_text()
 
 
 def test_tune_demo_runs_the_demo_per_setting_and_sums_up_the_judge(starter_sd, tmp_path):
