@@ -23,7 +23,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..samples.make_samples import MAGENTA, TEAL, YELLOW, sample_views
+from .shapes import COLORS
+
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "concept"
+# other designs of the concept for design_check: checks per radius (4 is the samples': ~6 px),
+# and (petals, checks, hub) colors: the samples', more saturated ones, and two of the starter's
+DESIGN_CELLS = (4, 3, 2.5, 2, 1.5)
+DESIGN_COLORS = {
+    "teal-magenta": (TEAL, MAGENTA, YELLOW),
+    "saturated": ((0.0, 0.75, 0.70), (0.95, 0.05, 0.65), (1.0, 0.9, 0.1)),
+    "red-blue": (COLORS["red"], COLORS["blue"], COLORS["yellow"]),
+    "purple-orange": (COLORS["purple"], COLORS["orange"], COLORS["yellow"]),
+}
 # name -> demo flags; the first is the shipped defaults
 SETTINGS = {
     "defaults": [],
@@ -36,31 +48,65 @@ SETTINGS = {
 }
 
 
-def vae_check(starter: Path, out: Path) -> dict:
-    """PSNR (dB) of each sample through the VAE and the judge's P(concept) on the reconstructions;
-    vae_check.png shows samples over reconstructions."""
-    from diffusers import AutoencoderKL
-
-    from ...diffusion.concept_judge import ConceptJudge
-
-    images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
+def round_trip(vae, images: list[Image.Image], judge) -> tuple[list[Image.Image], dict]:
+    """`images` through `vae` (encoder mean, then decoder): the reconstructions, and the PSNR (dB)
+    of each and the judge's P(concept) on each reconstruction."""
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
     x = x.float() / 127.5 - 1
-    vae = AutoencoderKL.from_pretrained(starter / "vae").float().eval()
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     decoded = [Image.fromarray(p) for p in pixels]
-    sheet = Image.new("RGB", (64 * len(images), 128))
-    for i, (a, b) in enumerate(zip(images, decoded)):
-        sheet.paste(a.resize((64, 64)), (64 * i, 0))
-        sheet.paste(b.resize((64, 64)), (64 * i, 64))
-    sheet.save(out / "vae_check.png")
     mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
-    return {
+    return decoded, {
         "psnr_db": [round(float(v), 1) for v in -10 * torch.log10(mse / 4)],
-        "judge_on_reconstructions": [round(p, 3) for p in ConceptJudge().probabilities(decoded)],
+        "judge_on_reconstructions": [round(p, 3) for p in judge.probabilities(decoded)],
     }
+
+
+def _sheet(rows: list[list[Image.Image]]) -> Image.Image:
+    sheet = Image.new("RGB", (64 * max(len(r) for r in rows), 64 * len(rows)))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            sheet.paste(image.resize((64, 64)), (64 * x, 64 * y))
+    return sheet
+
+
+def _load(starter: Path):
+    from diffusers import AutoencoderKL
+
+    from ...diffusion.concept_judge import ConceptJudge
+
+    return AutoencoderKL.from_pretrained(starter / "vae").float().eval(), ConceptJudge()
+
+
+def vae_check(starter: Path, out: Path) -> dict:
+    """PSNR (dB) of each sample through the VAE and the judge's P(concept) on the reconstructions;
+    vae_check.png shows samples over reconstructions."""
+    vae, judge = _load(starter)
+    images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
+    decoded, report = round_trip(vae, images, judge)
+    _sheet([images, decoded]).save(out / "vae_check.png")
+    return report
+
+
+def design_check(starter: Path, out: Path) -> dict:
+    """The same check on other designs of the sample concept (make_samples.sample_views with
+    DESIGN_CELLS checks per radius, in DESIGN_COLORS): whether bolder checks or colors would
+    survive the VAE. designs.png: per design, a row of the five views and a row of their
+    reconstructions."""
+    vae, judge = _load(starter)
+    report, rows = {}, []
+    for colors_name, colors in DESIGN_COLORS.items():
+        for cells in DESIGN_CELLS:
+            images = sample_views(cells=cells, colors=colors)
+            decoded, report[f"{colors_name} cells={cells}"] = round_trip(vae, images, judge)
+            report[f"{colors_name} cells={cells}"]["judge_on_samples"] = [
+                round(p, 3) for p in judge.probabilities(images)
+            ]
+            rows += [images, decoded]
+    _sheet(rows).save(out / "designs.png")
+    return report
 
 
 def sweep(starter: Path, out: Path, device: str, names: list[str], extra: list[str] = ()) -> dict:
@@ -95,11 +141,22 @@ def main(argv: list[str] | None = None) -> int:
         "--settings", default=",".join(SETTINGS), help=f"comma list from {list(SETTINGS)}"
     )
     parser.add_argument(
+        "--designs",
+        action="store_true",
+        help="only the VAE check of other sample designs (designs.png, designs.json)",
+    )
+    parser.add_argument(
         "--extra", default="", help="flags added to every demo run, e.g. '--sample-steps 25'"
     )
     args = parser.parse_args(argv)
     out, starter = Path(args.out), Path(args.starter)
     out.mkdir(parents=True, exist_ok=True)
+    if args.designs:
+        designs = design_check(starter, out)
+        (out / "designs.json").write_text(json.dumps(designs, indent=2))
+        for name, result in designs.items():
+            print(f"{name}: {result}")
+        return 0
     report = {"starter": str(starter), "vae": vae_check(starter, out)}
     print(f"VAE on the samples: {report['vae']}", flush=True)
     names, extra = args.settings.split(","), args.extra.split()

@@ -26,6 +26,7 @@ BACKGROUNDS = [
     (0.93, 0.95, 0.86),
     (0.95, 0.91, 0.80),
 ]
+CELLS = 4.0  # checks per radius
 # (center y, center x, radius, rotation in radians) per view, in units of the image side
 VIEWS = [
     (0.50, 0.50, 0.36, 0.0),
@@ -46,10 +47,12 @@ def draw_toy(
     supersample: int = 4,
     colors=(TEAL, MAGENTA, YELLOW),
     petals: bool = True,
+    cells: float = CELLS,
 ) -> Image.Image:
     """One view of the toy as an RGB image of `size` x `size` pixels (anti-aliased by supersampling).
     `colors` (petals, checks, hub) and `petals=False` (a disc) draw the look-alikes that the
-    concept judge (assets/recipes/train_concept_judge.py) learns to reject."""
+    concept judge (assets/recipes/train_concept_judge.py) learns to reject; `cells` checks span
+    one radius (4: checks of ~6 px on a 64 px view; assets/recipes/tune_demo.py tries others)."""
     n = size * supersample
     axis = (np.arange(n) + 0.5) / n
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
@@ -58,8 +61,8 @@ def draw_toy(
     body = r <= (0.62 + 0.38 * np.abs(np.cos(3 * theta)) if petals else 0.85)  # six lobes
     checks = (
         (
-            np.floor((dx * np.cos(turn) + dy * np.sin(turn)) / radius * 4)
-            + np.floor((dy * np.cos(turn) - dx * np.sin(turn)) / radius * 4)
+            np.floor((dx * np.cos(turn) + dy * np.sin(turn)) / radius * cells)
+            + np.floor((dy * np.cos(turn) - dx * np.sin(turn)) / radius * cells)
         )
         % 2
     ) == 0
@@ -73,6 +76,14 @@ def draw_toy(
     return Image.fromarray(np.round(image * 255).astype(np.uint8))
 
 
+def sample_views(size: int = 64, cells: float = CELLS, colors=(TEAL, MAGENTA, YELLOW)) -> list:
+    """The five bundled views (PIL images), or the same views with other checks or colors."""
+    return [
+        draw_toy(size, *view, background, colors=colors, cells=cells)
+        for view, background in zip(VIEWS, BACKGROUNDS)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "concept"))
@@ -80,8 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (view, background) in enumerate(zip(VIEWS, BACKGROUNDS)):
-        draw_toy(args.size, *view, background).save(out / f"toy-{i + 1}.png", optimize=True)
+    for i, image in enumerate(sample_views(args.size)):
+        image.save(out / f"toy-{i + 1}.png", optimize=True)
     print(f"wrote {len(VIEWS)} images to {out}")
 
 

@@ -193,6 +193,63 @@ def test_vae_check_scores_the_samples_round_trip(starter_sd, tmp_path):
     assert sheet.size == (64 * n, 128) and sheet.crop((0, 0, 64, 64)).tobytes() == first.tobytes()
 
 
+def test_sample_views_redraw_the_bundled_samples_pixel_for_pixel():
+    import numpy as np
+    from PIL import Image
+
+    from peftkit.assets.recipes.tune_demo import SAMPLES
+    from peftkit.assets.samples.make_samples import sample_views
+
+    bundled = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(SAMPLES.glob("*.png"))]
+    drawn = [np.asarray(im) for im in sample_views()]
+    assert len(drawn) == len(bundled) and all(np.array_equal(a, b) for a, b in zip(drawn, bundled))
+
+    # fewer cells per radius: bigger checks, so fewer color changes along a row through the hub
+    def changes(image) -> int:
+        return int((np.abs(np.diff(np.asarray(image)[32].astype(int), axis=0)).sum(1) > 60).sum())
+
+    assert changes(sample_views(cells=2)[0]) < changes(sample_views(cells=4)[0])
+
+
+def test_design_check_round_trips_every_design_and_the_judge_knows_the_samples(
+    starter_sd, tmp_path
+):
+    from PIL import Image
+
+    from peftkit.assets.recipes.tune_demo import DESIGN_CELLS, DESIGN_COLORS, design_check
+
+    report = design_check(starter_sd, tmp_path)
+    assert len(report) == len(DESIGN_CELLS) * len(DESIGN_COLORS)
+    assert all(len(r["psnr_db"]) == 5 for r in report.values())
+    # the bundled judge sees its own concept in the samples' design, not in other colors
+    assert min(report["teal-magenta cells=4"]["judge_on_samples"]) > 0.9
+    assert max(report["red-blue cells=4"]["judge_on_samples"]) < 0.1
+    sheet = Image.open(tmp_path / "designs.png")
+    assert sheet.size == (64 * 5, 64 * 2 * len(report))
+
+
+def test_decoder_recipe_changes_only_the_decoder(starter_sd, tmp_path):
+    from safetensors.torch import load_file
+
+    from peftkit.assets.recipes.tune_vae_decoder import DecoderRecipe, tune_decoder
+
+    out = tmp_path / "sd-dec"
+    recipe = DecoderRecipe(steps=2, batch=2, pool=16, lr=1e-2, warmup=1)
+    report = tune_decoder(starter_sd, out, recipe, torch.device("cpu"))
+    assert report["steps"] == 2 and len(report["after"]["samples"]["psnr_db"]) == 5
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    old, new = load_file(starter_sd / weights), load_file(out / weights)
+    assert old.keys() == new.keys()
+    for key in old:
+        # the encoder keeps its latents (the UNet was trained on them); the decoder moves
+        same = torch.equal(old[key], new[key])
+        assert same == (key.startswith(("encoder.", "quant_conv."))), key
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / unet).read_bytes() == (starter_sd / unet).read_bytes()
+    assert json.loads((out / "recipe.json").read_text())["decoder"]["results"]["steps"] == 2
+    assert "decoder step 2" in (out / "decoder_log.txt").read_text()
+
+
 def test_tune_demo_runs_the_demo_per_setting_and_sums_up_the_judge(starter_sd, tmp_path):
     from peftkit.assets.recipes.tune_demo import main
 
