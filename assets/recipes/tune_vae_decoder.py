@@ -1,10 +1,9 @@
-"""Retrain only the decoder of a text-to-image starter's VAE, on hue-turned checkered scenes, and
-write a copy of the starter with it (issue 14). The encoder stays frozen, so the latents the UNet
-was trained on keep their meaning and no UNet run is needed; the aim is a decoder that draws the
-hues and checks the shipped one averages away (20 CPU minutes did not get there: see
-assets/recipes/README.md). The sample flower is never shown: teal and magenta only arise from
-turning the scenes' hues. Logs PSNR on held-out scenes and tune_demo's check of the five samples
-before and after.
+"""Retrain the decoder of a text-to-image starter's VAE on hue-turned checkered scenes, the
+encoder's mean frozen, and write a copy of the starter with it (issue 14). `--posterior-scale`
+narrows the encoder's posterior first: the shipped one's noise is as large as the checks' signal in
+the latents, so a decoder trained on its samples learns to blur them; `--unet-minutes` then
+continues the UNet and text encoder on the sharper latents. The sample flower is never shown (teal
+and magenta only from hue turns). Logs held-out PSNR and tune_demo's sample check before and after.
 
     python -m peftkit.assets.recipes.tune_vae_decoder --starter assets/starter-sd --out runs/sd-dec
 """
@@ -12,7 +11,9 @@ before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,13 @@ class DecoderRecipe:
     pool: int = 50000
     seed: int = 0
     log_every: int = 50
+    # multiplies the encoder's posterior std (through quant_conv's log-variance bias); 1 keeps it
+    posterior_scale: float = 1.0
+    # also train the encoder, its mean pulled toward the old one's with this weight (None: frozen)
+    encoder_anchor: float | None = None
+    unet_minutes: float = 0.0  # continue UNet + text encoder on the new latents (0: keep them)
+    unet_batch: int = 512
+    unet_lr: float = 2e-4
 
 
 def _scene_psnr(vae, scenes: ShapeScenes, pool: dict, device) -> float:
@@ -58,6 +66,44 @@ def _sample_check(vae) -> dict:
     return round_trip(vae.to("cpu"), images, ConceptJudge())[1]
 
 
+def narrow_posterior(vae, scale: float) -> None:
+    """Multiply the posterior std of `vae`'s encoder by `scale`, its mean unchanged: quant_conv's
+    second half of output channels is the log-variance."""
+    if scale != 1.0:
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.bias.data[half:] += 2 * math.log(scale)
+
+
+def continue_unet(starter: Path, vae, recipe: DecoderRecipe, device, log):
+    """Continue `starter`'s UNet and text encoder on the latents of `vae` with train_starter_sd's
+    own phase 2 (same scene pool and captions); returns (unet, text, results)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .caption_tokenizer import encode_captions
+    from .train_starter_sd import SDRecipe, train_unet
+
+    sd = SDRecipe(
+        minutes=recipe.unet_minutes,
+        vae_share=0.0,
+        batch=recipe.unet_batch,
+        lr=recipe.unet_lr,
+        text_lr=recipe.unet_lr,
+        warmup=recipe.warmup,
+        seed=recipe.seed,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(starter / "tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(starter / "unet").float()
+    text = CLIPTextModel.from_pretrained(starter / "text_encoder").float()
+    scheduler = DDIMScheduler.from_pretrained(starter / "scheduler")
+    scenes = ShapeScenes(size=64, shapes=SD_SHAPES, max_count=4, textures=SD_TEXTURES, plain=0.55)
+    params = scenes.params(sd.pool, sd.seed)
+    ids = encode_captions(tokenizer, scenes.captions(params)).to(device)
+    pool = {k: v.to(device) for k, v in params.items()}
+    results = train_unet(unet, text, vae, tokenizer, scheduler, scenes, pool, ids, sd, device, log)
+    return unet.eval(), text.eval(), results
+
+
 def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.device) -> dict:
     """Train `starter`'s VAE decoder (and post-quant conv) with the encoder frozen; save the whole
     starter with the new VAE to `out`. Returns the before/after report (also in out/recipe.json)."""
@@ -67,7 +113,12 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(starter / "vae").float().eval()
     vae.requires_grad_(False)
+    narrow_posterior(vae, recipe.posterior_scale)
     trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    old = None
+    if recipe.encoder_anchor is not None:
+        old = copy.deepcopy(vae).to(device)  # the latents the UNet knows, to stay near them
+        trainable += [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
     for p in trainable:
         p.requires_grad_(True)
     scenes = ShapeScenes(size=64, shapes=SD_SHAPES, textures=SD_TEXTURES, plain=recipe.plain)
@@ -90,10 +141,15 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
         x = rotate_hue(x, angles * (torch.rand(len(x), device=device, generator=gen) < recipe.hue))
         x = x * 2 - 1
         with autocast(device):
-            with torch.no_grad():
-                latents = vae.encode(x).latent_dist.sample(generator=gen)
+            with torch.set_grad_enabled(old is not None):
+                posterior = vae.encode(x).latent_dist
+                latents = posterior.sample(generator=gen)
             out_x = vae.decode(latents).sample.float()
         loss = F.l1_loss(out_x, x) + F.mse_loss(out_x, x)
+        if old is not None:
+            with torch.no_grad(), autocast(device):
+                anchor = old.encode(x).latent_dist.mean.float()
+            loss = loss + recipe.encoder_anchor * F.mse_loss(posterior.mean.float(), anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -106,12 +162,20 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
     report["after"]["samples"] = _sample_check(vae)  # leaves the VAE on the CPU
     report["steps"], report["seconds"] = step, round(budget.elapsed(), 1)
     log(f"after: {report['after']}")
+    unet = text = None
+    if recipe.unet_minutes > 0:
+        unet, text, report["unet"] = continue_unet(starter, vae.to(device), recipe, device, log)
     log.close()
 
     def write(tmp: Path) -> None:
         shutil.copytree(starter, tmp, dirs_exist_ok=True)
         shutil.rmtree(tmp / "vae")
-        vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
+        vae.to("cpu", torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
+        if unet is not None:
+            shutil.rmtree(tmp / "unet")
+            shutil.rmtree(tmp / "text_encoder")
+            unet.to("cpu", torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+            text.to("cpu", torch.float32).save_pretrained(tmp / "text_encoder")
         recipe_file = tmp / "recipe.json"
         record = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
         record["decoder"] = {"recipe": asdict(recipe), "results": report}
@@ -135,10 +199,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--hue", type=float, default=d.hue, help="fraction of hue-turned scenes")
+    parser.add_argument(
+        "--posterior-scale",
+        type=float,
+        default=d.posterior_scale,
+        help="multiply the encoder's posterior std by this first",
+    )
+    parser.add_argument(
+        "--unet-minutes",
+        type=float,
+        default=d.unet_minutes,
+        help="then continue UNet + text encoder on the new latents for this long",
+    )
+    parser.add_argument("--unet-lr", type=float, default=d.unet_lr)
+    parser.add_argument(
+        "--encoder-anchor",
+        type=float,
+        default=d.encoder_anchor,
+        help="train the encoder too, its latents pulled toward the old ones with this weight",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     recipe = DecoderRecipe(
-        minutes=args.minutes, steps=args.steps, batch=args.batch, lr=args.lr, hue=args.hue
+        minutes=args.minutes,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        hue=args.hue,
+        posterior_scale=args.posterior_scale,
+        unet_minutes=args.unet_minutes,
+        unet_lr=args.unet_lr,
+        encoder_anchor=args.encoder_anchor,
     )
     tune_decoder(Path(args.starter), Path(args.out), recipe, pick_device(args.device))
     return 0
