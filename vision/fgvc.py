@@ -1,9 +1,9 @@
 """Fine-grained classification (FGVC) data: CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs
-and Stanford Cars as the VPT benchmark uses them (`fgvc:<dir>`), with VPT's FGVC augmentation:
-resize to 256 x 256, a random 224 crop and a horizontal flip for training, a center 224 crop for
-evaluation (scaled to other input sizes by 256/224), the crops drawn from the run's own seeded
-generator, which checkpoints keep. Protocols as VTAB's: "tune" trains on train and evaluates on
-val; "final" trains on train + val and reports test.
+and Stanford Cars as the VPT benchmark uses them (`fgvc:<dir>`; the .mat releases in fgvc_mat.py),
+with VPT's FGVC augmentation: resize to 256 x 256, a random 224 crop and a horizontal flip for
+training, a center 224 crop for evaluation (scaled to other input sizes by 256/224), the crops drawn
+from the run's own seeded generator, which checkpoints keep. Protocols as VTAB's: "tune" trains on
+train and evaluates on val; "final" trains on train + val and reports test.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from .data import Example, ImageListDataset, Preprocess, TaskData, check_labels,
 LAYOUTS = (
     "train.json, val.json and test.json ({image path: class id}: VPT's FGVC splits, for any of the "
     "five datasets), images.txt + image_class_labels.txt + train_test_split.txt (the CUB-200-2011 "
-    "and NABirds releases), or train/ and test/ (and val/) class folders"
+    "and NABirds releases), jpg/ + imagelabels.mat + setid.mat (Oxford Flowers 102), Images/ + "
+    "train_list.mat + test_list.mat, at the root or in lists/ (Stanford Dogs), cars_train/ + "
+    "cars_test/ + devkit/cars_train_annos.mat + cars_test_annos_withlabels.mat or car_ims/ + "
+    "cars_annos.mat (Stanford Cars), or train/ and test/ (and val/) class folders"
 )
 HELD_OUT = 10  # without a val split, tune holds out every 10th training image of each class
 
@@ -96,17 +99,7 @@ def load_fgvc(
 ) -> TaskData:
     """Train and eval splits of the FGVC dataset in `root` under `protocol` ("tune" or "final");
     the training crops drawn from a generator seeded by `seed` (the run's)."""
-    if not root.is_dir():
-        raise PeftkitError(f"FGVC dataset folder {str(root)!r} does not exist")
-    if all((root / f"{s}.json").is_file() for s in ("train", "val", "test")):
-        raw = {s: _read_json_split(root, s) for s in ("train", "val", "test")}
-        splits = _split_dict(root, raw, {s: f"{root / s}.json" for s in raw})
-    elif (root / "images.txt").is_file():
-        splits = _read_cub_style(root)
-    elif (root / "train").is_dir() and (root / "test").is_dir():
-        splits = _read_folders(root)
-    else:
-        raise PeftkitError(f"no FGVC layout found in {str(root)!r}: expected {LAYOUTS}")
+    splits = read_splits(root)
     if protocol == "tune":
         train, evals, names = splits["train"], splits["val"], ("train", "val")
     else:
@@ -121,6 +114,26 @@ def load_fgvc(
         root.name,
         names,
     )
+
+
+def read_splits(root: Path) -> dict:
+    """The FGVC dataset in `root` as {"train", "val", "test": examples, "num_classes": K,
+    "class_names": one per class index, or None where the layout names none}."""
+    from .fgvc_mat import read_mat_layout  # it builds on this module's split helpers
+
+    if not root.is_dir():
+        raise PeftkitError(f"FGVC dataset folder {str(root)!r} does not exist")
+    if all((root / f"{s}.json").is_file() for s in ("train", "val", "test")):
+        raw = {s: _read_json_split(root, s) for s in ("train", "val", "test")}
+        return split_examples(root, raw, {s: f"{root / s}.json" for s in raw})
+    if (root / "images.txt").is_file():
+        return _read_cub_style(root)
+    splits = read_mat_layout(root)
+    if splits is not None:
+        return splits
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return _read_folders(root)
+    raise PeftkitError(f"no FGVC layout found in {str(root)!r}: expected {LAYOUTS}")
 
 
 def _class_index(labels) -> dict:
@@ -168,14 +181,18 @@ def _examples(root: Path, rows: list[tuple[str, object]], index: dict, where: st
     return out
 
 
-def _split_dict(root: Path, raw: dict[str, list], sources: dict[str, str]) -> dict:
-    """Examples of every split, classes indexed over the training images (train and val)."""
+def split_examples(
+    root: Path, raw: dict[str, list], sources: dict[str, str], names: dict | None = None
+) -> dict:
+    """Examples of every split from its (path, class id) rows, classes indexed over the training
+    images (train and val); `names` maps class ids to class names where the layout has them."""
     index = _class_index(label for s in ("train", "val") for _, label in raw[s])
     splits = {s: _examples(root, rows, index, sources[s]) for s, rows in raw.items()}
-    return {**splits, "num_classes": len(index)}
+    class_names = [names[v] for v in index] if names else None
+    return {**splits, "num_classes": len(index), "class_names": class_names}
 
 
-def _held_out(rows: list, label_of) -> tuple[list, list]:
+def held_out(rows: list, label_of) -> tuple[list, list]:
     """(train, val): every HELD_OUT-th training image of each class, in listed order, is val."""
     seen: dict = {}
     train, val = [], []
@@ -213,10 +230,10 @@ def _read_cub_style(root: Path) -> dict:
         raise PeftkitError(
             f"{root / 'image_class_labels.txt'}: class ids must be integers ({err})"
         ) from None
-    train, val = _held_out([r[:2] for r in rows if r[2]], lambda r: r[1])
+    train, val = held_out([r[:2] for r in rows if r[2]], lambda r: r[1])
     test = [r[:2] for r in rows if not r[2]]
     where = f"{root / 'images.txt'}"
-    return _split_dict(
+    return split_examples(
         root,
         {"train": train, "val": val, "test": test},
         dict.fromkeys(("train", "val", "test"), where),
@@ -228,6 +245,12 @@ def _read_folders(root: Path) -> dict:
     if (root / "val").is_dir():
         val = read_image_folder(root / "val", classes)[0]
     else:
-        train, val = _held_out(train, lambda e: e.label)
+        train, val = held_out(train, lambda e: e.label)
     test = read_image_folder(root / "test", classes)[0]
-    return {"train": train, "val": val, "test": test, "num_classes": len(classes)}
+    return {
+        "train": train,
+        "val": val,
+        "test": test,
+        "num_classes": len(classes),
+        "class_names": classes,
+    }
