@@ -4,7 +4,8 @@ Data specs (CLI `--data`, API `load_task`):
 - `vtab:<task dir>`: the VTAB-1k release layout: train800.txt, val200.txt, train800val200.txt and
   test.txt, each line `relative/image/path label`, paths relative to the task dir.
 - `fgvc:<dir>`: a fine-grained dataset (CUB, NABirds, Flowers, Dogs, Cars) with VPT's FGVC
-  augmentation (fgvc.py): VPT's split jsons, the CUB/NABirds release, or train/val/test folders.
+  augmentation (fgvc.py): VPT's split jsons, the CUB/NABirds release, the Flowers/Dogs/Cars .mat
+  releases (fgvc_mat.py), or train/val/test folders.
 - `folder:<root>`: `<root>/train/<class>/*.jpg` plus `<root>/val/...` and/or `<root>/test/...`.
 - `builtin:<name>`: procedurally generated, deterministic tasks in the spirit of VTAB's structured
   group (see `BUILTIN_TASKS`); VTAB-1k sizes (800 / 200 / test 1000) unless told otherwise.

@@ -1,11 +1,8 @@
 """Check a text-to-image starter against the demo's concept, then sweep the demo's settings on it.
 
-Two questions, in the order that matters (issue 14): can the starter's VAE carry the sample flower
-at all (PSNR of the five samples through encode/decode, and whether the concept judge still sees
-the flower in the reconstructions: no LoRA can draw more than the VAE decodes), and which demo
-settings make the adapter learn it (each setting is one `peftkit demo` run, several at once on
-one GPU). Writes vae_check.png, one folder per setting (grid.png, metrics.json, log) and
-summary.md / summary.json into --out.
+First whether its VAE carries the sample flower (the samples round-tripped, and drawn from latents
+fitted to them: no LoRA can show more than the decoder draws), then one `peftkit demo` per setting,
+several at once on one GPU; summary.md / summary.json hold the judge's counts (issue 14).
 
     python -m peftkit.assets.recipes.tune_demo --starter runs/starter-sd --out runs/tune
 """
@@ -90,6 +87,37 @@ def vae_check(starter: Path, out: Path) -> dict:
     return report
 
 
+def decoder_reach(starter: Path, out: Path, steps: int = 300) -> dict:
+    """Whether the starter's decoder can draw the samples at all: latents fitted by gradient descent
+    (from the encoder's, L1 + MSE) instead of encoded. PSNR and the judge on the decoded fits;
+    decoder_reach.png shows samples over fits. When this passes and vae_check fails, the encoder
+    is what loses the concept."""
+    vae, judge = _load(starter)
+    vae.requires_grad_(False)
+    images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+    x = x.float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(steps):
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        rec = vae.decode(z).sample.clamp(-1, 1)
+    pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    fits = [Image.fromarray(p) for p in pixels]
+    _sheet([images, fits]).save(out / "decoder_reach.png")
+    mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
+    return {
+        "psnr_db": [round(float(v), 1) for v in -10 * torch.log10(mse / 4)],
+        "judge_on_fits": [round(p, 3) for p in judge.probabilities(fits)],
+    }
+
+
 def design_check(starter: Path, out: Path) -> dict:
     """The same check on other designs of the sample concept (make_samples.sample_views with
     DESIGN_CELLS checks per radius, in DESIGN_COLORS): whether bolder checks or colors would
@@ -158,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {result}")
         return 0
     report = {"starter": str(starter), "vae": vae_check(starter, out)}
+    report["decoder_reach"] = decoder_reach(starter, out)
     print(f"VAE on the samples: {report['vae']}", flush=True)
+    print(f"decoder from fitted latents: {report['decoder_reach']}", flush=True)
     names, extra = args.settings.split(","), args.extra.split()
     report["demo"] = sweep(starter, out, args.device, names, extra)
     lines = [f"# Demo settings on {starter}", "", f"VAE on the samples: {report['vae']}", ""]

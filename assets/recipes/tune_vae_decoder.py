@@ -46,6 +46,7 @@ class DecoderRecipe:
     # also train the encoder, its mean pulled toward the old one's with this weight (None: frozen)
     encoder_anchor: float | None = None
     unet_minutes: float = 0.0  # continue UNet + text encoder on the new latents (0: keep them)
+    unet_steps: int | None = None  # fixed UNet step count instead of unet_minutes
     unet_batch: int = 512
     unet_lr: float = 2e-4
 
@@ -85,6 +86,7 @@ def continue_unet(starter: Path, vae, recipe: DecoderRecipe, device, log):
 
     sd = SDRecipe(
         minutes=recipe.unet_minutes,
+        steps=recipe.unet_steps,
         vae_share=0.0,
         batch=recipe.unet_batch,
         lr=recipe.unet_lr,
@@ -163,7 +165,7 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
     report["steps"], report["seconds"] = step, round(budget.elapsed(), 1)
     log(f"after: {report['after']}")
     unet = text = None
-    if recipe.unet_minutes > 0:
+    if recipe.unet_minutes > 0 or recipe.unet_steps:
         unet, text, report["unet"] = continue_unet(starter, vae.to(device), recipe, device, log)
     log.close()
 

@@ -250,6 +250,68 @@ def test_decoder_recipe_changes_only_the_decoder(starter_sd, tmp_path):
     assert "decoder step 2" in (out / "decoder_log.txt").read_text()
 
 
+def test_narrowed_posterior_keeps_the_mean_and_scales_the_std(starter_sd):
+    from diffusers import AutoencoderKL
+
+    from peftkit.assets.recipes.tune_vae_decoder import narrow_posterior
+
+    vae = AutoencoderKL.from_pretrained(starter_sd / "vae").float().eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        narrow_posterior(vae, 0.1)
+        after = vae.encode(x).latent_dist
+    assert torch.equal(after.mean, before.mean)
+    # the posterior clamps log-variance to [-30, 20]; inside it the std scales exactly
+    torch.testing.assert_close(after.std, before.std * 0.1, rtol=1e-4, atol=0)
+
+
+def test_encoder_tuning_moves_encoder_and_decoder_then_continues_the_unet(starter_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from peftkit.assets.recipes.tune_vae_decoder import DecoderRecipe, tune_decoder
+
+    out = tmp_path / "sd-enc"
+    recipe = DecoderRecipe(
+        steps=2,
+        batch=2,
+        pool=16,
+        lr=1e-2,
+        warmup=1,
+        posterior_scale=0.1,
+        encoder_anchor=1.0,
+        unet_steps=2,
+        unet_batch=2,
+    )
+    report = tune_decoder(starter_sd, out, recipe, torch.device("cpu"))
+    assert report["unet"]["unet_steps"] == 2
+    for part in ("vae", "unet"):
+        weights = f"{part}/diffusion_pytorch_model.safetensors"
+        old, new = load_file(starter_sd / weights), load_file(out / weights)
+        assert old.keys() == new.keys() and all(
+            not torch.equal(old[k], new[k])
+            for k in [
+                k for k in old if k.startswith(("encoder.conv_in", "decoder.conv_out", "conv_in"))
+            ]
+        )
+    text = "text_encoder/model.safetensors"
+    assert (out / text).read_bytes() != (starter_sd / text).read_bytes()
+    # the result is still a pipeline diffusers loads and runs
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
+    assert image.images.shape == (1, 32, 32, 3)
+
+
+def test_decoder_reach_fits_latents_closer_than_the_encoder(starter_sd, tmp_path):
+    from peftkit.assets.recipes.tune_demo import decoder_reach, vae_check
+
+    encoded = vae_check(starter_sd, tmp_path)["psnr_db"]
+    fitted = decoder_reach(starter_sd, tmp_path, steps=30)
+    assert len(fitted["judge_on_fits"]) == 5 and (tmp_path / "decoder_reach.png").is_file()
+    assert all(f > e for f, e in zip(fitted["psnr_db"], encoded)), (fitted, encoded)
+
+
 def test_tune_demo_runs_the_demo_per_setting_and_sums_up_the_judge(starter_sd, tmp_path):
     from peftkit.assets.recipes.tune_demo import main
 
