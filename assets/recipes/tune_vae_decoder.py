@@ -45,6 +45,9 @@ class DecoderRecipe:
     posterior_scale: float = 1.0
     # also train the encoder, its mean pulled toward the old one's with this weight (None: frozen)
     encoder_anchor: float | None = None
+    # pixel loss weight 1 + edge_weight * (edge strength near the pixel): textures and outlines
+    # are a small part of a scene's pixels, so a plain mean barely sees them
+    edge_weight: float = 0.0
     unet_minutes: float = 0.0  # continue UNet + text encoder on the new latents (0: keep them)
     unet_steps: int | None = None  # fixed UNet step count instead of unet_minutes
     unet_batch: int = 512
@@ -65,6 +68,19 @@ def _sample_check(vae) -> dict:
 
     images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
     return round_trip(vae.to("cpu"), images, ConceptJudge())[1]
+
+
+def weighted_recon(out: torch.Tensor, target: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """L1 + MSE per pixel, weighted toward the target's edges (its color gradient, spread over
+    3 x 3) when `edge_weight` > 0; the weights average to one, so the loss keeps its scale."""
+    err = (out - target).abs() + (out - target) ** 2
+    if edge_weight <= 0:
+        return err.mean()
+    dy = F.pad((target[:, :, 1:] - target[:, :, :-1]).abs(), (0, 0, 0, 1))
+    dx = F.pad((target[..., 1:] - target[..., :-1]).abs(), (0, 1))
+    edges = F.max_pool2d((dx + dy).sum(1, keepdim=True), 3, stride=1, padding=1)
+    weight = 1 + edge_weight * edges / edges.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return (err * weight).mean() / weight.mean()
 
 
 def narrow_posterior(vae, scale: float) -> None:
@@ -147,7 +163,7 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
                 posterior = vae.encode(x).latent_dist
                 latents = posterior.sample(generator=gen)
             out_x = vae.decode(latents).sample.float()
-        loss = F.l1_loss(out_x, x) + F.mse_loss(out_x, x)
+        loss = weighted_recon(out_x, x, recipe.edge_weight)
         if old is not None:
             with torch.no_grad(), autocast(device):
                 anchor = old.encode(x).latent_dist.mean.float()
@@ -215,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--unet-lr", type=float, default=d.unet_lr)
     parser.add_argument(
+        "--edge-weight",
+        type=float,
+        default=d.edge_weight,
+        help="weight the pixel loss toward edges and textures (0: plain mean)",
+    )
+    parser.add_argument(
         "--encoder-anchor",
         type=float,
         default=d.encoder_anchor,
@@ -232,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         unet_minutes=args.unet_minutes,
         unet_lr=args.unet_lr,
         encoder_anchor=args.encoder_anchor,
+        edge_weight=args.edge_weight,
     )
     tune_decoder(Path(args.starter), Path(args.out), recipe, pick_device(args.device))
     return 0

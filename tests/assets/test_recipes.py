@@ -250,6 +250,27 @@ def test_decoder_recipe_changes_only_the_decoder(starter_sd, tmp_path):
     assert "decoder step 2" in (out / "decoder_log.txt").read_text()
 
 
+def test_edge_weighted_loss_counts_errors_at_edges_more_and_keeps_flat_images_plain():
+    from peftkit.assets.recipes.tune_vae_decoder import weighted_recon
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 16, 16), 0.3, dtype=torch.float64)
+    out = flat + 0.1 * torch.randn(flat.shape, generator=g, dtype=torch.float64)
+    plain = ((out - flat).abs() + (out - flat) ** 2).mean()
+    assert torch.allclose(weighted_recon(out, flat, 0.0), plain)
+    assert torch.allclose(weighted_recon(out, flat, 10.0), plain)  # no edges: uniform weights
+    # a checkerboard left half: the same error costs more there than on the flat right half
+    target = flat.clone()
+    target[..., :8] = ((torch.arange(16).view(16, 1) + torch.arange(8)) % 2).to(flat)
+    on_edges, off_edges = target.clone(), target.clone()
+    on_edges[..., 4, 4] += 0.5
+    off_edges[..., 4, 12] += 0.5
+    assert weighted_recon(on_edges, target, 10.0) > 3 * weighted_recon(off_edges, target, 10.0)
+    assert torch.allclose(
+        weighted_recon(on_edges, target, 0.0), weighted_recon(off_edges, target, 0.0)
+    )
+
+
 def test_narrowed_posterior_keeps_the_mean_and_scales_the_std(starter_sd):
     from diffusers import AutoencoderKL
 
