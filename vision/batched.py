@@ -320,7 +320,7 @@ def train_together(
         if stopped:
             results["status"] = "stopped"
         elif c.output_dir and rank == 0:
-            write_run(c, adapter, data.num_classes, results)
+            write_run(c, adapter, data, results)
         adapter.unload()
         out.append(results)
     return out

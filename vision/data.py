@@ -291,6 +291,8 @@ class TaskData:
     num_classes: int
     name: str
     splits: tuple[str, str]
+    # one per class index where the data names them (class folders, the FGVC releases)
+    class_names: tuple[str, ...] | None = None
 
 
 def load_task(
@@ -357,6 +359,7 @@ def load_task(
             n,
             root.name,
             ("train", eval_dir.name),
+            tuple(classes) if n == len(classes) else None,
         )
     raise PeftkitError(
         f"data spec {spec!r} not understood: use vtab:<task dir>, fgvc:<dataset dir>, folder:<root> "

@@ -113,6 +113,9 @@ def load_fgvc(
         n,
         root.name,
         names,
+        tuple(splits["class_names"])
+        if splits["class_names"] and n == splits["num_classes"]
+        else None,
     )
 
 

@@ -29,7 +29,7 @@ from peftkit.common_kernels.training.data_cache import cache_dataset, eval_batch
 from peftkit.common_kernels.training.engine import TrainConfig, launch_world, train
 
 from .backbones import create_backbone, normalization
-from .data import Preprocess, load_task
+from .data import Preprocess, TaskData, load_task
 from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter, read_vision_adapter
 from .recipes import method_defaults
@@ -309,7 +309,7 @@ def train_vit(
         images_per_s,
     )
     if config.output_dir and rank == 0:
-        write_run(config, adapter, data.num_classes, results)
+        write_run(config, adapter, data, results)
     return results
 
 
@@ -351,21 +351,21 @@ def run_results(
 
 
 def write_run(
-    config: ViTTrainConfig, adapter: VisionAdapter, num_classes: int, results: dict[str, Any]
+    config: ViTTrainConfig, adapter: VisionAdapter, data: TaskData, results: dict[str, Any]
 ) -> None:
-    """<output_dir>/adapter.safetensors (with what vit-eval needs to rebuild the backbone) and
-    results.json."""
+    """<output_dir>/adapter.safetensors (with what vit-eval needs to rebuild the backbone, and the
+    class names where the data has them) and results.json."""
     out = Path(config.output_dir)
     weights = {"pretrained": config.pretrained, "checkpoint": config.checkpoint}
-    adapter.save(
-        out / "adapter.safetensors",
-        extra={
-            "backbone": json.dumps(config.backbone_spec()),
-            "weights": json.dumps(weights),
-            "num_classes": str(num_classes),
-            "seed": str(config.seed),
-        },
-    )
+    extra = {
+        "backbone": json.dumps(config.backbone_spec()),
+        "weights": json.dumps(weights),
+        "num_classes": str(data.num_classes),
+        "seed": str(config.seed),
+    }
+    if data.class_names:
+        extra["class_names"] = json.dumps(list(data.class_names))
+    adapter.save(out / "adapter.safetensors", extra=extra)
     atomic_write(
         out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2))
     )

@@ -91,6 +91,7 @@ def test_image_folder_uses_sorted_class_folders_and_train_plus_val_for_final(tmp
     data = load_task(f"folder:{tmp_path}", "final", PRE)
     assert (len(data.train), len(data.eval), data.num_classes) == (6, 2, 2)
     assert [data.eval[i][1] for i in range(2)] == [0, 1]
+    assert data.class_names == ("cat", "dog")
     (tmp_path / "test" / "bird").mkdir()
     with pytest.raises(PeftkitError, match="bird"):
         load_task(f"folder:{tmp_path}", "final", PRE)

@@ -234,6 +234,7 @@ def test_cars_annos_splits_by_the_test_flag_and_names_the_classes(cars_annos):
     assert sorted(_pairs(final.train)) == sorted((f, c) for f, c, t in rows if not t)
     assert len(tune.eval) == 3 and len(tune.train) == len(CAR_TRAIN) - 3
     assert read_splits(root)["class_names"] == list(CARS)
+    assert tune.class_names == final.class_names == tuple(CARS)
 
 
 def test_a_struct_array_without_its_field_names_the_field_and_the_file(cars_annos):
@@ -263,4 +264,8 @@ def test_vit_train_runs_an_epoch_of_the_starter_model_on_the_flowers_release(flo
     assert (results["num_classes"], results["splits"]) == (3, ["train+val", "test"])
     assert results["steps"] == 3  # the 9 train + val images in batches of 4
     assert results["history"][-1]["eval_examples"] == 3  # tstid's images
-    assert (out / "adapter.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter.safetensors", "pt") as f:
+        names = json.loads(f.metadata()["class_names"])
+    assert names == read_splits(flowers)["class_names"] and len(names) == 3
