@@ -30,6 +30,8 @@ class Budget:
     def progress(self, step: int) -> float:
         if self.steps:
             return min(1.0, step / self.steps)
+        if self.minutes <= 0:  # a phase switched off (e.g. tune_vae_decoder --minutes 0)
+            return 1.0
         return min(1.0, self.elapsed() / (60.0 * self.minutes))
 
     def done(self, step: int) -> bool:

@@ -271,6 +271,12 @@ def test_edge_weighted_loss_counts_errors_at_edges_more_and_keeps_flat_images_pl
     )
 
 
+def test_a_zero_minute_budget_is_done_before_its_first_step():
+    from peftkit.assets.recipes.recipe_run import Budget
+
+    assert Budget(0.0).done(0) and not Budget(1.0).done(0) and Budget(0.0, steps=2).done(2)
+
+
 def test_narrowed_posterior_keeps_the_mean_and_scales_the_std(starter_sd):
     from diffusers import AutoencoderKL
 
