@@ -133,6 +133,12 @@ class SDRecipe:
         return cls(**{**base, **overrides})
 
 
+def sd_scenes(size: int, plain: float = 0.55) -> ShapeScenes:
+    """The text-to-image starter's scenes (every shape and texture, up to four objects); `plain`
+    is the share of untextured objects, 0.55 in the captioned pool the UNet learns from."""
+    return ShapeScenes(size=size, shapes=SD_SHAPES, max_count=4, textures=SD_TEXTURES, plain=plain)
+
+
 # ---- models ----
 
 
@@ -370,9 +376,7 @@ def train_starter_sd(
     log = RunLog(log_path)
     start = time.perf_counter()
     log(f"starter-sd recipe on {device}: {json.dumps(asdict(recipe))}")
-    scenes = ShapeScenes(
-        size=recipe.size, shapes=SD_SHAPES, max_count=4, textures=SD_TEXTURES, plain=0.55
-    )
+    scenes = sd_scenes(recipe.size)
     params = scenes.params(recipe.pool, recipe.seed)
     tokenizer = build_tokenizer(work / "tokenizer", recipe.text["max_position_embeddings"])
     ids = encode_captions(tokenizer, scenes.captions(params)).to(device)
@@ -393,13 +397,7 @@ def train_starter_sd(
     }
     vae_scenes, vae_pool = scenes, pool
     if recipe.vae_plain is not None:
-        vae_scenes = ShapeScenes(
-            size=recipe.size,
-            shapes=SD_SHAPES,
-            max_count=4,
-            textures=SD_TEXTURES,
-            plain=recipe.vae_plain,
-        )
+        vae_scenes = sd_scenes(recipe.size, recipe.vae_plain)
         vae_params = vae_scenes.params(max(recipe.pool // 4, 1), recipe.seed + 3)
         vae_pool = {k: v.to(device) for k, v in vae_params.items()}
     results.update(train_vae(vae, vae_scenes, vae_pool, recipe, device, log))

@@ -45,20 +45,31 @@ SETTINGS = {
 }
 
 
-def round_trip(vae, images: list[Image.Image], judge) -> tuple[list[Image.Image], dict]:
-    """`images` through `vae` (encoder mean, then decoder): the reconstructions, and the PSNR (dB)
-    of each and the judge's P(concept) on each reconstruction."""
+def _tensor(images: list[Image.Image]) -> torch.Tensor:
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
-    x = x.float() / 127.5 - 1
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return x.float() / 127.5 - 1
+
+
+def _scored(rec: torch.Tensor, x: torch.Tensor, judge, key: str) -> tuple[list[Image.Image], dict]:
+    """Decoded images `rec` (in [-1, 1]) of the targets `x` as images, with the PSNR (dB) of each
+    and the judge's P(concept) on each under `key`."""
+    rec = rec.detach().clamp(-1, 1)
     pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     decoded = [Image.fromarray(p) for p in pixels]
     mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
     return decoded, {
         "psnr_db": [round(float(v), 1) for v in -10 * torch.log10(mse / 4)],
-        "judge_on_reconstructions": [round(p, 3) for p in judge.probabilities(decoded)],
+        key: [round(p, 3) for p in judge.probabilities(decoded)],
     }
+
+
+def round_trip(vae, images: list[Image.Image], judge) -> tuple[list[Image.Image], dict]:
+    """`images` through `vae` (encoder mean, then decoder): the reconstructions, and the PSNR (dB)
+    of each and the judge's P(concept) on each reconstruction."""
+    x = _tensor(images)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return _scored(rec, x, judge, "judge_on_reconstructions")
 
 
 def _sheet(rows: list[list[Image.Image]]) -> Image.Image:
@@ -95,8 +106,7 @@ def decoder_reach(starter: Path, out: Path, steps: int = 300) -> dict:
     vae, judge = _load(starter)
     vae.requires_grad_(False)
     images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
-    x = x.float() / 127.5 - 1
+    x = _tensor(images)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.05)
@@ -107,15 +117,9 @@ def decoder_reach(starter: Path, out: Path, steps: int = 300) -> dict:
         loss.backward()
         opt.step()
     with torch.no_grad():
-        rec = vae.decode(z).sample.clamp(-1, 1)
-    pixels = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-    fits = [Image.fromarray(p) for p in pixels]
+        fits, report = _scored(vae.decode(z).sample, x, judge, "judge_on_fits")
     _sheet([images, fits]).save(out / "decoder_reach.png")
-    mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
-    return {
-        "psnr_db": [round(float(v), 1) for v in -10 * torch.log10(mse / 4)],
-        "judge_on_fits": [round(p, 3) for p in judge.probabilities(fits)],
-    }
+    return report
 
 
 def design_check(starter: Path, out: Path) -> dict:

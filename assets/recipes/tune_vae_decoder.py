@@ -1,5 +1,5 @@
-"""Retrain the decoder of a text-to-image starter's VAE on hue-turned checkered scenes, the
-encoder's mean frozen, and write a copy of the starter with it (issue 14). `--posterior-scale`
+"""Retrain the decoder of a text-to-image starter's VAE on hue-turned checkered scenes (the
+encoder frozen unless `--encoder-anchor`), and write a copy of the starter with it (issue 14). `--posterior-scale`
 narrows the encoder's posterior first: the shipped one's noise is as large as the checks' signal in
 the latents, so a decoder trained on its samples learns to blur them; `--unet-minutes` then
 continues the UNet and text encoder on the sharper latents. The sample flower is never shown (teal
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .recipe_run import Budget, RunLog, autocast, lr_factor, pick_device, save_folder
-from .shapes import SD_SHAPES, SD_TEXTURES, ShapeScenes, rotate_hue, take
+from .shapes import ShapeScenes, rotate_hue, take
+from .train_starter_sd import sd_scenes
 from .tune_demo import SAMPLES, round_trip
 
 STARTER = Path(__file__).resolve().parent.parent / "starter-sd"
@@ -114,7 +115,7 @@ def continue_unet(starter: Path, vae, recipe: DecoderRecipe, device, log):
     unet = UNet2DConditionModel.from_pretrained(starter / "unet").float()
     text = CLIPTextModel.from_pretrained(starter / "text_encoder").float()
     scheduler = DDIMScheduler.from_pretrained(starter / "scheduler")
-    scenes = ShapeScenes(size=64, shapes=SD_SHAPES, max_count=4, textures=SD_TEXTURES, plain=0.55)
+    scenes = sd_scenes(sd.size)
     params = scenes.params(sd.pool, sd.seed)
     ids = encode_captions(tokenizer, scenes.captions(params)).to(device)
     pool = {k: v.to(device) for k, v in params.items()}
@@ -123,8 +124,9 @@ def continue_unet(starter: Path, vae, recipe: DecoderRecipe, device, log):
 
 
 def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.device) -> dict:
-    """Train `starter`'s VAE decoder (and post-quant conv) with the encoder frozen; save the whole
-    starter with the new VAE to `out`. Returns the before/after report (also in out/recipe.json)."""
+    """Train `starter`'s VAE decoder (and post-quant conv; the encoder too with
+    `recipe.encoder_anchor`), then optionally continue its UNet; save the whole starter with them
+    to `out`. Returns the before/after report (also in out/recipe.json)."""
     from diffusers import AutoencoderKL
 
     log = RunLog(out.parent / f"{out.name}-decoder_log.txt")
@@ -139,7 +141,7 @@ def tune_decoder(starter: Path, out: Path, recipe: DecoderRecipe, device: torch.
         trainable += [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    scenes = ShapeScenes(size=64, shapes=SD_SHAPES, textures=SD_TEXTURES, plain=recipe.plain)
+    scenes = sd_scenes(64, recipe.plain)
     pool = {k: v.to(device) for k, v in scenes.params(recipe.pool, recipe.seed + 11).items()}
     held_out = {k: v.to(device) for k, v in scenes.params(512, recipe.seed + 12).items()}
     report = {"before": {"samples": _sample_check(vae)}}
