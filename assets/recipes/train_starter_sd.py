@@ -57,6 +57,9 @@ class SDRecipe:
     # share of plain objects in the VAE's own scenes (None: the captioned pool's 0.55); fine
     # checks are what a short VAE run blurs first
     vae_plain: float | None = None
+    # pixel loss weighted toward the target's edges (weighted_recon below): a
+    # plain mean barely sees the few pixels of fine checks, and a short run blurs them first
+    vae_edge_weight: float = 0.0
     steps: int | None = None  # fixed UNet step count instead of the clock (tests)
     vae_steps: int | None = None
     batch: int = 256
@@ -192,6 +195,19 @@ def build_models(recipe: SDRecipe, tokenizer):
 # ---- phase 1: VAE ----
 
 
+def weighted_recon(out: torch.Tensor, target: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """L1 + MSE per pixel, weighted toward the target's edges (its color gradient, spread over
+    3 x 3) when `edge_weight` > 0; the weights average to one, so the loss keeps its scale."""
+    err = (out - target).abs() + (out - target) ** 2
+    if edge_weight <= 0:
+        return err.mean()
+    dy = F.pad((target[:, :, 1:] - target[:, :, :-1]).abs(), (0, 0, 0, 1))
+    dx = F.pad((target[..., 1:] - target[..., :-1]).abs(), (0, 1))
+    edges = F.max_pool2d((dx + dy).sum(1, keepdim=True), 3, stride=1, padding=1)
+    weight = 1 + edge_weight * edges / edges.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return (err * weight).mean() / weight.mean()
+
+
 def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, log) -> dict:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -215,7 +231,7 @@ def train_vae(vae, scenes: ShapeScenes, pool: dict, recipe: SDRecipe, device, lo
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             out = vae.decode(posterior.sample(generator=gen)).sample.float()
-        rec = F.l1_loss(out, x) + F.mse_loss(out, x)
+        rec = weighted_recon(out, x, recipe.vae_edge_weight)
         loss = rec + recipe.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -446,6 +462,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vae-width", type=int, default=32, help="VAE channels (w, 2w, 2w); a multiple of 32"
     )
+    parser.add_argument(
+        "--vae-factor",
+        type=int,
+        choices=(2, 4),
+        default=4,
+        help="VAE downsampling: 4 gives 16x16 latents at 64 px, 2 gives 32x32 (channels w, 2w)",
+    )
+    parser.add_argument(
+        "--vae-edge-weight",
+        type=float,
+        default=SDRecipe.vae_edge_weight,
+        help="weight the VAE's pixel loss toward edges and textures (0: plain mean)",
+    )
     parser.add_argument("--lr", type=float, default=SDRecipe.lr, help="UNet and text encoder")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -465,13 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         args.vae_plain,
         args.vae_hue,
     )
+    recipe.vae_edge_weight = args.vae_edge_weight
     if not args.tiny:
         w = args.vae_width
         if w % recipe.vae["norm_num_groups"]:
             parser.error(f"--vae-width must be a multiple of {recipe.vae['norm_num_groups']}")
-        recipe.vae.update(
-            latent_channels=args.latent_channels, block_out_channels=(w, 2 * w, 2 * w)
-        )
+        channels = (w, 2 * w, 2 * w) if args.vae_factor == 4 else (w, 2 * w)
+        recipe.vae.update(latent_channels=args.latent_channels, block_out_channels=channels)
     train_starter_sd(
         recipe, Path(args.out), pick_device(args.device), Path(args.log) if args.log else None
     )

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .recipe_run import Budget, RunLog, autocast, lr_factor, pick_device, save_folder
 from .shapes import ShapeScenes, rotate_hue, take
-from .train_starter_sd import sd_scenes
+from .train_starter_sd import sd_scenes, weighted_recon
 from .tune_demo import SAMPLES, round_trip
 
 STARTER = Path(__file__).resolve().parent.parent / "starter-sd"
@@ -69,19 +69,6 @@ def _sample_check(vae) -> dict:
 
     images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.png"))]
     return round_trip(vae.to("cpu"), images, ConceptJudge())[1]
-
-
-def weighted_recon(out: torch.Tensor, target: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    """L1 + MSE per pixel, weighted toward the target's edges (its color gradient, spread over
-    3 x 3) when `edge_weight` > 0; the weights average to one, so the loss keeps its scale."""
-    err = (out - target).abs() + (out - target) ** 2
-    if edge_weight <= 0:
-        return err.mean()
-    dy = F.pad((target[:, :, 1:] - target[:, :, :-1]).abs(), (0, 0, 0, 1))
-    dx = F.pad((target[..., 1:] - target[..., :-1]).abs(), (0, 1))
-    edges = F.max_pool2d((dx + dy).sum(1, keepdim=True), 3, stride=1, padding=1)
-    weight = 1 + edge_weight * edges / edges.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
-    return (err * weight).mean() / weight.mean()
 
 
 def narrow_posterior(vae, scale: float) -> None:
@@ -219,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--hue", type=float, default=d.hue, help="fraction of hue-turned scenes")
+    parser.add_argument("--plain", type=float, default=d.plain, help="fraction of untextured objects")
     parser.add_argument(
         "--posterior-scale",
         type=float,
@@ -252,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         lr=args.lr,
         hue=args.hue,
+        plain=args.plain,
         posterior_scale=args.posterior_scale,
         unet_minutes=args.unet_minutes,
         unet_lr=args.unet_lr,

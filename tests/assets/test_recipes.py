@@ -251,7 +251,7 @@ def test_decoder_recipe_changes_only_the_decoder(starter_sd, tmp_path):
 
 
 def test_edge_weighted_loss_counts_errors_at_edges_more_and_keeps_flat_images_plain():
-    from peftkit.assets.recipes.tune_vae_decoder import weighted_recon
+    from peftkit.assets.recipes.train_starter_sd import weighted_recon
 
     g = torch.Generator().manual_seed(0)
     flat = torch.full((1, 3, 16, 16), 0.3, dtype=torch.float64)
