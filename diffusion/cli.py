@@ -190,10 +190,18 @@ def _frozen_dtype(args):
 def train_concept(argv: list[str]) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet, or the SD3/Flux transformer,
     from a few images of a concept."""
-    import dataclasses
     import time
 
     started = time.perf_counter()
+    from ..common_kernels.training.warm_start import collector_paused
+
+    with collector_paused() as loaded:
+        return _train_concept(argv, started, loaded)
+
+
+def _train_concept(argv: list[str], started: float, loaded) -> int:
+    import dataclasses
+
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
@@ -334,6 +342,7 @@ def train_concept(argv: list[str]) -> int:
         )
     shape = "in aspect buckets of about" if config.buckets else "at"
     print(f"training a {config.method} adapter {shape} {config.resolution}x{config.resolution}")
+    loaded()
     task, result = run(base, images, config, train_config, class_dir=class_dir, started=started)
     print(task.unet_handle.report())
     _summary(args.output, result)

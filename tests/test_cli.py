@@ -32,3 +32,9 @@ def test_every_command_points_at_an_existing_function():
 
     for name, (module, func, _) in COMMANDS.items():
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_the_script_exits_with_the_command_code():
+    run = [sys.executable, "-m", "peftkit.apps.cli"]
+    assert subprocess.run([*run, "--help"], capture_output=True).returncode == 0
+    assert subprocess.run([*run, "nope"], capture_output=True).returncode == 2

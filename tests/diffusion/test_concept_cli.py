@@ -1,5 +1,6 @@
 """The four commands end to end on the tiny pipeline: train-concept, train-ti, generate, evaluate-concept."""
 
+import gc
 import json
 
 from peftkit.apps.cli import main
@@ -40,6 +41,7 @@ def test_train_generate_evaluate(tiny_sd_path, concept_dir, clip_dir, tmp_path):
         == 0
     )
     assert json.loads((tmp_path / "dog" / "train.json").read_text())["steps"] == 2
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the set-up's collector pause is over
     assert (
         train_ti(
             [*common, "--token", "<toy>", "--init-word", "toy", "--output", str(tmp_path / "ti")]
