@@ -202,6 +202,7 @@ def train_concept(argv: list[str]) -> int:
 def _train_concept(argv: list[str], started: float, loaded) -> int:
     import dataclasses
 
+    from ..common_kernels.training.warm_start import warm_cuda
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
@@ -301,6 +302,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
 
     add_concept_extras(parser)
     args = parser.parse_args(argv)
+    cuda_ready = warm_cuda(args.cpu)
     if not args.config:
         missing = [f"--{k}" for k in ("images", "output", "prompt") if not getattr(args, k)]
         if missing:
@@ -342,6 +344,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
         )
     shape = "in aspect buckets of about" if config.buckets else "at"
     print(f"training a {config.method} adapter {shape} {config.resolution}x{config.resolution}")
+    cuda_ready()  # the run may capture a CUDA graph: no other thread may use the GPU then
     loaded()
     task, result = run(base, images, config, train_config, class_dir=class_dir, started=started)
     print(task.unet_handle.report())

@@ -1,10 +1,13 @@
-"""The set-up shortcuts leave a run as it was: the collector restored after a command."""
+"""The set-up shortcuts leave a run as it was: the collector restored after a command, CUDA left
+untouched on the CPU, and a failing CUDA warm-up silent (the run reports its errors itself)."""
 
 import gc
+import threading
 
 import pytest
+import torch
 
-from peftkit.common_kernels.training.warm_start import collector_paused
+from peftkit.common_kernels.training.warm_start import collector_paused, warm_cuda
 
 
 def test_collector_is_off_while_loading_frozen_for_the_run_and_restored_after():
@@ -26,3 +29,30 @@ def test_collector_is_restored_when_loading_fails_and_stays_off_if_it_was():
         assert not gc.isenabled() and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+def _warming() -> bool:
+    return any(t.name == "peftkit-warm-cuda" for t in threading.enumerate())
+
+
+def test_cpu_runs_and_multi_process_launches_start_no_warm_up(monkeypatch):
+    warm_cuda(cpu=True)()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    warm_cuda(cpu=False)()
+    assert not _warming()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_warm_up_without_cuda_leaves_cuda_uninitialized():
+    warm_cuda(cpu=False)()
+    assert not torch.cuda.is_initialized()
+
+
+def test_a_failing_cuda_warm_up_is_silent(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "ones", broken)
+    warm_cuda(cpu=False)()
+    assert not _warming()
