@@ -1,7 +1,8 @@
 """One set of concept-training defaults, shared by `peftkit train-concept`, `peftkit demo` and the
 app's Personalize tab, so the three train the same adapter from the same images. Tuned on the
-starter model (assets/starter-sd): at lr 2e-4 the control prompt keeps its look (at 1e-3 the
-adapter turned every "sks" image to speckle); they also suit Stable Diffusion 1.x LoRAs.
+starter model (assets/starter-sd, assets/recipes/README.md): an attention-only LoRA at 2e-4 learned
+nothing visible there; attention + feed-forward + conv at 1e-3 draws the concept and, with prior
+preservation, keeps the control prompt's look.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ class ConceptDefaults:
     """Defaults of a concept run; `lr_for(method)` gives the learning rate of a core."""
 
     method: str = "lora"
-    steps: int = 300
+    steps: int = 400
     rank: int = 8
     block_size: int = 32
     # UNet module presets (dreambooth.UNET_PRESETS) the adapter wraps
-    targets: tuple[str, ...] = ("attn",)
+    targets: tuple[str, ...] = ("attn", "ff", "conv")
     # Per core (canonical names); a core missing here takes LoRA's rate. Rotations (OFT, BOFT)
     # move less per step than additive updates, so they get a higher one.
     lr: dict[str, float] = field(
-        default_factory=lambda: {"lora": 2e-4, "kron": 2e-4, "oft": 6e-4, "boft": 6e-4}
+        default_factory=lambda: {"lora": 1e-3, "kron": 1e-3, "oft": 3e-3, "boft": 3e-3}
     )
     lr_schedule: str = "constant"
     warmup_steps: int = 0

@@ -42,6 +42,10 @@ SETTINGS = {
     "all-lr2e-3-800-r16": ["--targets", "attn,ff,conv", "--lr", "2e-3", "--steps", "800"]
     + ["--rank", "16"],
     "attn-lr1e-3-600": ["--lr", "1e-3", "--steps", "600"],
+    "attn-lr2e-3": ["--lr", "2e-3"],
+    "all-lr1e-3": ["--targets", "attn,ff,conv", "--lr", "1e-3"],
+    "all-lr2e-3": ["--targets", "attn,ff,conv", "--lr", "2e-3"],
+    "attn-ff-lr1e-3-400": ["--targets", "attn,ff", "--lr", "1e-3", "--steps", "400"],
 }
 
 

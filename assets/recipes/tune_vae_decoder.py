@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=d.batch)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--hue", type=float, default=d.hue, help="fraction of hue-turned scenes")
-    parser.add_argument("--plain", type=float, default=d.plain, help="fraction of untextured objects")
+    parser.add_argument(
+        "--plain", type=float, default=d.plain, help="fraction of untextured objects"
+    )
     parser.add_argument(
         "--posterior-scale",
         type=float,

@@ -239,16 +239,18 @@ def test_demo_on_the_starter_model_learns_the_concept_and_keeps_the_control(tmp_
     print(f"\nstarter demo: {judge} in {metrics['seconds']} s")
     assert judge["concept_base"] <= 1, judge
     assert judge["control_kept"] >= 2, judge
-    if judge["concept_adapted"] < 8:
-        # issue 14 is open on this point: the starter's VAE loses the flower in every sample design
-        # tried (assets/recipes/results/designs/); demo grids in assets/recipes/results/demo/
-        pytest.xfail(f"the demo's adapter does not show the concept yet: {judge}")
+    # the lower bar: the base shows the concept in none of the 12, an adapter that learned nothing
+    # in 0-1 (assets/recipes/README.md)
+    assert judge["concept_adapted"] >= 3, judge
+    if judge["concept_adapted"] < 10:
+        # issue 14 is open on this point: new contexts ("on a blue background") rarely show it
+        pytest.xfail(f"the demo's adapter shows the concept in fewer than 10 of 12: {judge}")
 
 
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        ("demo", ["(default: 300)", "(default: lora)", "(default: attn)", "(default: 15)"]),
+        ("demo", ["(default: 400)", "(default: lora)", "(default: attn,ff,conv)", "(default: 15)"]),
         ("app", ["(default: 7860)", "(default: starter)", "(default: 127.0.0.1)"]),
     ],
 )
