@@ -7,7 +7,7 @@ colors): a teal six-petal flower with a magenta checkerboard and a yellow hub, o
 backgrounds. Each view moves, turns and scales it a little, so an adapter has to learn the object
 rather than one picture. Deterministic: rerunning rewrites the same pixels.
 
-    python assets/samples/make_samples.py            # writes assets/samples/concept/toy-*.png
+    python assets/samples/make_samples.py            # writes assets/samples/concept/toy-*.png and .txt
 """
 
 from __future__ import annotations
@@ -84,6 +84,18 @@ def sample_views(size: int = 64, cells: float = CELLS, colors=(TEAL, MAGENTA, YE
     ]
 
 
+# One caption per view (x.txt beside x.png), worded differently so the adapter ties the concept to
+# "sks flower" rather than to one sentence: with a single caption the starter drew it only for that
+# exact prompt (assets/recipes/results/demo/f2-sweep.md).
+CAPTIONS = (
+    "a photo of sks flower",
+    "a sks flower on a white background",
+    "a photo of sks flower on a white background",
+    "a sks flower",
+    "a big sks flower",
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "concept"))
@@ -93,7 +105,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(sample_views(args.size)):
         image.save(out / f"toy-{i + 1}.png", optimize=True)
-    print(f"wrote {len(VIEWS)} images to {out}")
+        (out / f"toy-{i + 1}.txt").write_text(CAPTIONS[i] + "\n")
+    print(f"wrote {len(VIEWS)} captioned images to {out}")
 
 
 if __name__ == "__main__":
