@@ -30,7 +30,8 @@ from ..diffusion.concept_judge import JUDGE
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples" / "concept"
 # CLI names -> ConceptConfig methods
-INSTANCE_PROMPT = "a photo of sks flower"
+SAMPLE_PHRASE = "sks flower"  # what the samples' captions (toy-N.txt) call the concept
+INSTANCE_PROMPT = f"a photo of {SAMPLE_PHRASE}"
 CLASS_PROMPT = "a photo of a flower"
 # Concept prompts (the judge counts the concept in these) and one control prompt without the
 # identifier, which the adapter should leave alone.
@@ -179,6 +180,7 @@ def train_adapter(
         class_prompt=class_prompt,
         num_class_images=num_class_images,
         targets=targets,
+        min_snr_gamma=CONCEPT_DEFAULTS.min_snr_for(base),
     )
     classes = None
     if class_prompt:
@@ -219,6 +221,7 @@ def concept_job(
     class_prompt: str | None = None,
     num_class_images: int = CONCEPT_DEFAULTS.num_class_images,
     targets: tuple[str, ...] = CONCEPT_DEFAULTS.targets,
+    min_snr_gamma: float = CONCEPT_DEFAULTS.min_snr_gamma,
 ):
     """The demo's and the app's concept settings for `method` (lora, lokr or oft) as a ConceptJob,
     from the shared defaults (diffusion/concept_defaults.py): what `train_adapter` trains alone and
@@ -238,6 +241,7 @@ def concept_job(
         class_prompt=class_prompt,
         num_class_images=num_class_images,
         prior_weight=CONCEPT_DEFAULTS.prior_weight,
+        min_snr_gamma=min_snr_gamma,
     )
     train_config = TrainConfig(
         steps=steps,

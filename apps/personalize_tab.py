@@ -26,7 +26,14 @@ from ..common_kernels.registry import core, core_names
 from ..diffusion.concept_defaults import CONCEPT_DEFAULTS
 from ..diffusion.multitenant import ConceptJob
 from .concept_queue import ConceptQueue
-from .demo import INSTANCE_PROMPT, SAMPLES, concept_job, native_resolution, open_base
+from .demo import (
+    INSTANCE_PROMPT,
+    SAMPLE_PHRASE,
+    SAMPLES,
+    concept_job,
+    native_resolution,
+    open_base,
+)
 from .jobs import (
     FINISHED,
     Job,
@@ -143,6 +150,19 @@ class Personalizer:
             f"no images: upload {MIN_IMAGES}-{MAX_IMAGES} images or tick 'use the bundled samples'"
         )
 
+    def _samples_as(self, phrase: str) -> Path:
+        """A copy of the bundled samples whose captions name the concept `phrase`: they say
+        "sks flower", which would otherwise train that phrase instead of the user's."""
+        folder = self.root / "uploads" / uuid.uuid4().hex[:12]
+        folder.mkdir(parents=True)
+        for image in SAMPLES.glob("*.png"):
+            shutil.copy(image, folder / image.name)
+            caption = image.with_suffix(".txt")
+            if caption.is_file():
+                text = caption.read_text(encoding="utf-8").replace(SAMPLE_PHRASE, phrase)
+                (folder / caption.name).write_text(text, encoding="utf-8")
+        return folder
+
     def submit(
         self,
         images: Path,
@@ -161,6 +181,8 @@ class Personalizer:
             raise PeftkitError("give a one-word identifier (e.g. sks) and a class word (e.g. toy)")
         method = METHODS.get(method, method)
         identifier, class_word = identifier.strip(), class_word.strip()
+        if images == SAMPLES and f"{identifier} {class_word}" != SAMPLE_PHRASE:
+            images = self._samples_as(f"{identifier} {class_word}")
 
         if method == "ti":
             return self.runner.submit(

@@ -274,8 +274,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
     parser.add_argument(
         "--min-snr-gamma",
         type=non_negative_float,
-        default=0.0,
-        help="min-SNR weighting, e.g. 5; 0: off",
+        help=f"min-SNR weighting; 0: off (default: {d.min_snr_gamma}, off for SD3/Flux)",
     )
     parser.add_argument(
         "--offset-noise",
@@ -312,7 +311,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
     base = load_base(args.model, dtype=_frozen_dtype(args), attention=args.attention)
     size = args.resolution or base.native_resolution
     if args.config:
-        job = config_job(args, size)
+        job = config_job(args, size, base)
         images, config, train_config, class_dir = job.images, job.concept, job.train, job.class_dir
         args.output = train_config.output_dir
     else:
@@ -327,7 +326,9 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
             class_prompt=args.class_prompt,
             num_class_images=args.num_class_images,
             prior_weight=args.prior_weight,
-            min_snr_gamma=args.min_snr_gamma,
+            min_snr_gamma=(
+                d.min_snr_for(base) if args.min_snr_gamma is None else args.min_snr_gamma
+            ),
             offset_noise=args.offset_noise,
             gradient_checkpointing=args.gradient_checkpointing,
             resolution=size,
@@ -352,7 +353,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
     return 0
 
 
-def config_job(args: argparse.Namespace, resolution: int):
+def config_job(args: argparse.Namespace, resolution: int, base):
     """The ConceptJob of `--config job.yaml`, read by train-concepts' own job parser; keys the file
     leaves out take the shared concept defaults and the base model's native size."""
     import dataclasses
@@ -378,6 +379,8 @@ def config_job(args: argparse.Namespace, resolution: int):
         "schedule": d.lr_schedule,
         "num_class_images": d.num_class_images,
         "resolution": resolution,
+        "targets": list(d.targets),
+        "min_snr_gamma": d.min_snr_for(base),
     }
     if args.output:
         defaults["output"] = str(Path(args.output).resolve())

@@ -21,8 +21,10 @@ _ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 
 # Named groups of transformer Linear layers (diffusers' module names; both families). attn: the
 # image stream's q/k/v/out and the context stream's; ff: the MLPs of both streams and of Flux's
-# single blocks; all-linear: every Linear inside a block (AdaLN modulations too).
+# single blocks; all-linear: every Linear inside a block (AdaLN modulations too). conv is empty: the
+# concept default attn,ff,conv (a UNet's) trains attn and ff here.
 DIT_PRESETS = {
+    "conv": [],
     "attn": [
         "attn.to_q",
         "attn.to_k",

@@ -239,12 +239,9 @@ def test_demo_on_the_starter_model_learns_the_concept_and_keeps_the_control(tmp_
     print(f"\nstarter demo: {judge} in {metrics['seconds']} s")
     assert judge["concept_base"] <= 1, judge
     assert judge["control_kept"] >= 2, judge
-    # the lower bar: the base shows the concept in none of the 12, an adapter that learned nothing
-    # in 0-1 (assets/recipes/README.md)
-    assert judge["concept_adapted"] >= 3, judge
-    if judge["concept_adapted"] < 10:
-        # issue 14 is open on this point: new contexts ("on a blue background") rarely show it
-        pytest.xfail(f"the demo's adapter shows the concept in fewer than 10 of 12: {judge}")
+    # a lower bar than the full demo's 11/12 (6 class images here): the base shows the concept in
+    # none of the 12, an adapter that learned nothing in 0-1 (assets/recipes/results/demo/)
+    assert judge["concept_adapted"] >= 5, judge  # measured 7 with 6 class images
 
 
 @pytest.mark.parametrize(
