@@ -208,6 +208,7 @@ class Personalizer:
                 resolution=resolution,
                 device=self.device,
                 class_prompt=f"a photo of a {class_word}",
+                min_snr_gamma=CONCEPT_DEFAULTS.min_snr_for(base),
             )
 
         def done() -> Path:
