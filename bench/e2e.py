@@ -4,8 +4,9 @@ unmodified copy, --diffusers-script) on a random-weight SD1.5-shaped pipeline, a
 vit-train` vs a plain timm + peft loop (bench/e2e_workloads.py) on a VTAB-1k-layout JPEG folder.
 Each run is a subprocess timed from start to exit while nvidia-smi samples GPU memory; steady
 step = (long - short) / (step difference), set-up = short - its steps x steady step.
-`--import-profile` adds one short train-concept run under `python -X importtime` and writes what
-its imports cost (imports-<kind>.md): most of its "load" time before the first step.
+`--profile` adds one long train-concept run under bench/profile_command.py (profile-<kind>.md:
+where its wall clock and GPU memory go, imports included). peftkit adapts the modules diffusers'
+script adapts (--targets attn), so both train the same 128 LoRA pairs.
 """
 
 from __future__ import annotations
@@ -180,23 +181,12 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def import_profile(log: Path, least_s: float = 0.05) -> str:
-    """A markdown table of the imports in `-X importtime` output `log` costing `least_s` or more
-    (cumulative), the top-level ones and the two levels below them, in import order."""
-    rows = []
-    for line in log.read_text(errors="replace").splitlines():
-        if not line.startswith("import time:") or "|" not in line:
-            continue
-        _, cumulative, name = line.split("|")
-        if not cumulative.strip().isdigit():
-            continue  # the header line
-        depth = (len(name) - len(name.lstrip()) - 1) // 2
-        rows.append((int(cumulative) / 1e6, depth, name.strip()))
-    total = sum(c for c, d, _ in rows if d == 0)
-    lines = [f"all imports: {total:.2f} s (each module listed after the ones it imported)", ""]
-    lines += ["| s (cumulative) | module |", "|---|---|"]
-    lines += [f"| {c:.2f} | {'. ' * d}{n} |" for c, d, n in rows if d <= 2 and c >= least_s]
-    return "\n".join(lines) + "\n"
+def concept_args(args, base, images, out, steps, res) -> list:
+    """train-concept's arguments for one e2e run: the LoRA diffusers' script trains (rank 4 on the
+    attention projections), its other settings the command's defaults."""
+    cmd = ["train-concept", "--model", base, "--images", images, "--prompt", PROMPT]
+    cmd += ["--output", out, "--steps", steps, "--resolution", res, "--batch-size", 1]
+    return cmd + ["--method", "lora", "--rank", 4, "--targets", "attn"] + args.peftkit_args.split()
 
 
 def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
@@ -214,9 +204,7 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
     for warm, n in [(True, WARM)] + [(False, n) for n in sizes]:
         info = dict(workload=kind, size=n)
         out = run.work / f"{kind}-peftkit-{n}"
-        cmd = PEFTKIT + ["train-concept", "--model", base, "--images", images, "--prompt", PROMPT]
-        cmd += ["--output", out, "--steps", n, "--resolution", res, "--batch-size", 1]
-        cmd += ["--method", "lora", "--rank", 4] + args.peftkit_args.split()
+        cmd = PEFTKIT + concept_args(args, base, images, out, n, res)
         pairs = [("peftkit", f"{kind}-peftkit-{n}", cmd, out, "train.json")]
         out = run.work / f"{kind}-diffusers-{n}"
         cmd = [sys.executable, script, "--pretrained_model_name_or_path", base]
@@ -240,16 +228,17 @@ def concept(run: Runner, args: argparse.Namespace, kind: str) -> None:
             else:
                 row = run(name, cmd, TIMEOUT_S[kind], clear=out, tool=tool, **info)
                 row["reported"] = read_json(out / summary) if summary else None
-    if args.import_profile and built["status"] == "ok":
-        out = run.work / f"{kind}-peftkit-imports"
-        cmd = [sys.executable, "-X", "importtime"] + PEFTKIT[1:] + ["train-concept"]
-        cmd += ["--model", base, "--images", images, "--prompt", PROMPT, "--output", out]
-        cmd += ["--steps", WARM, "--resolution", res, "--batch-size", 1, "--method", "lora"]
-        cmd += ["--rank", 4] + args.peftkit_args.split()
-        name = f"{kind}-peftkit-imports"
-        run(name, cmd, TIMEOUT_S[kind], clear=out, workload=kind, tool="imports", size=WARM)
-        table = import_profile(run.work / "logs" / f"{name}.log")
-        (run.log.parent / f"imports-{kind}.md").write_text(table)
+    if args.profile and built["status"] == "ok":
+        n = sizes[-1]
+        out, name = run.work / f"{kind}-peftkit-profile", f"{kind}-peftkit-profile"
+        cmd = [sys.executable, HERE / "profile_command.py", "--out", run.log.parent / name]
+        cmd += [
+            "--launched",
+            f"{time.time():.3f}",
+            "--",
+            *concept_args(args, base, images, out, n, res),
+        ]
+        run(name, cmd, TIMEOUT_S[kind], clear=out, workload=kind, tool="profile", size=n)
 
 
 def vit(run: Runner, args: argparse.Namespace) -> None:
@@ -278,7 +267,7 @@ def vit(run: Runner, args: argparse.Namespace) -> None:
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per (workload, tool): wall clock per run size, steady step, set-up, peak memory."""
     lines = []
-    timed = [r for r in rows if r["tool"] not in ("build", "warm-up", "imports")]
+    timed = [r for r in rows if r["tool"] not in ("build", "warm-up", "profile")]
     for key in dict.fromkeys((r["workload"], r["tool"]) for r in timed):
         runs = sorted(
             (r for r in timed if (r["workload"], r["tool"]) == key), key=lambda r: r["size"]
@@ -371,9 +360,9 @@ def main() -> None:
         "--budget-s", type=float, default=540, help="total wall clock; later runs are skipped"
     )
     p.add_argument(
-        "--import-profile",
+        "--profile",
         action="store_true",
-        help="also time train-concept's imports (python -X importtime) into imports-<kind>.md",
+        help="also profile one long train-concept run (bench/profile_command.py) into profile-<kind>/",
     )
     p.add_argument(
         "--tools",
