@@ -4,7 +4,7 @@ unmodified copy, --diffusers-script) on a random-weight SD1.5-shaped pipeline, a
 vit-train` vs a plain timm + peft loop (bench/e2e_workloads.py) on a VTAB-1k-layout JPEG folder.
 Each run is a subprocess timed from start to exit while nvidia-smi samples GPU memory; steady
 step = (long - short) / (step difference), set-up = short - its steps x steady step.
-`--profile` adds one long train-concept run under bench/profile_command.py (profile-<kind>.md:
+Bytecode is cached under the work folder for every child (see Runner). `--profile` adds one long train-concept run under bench/profile_command.py (profile-<kind>.md:
 where its wall clock and GPU memory go, imports included). peftkit adapts the modules diffusers'
 script adapts (--targets attn), so both train the same 128 LoRA pairs.
 """
@@ -114,9 +114,15 @@ class Runner:
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
         path = [str(link.parent), os.environ.get("PYTHONPATH", "")]
+        # Bytecode is kept as an installed environment keeps it (pip compiles at install): a
+        # machine whose packages ship no .pyc and whose Python runs with PYTHONDONTWRITEBYTECODE
+        # (the lent GPU's) would compile torch, diffusers and transformers in every process, ~10 s
+        # of each run. The warm-up runs fill the cache for both tools alike.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         self.env = {
-            **os.environ,
+            **env,
             "PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "PYTHONPYCACHEPREFIX": str(work / "pycache"),
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
@@ -400,6 +406,7 @@ def main() -> None:
         "args": vars(args),
         "versions": versions,
         "python": sys.version.split()[0],
+        "bytecode": "cached under <work>/pycache (PYTHONPYCACHEPREFIX), filled by the warm-ups",
     }
     meta["diffusers_scripts"] = [
         script_info(s) for s in (args.diffusers_script, args.diffusers_sdxl_script)

@@ -46,7 +46,9 @@ UNET_PRESETS = {
     "conv": [r"re:.*resnets\.\d+\.conv[12]"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-FIXED_CHUNK = 8  # images per forward when scoring fixed losses, to bound memory
+# Pixels per forward when scoring fixed losses (16 rows at 512 px, 4 at 1024): at most a training
+# step's memory beside it, where 32 rows at 1024 px took SDXL from 14 to 22 GiB.
+FIXED_PIXELS = 4 * 1024**2
 UNET_FILE, TEXT_FILE, DIFFUSERS_FILE, CONFIG_FILE = (
     "unet_adapter.safetensors",
     "text_encoder_adapter.safetensors",
@@ -606,25 +608,25 @@ class ConceptTask:
     def fixed_loss(self, seed: int = 1234, repeats: int = 4, which: int = 0) -> float:
         """Loss of set `which` (the instance images, or the held-out ones) under fixed noise and
         timesteps (each image `repeats` times, since one timestep per image is a noisy estimate):
-        comparable across steps and runs. Scored bucket by bucket, FIXED_CHUNK images at a time."""
+        comparable across steps and runs. Scored bucket by bucket, FIXED_PIXELS at a time."""
         n = len(self.sets[which])
         buckets = self.bucket_of if which == 0 and self.bucket_of is not None else [None] * n
         groups = [[i for i in range(n) if buckets[i] == b] for b in dict.fromkeys(buckets)]
-        chunks = [g[i : i + FIXED_CHUNK] for g in groups for i in range(0, len(g), FIXED_CHUNK)]
+        rows_per = max(1, FIXED_PIXELS // self.config.resolution**2)
         stream, self.stream = self.stream, RandomStream(seed, self.device)
         classes, self.classes = self.classes, None
         world, self.world = self.world, 1  # each process scores the whole fixed set itself
         total = 0.0
         try:
             with torch.no_grad():
-                for chunk in chunks:
-                    rows = torch.tensor(chunk).repeat(repeats)
-                    batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
-                    loss = self.drawn_loss(self.model, self._draw_all(batch, which))
-                    total += float(loss) * len(chunk)
+                for group in groups:
+                    for rows in torch.tensor(group).repeat(repeats).split(rows_per):
+                        batch = {"instance": rows, "class": torch.zeros(0, dtype=torch.long)}
+                        loss = self.drawn_loss(self.model, self._draw_all(batch, which))
+                        total += float(loss) * len(rows)
         finally:
             self.stream, self.classes, self.world = stream, classes, world
-        return total / n
+        return total / (n * repeats)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         metrics = {"instance_loss": self.fixed_loss()}

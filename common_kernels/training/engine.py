@@ -243,8 +243,8 @@ def train(
         if world > 1:
             total = float(accelerator.reduce(torch.tensor(total, device=device), reduction="mean"))
         run.advance(total, config.batch_size * config.grad_accum, stepped=stepped)
+        bar.set_postfix(loss=f"{total:.4f}", refresh=False)  # drawn by update's rate limit
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}")
 
     def finish_late(late: LateLoss) -> None:
         total = late.read()[0]
@@ -304,8 +304,10 @@ def train(
         finish(total, finite, stepped=False)
     bar.close()
     ended = time.perf_counter()
-    result = run.finish()
     capture = graph.capture_seconds if graph is not None else 0.0
+    if graph is not None:
+        graph.release()  # before the final evaluation, whose eager pass would add to its memory
+    result = run.finish()
     result.timing = {
         "load": entered - started if started is not None else 0.0,
         "prepare": prepared - entered,

@@ -210,6 +210,12 @@ class GraphedStep:
         self.found_inf.zero_()
         torch._foreach_zero_(self.grads)
 
+    def release(self) -> None:
+        """Free the graph and its private memory pool (a step's activations) once no step is left:
+        the memory goes back to the allocator, no longer reserved beside what runs next."""
+        self.graph = self.static = self.losses = self.held = None
+        torch.cuda.empty_cache()
+
     def abandon(self) -> None:
         """Leave the graphed path (a failed capture): the optimizers step eagerly from here on."""
         for _, optimizer, _ in self.groups:
