@@ -4,9 +4,10 @@ unmodified copy, --diffusers-script) on a random-weight SD1.5-shaped pipeline, a
 vit-train` vs a plain timm + peft loop (bench/e2e_workloads.py) on a VTAB-1k-layout JPEG folder.
 Each run is a subprocess timed from start to exit while nvidia-smi samples GPU memory; steady
 step = (long - short) / (step difference), set-up = short - its steps x steady step.
-Bytecode is cached under the work folder for every child (see Runner). `--profile` adds one long train-concept run under bench/profile_command.py (profile-<kind>.md:
-where its wall clock and GPU memory go, imports included). peftkit adapts the modules diffusers'
-script adapts (--targets attn), so both train the same 128 LoRA pairs.
+Bytecode is cached under the work folder for every child (see Runner). `--profile` adds one
+long train-concept run under bench/profile_command.py (profile-<kind>.md: where its wall clock and
+GPU memory go, imports included). peftkit adapts the modules diffusers' script adapts (--targets
+attn), so both train the same 128 LoRA pairs.
 """
 
 from __future__ import annotations
