@@ -157,3 +157,31 @@ def test_train_concept_command_takes_the_new_flags(tiny_sd_path, tmp_path):
     assert concept["buckets"] and concept["new_token"] == "<toy>" and concept["token_lr"] == 5e-3
     assert [r["step"] for r in _lines(out) if "validation_loss" in r] == [1, 2]
     assert (out / "learned_embeds.safetensors").is_file()
+
+
+def test_fixed_loss_forwards_stay_within_the_pixel_budget(
+    tiny_sd_path, concept_dir, tmp_path, monkeypatch
+):
+    """Each forward of a fixed-noise score holds at most FIXED_PIXELS (memory beside a training
+    step), and the score is still the mean over every image x repeat."""
+    from peftkit.diffusion import dreambooth
+
+    task, _ = _run(tiny_sd_path, concept_dir, tmp_path / "out", steps=1)
+    seen, drawn = [], task.drawn_loss
+
+    def counting(model, rows):
+        seen.append(rows)
+        return drawn(model, rows)
+
+    monkeypatch.setattr(task, "drawn_loss", counting)
+    whole = task.fixed_loss(repeats=3)
+    assert len(seen) == 1  # every image x 3 at 16 px: one forward
+    monkeypatch.setattr(dreambooth, "FIXED_PIXELS", 5 * 16 * 16)
+    seen.clear()
+    parts = task.fixed_loss(repeats=3)
+    n = len(task.sets[0])
+    assert len(seen) == -(-n * 3 // 5)
+    sizes = [rows.noisy.shape[0] for rows in seen]
+    assert max(sizes) <= 5 and sum(sizes) == n * 3
+    # other chunks draw other noise: the same estimate, not the same number
+    assert parts == pytest.approx(whole, rel=0.5)
