@@ -58,6 +58,7 @@ class Run:
         self.reads_model_every = getattr(task, "reads_model_every", 0)
         self.result = TrainResult(step=0)
         self.bad, self.samples, self.started = 0, 0, time.perf_counter()
+        self.eval_seconds = 0.0  # spent in evaluations so far: the timing line reports it apart
         out = config.output_dir
         self.ckpt_dir = Path(out) / "checkpoints" if out else None
 
@@ -149,10 +150,12 @@ class Run:
     def evaluate(self) -> None:
         if not hasattr(self.task, "evaluate"):
             return
+        start = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), self.accelerator.autocast():
             metrics = self.task.evaluate(self.accelerator.unwrap_model(self.model))
         self.model.train()
+        self.eval_seconds += time.perf_counter() - start
         self.result.metrics = metrics
         self.emit({"kind": "eval", "step": self.result.step, "metrics": metrics})
 

@@ -66,8 +66,27 @@ def test_the_run_reports_set_up_apart_from_training(capsys):
     result = engine.train(Regression(), dataset(), cfg(steps=5, progress=True))
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("set-up")]
     assert len(line) == 1 and "5 steps in" in line[0] and "ms/step" in line[0]
-    assert set(result.timing) == {"load", "prepare", "capture", "train"}
+    assert set(result.timing) == {"load", "prepare", "capture", "train", "eval"}
     assert result.timing["capture"] == 0.0 and result.timing["train"] > 0
+    assert result.timing["eval"] == 0.0 and "evaluations" not in line[0]
+
+
+class Evaluated(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluations = 0
+
+    def evaluate(self, model):
+        self.evaluations += 1
+        return {"calls": float(self.calls)}
+
+
+def test_evaluations_between_steps_are_timed_apart_from_the_steps(capsys):
+    task = Evaluated()
+    result = engine.train(task, dataset(), cfg(steps=4, eval_every=2, progress=True))
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("set-up")][0]
+    assert task.evaluations == 2  # steps 2 and 4; the last step's makes the final one needless
+    assert result.timing["eval"] > 0 and "; evaluations " in line
 
 
 def test_train_config_rejects_unknown_auto_values():
