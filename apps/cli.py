@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         argparse.ArgumentParser.error = parse_error
+        if "torch" in sys.modules:  # a command that never imported torch launched nothing
+            from peftkit.common_kernels.training.engine import end_launch
+
+            end_launch()
 
 
 def console() -> NoReturn:

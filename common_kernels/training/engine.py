@@ -68,6 +68,17 @@ def launch_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def end_launch() -> None:
+    """Leave the launch's process group, once a command is done (its saves gather across the
+    processes, so not earlier): a process exiting with a gloo group still up can abort in the
+    group's threads' teardown ("terminate called without an active exception"), failing a launch
+    that trained and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def accelerator_for(precision: str, cpu: bool):
     """An `Accelerator` for one run. accelerate keeps one state per process and refuses a second
     precision, but one process trains many runs (the app's jobs, benches, sweeps): the state is

@@ -37,3 +37,16 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
     two = json.loads((tmp_path / "two.json").read_text())
     for key in one:
         assert torch.allclose(torch.tensor(one[key]), torch.tensor(two[key]), atol=1e-5), key
+
+
+def test_a_command_leaves_the_launch_process_group_when_done(tmp_path):
+    import torch.distributed as dist
+
+    from peftkit.common_kernels.training.engine import end_launch
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_launch()
+    assert not dist.is_initialized()
+    end_launch()  # nothing launched: nothing to leave
