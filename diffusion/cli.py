@@ -420,7 +420,10 @@ def train_ti(argv: list[str]) -> int:
         help="caption templates for the token",
     )
     args = parser.parse_args(argv)
-    base = load_base(args.model, attention=args.attention)
+    base = load_base(args.model, dtype=_frozen_dtype(args), attention=args.attention)
+    # The trained rows' gradients run back through the text encoder: it stays fp32, as in
+    # diffusers' textual_inversion.py; the UNet and VAE take the run's half precision.
+    base.pipe.text_encoder.float()
     config = TIConfig(
         tokens=args.token,
         init_word=args.init_word,

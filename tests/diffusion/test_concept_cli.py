@@ -3,6 +3,8 @@
 import gc
 import json
 
+import torch
+
 from peftkit.apps.cli import main
 from peftkit.diffusion.cli import evaluate_concept, generate, train_concept, train_ti
 
@@ -132,3 +134,29 @@ def test_user_errors_exit_with_a_message(tiny_sd_path, tmp_path, capsys):
         ]
     )
     assert code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_train_ti_in_bf16_keeps_the_text_encoder_and_rows_fp32(
+    tiny_sd_path, concept_dir, tmp_path, monkeypatch
+):
+    """The frozen UNet and VAE load in the run's half precision; the text encoder the rows train
+    through, and the rows themselves, stay fp32; the run trains and saves fp32 embeddings."""
+    from peftkit.common_kernels.adapter_file import read_tensors
+    from peftkit.diffusion import base as base_module
+
+    loaded, load = [], base_module.load_base
+    monkeypatch.setattr(
+        base_module, "load_base", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1]
+    )
+
+    out = tmp_path / "ti-bf16"
+    args = ["--model", str(tiny_sd_path), "--images", str(concept_dir), "--steps", "2"]
+    args += ["--resolution", "16", "--cpu", "--mixed-precision", "bf16", "--token", "<toy>"]
+    assert train_ti([*args, "--init-word", "toy", "--output", str(out)]) == 0
+    tensors = read_tensors(out / "learned_embeds.safetensors")[0]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    pipe = loaded[0].pipe
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16
+    assert pipe.text_encoder.dtype == torch.float32
