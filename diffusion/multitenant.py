@@ -449,6 +449,11 @@ class ConceptTrainer:
     def _leave(
         self, r: _Running, status: str, save: bool = True, error: str | None = None
     ) -> JobStatus:
+        if self._graph is not None:
+            # The set of jobs changes (captured again at the next step): its memory pool is
+            # freed before the leaving job's evaluation runs eagerly.
+            self._graph.release()
+            self._graph = None
         result = r.finish(evaluate=status == "done")
         files: list[Path] = []
         if save and r.job.train.output_dir:
@@ -456,7 +461,6 @@ class ConceptTrainer:
                 files += [p for p in [r.save_progress()] if p is not None]
             if status != "failed":
                 files += save_concept(r.task, r.job.train.output_dir)
-        self._graph = None
         r.task.unet_handle.unload()
         del self._running[r.job.name]
         done = JobStatus(r.job.name, status, result, files, error)
