@@ -157,7 +157,7 @@ def train(
         say(fallback_line(why))
     config = dataclasses.replace(config, mixed_precision=precision, cuda_graph=graphed)
     if fsdp:
-        model = shard(task, task.model, device, world, config.fsdp_shard_frozen)
+        model = shard(task, task.model, device, world, config.fsdp_shard_frozen, precision)
         params = [p for p in task.trainable_parameters() if p.requires_grad]  # now the sharded ones
     else:
         model = accelerator.prepare(task.model)

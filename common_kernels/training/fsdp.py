@@ -34,11 +34,19 @@ def fsdp_requested(flag: bool) -> bool:
 
 
 def shard(
-    task, model: nn.Module, device: torch.device, world: int, shard_frozen: bool = False
+    task,
+    model: nn.Module,
+    device: torch.device,
+    world: int,
+    shard_frozen: bool = False,
+    precision: str = "no",
 ) -> nn.Module:
-    """Shard `model` (the task's model, on `device`) over the `world` processes of the launch."""
+    """Shard `model` (the task's model, on `device`) over the `world` processes of the launch. In
+    a bf16 run the units gather their weights in bf16 (what autocast computes with anyway) and
+    reduce gradients in fp32: half the bytes of fp32 gathers of a trained fp32 copy, whose shards
+    stay fp32 for the optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = getattr(task, "fsdp_blocks", None)
     if blocks is None:
@@ -52,9 +60,16 @@ def shard(
         whole = {p for module in task.fsdp_frozen() for p in module.parameters()}
         units = [b for b in units if not any(p in whole for p in b.parameters())]
     mesh = init_device_mesh(device.type, (world,))
+    options = {"mesh": mesh}
+    if precision == "bf16":
+        # Inputs keep their dtype: autocast picks each op's precision as without FSDP (a DiT's
+        # rotary tables, say, stay fp32).
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     for block in units:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model.to(device), mesh=mesh, **({"ignored_params": whole} if whole else {}))
+        fully_shard(block, **options)
+    fully_shard(model.to(device), **options, **({"ignored_params": whole} if whole else {}))
     return model
 
 
