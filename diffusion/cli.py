@@ -32,6 +32,7 @@ from ..common_kernels.args import (
     resolution,
 )
 from ..common_kernels.errors import PeftkitError
+from ..common_kernels.training.warm_start import Start, fast_start
 from .concept_defaults import CONCEPT_DEFAULTS
 
 
@@ -187,22 +188,12 @@ def _frozen_dtype(args):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def train_concept(argv: list[str]) -> int:
+@fast_start
+def train_concept(argv: list[str], start: Start) -> int:
     """DreamBooth: train an adapter (LoRA, LoKr or OFT) on the UNet, or the SD3/Flux transformer,
     from a few images of a concept."""
-    import time
-
-    started = time.perf_counter()
-    from ..common_kernels.training.warm_start import collector_paused
-
-    with collector_paused() as loaded:
-        return _train_concept(argv, started, loaded)
-
-
-def _train_concept(argv: list[str], started: float, loaded) -> int:
     import dataclasses
 
-    from ..common_kernels.training.warm_start import warm_cuda
     from .base import load_base
     from .dreambooth import ConceptConfig
     from .dreambooth import train_concept as run
@@ -301,7 +292,7 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
 
     add_concept_extras(parser)
     args = parser.parse_args(argv)
-    cuda_ready = warm_cuda(args.cpu)
+    start.warm(args.cpu)
     if not args.config:
         missing = [f"--{k}" for k in ("images", "output", "prompt") if not getattr(args, k)]
         if missing:
@@ -345,9 +336,10 @@ def _train_concept(argv: list[str], started: float, loaded) -> int:
         )
     shape = "in aspect buckets of about" if config.buckets else "at"
     print(f"training a {config.method} adapter {shape} {config.resolution}x{config.resolution}")
-    cuda_ready()  # the run may capture a CUDA graph: no other thread may use the GPU then
-    loaded()
-    task, result = run(base, images, config, train_config, class_dir=class_dir, started=started)
+    start.ready()
+    task, result = run(
+        base, images, config, train_config, class_dir=class_dir, started=start.started
+    )
     print(task.unet_handle.report())
     _summary(args.output, result)
     return 0
@@ -392,7 +384,8 @@ def config_job(args: argparse.Namespace, resolution: int, base):
     return job
 
 
-def train_ti(argv: list[str]) -> int:
+@fast_start
+def train_ti(argv: list[str], start: Start) -> int:
     """Textual Inversion: learn embeddings for new tokens from a few images."""
     from ..common_kernels.training.engine import train
     from .base import load_base
@@ -420,6 +413,7 @@ def train_ti(argv: list[str]) -> int:
         help="caption templates for the token",
     )
     args = parser.parse_args(argv)
+    start.warm(args.cpu)
     base = load_base(args.model, dtype=_frozen_dtype(args), attention=args.attention)
     # The trained rows' gradients run back through the text encoder: it stays fp32, as in
     # diffusers' textual_inversion.py; the UNet and VAE take the run's half precision.
@@ -433,7 +427,8 @@ def train_ti(argv: list[str]) -> int:
     )
     train_config = _train_config(args, args.lr)
     task = TITask(base, ConceptDataset(args.images, "", config.resolution), config)
-    result = train(task, task.dataset(), train_config)
+    start.ready()
+    result = train(task, task.dataset(), train_config, started=start.started)
     files = save_embeddings(task, args.output)
     print("embeddings: " + ", ".join(str(f) for f in files))
     _summary(args.output, result)

@@ -23,6 +23,7 @@ from ..common_kernels.args import (
     positive_int,
     resolution,
 )
+from ..common_kernels.training.warm_start import Start, fast_start
 from .base import load_base
 
 
@@ -55,7 +56,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train(task, args: argparse.Namespace):
+def _train(task, args: argparse.Namespace, start: Start):
     from ..common_kernels.training.engine import TrainConfig, launch_world, train
 
     config = TrainConfig(
@@ -75,7 +76,8 @@ def _train(task, args: argparse.Namespace):
         fsdp=args.fsdp,
         fsdp_shard_frozen=args.fsdp_shard_frozen,
     )
-    result = train(task, task.dataset(), config)
+    start.ready()
+    result = train(task, task.dataset(), config, started=start.started)
     if launch_world()[0] != 0:
         return result
     summary = {
@@ -91,7 +93,8 @@ def _train(task, args: argparse.Namespace):
     return result
 
 
-def train_control(argv: list[str]) -> int:
+@fast_start
+def train_control(argv: list[str], start: Start) -> int:
     """Train a zero-conv control branch; writes <output>/controlnet (a diffusers ControlNetModel folder)."""
     from ..common_kernels.registry import core, core_names
     from ..common_kernels.training.engine import launch_world
@@ -125,6 +128,7 @@ def train_control(argv: list[str]) -> int:
     )
     parser.add_argument("--conditioning-scale", type=finite_float, default=1.0)
     args = parser.parse_args(argv)
+    start.warm(args.cpu)
 
     adapter = {}
     if args.mode == "lora":
@@ -143,7 +147,7 @@ def train_control(argv: list[str]) -> int:
     task = ControlTask(
         base, examples, config, resolution=args.resolution, extractor=extractor, seed=args.seed
     )
-    _train(task, args)
+    _train(task, args, start)
     # Every process joins (FSDP gathers the sharded branch to save it); process 0 writes.
     writer = launch_world()[0] == 0
     folder = save_control(
@@ -159,7 +163,8 @@ def train_control(argv: list[str]) -> int:
     return 0
 
 
-def train_ip_adapter(argv: list[str]) -> int:
+@fast_start
+def train_ip_adapter(argv: list[str], start: Start) -> int:
     """Train an IP-Adapter; writes <output>/ip-adapter.safetensors (diffusers load_ip_adapter layout)."""
     from ..common_kernels.training.engine import launch_world
     from .cli import DefaultsHelp
@@ -193,6 +198,7 @@ def train_ip_adapter(argv: list[str]) -> int:
     )
     parser.set_defaults(lr=1e-4)  # the paper's rate: only the small projection and K/V layers train
     args = parser.parse_args(argv)
+    start.warm(args.cpu)
 
     tokens = args.num_tokens or (4 if args.variant == "basic" else 16)
     config = IPAdapterConfig(
@@ -211,7 +217,7 @@ def train_ip_adapter(argv: list[str]) -> int:
     task = IPAdapterTask(
         base, examples, config, encoder, resolution=args.resolution, seed=args.seed
     )
-    _train(task, args)
+    _train(task, args, start)
     if launch_world()[0] == 0:
         path = save_ip_adapter(
             task.adapter, Path(args.output) / "ip-adapter.safetensors", base_model=args.model

@@ -6,8 +6,10 @@ the background meanwhile. Timings: the `set-up` line of a run (engine.timing_lin
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 
@@ -77,3 +79,42 @@ def _touch_cuda() -> None:
         torch.cuda.synchronize()
     except Exception:  # the run meets any CUDA error again, where it reports it
         return
+
+
+class Start:
+    """What a command wrapped by `fast_start` is handed: `started` (its time.perf_counter() start,
+    for the set-up line), `warm(cpu)` once its flags are parsed, `ready()` before its run starts."""
+
+    def __init__(self, started: float, loaded: Callable[[], None]) -> None:
+        self.started, self._loaded, self._cuda = started, loaded, lambda: None
+
+    def warm(self, cpu: bool) -> None:
+        self._cuda = warm_cuda(cpu)
+
+    def ready(self) -> None:
+        # the run may capture a CUDA graph: no other thread may use the GPU then
+        self._cuda()
+        self._loaded()
+
+
+def fast_start(command: Callable[[list[str], Start], int]) -> Callable[[list[str]], int]:
+    """A training command `command(argv, start)` as the CLI calls it, `command(argv)`, with the
+    collector paused while it loads and the CUDA context made meanwhile (`Start`).
+
+    Example:
+        >>> @fast_start
+        ... def hello(argv, start):
+        ...     start.warm(cpu=True)
+        ...     start.ready()
+        ...     return 0
+        >>> hello([])
+        0
+    """
+
+    @functools.wraps(command)
+    def run(argv: list[str]) -> int:
+        started = time.perf_counter()
+        with collector_paused() as loaded:
+            return command(argv, Start(started, loaded))
+
+    return run

@@ -56,3 +56,28 @@ def test_a_failing_cuda_warm_up_is_silent(monkeypatch):
     monkeypatch.setattr(torch, "ones", broken)
     warm_cuda(cpu=False)()
     assert not _warming()
+
+
+def test_fast_start_hands_the_command_its_start_and_restores_the_collector():
+    from peftkit.common_kernels.training.warm_start import fast_start
+
+    seen = {}
+
+    @fast_start
+    def command(argv, start):
+        """A training command."""
+        seen["collecting while loading"] = gc.isenabled()
+        start.warm(cpu=True)
+        start.ready()
+        seen["collecting in the run"] = gc.isenabled()
+        seen["started"] = start.started
+        if argv:
+            raise ValueError(argv[0])
+        return 0
+
+    assert command([]) == 0 and command.__doc__ == "A training command."
+    assert seen["collecting while loading"] is False and seen["collecting in the run"] is True
+    assert seen["started"] > 0 and gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="no images"):
+        command(["no images"])
+    assert gc.isenabled() and gc.get_freeze_count() == 0
