@@ -71,7 +71,9 @@ def stack_lines(frame) -> list[str]:
     return lines[::-1][-25:]
 
 
-def report(out: Path, sampler: Sampler, marks: dict[str, float], code: int) -> None:
+def report(
+    out: Path, sampler: Sampler, marks: dict[str, float], command: list[str], code: int
+) -> None:
     spans, outers = collections.Counter(), collections.Counter()
     peaks: dict[str, float] = {}
     for i, (t, label, outer, reserved, _) in enumerate(sampler.samples):
@@ -86,7 +88,7 @@ def report(out: Path, sampler: Sampler, marks: dict[str, float], code: int) -> N
         ("imports before main", marks["main_start"] - marks["script"]),
         ("main()", marks["main_end"] - marks["main_start"]),
     ]
-    lines = [f"# profile of `peftkit {' '.join(marks_args)}` (exit {code})", ""]
+    lines = [f"# profile of `peftkit {' '.join(command)}` (exit {code})", ""]
     lines += ["| span | s |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in rows]
     for title, counts in (("outer calls", outers), ("innermost peftkit function", spans)):
         lines += ["", f"| {title} (sampled) | s | peak reserved GiB |", "|---|---|---|"]
@@ -124,14 +126,14 @@ if __name__ == "__main__":
         "--launched", type=float, help="epoch seconds the shell started python at: $(date +%%s.%%N)"
     )
     opts = p.parse_args(sys.argv[1:split])
-    marks_args = sys.argv[split + 1 :]
+    command = sys.argv[split + 1 :]
     opts.out.mkdir(parents=True, exist_ok=True)
     marks["process"] = opts.launched or STARTED
     sampler = Sampler(opts.every_ms / 1000)
     sampler.start()
     from peftkit.apps import cli
 
-    sys.argv = ["peftkit", *marks_args]
+    sys.argv = ["peftkit", *command]
     marks["main_start"] = time.time()
     try:
         code = cli.main()
@@ -140,5 +142,5 @@ if __name__ == "__main__":
     marks["main_end"] = time.time()
     sampler.halt.set()
     sampler.join()
-    report(opts.out, sampler, marks, code or 0)
+    report(opts.out, sampler, marks, command, code or 0)
     print((opts.out / "profile.md").read_text())
