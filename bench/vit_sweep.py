@@ -47,13 +47,14 @@ from peftkit.vision.train import ViTTrainConfig, train_vit  # noqa: E402
 
 GRID = {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-2]}
 # name -> (method, options). LoRA runs in weight space on a GPU by default (W + s B A formed per
-# configuration, one more weight-gradient GEMM each); "lora-factored" times the factored pass.
+# configuration, one more weight-gradient GEMM each); "lora-factored" checks the factored pass.
 METHODS = {
     "lora": ("lora", {"r": 8}),
     "lora-factored": ("lora", {"r": 8, "apply": "factored"}),
     "vpt-deep": ("vpt-deep", {"vpt_length": 10}),
 }
-PARITY = ("lora", "vpt-deep")
+TIMED = ("lora", "vpt-deep")
+PARITY = ("lora", "lora-factored", "vpt-deep")
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 
@@ -165,6 +166,7 @@ def divergence(base: ViTTrainConfig, out: Path) -> dict:
 
 
 def timing(base: ViTTrainConfig, method: str, out: Path) -> dict:
+    """One pass of the grid, its 8 runs in a row and the first alone, at `base.compile`."""
     grid = configs(base, method, out / "together")
     assert len(group_configs(grid)) == 1
     together, t_together = quietly(train_together, grid, str(out / "together" / "group"))
@@ -177,6 +179,7 @@ def timing(base: ViTTrainConfig, method: str, out: Path) -> dict:
     one = alone[0][1]
     return {
         "method": method,
+        "compile": base.compile,
         "K": len(grid),
         "steps": steps,
         "together_s": t_together,
@@ -190,7 +193,7 @@ def timing(base: ViTTrainConfig, method: str, out: Path) -> dict:
         "one_ms_per_step": 1000 * alone[0][0]["timing"]["train"] / steps,
         "together_eval_s": together[0]["timing"].get("eval", 0.0),
         "one_eval_s": alone[0][0]["timing"].get("eval", 0.0),
-        # capture > 0: the step ran as one CUDA graph (0: eager)
+        # capture > 0: the step ran as one CUDA graph (0: eager); it includes compiling
         "together_capture_s": together[0]["timing"]["capture"],
         "one_capture_s": alone[0][0]["timing"]["capture"],
         "together_top1": [r["top1"] for r in together],
@@ -210,7 +213,8 @@ def projected_s(row: dict, who: str, epochs: int, steps_per_epoch: int) -> float
 def estimate(rows: list[dict], batch_size: int) -> dict:
     """A 19-task x 6-method VTAB-1k sweep: K = 8 in one pass for 100 epochs of train800, then the
     chosen configuration alone for 100 epochs of train800val200, from the measured steady steps
-    and set-up times; the six methods are taken to cost the mean of LoRA and VPT-deep."""
+    and set-up times (compiled rows, as the commands' defaults run 100 epochs); the six methods
+    are taken to cost the mean of LoRA and VPT-deep."""
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     sweep = mean([projected_s(r, "together", 100, 800 // batch_size) for r in rows])
     final = mean([projected_s(r, "one", 100, 1000 // batch_size) for r in rows])
@@ -225,6 +229,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny ViT and data on the CPU")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of train800 timed")
+    parser.add_argument(
+        "--compile", default="off,on", help="comma list: time the blocks eager (off) and compiled"
+    )
+    parser.add_argument("--no-parity", action="store_true", help="timing only")
     args = parser.parse_args()
     smoke = args.cpu_smoke
     root = Path(tempfile.mkdtemp())
@@ -243,49 +251,68 @@ def main() -> None:
         cpu=smoke,
         checkpoint_every_epochs=0,
     )
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    checks = [row for m in PARITY for row in parity(replace(base, epochs=1), m, root / f"p-{m}")]
-    diverged = divergence(replace(base, epochs=1), root / "diverged")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rows = [timing(base, m, root / f"time-{m}") for m in METHODS]
-    guess = estimate([r for r in rows if r["method"] in ("lora", "vpt-deep")], base.batch_size)
-    head = "method | K | steps | one pass s | 8 in a row s | one run s | one pass / one run"
+    checks, diverged = [], None
+    if not args.no_parity:  # eager blocks, fp32 without TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        short = replace(base, epochs=1, compile=False)
+        checks = [row for m in PARITY for row in parity(short, m, root / f"p-{m}")]
+        diverged = divergence(short, root / "diverged")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    modes = {"off": False, "on": True}
+    rows = [
+        timing(replace(base, compile=modes[mode]), m, root / f"time-{m}-{mode}")
+        for mode in args.compile.split(",")
+        for m in TIMED
+    ]
+    compiled = [r for r in rows if r["compile"]] or rows
+    guess = estimate(compiled, base.batch_size)
+    head = (
+        "method | compile | K | steps | one pass s | 8 in a row s | one run s | one pass / one run"
+    )
     tail = (
         "ms/step together | ms/step one | eval s together / one | capture s together / one "
         "(0: eager) | 100 epochs projected: one pass / one run"
     )
-    lines = [f"| {head} | {tail} |", "|" + "---|" * 12]
+    lines = [f"| {head} | {tail} |", "|" + "---|" * 13]
     per_epoch = 800 // base.batch_size
     for r in rows:
         ratio = projected_s(r, "together", 100, per_epoch) / projected_s(r, "one", 100, per_epoch)
         lines.append(
-            f"| {r['method']} | {r['K']} | {r['steps']} | {r['together_s']:.1f} | "
+            f"| {r['method']} | {'on' if r['compile'] else 'off'} | {r['K']} | {r['steps']} | {r['together_s']:.1f} | "
             f"{r['sequential_s']:.1f} | {r['one_run_s']:.1f} | {r['together_vs_one']:.2f}x | "
             f"{r['together_ms_per_step']:.1f} | {r['one_ms_per_step']:.1f} | "
             f"{r['together_eval_s']:.1f} / {r['one_eval_s']:.1f} | "
             f"{r['together_capture_s']:.1f} / {r['one_capture_s']:.1f} | {ratio:.2f}x |"
         )
+    if checks:
+        lines += [
+            "",
+            "| parity | max rel error | floor: alone vs 1-ulp input | floor: alone vs other GEMM "
+            "library |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['method']}: {c['check']} | {c['max_rel_error']:.2e} | {c['noise_floor']:.2e} | "
+            f"{c['kernel_floor']:.2e} |"
+            for c in checks
+        ]
+        lines += [
+            "",
+            f"Divergence ({diverged['check']}): statuses {diverged['statuses']}, max rel error "
+            f"{diverged['max_rel_error']:.2e}.",
+        ]
     lines += [
-        "",
-        "| parity | max rel error | floor: alone vs 1-ulp input | floor: alone vs other GEMM library |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {c['method']}: {c['check']} | {c['max_rel_error']:.2e} | {c['noise_floor']:.2e} | "
-        f"{c['kernel_floor']:.2e} |"
-        for c in checks
-    ]
-    lines += [
-        "",
-        f"Divergence ({diverged['check']}): statuses {diverged['statuses']}, max rel error "
-        f"{diverged['max_rel_error']:.2e}.",
         "",
         f"Estimated 19-task x 6-method VTAB-1k sweep (K = 8 per pass, 100 epochs, then the chosen "
         f"configuration retrained): {guess['vtab_19x6_gpu_hours']:.2f} GPU-hours.",
     ]
     meta = {"gpu": "cpu smoke"} if smoke else environment()
     write_results(
-        args.out, "vit_sweep", rows + checks + [diverged, guess], "\n".join(lines) + "\n", meta
+        args.out,
+        "vit_sweep",
+        rows + checks + ([diverged] if diverged else []) + [guess],
+        "\n".join(lines) + "\n",
+        meta,
     )
     print("\n".join(lines))
     print(json.dumps(guess))

@@ -25,11 +25,21 @@ from torch import nn
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.training.data_cache import batches, cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, TrainResult, launch_world, train
+from peftkit.common_kernels.training.fast_path import compile_plan, default_device_type
 
 from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig
 from .sweep_adapters import SweepAdapters
-from .train import ViTTrainConfig, build_model, engine_config, load_data, run_results, write_run
+from .train import (
+    ViTTrainConfig,
+    backbone_blocks,
+    build_model,
+    eager_blocks,
+    engine_config,
+    load_data,
+    run_results,
+    write_run,
+)
 
 # What configurations of one group may set each their own way.
 OWN_FIELDS = ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "seed", "output_dir")
@@ -104,6 +114,9 @@ class SweepTask:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for k in range(len(self.engines)) for _, p in self.sweep.named(k)]
+
+    def compile_regions(self) -> list[nn.Module]:
+        return backbone_blocks(self.model)
 
     def param_groups(self, params, config) -> list[tuple[list[nn.Parameter], TrainConfig]]:
         """One group per configuration, with its own settings (`config` is the group's shared one)."""
@@ -185,17 +198,21 @@ class SweepTask:
         correct = torch.zeros(len(live), device=self.device)
         loss = torch.zeros(len(live), dtype=torch.float64, device=self.device)
         total = 0
-        for images, labels in eval_batches(self.eval_set, self.eval_batch_size, self.device):
-            images, labels = images.to(self.device), labels.to(self.device)
-            joined = images.expand(len(live), *images.shape).flatten(0, 1)
-            logits = self.sweep.forward(model, joined, live).float().unflatten(0, (len(live), -1))
-            correct += (logits.argmax(-1) == labels).sum(-1)
-            loss += (
-                F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(live)), reduction="none")
-                .view(len(live), -1)
-                .sum(-1)
-            )
-            total += labels.numel()
+        with eager_blocks():
+            for images, labels in eval_batches(self.eval_set, self.eval_batch_size, self.device):
+                images, labels = images.to(self.device), labels.to(self.device)
+                joined = images.expand(len(live), *images.shape).flatten(0, 1)
+                logits = self.sweep.forward(model, joined, live).float()
+                logits = logits.unflatten(0, (len(live), -1))
+                correct += (logits.argmax(-1) == labels).sum(-1)
+                loss += (
+                    F.cross_entropy(
+                        logits.flatten(0, 1), labels.repeat(len(live)), reduction="none"
+                    )
+                    .view(len(live), -1)
+                    .sum(-1)
+                )
+                total += labels.numel()
         metrics = {}
         for j, k in enumerate(live):
             own = {"top1": 100.0 * float(correct[j]) / total, "eval_loss": float(loss[j]) / total}
@@ -278,7 +295,10 @@ def train_together(
     per_epoch = engine_config(first, len(data.train), world)[1]
     task = SweepTask(model, sweep, engines, data, configs)
     # Divergence is each configuration's own (SweepTask.loss); the group stops when all diverged.
-    engine = replace(engines[0], output_dir=group_dir, max_bad_steps=2**31)
+    # The group compiles by its own rows: K configurations' batches every step.
+    rows = len(configs) * engines[0].steps * engines[0].batch_size
+    compiled = compile_plan(first.compile, default_device_type(first.cpu), world, rows)
+    engine = replace(engines[0], output_dir=group_dir, max_bad_steps=2**31, compile=compiled)
     start = time.perf_counter()
     try:
         result = train(

@@ -27,8 +27,9 @@ from peftkit.common_kernels.adapter_file import atomic_write
 from peftkit.common_kernels.errors import PeftkitError
 from peftkit.common_kernels.training.data_cache import cache_dataset, eval_batches
 from peftkit.common_kernels.training.engine import TrainConfig, launch_world, train
+from peftkit.common_kernels.training.fast_path import compile_plan, default_device_type
 
-from .backbones import create_backbone, normalization
+from .backbones import create_backbone, normalization, vit_layout
 from .data import Preprocess, TaskData, load_task
 from .fgvc import crop_generator
 from .methods import VisionAdapter, ViTMethodConfig, load_vision_adapter, read_vision_adapter
@@ -62,6 +63,7 @@ class ViTTrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # bf16 on a GPU that supports it, else "no"
     cuda_graph: bool | str = "auto"  # each step one CUDA graph on a single GPU when possible
+    compile: bool | str = "auto"  # the blocks compiled for long single-GPU runs (compile_plan)
     label_smoothing: float = 0.0
     eval_every_epochs: int = 1
     checkpoint_every_epochs: int = 10
@@ -167,6 +169,9 @@ class ViTTask:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter.trainable_parameters()
 
+    def compile_regions(self) -> list[nn.Module]:
+        return backbone_blocks(self.model)
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, labels = batch
         return F.cross_entropy(model(images), labels, label_smoothing=self.label_smoothing)
@@ -207,16 +212,28 @@ def evaluate_model(
     # A Cancel arriving mid-evaluation ends it (a large split must not outlive it); the engine's
     # final evaluation after a graceful stop still runs.
     watching = should_stop is not None and not should_stop()
-    for images, labels in eval_batches(dataset, batch_size, device):
-        if watching and should_stop():
-            raise PeftkitError("evaluation cancelled")
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images).float()
-        correct += int((logits.argmax(-1) == labels).sum())
-        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-        total += labels.numel()
+    with eager_blocks():
+        for images, labels in eval_batches(dataset, batch_size, device):
+            if watching and should_stop():
+                raise PeftkitError("evaluation cancelled")
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images).float()
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            total += labels.numel()
     model.train(was_training)
     return {"top1": 100.0 * correct / total, "eval_loss": loss / total, "eval_examples": total}
+
+
+def backbone_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's repeated blocks: what a run compiles (one compiled graph per block shape)."""
+    return [model.get_submodule(name) for name in vit_layout(model).blocks]
+
+
+def eager_blocks():
+    """Evaluation runs the blocks eagerly: its batch sizes and no-grad mode would each compile
+    them again, for a pass that is a small part of a run."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def load_data(config: ViTTrainConfig):
@@ -243,6 +260,8 @@ def engine_config(config: ViTTrainConfig, n_train: int, world: int) -> tuple[Tra
     if note and launch_world()[0] == 0:
         print(note)
     lr, weight_decay = config.optimizer_settings()
+    rows = steps * config.batch_size * config.grad_accum
+    compiled = compile_plan(config.compile, default_device_type(config.cpu), world, rows)
     engine = TrainConfig(
         steps=steps,
         batch_size=config.batch_size,
@@ -253,6 +272,7 @@ def engine_config(config: ViTTrainConfig, n_train: int, world: int) -> tuple[Tra
         grad_accum=config.grad_accum,
         mixed_precision=config.mixed_precision,
         cuda_graph=config.cuda_graph,
+        compile=compiled,
         seed=config.seed,
         output_dir=config.output_dir,
         checkpoint_every=config.checkpoint_every_epochs * per_epoch,

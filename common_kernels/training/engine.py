@@ -161,6 +161,14 @@ def train(
         params = [p for p in task.trainable_parameters() if p.requires_grad]  # now the sharded ones
     else:
         model = accelerator.prepare(task.model)
+    if config.compile:
+        # In place, so parameter names (checkpoints, adapter files) stay as they were; each
+        # region compiles at its first call, the graph's warm-up when the step is captured.
+        regions = getattr(task, "compile_regions", list)()
+        for region in regions:
+            region.compile()
+        if regions and config.progress:
+            say(f"compiling the model's {len(regions)} blocks: the first step waits for it")
     # Under FSDP saving gathers shards, so every process takes part; process 0 writes.
     run = Run(
         task,

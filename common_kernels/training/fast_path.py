@@ -91,6 +91,19 @@ def graph_plan(
     return True, None
 
 
+# Below this many training rows (batch rows x steps) compiling a ViT's blocks costs more than it
+# saves: ~COMPILE_SECONDS of compiling against a step ~1.5x faster (bench/NOTES.md, compile).
+COMPILE_MIN_ROWS = 100_000
+
+
+def compile_plan(requested: bool | str, device_type: str, processes: int, rows: int) -> bool:
+    """Whether a run compiles its task's repeated blocks: "auto" on one CUDA device for a run of
+    at least COMPILE_MIN_ROWS rows; True / False stand."""
+    if requested != "auto":
+        return bool(requested)
+    return device_type == "cuda" and processes == 1 and rows >= COMPILE_MIN_ROWS
+
+
 def fallback_line(reason: str) -> str:
     """The one line a run prints when "auto" falls back to eager steps."""
     return f"CUDA graph off, eager steps: {reason} (--no-cuda-graph chooses eager steps silently)"

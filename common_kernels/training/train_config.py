@@ -32,6 +32,8 @@ class TrainConfig:
     progress: bool = True
     cpu: bool = False
     cuda_graph: bool | str = "auto"
+    # Compile the task's `compile_regions()` (its repeated blocks) in place before the first step.
+    compile: bool = False
     # With several processes: shard the model, gradients and AdamW states (fsdp.py).
     fsdp: bool = False
     # Under FSDP also shard the task's frozen modules (else whole on each process).

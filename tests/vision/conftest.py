@@ -93,6 +93,14 @@ def base_module(module):
 
 
 @pytest.fixture
+def float64():
+    """Float64 by default for the test (parity tests that must be exact)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
 def kit():
     """The helpers above, for tests (pytest's importlib mode cannot import conftest by name)."""
     from types import SimpleNamespace

@@ -46,13 +46,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-@pytest.fixture
 def base(kit, folder):
     """A run on a local tiny-ViT checkpoint: its 7-class head is dropped, so each run's head (like
     its adapter) comes from its seed, and configurations of different seeds share the backbone."""
