@@ -31,9 +31,14 @@ class Router:
     def __init__(self, params: nn.ModuleList) -> None:
         self.params, self.which, self.rows = params, [0], 0
 
-    def stack(self, key: str) -> torch.Tensor:
+    def tensors(self, key: str) -> list[torch.Tensor]:
+        """Every configuration's tensor `key`. Routed modules hold these, not the key: code that
+        looked tensors up by a per-site name would be compiled again for every site."""
         name = key.replace(".", "__")
-        return torch.stack([self.params[k][name] for k in self.which])
+        return [p[name] for p in self.params]
+
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([tensors[k] for k in self.which])
 
     def per_row(self, stacked: torch.Tensor) -> torch.Tensor:
         # expand, not repeat_interleave: its sizes are known on the host, nothing to sync in a capture
@@ -49,15 +54,16 @@ class _RoutedPair(nn.Module):
 
     def __init__(self, router: Router, key: str) -> None:
         super().__init__()
-        self.router, self.key = router, key
+        self.router = router
+        self.gammas, self.betas = router.tensors(f"{key}.gamma"), router.tensors(f"{key}.beta")
 
     @property
     def gamma(self) -> torch.Tensor:
-        return self.router.per_row(self.router.stack(f"{self.key}.gamma"))
+        return self.router.per_row(self.router.stack(self.gammas))
 
     @property
     def beta(self) -> torch.Tensor:
-        return self.router.per_row(self.router.stack(f"{self.key}.beta"))
+        return self.router.per_row(self.router.stack(self.betas))
 
 
 class _RoutedBottleneck(nn.Module):
@@ -65,14 +71,13 @@ class _RoutedBottleneck(nn.Module):
 
     def __init__(self, router: Router, key: str, scale: float) -> None:
         super().__init__()
-        self.router, self.key, self.scale = router, key, scale
+        self.router, self.scale = router, scale
+        names = ("down.weight", "down.bias", "up.weight", "up.bias")
+        self.weights = {n: router.tensors(f"{key}.{n}") for n in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.router
-        w = {
-            n: r.stack(f"{self.key}.{n}")
-            for n in ("down.weight", "down.bias", "up.weight", "up.bias")
-        }
+        w = {n: r.stack(tensors) for n, tensors in self.weights.items()}
         h = r.blocks(x.to(w["down.weight"].dtype)).flatten(1, -2)
         h = F.relu(torch.baddbmm(w["down.bias"].unsqueeze(1), h, w["down.weight"].transpose(1, 2)))
         y = torch.baddbmm(w["up.bias"].unsqueeze(1), h, w["up.weight"].transpose(1, 2))
@@ -84,10 +89,10 @@ class _RoutedPrompts(nn.Module):
 
     def __init__(self, router: Router) -> None:
         super().__init__()
-        self.router = router
+        self.router, self.prompts = router, router.tensors("vpt.prompts")
 
     def forward(self, layer: int) -> torch.Tensor:
-        return self.router.per_row(self.router.stack("vpt.prompts")[:, layer])
+        return self.router.per_row(self.router.stack(self.prompts)[:, layer])
 
 
 # The methods' own hooks, fed routed parameters: only what they read is swapped.
@@ -171,7 +176,7 @@ class SweepAdapters:
             if config:
                 self.parts.append(cls(model, layout, config, self.router))
         head = [k for k in self.keys if k.startswith("head.")]
-        weight, bias = sorted(head, key=lambda k: not k.endswith("weight"))
+        weight, bias = (self.router.tensors(k) for k in sorted(head, key=lambda k: "bias" in k))
         r = self.router
 
         def routed_head(mod, args, out):
@@ -191,10 +196,10 @@ class SweepAdapters:
         module = self.model.get_submodule(name.removesuffix(".bias"))
         base = getattr(module, "base", module)  # a core's wrapper keeps the layer as .base
         frozen, channel = base.bias, 1 if isinstance(base, nn.Conv2d) else -1
-        r, key = self.router, f"backbone.{name}"
+        r, biases = self.router, self.router.tensors(f"backbone.{name}")
 
         def hook(mod, args, out):
-            rows = r.per_row(r.stack(key) - frozen)
+            rows = r.per_row(r.stack(biases) - frozen)
             shape = [rows.shape[0]] + [1] * (out.dim() - 1)
             shape[channel] = -1
             return out + rows.view(shape).to(out.dtype)

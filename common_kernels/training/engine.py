@@ -162,11 +162,12 @@ def train(
     else:
         model = accelerator.prepare(task.model)
     if config.compile:
-        # In place, so parameter names (checkpoints, adapter files) stay as they were; each
-        # region compiles at its first call, the graph's warm-up when the step is captured.
+        # Each region's forward, in place: parameter names (checkpoints, adapter files) stay, and
+        # hooks on the region itself (VPT's per-layer prompts) run outside, so one compiled
+        # forward serves every block. Compiling happens at the first call: the graph's warm-up.
         regions = getattr(task, "compile_regions", list)()
         for region in regions:
-            region.compile()
+            region.forward = torch.compile(region.forward)
         if regions and config.progress:
             say(f"compiling the model's {len(regions)} blocks: the first step waits for it")
     # Under FSDP saving gathers shards, so every process takes part; process 0 writes.

@@ -35,21 +35,33 @@ def test_compile_plan_compiles_long_single_gpu_runs_only():
 
 @pytest.fixture
 def compiled_regions(monkeypatch):
-    """nn.Module.compile records what it compiles and traces with aot_eager: inductor's codegen
-    is torch's business (and slow on a CPU); which modules compile and what a run ends at is ours."""
+    """torch.compile records what it compiles and traces with aot_eager: inductor's codegen is
+    torch's business (and slow on a CPU); which forwards compile, how often, and where a run ends
+    is ours."""
+    from torch._dynamo.utils import counters
+
     compiled = []
-    plain = torch.nn.Module.compile
+    plain = torch.compile
 
-    def record(module, *args, **kwargs):
-        compiled.append(module)
-        plain(module, *args, **{**kwargs, "backend": "aot_eager", "fullgraph": True})
+    def record(fn, **kwargs):
+        compiled.append(fn.__self__)
+        return plain(fn, **{**kwargs, "backend": "aot_eager", "fullgraph": True})
 
-    monkeypatch.setattr(torch.nn.Module, "compile", record)
-    return compiled
+    monkeypatch.setattr(torch, "compile", record)
+    torch._dynamo.reset()
+    counters.clear()
+    yield compiled
+    torch._dynamo.reset()
+
+
+def _frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
 
 
 def _run(kit, **overrides):
-    return ViTTrainConfig(
+    settings = dict(
         data="builtin:color",
         model="vit_tiny_patch16_224",
         pretrained=False,
@@ -61,8 +73,8 @@ def _run(kit, **overrides):
         mixed_precision="no",
         progress=False,
         cpu=True,
-        **overrides,
     )
+    return ViTTrainConfig(**{**settings, **overrides})
 
 
 def test_a_compiled_run_compiles_every_block_and_ends_where_an_eager_one_does(
@@ -98,3 +110,18 @@ def test_a_compiled_sweep_group_ends_where_its_configurations_alone_do(
         )
         for key in b:
             torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "ssf", "adaptformer", "bitfit", "lora"])
+def test_one_compiled_forward_serves_every_block_of_a_sweep(
+    kit, tmp_path, compiled_regions, method
+):
+    # Per-block names or layer indices read inside a block would compile it once per block (and
+    # past torch's limit of 8, leave the rest eager).
+    deep = {**kit.TINY, "depth": 6}
+    pair = [
+        _run(kit, method=method, compile=True, model_kwargs=deep, lr=lr, steps=2)
+        for lr in (1e-3, 1e-2)
+    ]
+    train_together(pair)
+    assert len(compiled_regions) == 6 and _frames() <= 2
