@@ -40,6 +40,7 @@ from common import environment, rel_error, write_results  # noqa: E402
 from e2e_workloads import vtab_folder  # noqa: E402
 
 from peftkit.common_kernels.adapter_file import read_tensors  # noqa: E402
+from peftkit.common_kernels.training.fast_path import compile_plan  # noqa: E402
 from peftkit.vision import train as vit_train  # noqa: E402
 from peftkit.vision.batched import group_configs, train_together  # noqa: E402
 from peftkit.vision.sweep import grid_configs  # noqa: E402
@@ -213,11 +214,17 @@ def projected_s(row: dict, who: str, epochs: int, steps_per_epoch: int) -> float
 def estimate(rows: list[dict], batch_size: int) -> dict:
     """A 19-task x 6-method VTAB-1k sweep: K = 8 in one pass for 100 epochs of train800, then the
     chosen configuration alone for 100 epochs of train800val200, from the measured steady steps
-    and set-up times (compiled rows, as the commands' defaults run 100 epochs); the six methods
-    are taken to cost the mean of LoRA and VPT-deep."""
+    and set-up times, each part compiled or not as the commands' defaults decide for its rows
+    (compile_plan); the six methods are taken to cost the mean of LoRA and VPT-deep."""
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    sweep = mean([projected_s(r, "together", 100, 800 // batch_size) for r in rows])
-    final = mean([projected_s(r, "one", 100, 1000 // batch_size) for r in rows])
+
+    def part(who: str, images: int, k: int) -> float:
+        per_epoch = -(-images // batch_size)
+        compiled = compile_plan("auto", "cuda", 1, k * 100 * per_epoch * batch_size)
+        chosen = [r for r in rows if r["compile"] == compiled] or rows
+        return mean([projected_s(r, who, 100, per_epoch) for r in chosen])
+
+    sweep, final = part("together", 800, 8), part("one", 1000, 1)
     return {
         "per_task_and_method_s": sweep + final,
         "vtab_19x6_gpu_hours": 19 * 6 * (sweep + final) / 3600,
@@ -264,8 +271,7 @@ def main() -> None:
         for mode in args.compile.split(",")
         for m in TIMED
     ]
-    compiled = [r for r in rows if r["compile"]] or rows
-    guess = estimate(compiled, base.batch_size)
+    guess = estimate(rows, base.batch_size)
     head = (
         "method | compile | K | steps | one pass s | 8 in a row s | one run s | one pass / one run"
     )
@@ -274,7 +280,7 @@ def main() -> None:
         "(0: eager) | 100 epochs projected: one pass / one run"
     )
     lines = [f"| {head} | {tail} |", "|" + "---|" * 13]
-    per_epoch = 800 // base.batch_size
+    per_epoch = -(-800 // base.batch_size)
     for r in rows:
         ratio = projected_s(r, "together", 100, per_epoch) / projected_s(r, "one", 100, per_epoch)
         lines.append(

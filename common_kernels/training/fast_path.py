@@ -92,8 +92,10 @@ def graph_plan(
 
 
 # Below this many training rows (batch rows x steps) compiling a ViT's blocks costs more than it
-# saves: ~COMPILE_SECONDS of compiling against a step ~1.5x faster (bench/NOTES.md, compile).
-COMPILE_MIN_ROWS = 100_000
+# saves: ~11 s more per process (warm cache) for ViT-B/16 steps 1.29x faster, 5.8 ms a 64-row
+# step on an H100, so ~120k rows break even; a VTAB-1k run (~100k) stays eager, an 8-configuration
+# sweep (~800k) compiles (bench/NOTES.md, 2026-12-02).
+COMPILE_MIN_ROWS = 250_000
 
 
 def compile_plan(requested: bool | str, device_type: str, processes: int, rows: int) -> bool:
