@@ -188,17 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         argparse.ArgumentParser.error = parse_error
         if "torch" in sys.modules:  # a command that never imported torch launched nothing
-            from peftkit.common_kernels.training.engine import end_launch
+            from peftkit.common_kernels.training.launch import end_launch
 
             end_launch()
 
 
 def console() -> NoReturn:
-    """The `peftkit` script: `main` in a process of its own, ended without the interpreter's last
-    garbage collections, which walk every object torch, diffusers and transformers made (0.6 s of
-    a tiny train-concept run on 2 CPU cores). atexit handlers still run and objects outside
-    reference cycles are still freed; finalizers of cycles may not run, as Python allows at exit."""
+    """The `peftkit` script: `main` in a process of its own, ended as launch.exit_process says
+    (without the interpreter's last garbage collections; a launched process at once)."""
     code = main()
+    if "torch" in sys.modules:  # only a command that imported torch can be part of a launch
+        from peftkit.common_kernels.training.launch import exit_process
+
+        exit_process(code)
     gc.freeze()
     sys.exit(code)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from .fast_path import default_device_type, fallback_line, graph_plan, resolve_p
 from .fsdp import fsdp_requested, shard
 from .graphed_step import GraphedStep
 from .late_read import LateLoss
+from .launch import launch_world
 from .optim import apply_gradients, build_optimizer, lr_factor
 from .run import Event, Run
 from .train_config import TrainConfig, TrainResult
@@ -60,23 +60,6 @@ class Task(Protocol):
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
-
-
-def launch_world() -> tuple[int, int]:
-    """(rank, number of processes) of this launch, as `accelerate launch`/torchrun set them:
-    known before the engine starts, for sizing epochs and choosing who writes the final files."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def end_launch() -> None:
-    """Leave the launch's process group, once a command is done (its saves gather across the
-    processes, so not earlier): a process exiting with a gloo group still up can abort in the
-    group's threads' teardown ("terminate called without an active exception"), failing a launch
-    that trained and saved."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def accelerator_for(precision: str, cpu: bool):

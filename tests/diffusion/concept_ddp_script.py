@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from peftkit.common_kernels.training import TrainConfig
-from peftkit.common_kernels.training.engine import end_launch
+from peftkit.common_kernels.training.launch import exit_process
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.dreambooth import ConceptConfig, train_concept
 
@@ -18,8 +18,8 @@ def main(out: str, batch_size: int) -> None:
         steps=3, batch_size=batch_size, lr=1e-3, cpu=True, progress=False, output_dir=out
     )
     train_concept(load_base("starter"), SAMPLES, config, train)
-    end_launch()  # as the `peftkit` command does after every command
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    exit_process(0)  # as the `peftkit` script ends

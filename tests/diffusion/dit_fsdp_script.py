@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from peftkit.common_kernels.training import TrainConfig
-from peftkit.common_kernels.training.engine import end_launch, launch_world
+from peftkit.common_kernels.training.launch import exit_process, launch_world
 from peftkit.diffusion.base import load_base
 from peftkit.diffusion.dreambooth import ConceptConfig, train_concept
 
@@ -28,8 +28,8 @@ def main(model: str, images: str, out: str, batch_size: int) -> None:
     _, result = train_concept(load_base(model), images, config, train)
     if launch_world()[0] == 0:
         (Path(out) / "parallel.txt").write_text(result.parallel)
-    end_launch()  # as the `peftkit` command does after every command
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    exit_process(0)  # as the `peftkit` script ends

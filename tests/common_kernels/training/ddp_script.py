@@ -7,7 +7,7 @@ import torch
 
 from peftkit.common_kernels import LoRAConfig, inject
 from peftkit.common_kernels.training import TrainConfig, train
-from peftkit.common_kernels.training.engine import end_launch
+from peftkit.common_kernels.training.launch import exit_process
 
 
 class Task:
@@ -39,8 +39,8 @@ def main(out: str, batch_size: int) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump({k: v.tolist() for k, v in task.handle.state_dict().items()}, f)
-    end_launch()  # as the `peftkit` command does after every command
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    exit_process(0)  # as the `peftkit` script ends

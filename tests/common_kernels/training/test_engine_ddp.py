@@ -42,7 +42,7 @@ def test_two_processes_train_the_same_adapter_as_one_with_the_same_global_batch(
 def test_a_command_leaves_the_launch_process_group_when_done(tmp_path):
     import torch.distributed as dist
 
-    from peftkit.common_kernels.training.engine import end_launch
+    from peftkit.common_kernels.training.launch import end_launch
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -50,3 +50,16 @@ def test_a_command_leaves_the_launch_process_group_when_done(tmp_path):
     end_launch()
     assert not dist.is_initialized()
     end_launch()  # nothing launched: nothing to leave
+
+
+def test_a_launched_process_ends_at_once_with_its_status_and_its_output_flushed():
+    ended = (
+        "import sys; sys.stdout.write('saved'); "
+        "from peftkit.common_kernels.training.launch import exit_process; exit_process(3)"
+    )
+    for world in ("2", "1"):  # one of a launch's processes (os._exit), then a lone one
+        env = {**os.environ, "WORLD_SIZE": world}
+        done = subprocess.run(
+            [sys.executable, "-c", ended], env=env, capture_output=True, text=True
+        )
+        assert (done.returncode, done.stdout) == (3, "saved"), (world, done.stderr[-500:])
